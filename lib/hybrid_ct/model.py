@@ -1,0 +1,329 @@
+"""The hybrid spike-conv multi-task network of seed 002 and its CNN twin.
+
+A hybrid layer is conv -> BN -> LIF (spikingjelly, multi-step mode); the neuron is the activation.
+Tensors inside the network are ``[T, B, C, H, W]``. The first layer sees the same (normalised CT)
+input at every time step, so it is computed once and broadcast over T ("static" input); every later
+layer sees spike trains. The encoder's last layer is a non-spiking LIF whose membrane potential,
+averaged over T, is the joint feature F shared by all heads. The CNN twin is the same topology with
+ReLU and T = 1 (the E_conv reference and the baseline of every comparison).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from spikingjelly.activation_based import functional, neuron, surrogate
+from torch.utils.checkpoint import checkpoint
+
+HEADS = ("cls", "lung", "infection")
+SURROGATES = {"atan": surrogate.ATan, "sigmoid": surrogate.Sigmoid, "erf": surrogate.Erf}
+
+
+@dataclass
+class NetConfig:
+    levels: int = 5  # N1: encoder levels (the last without pooling)
+    base_channels: int = 16  # channels of level 0; doubled per level up to max_channels
+    max_channels: int = 256
+    fc_layers: int = 2  # N2: spiking fully-connected layers of the CLS head (the last has 2 neurons)
+    fc_hidden: int = 128
+    cls_pool: int = 4  # F is average-pooled to cls_pool x cls_pool before flattening
+    time_steps: int = 4  # T
+    spiking: bool = True  # False: the CNN twin (ReLU, T = 1)
+    neuron: str = "lif"  # "lif" | "plif" (parametric LIF, learned tau)
+    tau: float = 2.0
+    v_threshold: float = 1.0
+    surrogate: str = "atan"
+    up_kernel: int = 3  # transposed-conv kernel (3 or 5)
+    skip: bool = True  # U-Net style skip connections from the encoder
+    deep_supervision: bool = False  # auxiliary 1x1 outputs at every decoder scale (seeds 001/003)
+    heads: tuple = HEADS
+    reuse_static: bool = True  # compute static-input layers once, not T times (same output)
+    grad_checkpoint: bool = False  # recompute levels in backward: less memory, ~30 % more time
+    in_size: int = 256
+
+    def __post_init__(self):
+        self.heads = tuple(self.heads)
+        unknown = set(self.heads) - set(HEADS)
+        if unknown or not self.heads:
+            raise ValueError(f"heads must be a non-empty subset of {HEADS}, got {self.heads}")
+        if not self.spiking:
+            self.time_steps = 1
+        if self.time_steps < 1 or self.levels < 1 or self.fc_layers < 1:
+            raise ValueError("time_steps, levels and fc_layers must be >= 1")
+        if float(self.tau) <= 1.0:
+            raise ValueError(f"tau must be > 1, got {self.tau}")
+        self.tau = float(self.tau)
+        if self.neuron not in ("lif", "plif"):
+            raise ValueError(f"neuron must be 'lif' or 'plif', got {self.neuron!r}")
+        if self.surrogate not in SURROGATES:
+            raise ValueError(f"surrogate must be one of {sorted(SURROGATES)}, got {self.surrogate!r}")
+        if self.up_kernel not in (3, 5):
+            raise ValueError("up_kernel must be 3 or 5")
+
+    def channels(self, level: int) -> int:
+        return min(self.base_channels * 2**level, self.max_channels)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["heads"] = list(self.heads)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "NetConfig":
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+def cnn_twin(cfg: NetConfig) -> NetConfig:
+    """The same topology with ReLU and T = 1."""
+    return replace(cfg, spiking=False, time_steps=1)
+
+
+def _activation(cfg: NetConfig) -> nn.Module:
+    if not cfg.spiking:
+        return nn.ReLU()
+    kw = dict(v_threshold=cfg.v_threshold, v_reset=0.0, detach_reset=True, step_mode="m",
+              surrogate_function=SURROGATES[cfg.surrogate]())
+    if cfg.neuron == "plif":
+        return neuron.ParametricLIFNode(init_tau=cfg.tau, **kw)
+    return neuron.LIFNode(tau=cfg.tau, **kw)
+
+
+def _merge(x: torch.Tensor) -> torch.Tensor:
+    return x.flatten(0, 1)
+
+
+def _split(x: torch.Tensor, t: int) -> torch.Tensor:
+    return x.view(t, x.shape[0] // t, *x.shape[1:])
+
+
+class HybridLayer(nn.Module):
+    """conv (or transposed conv, or linear) -> BN -> LIF over T steps; ReLU in the CNN twin.
+
+    ``forward`` takes ``[T, B, ...]``, or ``[B, ...]`` for a static input that is the same at every step:
+    the synaptic part is then computed once and broadcast over T. Each call starts from a reset membrane.
+    """
+
+    def __init__(self, cin: int, cout: int, cfg: NetConfig, kind: str = "conv", norm: bool = True):
+        super().__init__()
+        self.time_steps = cfg.time_steps
+        self.reuse_static = cfg.reuse_static
+        if kind == "conv":
+            self.syn = nn.Conv2d(cin, cout, 3, padding=1, bias=not norm)
+            bn = nn.BatchNorm2d
+        elif kind == "up":
+            k = cfg.up_kernel
+            self.syn = nn.ConvTranspose2d(cin, cout, k, stride=2, padding=k // 2, output_padding=1, bias=not norm)
+            bn = nn.BatchNorm2d
+        elif kind == "fc":
+            self.syn = nn.Linear(cin, cout, bias=not norm)
+            bn = nn.BatchNorm1d
+        else:
+            raise ValueError(kind)
+        self.norm = bn(cout) if norm else nn.Identity()
+        self.act = _activation(cfg)
+
+    def synapse(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.syn(x))
+
+    def forward(self, x: torch.Tensor, static: bool = False) -> torch.Tensor:
+        t = self.time_steps
+        if static and self.reuse_static:
+            y = self.synapse(x)
+            y = y.unsqueeze(0).expand(t, *y.shape)
+        else:
+            if static:  # naive reference: the same input presented at each of the T steps
+                x = x.unsqueeze(0).expand(t, *x.shape)
+            y = _split(self.synapse(_merge(x)), t)
+        if isinstance(self.act, nn.ReLU):
+            return self.act(y)
+        functional.reset_net(self.act)
+        return self.act(y.contiguous())
+
+
+class MembraneReadout(nn.Module):
+    """conv -> BN -> non-spiking LIF; returns the membrane potential averaged over T (z = mean_t u(t))."""
+
+    def __init__(self, cin: int, cout: int, cfg: NetConfig):
+        super().__init__()
+        self.time_steps = cfg.time_steps
+        self.syn = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
+        self.norm = nn.BatchNorm2d(cout)
+        self.integrate = neuron.NonSpikingLIFNode(tau=cfg.tau, decode="mean-mem") if cfg.spiking else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.time_steps
+        y = _split(self.norm(self.syn(_merge(x))), t)
+        if self.integrate is None:
+            return y[0]
+        return self.integrate(y)
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: NetConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.levels = nn.ModuleList()
+        cin = 1
+        for lv in range(cfg.levels):
+            ch = cfg.channels(lv)
+            first = HybridLayer(cin, ch, cfg)
+            second = MembraneReadout(ch, ch, cfg) if lv == cfg.levels - 1 else HybridLayer(ch, ch, cfg)
+            self.levels.append(nn.ModuleList([first, second]))
+            cin = ch
+
+    def _level(self, lv: int, x: torch.Tensor) -> torch.Tensor:
+        first, second = self.levels[lv]
+        if lv > 0:
+            t = self.cfg.time_steps
+            x = _split(F.max_pool2d(_merge(x), 2), t)
+        return second(first(x, static=lv == 0))
+
+    def forward(self, x: torch.Tensor):
+        """x [B,1,H,W] -> (F [B,C,h,w], skips: spike trains [T,B,C,H,W] of every level but the last)."""
+        skips = []
+        h = x
+        for lv in range(self.cfg.levels):
+            if self.cfg.grad_checkpoint and self.training and torch.is_grad_enabled():
+                h = checkpoint(self._level, lv, h, use_reentrant=False)
+            else:
+                h = self._level(lv, h)
+            if lv < self.cfg.levels - 1:
+                skips.append(h)
+        return h, skips
+
+
+class SegDecoder(nn.Module):
+    """Mirror of the encoder: per level a spiking transposed conv (x2), skip concat, 2 hybrid layers;
+    a 1x1 conv on the spikes, averaged over T, gives the logits."""
+
+    def __init__(self, cfg: NetConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.ups = nn.ModuleList()
+        self.blocks = nn.ModuleList()
+        self.aux = nn.ModuleList()
+        for lv in range(cfg.levels - 2, -1, -1):
+            cin, ch = cfg.channels(lv + 1), cfg.channels(lv)
+            self.ups.append(HybridLayer(cin, ch, cfg, kind="up"))
+            cat = 2 * ch if cfg.skip else ch
+            self.blocks.append(nn.ModuleList([HybridLayer(cat, ch, cfg), HybridLayer(ch, ch, cfg)]))
+            if cfg.deep_supervision and lv > 0:
+                self.aux.append(nn.Conv2d(ch, 1, 1))
+        self.out = nn.Conv2d(cfg.channels(0), 1, 1)
+
+    def _head(self, conv: nn.Conv2d, h: torch.Tensor) -> torch.Tensor:
+        return _split(conv(_merge(h)), self.cfg.time_steps).mean(0)
+
+    def _level(self, i: int, h: torch.Tensor, skip, static: bool) -> torch.Tensor:
+        h = self.ups[i](h, static=static)
+        if self.cfg.skip:
+            h = torch.cat([h, skip], dim=2)
+        a, b = self.blocks[i]
+        return b(a(h))
+
+    def forward(self, feat: torch.Tensor, skips: list):
+        aux = []
+        h = feat
+        for i in range(len(self.ups)):
+            skip = skips[-1 - i]
+            if self.cfg.grad_checkpoint and self.training and torch.is_grad_enabled():
+                h = checkpoint(self._level, i, h, skip, i == 0, use_reentrant=False)
+            else:
+                h = self._level(i, h, skip, static=i == 0)
+            if i < len(self.aux):
+                aux.append(self._head(self.aux[i], h))
+        if not self.ups:  # a single-level network: F is already full resolution
+            return self.out(feat), aux
+        return self._head(self.out, h), aux
+
+
+class ClsHead(nn.Module):
+    """F -> avg-pool -> flatten -> N2 fully-connected hybrid layers; the last has 2 output neurons.
+
+    Returns the output firing rates [B,2] (the class is the neuron that fires most) and the output
+    layer's input current averaged over T [B,2] (a continuous score, used for the probability / ROC).
+    """
+
+    def __init__(self, cfg: NetConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.pool = nn.AdaptiveAvgPool2d(cfg.cls_pool)
+        dims = [cfg.channels(cfg.levels - 1) * cfg.cls_pool**2] + [cfg.fc_hidden] * (cfg.fc_layers - 1) + [2]
+        self.hidden = nn.ModuleList(HybridLayer(a, b, cfg, kind="fc") for a, b in zip(dims[:-2], dims[1:-1]))
+        # The output layer is linear -> BN -> LIF too: without the normalisation the two output neurons
+        # of a fresh network never fire (STACK.md), and MSE on all-zero rates gives no class signal.
+        self.out = nn.Linear(dims[-2], 2, bias=False)
+        self.out_norm = nn.BatchNorm1d(2)
+        self.out_act = _activation(cfg) if cfg.spiking else None
+
+    def forward(self, feat: torch.Tensor):
+        t = self.cfg.time_steps
+        h = self.pool(feat).flatten(1)
+        static = True
+        for layer in self.hidden:
+            h = layer(h, static=static)
+            static = False
+        if static:  # N2 == 1: the output layer reads F directly
+            h = h.unsqueeze(0).expand(t, *h.shape)
+        current = _split(self.out_norm(self.out(_merge(h))), t)
+        logits = current.mean(0)
+        if self.out_act is None:
+            return torch.softmax(logits, dim=1), logits
+        functional.reset_net(self.out_act)
+        rates = self.out_act(current.contiguous()).mean(0)
+        return rates, logits
+
+
+class HybridMultiTaskNet(nn.Module):
+    """Shared encoder E + parallel heads (CLS, lung par-SEG, infection inf-SEG)."""
+
+    def __init__(self, cfg: NetConfig | None = None):
+        super().__init__()
+        self.cfg = cfg = cfg or NetConfig()
+        self.encoder = Encoder(cfg)
+        self.cls = ClsHead(cfg) if "cls" in cfg.heads else None
+        self.seg = nn.ModuleDict({h: SegDecoder(cfg) for h in cfg.heads if h != "cls"})
+
+    def forward(self, x: torch.Tensor) -> dict:
+        if x.ndim != 4 or x.shape[1] != 1:
+            raise ValueError(f"expected input [B, 1, H, W], got {tuple(x.shape)}")
+        div = 2 ** (self.cfg.levels - 1)
+        if x.shape[-1] % div or x.shape[-2] % div:
+            raise ValueError(f"H and W must be multiples of {div} for {self.cfg.levels} levels, got {tuple(x.shape[-2:])}")
+        functional.reset_net(self)
+        feat, skips = self.encoder(x)
+        out = {}
+        if self.cls is not None:
+            out["cls_rates"], out["cls_logits"] = self.cls(feat)
+        for name, dec in self.seg.items():
+            out[name], aux = dec(feat, skips)
+            if aux:
+                out[f"{name}_aux"] = aux
+        functional.reset_net(self)  # drop membrane tensors so nothing leaks between calls
+        return out
+
+    @staticmethod
+    def positive_probability(out: dict) -> torch.Tensor:
+        """P(positive) from the CLS output's mean input current (softmax over the two neurons)."""
+        return torch.softmax(out["cls_logits"], dim=1)[:, 1]
+
+    @staticmethod
+    def predicted_class(out: dict) -> torch.Tensor:
+        """The neuron that fires most; ties (e.g. both silent) are broken by the input current."""
+        rates, logits = out["cls_rates"], out["cls_logits"]
+        return torch.argmax(rates + 1e-3 * torch.softmax(logits, dim=1), dim=1)
+
+
+def build_model(cfg: NetConfig | None = None, **overrides) -> HybridMultiTaskNet:
+    cfg = replace(cfg or NetConfig(), **overrides) if overrides else (cfg or NetConfig())
+    return HybridMultiTaskNet(cfg)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+__all__ = ["NetConfig", "HybridMultiTaskNet", "HybridLayer", "cnn_twin", "build_model", "count_parameters", "HEADS"]

@@ -1,0 +1,146 @@
+"""The hybrid network: shapes, configuration, state reset, static-input reuse, CNN twin, gradients."""
+import pytest
+import torch
+from spikingjelly.activation_based import neuron
+
+from hybrid_ct.model import HybridMultiTaskNet, NetConfig, cnn_twin
+
+
+def tiny(**kw):
+    base = dict(levels=3, base_channels=4, fc_hidden=16, time_steps=3, in_size=32)
+    base.update(kw)
+    return NetConfig(**base)
+
+
+@pytest.fixture
+def x():
+    torch.manual_seed(0)
+    return torch.rand(2, 1, 32, 32)
+
+
+def test_outputs_have_the_expected_shapes(x):
+    out = HybridMultiTaskNet(tiny()).train()(x)
+    assert out["cls_rates"].shape == (2, 2) and out["cls_logits"].shape == (2, 2)
+    assert out["lung"].shape == out["infection"].shape == (2, 1, 32, 32)
+    r = out["cls_rates"]
+    assert torch.all((r >= 0) & (r <= 1))
+    # firing rates are spike counts / T
+    assert torch.allclose(r * 3, torch.round(r * 3))
+
+
+def test_default_is_the_seed_002_embodiment():
+    cfg = NetConfig()
+    assert (cfg.levels, cfg.fc_layers, cfg.in_size, cfg.heads) == (5, 2, 256, ("cls", "lung", "infection"))
+    m = HybridMultiTaskNet(cfg)
+    assert len(m.encoder.levels) == 5 and len(m.seg) == 2
+    lifs = [mod for mod in m.modules() if isinstance(mod, neuron.LIFNode)]
+    assert lifs and all(mod.step_mode == "m" for mod in lifs)
+
+
+def test_spiking_layers_emit_binary_spikes(x):
+    m = HybridMultiTaskNet(tiny()).train()
+    seen = []
+    hooks = [mod.register_forward_hook(lambda mod, i, o: seen.append(o)) for mod in m.modules()
+             if isinstance(mod, neuron.LIFNode)]
+    m(x)
+    for h in hooks:
+        h.remove()
+    assert seen and all(torch.all((o == 0) | (o == 1)) for o in seen)
+    assert any(o.sum() > 0 for o in seen)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_same_input_twice_is_bit_identical(x, mode):
+    m = HybridMultiTaskNet(tiny())
+    m.train(mode == "train")
+    if mode == "train":  # BN batch statistics must not change between the two calls
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
+                mod.momentum = 0.0
+    with torch.no_grad():
+        a, b = m(x), m(x)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_membrane_state_would_leak_without_reset(x):
+    """The reason for the reset: a spikingjelly neuron keeps its membrane between calls."""
+    lif = neuron.LIFNode(tau=2.0, step_mode="m")
+    seq = torch.full((2, 4), 1.2)  # v: 0.6, 0.9 (no spike); a second call starts at 0.9 and fires
+    first = lif(seq).clone()
+    second = lif(seq)
+    assert not torch.equal(first, second)
+
+
+def test_static_first_layer_equals_naive_per_step_loop(x):
+    torch.manual_seed(1)
+    fast = HybridMultiTaskNet(tiny(reuse_static=True)).train()
+    naive = HybridMultiTaskNet(tiny(reuse_static=False)).train()
+    naive.load_state_dict(fast.state_dict())
+    for m in (fast, naive):
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
+                mod.momentum = 0.0
+    a, b = fast(x), naive(x)
+    for k in ("cls_logits", "lung", "infection"):
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    assert torch.equal(a["cls_rates"], b["cls_rates"])
+
+
+def test_cnn_twin_is_same_topology_with_relu_and_one_step(x):
+    cfg = cnn_twin(tiny())
+    assert cfg.time_steps == 1 and not cfg.spiking
+    twin, hybrid = HybridMultiTaskNet(cfg), HybridMultiTaskNet(tiny())
+    assert [tuple(p.shape) for p in twin.parameters()] == [tuple(p.shape) for p in hybrid.parameters()]
+    assert not any(isinstance(m, neuron.BaseNode) for m in twin.modules())
+    assert any(isinstance(m, torch.nn.ReLU) for m in twin.modules())
+    out = twin.eval()(x)
+    torch.testing.assert_close(out["cls_rates"].sum(1), torch.ones(2))
+
+
+@pytest.mark.parametrize("kw", [dict(neuron="plif"), dict(surrogate="sigmoid", tau=3.0, v_threshold=0.5),
+                                dict(heads=("lung",)), dict(heads=("cls", "infection"), fc_layers=1),
+                                dict(deep_supervision=True, skip=False, up_kernel=5), dict(grad_checkpoint=True)])
+def test_configurations_train(x, kw):
+    m = HybridMultiTaskNet(tiny(**kw)).train()
+    out = m(x)
+    loss = sum(v.float().mean() for k, v in out.items() if torch.is_tensor(v))
+    loss = loss + sum(a.mean() for k, v in out.items() if k.endswith("_aux") for a in v)
+    loss.backward()
+    grads = [p.grad for p in m.parameters() if p.requires_grad]
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+    # the surrogate gradient reaches the first layer through the spikes
+    first = m.encoder.levels[0][0].syn.weight.grad
+    assert first is not None and first.abs().sum() > 0
+
+
+def test_grad_checkpoint_gives_the_same_gradients(x):
+    torch.manual_seed(2)
+    a = HybridMultiTaskNet(tiny()).train()
+    b = HybridMultiTaskNet(tiny(grad_checkpoint=True)).train()
+    b.load_state_dict(a.state_dict())
+    for m in (a, b):
+        out = m(x)
+        (out["lung"].mean() + out["cls_logits"].sum()).backward()
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_bad_configurations_and_inputs_are_refused():
+    with pytest.raises(ValueError, match="tau"):
+        NetConfig(tau=1.0)
+    with pytest.raises(ValueError, match="heads"):
+        NetConfig(heads=("cls", "liver"))
+    with pytest.raises(ValueError, match="neuron"):
+        NetConfig(neuron="izhikevich")
+    m = HybridMultiTaskNet(tiny())
+    with pytest.raises(ValueError, match=r"\[B, 1, H, W\]"):
+        m(torch.rand(1, 3, 32, 32))
+    with pytest.raises(ValueError, match="multiples"):
+        m(torch.rand(1, 1, 30, 30))
+
+
+def test_config_round_trips_through_a_dict():
+    cfg = tiny(neuron="plif", heads=("cls", "lung"))
+    assert NetConfig.from_dict(cfg.to_dict()) == cfg
