@@ -1,0 +1,120 @@
+"""Whole-volume inference: CT image -> label map in the image's own geometry + a diagnostic report.
+
+One path for the CLI, the MONAI Label app and evaluation: ``check_ct`` -> ``to_model_slices`` ->
+the network slice by slice (inside the energy meter) -> ``from_model_slices`` -> label + report.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from tqdm import tqdm
+
+from . import LABELS
+from .checkpoint import load_checkpoint
+from .energy import EnergyMeter
+from .io import check_ct
+from .model import HybridMultiTaskNet
+from .preprocess import array_to_image, from_model_slices, to_model_slices
+from .report import infection_burden, severity_grade
+
+TOP_K_SLICES = 3  # the scan's positive probability: mean of its 3 most positive lung slices
+
+
+@dataclass
+class SliceOutputs:
+    lung: np.ndarray  # [D,1,S,S] probabilities in model space
+    infection: np.ndarray
+    positive_prob: np.ndarray  # [D]
+    predicted: np.ndarray  # [D] class from the firing rates
+    rates: np.ndarray  # [D,2]
+
+
+def _mask_label(lung_p: np.ndarray, inf_p: np.ndarray) -> np.ndarray:
+    """Probabilities -> label map: 1 lung, 2 infection (kept only inside the predicted lung)."""
+    lung = lung_p > 0.5
+    label = lung.astype(np.uint8) * LABELS["lung"]
+    label[lung & (inf_p > 0.5)] = LABELS["infection"]
+    return label
+
+
+class Predictor:
+    """Runs a trained network on CT volumes or slices. Thread-safe for concurrent ``predict`` calls
+    only if each thread has its own Predictor (spiking neurons keep per-call state)."""
+
+    def __init__(self, model: HybridMultiTaskNet, meta: dict | None = None, device: str = "cpu",
+                 batch_size: int = 8, require_chest: bool = True, progress: bool = False):
+        self.model = model.to(device).eval()
+        self.meta = dict(meta or {})
+        self.device = device
+        self.batch_size = batch_size
+        self.require_chest = require_chest
+        self.progress = progress
+
+    @classmethod
+    def from_checkpoint(cls, path, device: str = "cpu", **kw) -> "Predictor":
+        model, meta = load_checkpoint(path, device)
+        return cls(model, meta, device=device, **kw)
+
+    @property
+    def version(self) -> str:
+        return str(self.meta.get("version", "unversioned"))
+
+    @torch.no_grad()
+    def run_slices(self, x: np.ndarray, meter: EnergyMeter | None = None) -> SliceOutputs:
+        """x [D,1,S,S] in [0,1] -> per-slice probabilities and class calls."""
+        outs = {k: [] for k in ("lung", "infection", "prob", "pred", "rates")}
+        heads = self.model.cfg.heads
+        steps = range(0, len(x), self.batch_size)
+        for i in tqdm(steps, desc="slices", unit="batch", disable=not self.progress):
+            xb = torch.from_numpy(x[i:i + self.batch_size]).to(self.device)
+            o = self.model(xb)
+            for h in ("lung", "infection"):
+                p = torch.sigmoid(o[h]) if h in heads else torch.zeros_like(xb)
+                outs[h].append(p.cpu().numpy())
+            if "cls" in heads:
+                outs["prob"].append(self.model.positive_probability(o).cpu().numpy())
+                outs["pred"].append(self.model.predicted_class(o).cpu().numpy())
+                outs["rates"].append(o["cls_rates"].cpu().numpy())
+        cat = {k: np.concatenate(v) if v else np.zeros((len(x),) if k != "rates" else (len(x), 2)) for k, v in outs.items()}
+        return SliceOutputs(cat["lung"], cat["infection"], cat["prob"], cat["pred"], cat["rates"])
+
+    def predict(self, image: sitk.Image, size: int | None = None):
+        """-> (label image, uint8 in the input's geometry; report dict, see docs/CONTRACTS.md)."""
+        t0 = time.perf_counter()
+        check_ct(image, require_chest=self.require_chest)
+        x, ctx = to_model_slices(image, size or self.model.cfg.in_size)
+        with EnergyMeter(self.model) as meter:
+            so = self.run_slices(x, meter)
+        probs = from_model_slices(np.concatenate([so.lung, so.infection], axis=1), ctx)
+        label_arr = _mask_label(probs[0], probs[1])
+        label = array_to_image(label_arr, image)
+        report = self._report(label, so, meter, time.perf_counter() - t0)
+        return label, report
+
+    def _report(self, label: sitk.Image, so: SliceOutputs, meter: EnergyMeter, latency: float) -> dict:
+        lung_area = (so.lung[:, 0] > 0.5).sum(axis=(1, 2))
+        has_lung = lung_area > 0
+        probs = so.positive_prob[has_lung] if has_lung.any() else so.positive_prob
+        top = np.sort(probs)[-TOP_K_SLICES:] if len(probs) else np.array([0.0])
+        p_pos = float(top.mean())
+        burden = infection_burden(label)
+        energy = meter.report()
+        return {
+            "classification": {
+                "label": "positive" if p_pos >= 0.5 else "negative",
+                "probability": p_pos,
+                "firing_rates": so.rates.mean(0).tolist() if len(so.rates) else [0.0, 0.0],
+                "slice_positive": so.predicted.astype(int).tolist(),
+                "slice_probability": [round(float(p), 4) for p in so.positive_prob],
+            },
+            "burden": burden,
+            "grade": severity_grade(burden["total_pct"]),
+            "energy": energy.summary(),
+            "latency_s": latency,
+            "model_version": self.version,
+            "label_names": {"lung": LABELS["lung"], "infection": LABELS["infection"]},
+        }

@@ -1,0 +1,268 @@
+"""Slice datasets and the multi-task training loop shared by the CLI and the MONAI Label trainer.
+
+Every sample is one model-space slice ``[1, S, S]`` with whatever targets its source has: lung mask,
+infection mask, class (1 positive). Missing targets are masked out of the loss, so 2D sets with only
+an infection mask or only a class label train the heads they can.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from monai.transforms import Compose, RandAffined, RandFlipd, RandGaussianNoised, RandScaleIntensityd
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from . import LABELS
+from .losses import MultiTaskLoss
+from .metrics import SegmentationMeter, classification_metrics
+from .model import HybridMultiTaskNet
+from .preprocess import label_to_model_slices, to_model_slices
+
+log = logging.getLogger(__name__)
+MISSING = 255  # mask value for "no target for this slice"
+
+
+@dataclass
+class SliceSet:
+    """Model-space slices with optional targets; arrays are kept compact (uint8)."""
+
+    images: np.ndarray  # [N,S,S] uint8 (x * 255)
+    lung: np.ndarray  # [N,S,S] uint8 {0,1}, or MISSING
+    infection: np.ndarray  # [N,S,S] uint8 {0,1}, or MISSING
+    cls: np.ndarray  # [N] int8: 0 / 1, -1 unknown
+    group: list = field(default_factory=list)  # patient / study id per slice (split by group)
+
+    def __len__(self):
+        return len(self.images)
+
+    @staticmethod
+    def empty(size: int) -> "SliceSet":
+        z = np.zeros((0, size, size), np.uint8)
+        return SliceSet(z, z.copy(), z.copy(), np.zeros(0, np.int8), [])
+
+    def extend(self, other: "SliceSet") -> "SliceSet":
+        return SliceSet(np.concatenate([self.images, other.images]), np.concatenate([self.lung, other.lung]),
+                        np.concatenate([self.infection, other.infection]), np.concatenate([self.cls, other.cls]),
+                        list(self.group) + list(other.group))
+
+    def subset(self, idx) -> "SliceSet":
+        idx = np.asarray(idx, dtype=int)
+        return SliceSet(self.images[idx], self.lung[idx], self.infection[idx], self.cls[idx],
+                        [self.group[i] for i in idx])
+
+
+def slices_from_arrays(x: np.ndarray, label: np.ndarray | None, group: str, diagnosis: int | None = None,
+                       lung_known: bool = True, infection_known: bool = True) -> SliceSet:
+    """x [D,1,S,S] in [0,1]; label [D,S,S] with 0/1/2 or None. The slice class is "infection present"
+    when the infection mask is known, else the scan's diagnosis if it is negative (all slices negative);
+    slices of a positive scan without an infection mask have no class target."""
+    d, s = x.shape[0], x.shape[-1]
+    images = np.round(np.clip(x[:, 0], 0, 1) * 255).astype(np.uint8)
+    miss = np.full((d, s, s), MISSING, np.uint8)
+    lung = (label >= 1).astype(np.uint8) if label is not None and lung_known else miss
+    inf = (label == LABELS["infection"]).astype(np.uint8) if label is not None and infection_known else miss.copy()
+    if label is not None and infection_known:
+        cls = inf.reshape(d, -1).any(1).astype(np.int8)
+    elif diagnosis == 0:
+        cls = np.zeros(d, np.int8)
+    else:
+        cls = np.full(d, -1, np.int8)
+    return SliceSet(images, lung, inf, cls, [group] * d)
+
+
+def slices_from_volume(image: sitk.Image, label: sitk.Image | None, group: str, size: int = 256,
+                       diagnosis: int | None = None) -> SliceSet:
+    x, ctx = to_model_slices(image, size)
+    lab = label_to_model_slices(label, ctx) if label is not None else None
+    return slices_from_arrays(x, lab, group, diagnosis)
+
+
+def augmentations() -> Compose:
+    """Light, label-preserving augmentation (monai dictionary transforms)."""
+    keys = ["image", "lung", "infection"]
+    return Compose([
+        RandFlipd(keys, prob=0.5, spatial_axis=1),
+        RandAffined(keys, prob=0.5, rotate_range=0.15, scale_range=0.1, translate_range=8,
+                    mode=["bilinear", "nearest", "nearest"], padding_mode="zeros"),
+        RandScaleIntensityd("image", factors=0.1, prob=0.3),
+        RandGaussianNoised("image", prob=0.2, std=0.02),
+    ])
+
+
+class SliceDataset(Dataset):
+    def __init__(self, data: SliceSet, augment: bool = False):
+        self.data = data
+        self.aug = augmentations() if augment else None
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        d = self.data
+        lung, inf = d.lung[i], d.infection[i]
+        has_lung, has_inf = bool(lung[0, 0] != MISSING), bool(inf[0, 0] != MISSING)
+        s = {
+            "image": torch.from_numpy(d.images[i][None].astype(np.float32) / 255.0),
+            "lung": torch.from_numpy((lung[None] == 1).astype(np.float32)),
+            "infection": torch.from_numpy((inf[None] == 1).astype(np.float32)),
+        }
+        if self.aug is not None:
+            s = self.aug(s)
+            s = {k: torch.as_tensor(np.asarray(v), dtype=torch.float32) for k, v in s.items()}
+        s["cls"] = torch.tensor(max(int(d.cls[i]), 0))
+        s["cls_mask"] = torch.tensor(int(d.cls[i]) >= 0)
+        s["lung_mask"] = torch.tensor(has_lung)
+        s["infection_mask"] = torch.tensor(has_inf)
+        return s
+
+
+def epoch_indices(data: SliceSet, negative_fraction: float, rng: np.random.Generator) -> np.ndarray:
+    """All slices with something positive to learn + a fresh random share of the negatives (seed 002: 20 %)."""
+    pos = np.flatnonzero(data.cls != 0)
+    neg = np.flatnonzero(data.cls == 0)
+    k = int(math.ceil(len(neg) * negative_fraction)) if len(neg) else 0
+    chosen = rng.choice(neg, size=k, replace=False) if k else np.zeros(0, int)
+    idx = np.concatenate([pos, chosen])
+    rng.shuffle(idx)
+    return idx
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 8
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    negative_fraction: float = 0.2
+    augment: bool = True
+    seg_loss: str = "focal"
+    infection_loss: str | None = "dice_focal"
+    lambdas: dict = field(default_factory=lambda: {"cls": 1.0, "lung": 1.0, "infection": 2.0})
+    adaptive_cls: bool = False
+    max_iters_per_epoch: int | None = None
+    seed: int = 0
+    device: str = "cpu"
+    num_workers: int = 0
+
+
+def _to(batch: dict, device) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def train_epoch(model: HybridMultiTaskNet, loader, loss_fn: MultiTaskLoss, opt, device, max_iters=None,
+                progress: bool = True, stop=None) -> dict:
+    model.train()
+    totals, n = {}, 0
+    for it, batch in enumerate(tqdm(loader, desc="train", unit="batch", disable=not progress, leave=False)):
+        if (max_iters is not None and it >= max_iters) or (stop is not None and stop()):
+            break
+        b = _to(batch, device)
+        out = model(b["image"])
+        loss, parts = loss_fn(out, b)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        parts["total"] = float(loss.detach())
+        for k, v in parts.items():
+            totals[k] = totals.get(k, 0.0) + v
+        n += 1
+    return {k: v / max(n, 1) for k, v in totals.items()}
+
+
+@torch.no_grad()
+def evaluate(model: HybridMultiTaskNet, data: SliceSet, batch_size: int = 8, device="cpu", progress=False) -> dict:
+    """Slice-level metrics: lung / infection Dice etc. (where masks exist) and classification (where known)."""
+    model.eval()
+    meter = SegmentationMeter()
+    scores, truth = [], []
+    loader = DataLoader(SliceDataset(data), batch_size=batch_size, shuffle=False)
+    for batch in tqdm(loader, desc="eval", unit="batch", disable=not progress, leave=False):
+        b = _to(batch, device)
+        out = model(b["image"])
+        heads = model.cfg.heads
+        for i in range(len(b["image"])):
+            if "lung" in heads and "infection" in heads and b["lung_mask"][i] and b["infection_mask"][i]:
+                pred = (torch.sigmoid(out["lung"][i, 0]) > 0.5).long()
+                pred[(pred == 1) & (torch.sigmoid(out["infection"][i, 0]) > 0.5)] = 2
+                true = b["lung"][i, 0].long()
+                true[b["infection"][i, 0] > 0] = 2
+                meter.update(pred.cpu(), true.cpu())
+        if "cls" in heads:
+            m = b["cls_mask"].bool()
+            scores += model.positive_probability(out)[m].cpu().tolist()
+            truth += b["cls"][m].cpu().tolist()
+    seg = meter.compute()
+    cls = classification_metrics(truth, scores) if truth else {}
+    return {"seg": seg, "cls": cls, "score": validation_score(seg, cls)}
+
+
+def validation_score(seg: dict, cls: dict) -> float:
+    """One number in [0, 1] to pick the best model: mean of the lung Dice, infection Dice and
+    classification AUC (accuracy when the AUC is undefined) that are available."""
+    parts = []
+    for name in ("lung", "infection"):
+        if seg.get(name, {}).get("n_cases"):
+            parts.append(seg[name]["dice"])
+    if cls:
+        auc = cls.get("auc", float("nan"))
+        parts.append(auc if not math.isnan(auc) else cls["accuracy"])
+    parts = [p for p in parts if not math.isnan(p)]
+    return float(np.mean(parts)) if parts else 0.0
+
+
+def fit(model: HybridMultiTaskNet, train: SliceSet, val: SliceSet | None, cfg: TrainConfig,
+        on_epoch=None, stop=None, progress: bool = True) -> list:
+    """Train ``model`` in place; ``on_epoch(epoch, stats, model)`` is called after each epoch (e.g. to
+    keep the best checkpoint); ``stop()`` returning True ends training early. Returns the history."""
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    device = torch.device(cfg.device)
+    model.to(device)
+    loss_fn = MultiTaskLoss(cfg.lambdas, seg=cfg.seg_loss, infection_seg=cfg.infection_loss,
+                            adaptive_cls=cfg.adaptive_cls).to(device)
+    opt = torch.optim.AdamW(list(model.parameters()) + list(loss_fn.parameters()), lr=cfg.lr,
+                            weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.epochs, 1))
+    history = []
+    for epoch in range(cfg.epochs):
+        if stop is not None and stop():
+            break
+        t0 = time.perf_counter()
+        idx = epoch_indices(train, cfg.negative_fraction, rng)
+        if len(idx) < 2:
+            raise ValueError("fewer than 2 training slices this epoch: add labelled data")
+        loader = DataLoader(SliceDataset(train.subset(idx), augment=cfg.augment), batch_size=cfg.batch_size,
+                            shuffle=False, drop_last=len(idx) >= 2 * cfg.batch_size, num_workers=cfg.num_workers)
+        losses = train_epoch(model, loader, loss_fn, opt, device, cfg.max_iters_per_epoch, progress, stop)
+        sched.step()
+        stats = {"epoch": epoch + 1, "loss": losses, "train_slices": int(len(idx)),
+                 "seconds": time.perf_counter() - t0}
+        if val is not None and len(val):
+            stats["val"] = evaluate(model, val, cfg.batch_size, device)
+        history.append(stats)
+        log.info("epoch %d loss %.4f score %s", epoch + 1, losses.get("total", float("nan")),
+                 stats.get("val", {}).get("score"))
+        if on_epoch is not None:
+            on_epoch(epoch + 1, stats, model)
+    return history
+
+
+def split_by_group(groups, val_fraction: float = 0.2, seed: int = 0):
+    """Deterministic train/val split by group id (patient / study): no group is on both sides."""
+    import hashlib
+
+    uniq = sorted(set(groups))
+    def h(g):
+        return int(hashlib.sha256(f"{seed}:{g}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    val_groups = {g for g in uniq if h(g) < val_fraction}
+    if not val_groups and len(uniq) > 1:
+        val_groups = {min(uniq, key=h)}
+    train = [i for i, g in enumerate(groups) if g not in val_groups]
+    val = [i for i, g in enumerate(groups) if g in val_groups]
+    return train, val

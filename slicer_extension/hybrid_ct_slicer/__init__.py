@@ -1,0 +1,20 @@
+"""Qt-free logic of the Hybrid CT 3D Slicer extension.
+
+Everything here runs in Slicer's own Python with nothing installed (standard library and numpy
+only at import time), and equally in a plain CPython for the tests:
+
+- :mod:`.settings`  server URL validation / normalisation
+- :mod:`.client`    HTTP client for the MONAI Label server (urllib, hand-written multipart)
+- :mod:`.segments`  label map <-> named segments ("Lung" = 1, "Infection" = 2), by NAME
+- :mod:`.results`   infer result params -> strings for the results panel
+- :mod:`.imageio`   minimal NRRD / NIfTI-1 writers (and an NRRD reader) for label uploads
+- :mod:`.workflow`  the flows behind the module's buttons (run, submit, next sample, train, ...)
+- :mod:`.testdata`  a small phantom-like chest volume built with numpy
+- :mod:`.mrml`      MRML helpers (needs Slicer or the ``slicer-core`` wheel; imported on demand)
+"""
+
+__version__ = "0.1.0"
+
+from .client import HybridCTClient, ServerError  # noqa: F401
+from .segments import LABEL_INFO, SegmentError, export_labelmap_by_name  # noqa: F401
+from .settings import normalise_server_url  # noqa: F401

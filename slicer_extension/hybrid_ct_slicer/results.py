@@ -1,0 +1,203 @@
+"""Infer result params (the report dict of docs/CONTRACTS.md) -> text for the results panel.
+
+Every function is total: missing keys, ``None`` and wrongly typed values give "n/a" rather than an
+exception, because an older or newer server may send a different set of keys.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+NA = "n/a"
+
+GRADE_TEXT = {
+    "CT-0": "CT-0 (no infection)",
+    "CT-1": "CT-1 (< 25 % of lung)",
+    "CT-2": "CT-2 (25-50 % of lung)",
+    "CT-3": "CT-3 (50-75 % of lung)",
+    "CT-4": "CT-4 (> 75 % of lung)",
+}
+
+#: Keys of :func:`format_results`, in display order, with their labels.
+RESULT_FIELDS = (
+    ("classification", "Classification"),
+    ("burden", "Infection burden"),
+    ("grade", "Severity grade"),
+    ("energy", "Energy (hybrid / CNN)"),
+    ("model_version", "Model version"),
+    ("latency", "Inference time"),
+)
+
+
+def _num(value: Any) -> float | None:
+    if isinstance(value, bool) or value is None:
+        return None
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None
+
+
+def _dict(value: Any) -> Mapping:
+    return value if isinstance(value, Mapping) else {}
+
+
+def report_from_params(params: Any) -> Mapping:
+    """The report dict, whether the server put it at the top level or under ``"report"``/``"result"``."""
+    p = _dict(params)
+    if "classification" in p or "burden" in p:
+        return p
+    for key in ("report", "result", "hybrid_ct"):
+        inner = _dict(p.get(key))
+        if inner:
+            merged = dict(p)
+            merged.update(inner)
+            return merged
+    return p
+
+
+def _pct(x: float | None) -> str:
+    return NA if x is None else f"{x:.1f} %"
+
+
+def format_classification(report: Mapping) -> str:
+    cls = _dict(report.get("classification"))
+    label = cls.get("label")
+    prob = _num(cls.get("probability"))
+    if not isinstance(label, str) or not label.strip():
+        if prob is None:
+            return NA
+        label = "positive" if prob >= 0.5 else "negative"
+    label = label.strip().lower()
+    text = label.capitalize()
+    if prob is not None:
+        prob = min(max(prob, 0.0), 1.0)
+        # probability is that of the POSITIVE class (CONTRACTS.md); show it as such
+        text += f" (P(positive) = {prob:.2f})"
+    return text
+
+
+def format_burden(report: Mapping) -> str:
+    b = _dict(report.get("burden"))
+    total, left, right = _num(b.get("total_pct")), _num(b.get("left_pct")), _num(b.get("right_pct"))
+    if total is None and left is None and right is None:
+        return NA
+    text = f"{_pct(total)} of lung"
+    if left is not None or right is not None:
+        text += f" (left {_pct(left)}, right {_pct(right)})"
+    return text
+
+
+def format_grade(report: Mapping) -> str:
+    grade = report.get("grade")
+    if not isinstance(grade, str) or not grade.strip():
+        return NA
+    grade = grade.strip().upper()
+    return GRADE_TEXT.get(grade, grade)
+
+
+def format_energy(report: Mapping) -> str:
+    e = _dict(report.get("energy"))
+    ratio = _num(e.get("ratio"))
+    hyb, conv = _num(e.get("e_hybrid_uj")), _num(e.get("e_conv_uj"))
+    if ratio is None and hyb is not None and conv:
+        ratio = hyb / conv
+    if ratio is None:
+        return NA
+    text = f"{ratio:.3f}"
+    if ratio < 1:
+        text += f" ({(1 - ratio) * 100:.0f} % less than the CNN)"
+    elif ratio > 1:
+        text += f" ({(ratio - 1) * 100:.0f} % more than the CNN)"
+    if hyb is not None and conv is not None:
+        text += f"; {hyb:.3g} uJ vs {conv:.3g} uJ"
+    rate = _num(e.get("mean_firing_rate"))
+    if rate is not None:
+        text += f"; firing rate {rate * 100:.1f} %"
+    return text
+
+
+def format_model_version(report: Mapping) -> str:
+    v = report.get("model_version")
+    if v is None or (isinstance(v, str) and not v.strip()):
+        return NA
+    return str(v).strip()
+
+
+def format_latency(report: Mapping) -> str:
+    lat = _num(report.get("latency_s"))
+    if lat is None:
+        lat = _num(_dict(report.get("latencies")).get("total"))
+    return NA if lat is None else f"{lat:.1f} s"
+
+
+def format_results(params: Any) -> dict[str, str]:
+    """All panel strings: keys as in :data:`RESULT_FIELDS`."""
+    r = report_from_params(params)
+    return {
+        "classification": format_classification(r),
+        "burden": format_burden(r),
+        "grade": format_grade(r),
+        "energy": format_energy(r),
+        "model_version": format_model_version(r),
+        "latency": format_latency(r),
+    }
+
+
+def results_text(params: Any) -> str:
+    """One line per field, e.g. for a tooltip or the Python console."""
+    values = format_results(params)
+    return "\n".join(f"{label}: {values[key]}" for key, label in RESULT_FIELDS)
+
+
+def format_train_status(task: Any, train_stats: Any = None, running: bool | None = None) -> tuple[str, str]:
+    """``GET /train/`` task + ``train_stats`` -> (status line, metric line)."""
+    t = _dict(task)
+    stats = _dict(train_stats)
+    status = t.get("status")
+    if running is True:
+        status_text = "Training: running"
+    elif isinstance(status, str) and status:
+        status_text = f"Training: {status.lower()}"
+    else:
+        status_text = "Training: never run on this server" if not t else "Training: unknown"
+    start, end = t.get("start_ts"), t.get("end_ts")
+    if start and end:
+        status_text += f" ({start} - {end})"
+    elif start:
+        status_text += f" (since {start})"
+    details = t.get("details")
+    if isinstance(details, (list, tuple)) and details:
+        last = str(details[-1]).strip()
+        if last:
+            status_text += f"\nLast log line: {last[:160]}"
+    best = _num(stats.get("best_metric"))
+    if best is None:
+        metric_text = "Best metric: n/a"
+    else:
+        metric_text = f"Best metric: {best:.4f}"
+        epoch = stats.get("best_metric_epoch")
+        if epoch is not None:
+            metric_text += f" (epoch {epoch})"
+    total = stats.get("total_epochs") or stats.get("epochs")
+    cur = stats.get("epoch")
+    if cur is not None and total:
+        metric_text += f"; epoch {cur}/{total}"
+    return status_text, metric_text
+
+
+def format_version_entry(v: Any, current: str | None = None) -> str:
+    d = _dict(v)
+    version = str(d.get("version", v if isinstance(v, str) else "?"))
+    text = version
+    metric = _num(d.get("metric"))
+    if metric is not None:
+        text += f"  metric {metric:.4f}"
+    created = d.get("created")
+    if created:
+        text += f"  ({created})"
+    if current is not None and version == str(current):
+        text += "  [current]"
+    return text

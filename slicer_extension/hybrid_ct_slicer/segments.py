@@ -1,0 +1,190 @@
+"""Label map <-> named segments, by NAME (never by position in the segment list).
+
+Label convention of the project: 0 background, 1 lung (non-infected parenchyma), 2 infection
+(inside the lung). The segmentation shown in Slicer has one segment per label value, "Lung" and
+"Infection"; when the radiologist sends a correction, each segment is found by its name (case
+insensitive, a few synonyms accepted) whatever its position in the list, infection wins where the
+two overlap, and anything else is refused with a message (or ignored on request, with a warning).
+MONAI Label's own plugin maps label values by segment position: a reordered or an extra segment
+silently corrupts the label sent back. Ours cannot.
+
+Terminology (DICOM / SNOMED CT, as Slicer's terminology selector stores it):
+
+- Lung: category SCT 123037004 "Anatomical Structure", type SCT 39607008 "Lung"
+  (DICOM CID 7155 Thoracic Segmentation Types); colour (197, 165, 145) as Slicer's anatomy list.
+- Infection: category SCT 49755003 "Morphologically Altered Structure", type SCT 52988006
+  "Lesion" (DICOM CID 7159 Lesion Segmentation Types), anatomic region SCT 39607008 "Lung";
+  colour (241, 196, 15), a yellow-orange that stands out on lung and CT grey.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from typing import Iterable, Mapping
+
+import numpy as np
+
+SLICER_CATEGORY_CONTEXT = "Segmentation category and type - DICOM master list"
+SLICER_ANATOMIC_CONTEXT = "Anatomic codes - DICOM master list"
+
+LABEL_INFO: list[dict] = [
+    {
+        "name": "Lung",
+        "idx": 1,
+        "server_name": "lung",
+        "color": (197, 165, 145),
+        "description": "lung parenchyma without infection",
+        "category": ("SCT", "123037004", "Anatomical Structure"),
+        "type": ("SCT", "39607008", "Lung"),
+        "anatomic_region": None,
+        "synonyms": ("lung", "lungs", "lung parenchyma", "parenchyma", "pulmonary parenchyma", "par seg"),
+    },
+    {
+        "name": "Infection",
+        "idx": 2,
+        "server_name": "infection",
+        "color": (241, 196, 15),
+        "description": "infected lung region (ground-glass opacity, consolidation)",
+        "category": ("SCT", "49755003", "Morphologically Altered Structure"),
+        "type": ("SCT", "52988006", "Lesion"),
+        "anatomic_region": ("SCT", "39607008", "Lung"),
+        "synonyms": ("infection", "infections", "infected", "infected region", "infected lung", "lesion",
+                     "lesions", "covid lesion", "ground glass opacity", "ggo", "consolidation", "inf seg"),
+    },
+]
+
+LABEL_BY_IDX = {d["idx"]: d for d in LABEL_INFO}
+LABEL_BY_NAME = {d["name"]: d for d in LABEL_INFO}
+
+
+class SegmentError(ValueError):
+    """The segments cannot be turned into a label map; the message says why and what to do."""
+
+
+class SegmentWarning(UserWarning):
+    """Something was ignored on the user's request (e.g. extra segments)."""
+
+
+def normalise_name(name: str) -> str:
+    """Lower case, '_' / '-' / repeated blanks -> one blank, no surrounding blanks."""
+    return re.sub(r"[\s_\-]+", " ", str(name)).strip().lower()
+
+
+_SYNONYMS = {normalise_name(s): d["name"] for d in LABEL_INFO for s in (d["name"],) + tuple(d["synonyms"])}
+
+
+def canonical_segment_name(name: str) -> str | None:
+    """'lungs', 'LUNG', 'Lung_parenchyma' -> 'Lung'; 'GGO' -> 'Infection'; unknown -> None."""
+    return _SYNONYMS.get(normalise_name(name))
+
+
+def server_label_info() -> list[dict]:
+    """``label_info`` sent with a label: ``[{"name": "lung", "idx": 1}, {"name": "infection", "idx": 2}]``."""
+    return [{"name": d["server_name"], "idx": d["idx"]} for d in LABEL_INFO]
+
+
+def server_label_names() -> dict[str, int]:
+    return {d["server_name"]: d["idx"] for d in LABEL_INFO}
+
+
+def color01(name: str) -> tuple[float, float, float]:
+    r, g, b = LABEL_BY_NAME[name]["color"]
+    return (r / 255.0, g / 255.0, b / 255.0)
+
+
+def _code(c: tuple[str, str, str] | None) -> str:
+    return "^".join(c) if c else "^^"
+
+
+def terminology_entry(name: str) -> str:
+    """Slicer terminology entry string for the segment (the segment's ``TerminologyEntry`` tag)."""
+    d = LABEL_BY_NAME[name]
+    return "~".join([
+        SLICER_CATEGORY_CONTEXT,
+        _code(d["category"]),
+        _code(d["type"]),
+        "^^",  # type modifier
+        SLICER_ANATOMIC_CONTEXT,
+        _code(d["anatomic_region"]),
+        "^^",  # region modifier
+    ]) + "|"
+
+
+def resolve_segment_names(names: Iterable[str], *, ignore_extra: bool = False,
+                          require_all: bool = True) -> dict[str, str]:
+    """Map the segment names found in a segmentation to our names.
+
+    Returns ``{our name: the segment's own name}``. Raises :class:`SegmentError` when two
+    segments claim the same label, when an unknown segment is present (unless ``ignore_extra``,
+    then a :class:`SegmentWarning` lists them) or when a required segment is missing.
+    """
+    found: dict[str, str] = {}
+    extra: list[str] = []
+    for seg_name in names:
+        ours = canonical_segment_name(seg_name)
+        if ours is None:
+            extra.append(str(seg_name))
+            continue
+        if ours in found:
+            raise SegmentError(
+                f"Segments {found[ours]!r} and {seg_name!r} both mean {ours!r}: merge them or rename one "
+                f"before submitting.")
+        found[ours] = str(seg_name)
+    if extra:
+        expected = " and ".join(repr(d["name"]) for d in LABEL_INFO)
+        if not ignore_extra:
+            raise SegmentError(
+                f"The segmentation has segments the model does not know: {', '.join(map(repr, extra))}. "
+                f"Only {expected} are sent to the server; delete or rename the others, or tick "
+                f"'Ignore other segments'.")
+        warnings.warn(f"Ignored segments not sent to the server: {', '.join(map(repr, extra))}",
+                      SegmentWarning, stacklevel=3)
+    if require_all:
+        missing = [d["name"] for d in LABEL_INFO if d["name"] not in found]
+        if missing:
+            raise SegmentError(
+                f"Segment {' and '.join(map(repr, missing))} is missing. Add "
+                f"{'it' if len(missing) == 1 else 'them'} (an empty segment is fine, e.g. 'Infection' on a "
+                f"negative scan) so that the server knows the region was checked.")
+    return found
+
+
+def export_labelmap_by_name(segment_arrays: Mapping[str, np.ndarray], *, ignore_extra: bool = False,
+                            require_all: bool = True) -> tuple[np.ndarray, list[dict]]:
+    """Build the label map (uint8, 0/1/2) from ``{segment name: mask}``, matching by NAME.
+
+    Masks must share one shape; any non-zero voxel is inside. Lung -> 1, Infection -> 2; where
+    they overlap the voxel is infection. Returns ``(labelmap, label_info)`` with ``label_info`` as
+    sent to the server (``[{"name": "lung", "idx": 1}, {"name": "infection", "idx": 2}]``).
+    """
+    if not segment_arrays:
+        raise SegmentError("The segmentation has no segments: nothing to submit.")
+    mapping = resolve_segment_names(segment_arrays.keys(), ignore_extra=ignore_extra, require_all=require_all)
+    if not mapping:
+        raise SegmentError("None of the segments is 'Lung' or 'Infection': nothing to submit.")
+    shapes = {name: np.shape(segment_arrays[seg]) for name, seg in mapping.items()}
+    if len(set(shapes.values())) != 1:
+        raise SegmentError(f"Segment masks differ in shape: {shapes}; export them on one reference volume.")
+    shape = next(iter(shapes.values()))
+    out = np.zeros(shape, dtype=np.uint8)
+    # lowest label first, so that higher labels (infection) override where segments overlap
+    for d in sorted(LABEL_INFO, key=lambda d: d["idx"]):
+        seg = mapping.get(d["name"])
+        if seg is None:
+            continue
+        out[np.asarray(segment_arrays[seg]) != 0] = d["idx"]
+    return out, server_label_info()
+
+
+def split_labelmap(labelmap: np.ndarray, *, allow_unknown: bool = False) -> dict[str, np.ndarray]:
+    """Label map -> ``{"Lung": bool mask, "Infection": bool mask}`` (every name present, maybe empty)."""
+    arr = np.asarray(labelmap)
+    if arr.dtype.kind == "f":
+        if not np.all(np.isfinite(arr)) or not np.array_equal(arr, np.round(arr)):
+            raise SegmentError("The label map has non-integer values: it is not a label map.")
+    values = set(np.unique(arr).astype(int).tolist()) - {0}
+    unknown = sorted(values - set(LABEL_BY_IDX))
+    if unknown and not allow_unknown:
+        raise SegmentError(f"The label map has values {unknown} that are neither lung (1) nor infection (2).")
+    return {d["name"]: arr == d["idx"] for d in LABEL_INFO}

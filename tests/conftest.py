@@ -1,0 +1,31 @@
+"""Shared fixtures: the real data beside the repository, and small synthetic phantoms."""
+
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """Path of ../shared/data (real public CT data, read in place); skips when it is absent."""
+    if not (SHARED_DATA / "MANIFEST.csv").is_file():
+        pytest.skip(f"real data not found at {SHARED_DATA} (../shared/data beside the repository)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def small_phantom():
+    """A small positive phantom ``(image, label, info)``: shape (16, 64, 72), seed 3."""
+    from hybrid_ct.phantom import make_phantom
+
+    return make_phantom(3, shape=(16, 64, 72), positive=True)
+
+
+@pytest.fixture(scope="session")
+def small_negative_phantom():
+    """A small negative phantom ``(image, label, info)``: same anatomy as ``small_phantom``."""
+    from hybrid_ct.phantom import make_phantom
+
+    return make_phantom(3, shape=(16, 64, 72), positive=False)

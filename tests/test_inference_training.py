@@ -1,0 +1,134 @@
+"""Predictor (volume in, label in the same geometry + report out), checkpoints, and the training loop."""
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from hybrid_ct.checkpoint import load_checkpoint, save_checkpoint
+from hybrid_ct.errors import InputError, ModelNotReadyError
+from hybrid_ct.inference import Predictor
+from hybrid_ct.model import HybridMultiTaskNet, NetConfig
+from hybrid_ct.phantom import make_phantom
+from hybrid_ct.training import (MISSING, SliceSet, TrainConfig, epoch_indices, evaluate, fit, slices_from_arrays,
+                                slices_from_volume, split_by_group)
+
+TINY = dict(levels=3, base_channels=4, fc_hidden=16, time_steps=2, in_size=64)
+
+
+@pytest.fixture(scope="module")
+def phantoms():
+    return [make_phantom(s, shape=(12, 64, 80), positive=s % 2 == 0) for s in range(4)]
+
+
+@pytest.fixture(scope="module")
+def trained(phantoms, tmp_path_factory):
+    """A tiny network trained for a few epochs on phantom slices, saved as a checkpoint."""
+    torch.manual_seed(0)
+    data = SliceSet.empty(64)
+    for i, (img, lab, _) in enumerate(phantoms):
+        data = data.extend(slices_from_volume(img, lab, f"ph{i}", size=64))
+    model = HybridMultiTaskNet(NetConfig(**TINY))
+    hist = fit(model, data, data, TrainConfig(epochs=4, batch_size=8, lr=3e-3, negative_fraction=1.0, augment=False),
+               progress=False)
+    path = save_checkpoint(tmp_path_factory.mktemp("ckpt") / "model.pt", model, {"version": "v-test", "history": hist})
+    return path, hist, data
+
+
+def test_training_reduces_the_loss_and_reports_a_score(trained):
+    _, hist, _ = trained
+    assert len(hist) == 4
+    assert hist[-1]["loss"]["total"] < hist[0]["loss"]["total"]
+    assert 0.0 <= hist[-1]["val"]["score"] <= 1.0
+    assert set(hist[-1]["val"]["seg"]) == {"lung", "infection"}
+
+
+def test_checkpoint_round_trip_and_missing_model(trained, tmp_path):
+    path, _, data = trained
+    model, meta = load_checkpoint(path)
+    assert meta["version"] == "v-test" and not model.training
+    again = save_checkpoint(tmp_path / "copy.pt", model, meta)
+    m2, _ = load_checkpoint(again)
+    x = torch.from_numpy(data.images[:2, None].astype(np.float32) / 255)
+    with torch.no_grad():
+        assert torch.equal(model(x)["lung"], m2(x)["lung"])
+    with pytest.raises(ModelNotReadyError, match="no trained model"):
+        load_checkpoint(tmp_path / "absent.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ModelNotReadyError, match="cannot be loaded"):
+        load_checkpoint(tmp_path / "junk.pt")
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_prediction_comes_back_in_the_input_geometry(trained, phantoms):
+    path, _, _ = trained
+    img, _, _ = phantoms[0]
+    # a non-trivial geometry: flipped axis, shifted origin, anisotropic spacing
+    img = sitk.Flip(img, [True, False, False])
+    img.SetOrigin((12.5, -40.0, 300.0))
+    label, report = Predictor.from_checkpoint(path).predict(img)
+    assert label.GetSize() == img.GetSize()
+    assert label.GetSpacing() == img.GetSpacing() and label.GetOrigin() == img.GetOrigin()
+    assert label.GetDirection() == img.GetDirection()
+    arr = sitk.GetArrayFromImage(label)
+    assert arr.dtype == np.uint8 and set(np.unique(arr)) <= {0, 1, 2}
+    assert report["model_version"] == "v-test"
+    assert report["classification"]["label"] in ("positive", "negative")
+    assert 0.0 <= report["classification"]["probability"] <= 1.0
+    assert len(report["classification"]["slice_positive"]) == img.GetSize()[2]
+    assert report["grade"].startswith("CT-")
+    assert 0 <= report["burden"]["total_pct"] <= 100
+    e = report["energy"]
+    assert e["e_hybrid_uj"] > 0 and e["e_conv_uj"] > e["e_hybrid_uj"] and 0 < e["ratio"] < 1
+    assert report["label_names"] == {"lung": 1, "infection": 2}
+
+
+def test_predictor_refuses_bad_input(trained):
+    path, _, _ = trained
+    pred = Predictor.from_checkpoint(path)
+    nan = sitk.GetImageFromArray(np.full((4, 64, 64), np.nan, np.float32))
+    with pytest.raises(InputError):
+        pred.predict(nan)
+    water = sitk.GetImageFromArray(np.zeros((4, 64, 64), np.float32))  # no air, no lungs
+    with pytest.raises(InputError):
+        pred.predict(water)
+
+
+def test_slice_targets_and_class_rules():
+    x = np.zeros((3, 1, 8, 8), np.float32)
+    lab = np.zeros((3, 8, 8), np.uint8)
+    lab[0, 2:6, 2:6] = 1
+    lab[1, 2:6, 2:6] = 2
+    s = slices_from_arrays(x, lab, "p1")
+    assert s.cls.tolist() == [0, 1, 0] and s.group == ["p1"] * 3
+    assert s.lung[1].sum() == 16 and s.infection[1].sum() == 16
+    unknown = slices_from_arrays(x, None, "p2", diagnosis=1)
+    assert unknown.cls.tolist() == [-1] * 3 and (unknown.lung == MISSING).all()
+    neg = slices_from_arrays(x, None, "p3", diagnosis=0)
+    assert neg.cls.tolist() == [0] * 3
+
+
+def test_negatives_are_subsampled_per_epoch():
+    cls = np.array([1] * 10 + [0] * 100, np.int8)
+    data = SliceSet(np.zeros((110, 4, 4), np.uint8), np.zeros((110, 4, 4), np.uint8),
+                    np.zeros((110, 4, 4), np.uint8), cls, ["g"] * 110)
+    rng = np.random.default_rng(0)
+    a, b = epoch_indices(data, 0.2, rng), epoch_indices(data, 0.2, rng)
+    assert len(a) == len(b) == 30
+    assert set(range(10)) <= set(a.tolist()) and set(a.tolist()) != set(b.tolist())
+
+
+def test_split_by_group_is_disjoint_and_stable():
+    groups = [f"patient{i // 5}" for i in range(100)]
+    tr, va = split_by_group(groups, 0.2, seed=1)
+    assert tr and va and not {groups[i] for i in tr} & {groups[i] for i in va}
+    assert (tr, va) == split_by_group(groups, 0.2, seed=1)
+    assert sorted(tr + va) == list(range(100))
+
+
+def test_evaluate_on_partial_targets(trained):
+    path, _, data = trained
+    model, _ = load_checkpoint(path)
+    part = data.subset(range(8))
+    part.lung[:] = MISSING
+    res = evaluate(model, part)
+    assert res["seg"]["lung"]["n_cases"] == 0 and "accuracy" in res["cls"]

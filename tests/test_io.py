@@ -1,0 +1,255 @@
+"""hybrid_ct.io: every input kind on real data, and every bad input refused with a named problem."""
+
+import os
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from PIL import Image
+
+from hybrid_ct.errors import InputError
+from hybrid_ct.io import (MIN_LUNG_AIR_FRACTION, check_ct, lung_air_fraction, read_image, read_label,
+                          write_image)
+from hybrid_ct.preprocess import window
+
+
+def _is_hu_volume(img, size=None):
+    assert isinstance(img, sitk.Image)
+    assert img.GetDimension() == 3
+    assert img.GetPixelID() == sitk.sitkFloat32
+    if size is not None:
+        assert img.GetSize() == size
+
+
+@pytest.fixture(scope="module")
+def p001(shared_data):
+    return read_image(shared_data / "volumes_covid_ct_md" / "P001")
+
+
+# --- reading each input kind ------------------------------------------------------------------
+
+def test_dicom_series_jpeg_lossless(p001):
+    _is_hu_volume(p001, (512, 512, 148))
+    assert p001.GetSpacing()[2] == pytest.approx(2.0, abs=0.01)
+    a = sitk.GetArrayViewFromImage(p001)
+    assert a.min() == pytest.approx(-1024, abs=30)  # rescale intercept applied: air, not 0
+    assert 1000 < a.max() < 4000
+    assert check_ct(p001) is p001
+    assert lung_air_fraction(p001) > 3 * MIN_LUNG_AIR_FRACTION
+
+
+def test_normal_series_passes_as_chest(shared_data):
+    img = read_image(shared_data / "volumes_covid_ct_md" / "normal001")
+    _is_hu_volume(img, (512, 512, 154))
+    check_ct(img)
+
+
+@pytest.mark.parametrize("case", ["id001", "id002"])
+def test_nifti_volume(shared_data, case):
+    path = shared_data / "lung3d_imlab" / f"{case}_image_hu.nii.gz"
+    img = read_image(path)
+    _is_hu_volume(img, (128, 128, 64))
+    ref = nib.load(str(path)).get_fdata()
+    # SimpleITK (z, y, x) vs. nibabel (x, y, z): same voxels
+    np.testing.assert_allclose(sitk.GetArrayViewFromImage(img).transpose(2, 1, 0), ref, atol=1e-3)
+    check_ct(img)
+    check_ct(path)  # a path is read first
+
+
+def test_single_dicom_file(shared_data):
+    img = read_image(shared_data / "dicom_misc" / "lidc_slice" / "0.dcm")
+    _is_hu_volume(img, (512, 512, 1))
+    assert sitk.GetArrayViewFromImage(img).min() < -900
+    check_ct(img)  # one axial chest slice is still a chest
+    with pytest.raises(InputError, match="slice"):
+        check_ct(img, min_slices=8)
+
+
+def test_folder_with_several_series_takes_the_largest(shared_data, tmp_path):
+    abdomen = sorted((shared_data / "dicom_misc" / "abdomen_series_not_chest").iterdir())
+    for f in abdomen[:5]:
+        os.symlink(f, tmp_path / f.name)
+    os.symlink(shared_data / "dicom_misc" / "lidc_slice" / "0.dcm", tmp_path / "other.dcm")
+    assert read_image(tmp_path).GetSize() == (512, 512, 5)
+
+
+def test_8bit_jpg_maps_onto_the_window(shared_data):
+    path = shared_data / "seg2d_medseg" / "images" / "0.jpg"
+    img = read_image(path, intensity="8bit")
+    _is_hu_volume(img)
+    pixels = np.asarray(Image.open(path).convert("L"), dtype=np.float32)
+    assert img.GetSize() == (pixels.shape[1], pixels.shape[0], 1)
+    back = window(sitk.GetArrayViewFromImage(img)[0]) * 255
+    np.testing.assert_allclose(back, pixels, atol=1e-2)
+    check_ct(img, require_chest=False)
+
+
+@pytest.mark.parametrize("name", [
+    "covid/ucsd_covidct__2020.02.19.20025023-p20-93%3.png",  # RGB PNG
+    "covid/ucsd_covidct__2020.03.16.20035105-p6-64-2.png",  # a JPEG named .png
+    "noncovid/mosmed_CT0__img0.jpg",
+])
+def test_cls2d_pictures_become_one_grey_slice(shared_data, name):
+    path = shared_data / "cls2d" / name
+    if not path.exists():
+        pytest.skip(f"{path} not in this copy of the data")
+    img = read_image(path, intensity="8bit")
+    _is_hu_volume(img)
+    assert img.GetSize()[2] == 1
+    assert img.GetNumberOfComponentsPerPixel() == 1
+    assert img.GetSpacing() == (1.0, 1.0, 1.0)
+
+
+def test_npy_slices(shared_data):
+    path = shared_data / "lung2d_majun" / "coronacases_001_image_slice_98.npy"
+    img = read_image(path)
+    _is_hu_volume(img, (512, 512, 1))
+    np.testing.assert_array_equal(sitk.GetArrayViewFromImage(img)[0], np.load(path).astype(np.float32))
+    check_ct(img)
+    not_hu = read_image(shared_data / "lung2d_majun" / "radiopaedia_14_85914_0_image_slice_0.npy")
+    with pytest.raises(InputError, match="not Hounsfield"):
+        check_ct(not_hu)
+
+
+def test_write_and_read_back(small_phantom, tmp_path):
+    img, lab, _ = small_phantom
+    for name in ("ct.nii.gz", "ct.nrrd", "ct.mha"):
+        back = read_image(write_image(img, tmp_path / name))
+        np.testing.assert_array_equal(sitk.GetArrayViewFromImage(back), sitk.GetArrayViewFromImage(img))
+        assert back.GetSpacing() == pytest.approx(img.GetSpacing())
+        assert back.GetOrigin() == pytest.approx(img.GetOrigin())
+    got = read_label(write_image(lab, tmp_path / "lab.nii.gz"), img)
+    assert got.GetPixelID() == sitk.sitkUInt8
+    np.testing.assert_array_equal(sitk.GetArrayViewFromImage(got), sitk.GetArrayViewFromImage(lab))
+    with pytest.raises(InputError, match="use .nii"):
+        write_image(img, tmp_path / "ct.txt")
+
+
+# --- bad inputs --------------------------------------------------------------------------------
+
+def test_unreadable_files(tmp_path):
+    junk = tmp_path / "junk.nii.gz"
+    junk.write_bytes(np.random.default_rng(0).bytes(4096))
+    with pytest.raises(InputError, match="cannot read .*junk.nii.gz"):
+        read_image(junk)
+    empty = tmp_path / "empty.nii.gz"
+    empty.write_bytes(b"")
+    with pytest.raises(InputError, match="empty file"):
+        read_image(empty)
+    text = tmp_path / "notes.txt"
+    text.write_text("not an image")
+    with pytest.raises(InputError, match="cannot read"):
+        read_image(text)
+    with pytest.raises(InputError, match="no such file"):
+        read_image(tmp_path / "missing.nii.gz")
+    with pytest.raises(InputError, match="no DICOM series"):
+        read_image(tmp_path)
+    with pytest.raises(InputError, match="not an image"):
+        check_ct(np.zeros((4, 4, 4)))
+    with pytest.raises(InputError, match="intensity"):
+        read_image(junk, intensity="raw")
+
+
+def test_nan_and_inf(tmp_path):
+    arr = np.full((4, 8, 8), -1000.0, np.float32)
+    arr[1, 2, 3] = np.nan
+    sitk.WriteImage(sitk.GetImageFromArray(arr), str(tmp_path / "nan.nii.gz"))
+    with pytest.raises(InputError, match="NaN"):
+        read_image(tmp_path / "nan.nii.gz")
+    arr[1, 2, 3] = np.inf
+    with pytest.raises(InputError, match="NaN or infinite"):
+        check_ct(sitk.GetImageFromArray(arr), require_chest=False)
+
+
+def test_empty_image():
+    with pytest.raises(InputError, match="empty image"):
+        check_ct(sitk.Image(0, 0, 0, sitk.sitkFloat32))
+
+
+def test_unsupported_pixel_types(tmp_path):
+    np.save(tmp_path / "mask.npy", np.zeros((8, 8), bool))
+    with pytest.raises(InputError, match="unsupported pixel type bool"):
+        read_image(tmp_path / "mask.npy")
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.complex64), np.eye(4)), str(tmp_path / "c.nii.gz"))
+    with pytest.raises(InputError, match="complex"):
+        read_image(tmp_path / "c.nii.gz")
+    sitk.WriteImage(sitk.Image([4, 4, 4], sitk.sitkVectorFloat32, 3), str(tmp_path / "v.nrrd"))
+    with pytest.raises(InputError, match="3 components"):
+        read_image(tmp_path / "v.nrrd")
+    with pytest.raises(InputError, match="components"):
+        check_ct(sitk.Image([4, 4, 4], sitk.sitkVectorFloat32, 2))
+
+
+def test_broken_geometry(tmp_path):
+    hdr = ("ObjectType = Image\nNDims = 3\nDimSize = 4 4 4\nElementSpacing = 0 1 1\n"
+           "ElementType = MET_FLOAT\nElementDataFile = LOCAL\n")
+    (tmp_path / "zero.mha").write_bytes(hdr.encode() + np.full(64, -1000, np.float32).tobytes())
+    with pytest.raises(InputError, match="spacing"):
+        read_image(tmp_path / "zero.mha")
+    img = sitk.GetImageFromArray(np.full((4, 4, 4), -1000, np.float32))
+    img.SetSpacing((float("nan"), 1.0, 1.0))
+    with pytest.raises(InputError, match="spacing"):
+        check_ct(img, require_chest=False)
+    img = sitk.GetImageFromArray(np.full((4, 4, 4), -1000, np.float32))
+    img.SetDirection((1, 0, 0, 0.5, 1, 0, 0, 0, 1))
+    with pytest.raises(InputError, match="orthonormal"):
+        check_ct(img, require_chest=False)
+
+
+def test_8bit_picture_passed_as_hu(shared_data):
+    img = read_image(shared_data / "seg2d_medseg" / "images" / "0.jpg")  # intensity="hu" by mistake
+    with pytest.raises(InputError, match="not Hounsfield units.*8-bit"):
+        check_ct(img, require_chest=False)
+    with pytest.raises(InputError, match="not an 8-bit image"):
+        read_image(shared_data / "lung3d_imlab" / "id001_image_hu.nii.gz", intensity="8bit")
+
+
+def test_2d_refused_where_3d_is_needed(shared_data):
+    img = read_image(shared_data / "seg2d_medseg" / "images" / "0.jpg", intensity="8bit")
+    with pytest.raises(InputError, match="1 slice.*at least 3"):
+        check_ct(img, require_chest=False, min_slices=3)
+
+
+def test_non_ct_modality_refused(shared_data, tmp_path):
+    import pydicom
+
+    ds = pydicom.dcmread(shared_data / "dicom_misc" / "pydicom_ct_small" / "CT_small.dcm")
+    ds.Modality = "MR"
+    ds.save_as(tmp_path / "mr.dcm")
+    with pytest.raises(InputError, match="modality 'MR'"):
+        read_image(tmp_path / "mr.dcm")
+
+
+@pytest.mark.parametrize("rel", ["dicom_misc/abdomen_series_not_chest",
+                                 "dicom_misc/abdomen_nifti_not_chest/example_ct.nii.gz"])
+def test_abdomen_refused_as_not_a_chest(shared_data, rel):
+    img = read_image(shared_data / rel)
+    assert lung_air_fraction(img) < MIN_LUNG_AIR_FRACTION / 2
+    with pytest.raises(InputError, match="not a chest"):
+        check_ct(img)
+    check_ct(img, require_chest=False)  # otherwise a fine CT
+
+
+def test_phantoms_pass_as_chest(small_phantom, small_negative_phantom):
+    for img, _, _ in (small_phantom, small_negative_phantom):
+        assert lung_air_fraction(img) > 2 * MIN_LUNG_AIR_FRACTION
+        check_ct(img, min_slices=3)
+
+
+def test_read_label_refuses_wrong_size_and_values(small_phantom, tmp_path):
+    img, lab, _ = small_phantom
+    arr = sitk.GetArrayFromImage(lab)
+    small = sitk.GetImageFromArray(arr[:-1])
+    with pytest.raises(InputError, match="size"):
+        read_label(write_image(small, tmp_path / "short.nii.gz"), img)
+    bad = arr.copy()
+    bad[0, 0, 0] = 255
+    bad_img = sitk.GetImageFromArray(bad)
+    bad_img.CopyInformation(lab)
+    with pytest.raises(InputError, match=r"unknown values \[255\]"):
+        read_label(write_image(bad_img, tmp_path / "bad.nii.gz"), img)
+    moved = sitk.Image(lab)
+    moved.SetOrigin((100.0, 0.0, 0.0))
+    with pytest.raises(InputError, match="not lie on the image grid"):
+        read_label(write_image(moved, tmp_path / "moved.nii.gz"), img)

@@ -1,0 +1,125 @@
+"""Layout of the Slicer extension as the Extension Wizard makes it, and the Qt-free package's imports."""
+
+from __future__ import annotations
+
+import ast
+import re
+import struct
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+EXT = ROOT / "slicer_extension"
+MODULE = EXT / "HybridCT"
+PACKAGE = EXT / "hybrid_ct_slicer"
+
+
+def test_extension_cmake_metadata():
+    text = (EXT / "CMakeLists.txt").read_text()
+    for key in ("EXTENSION_HOMEPAGE", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION", "EXTENSION_ICONURL",
+                "EXTENSION_SCREENSHOTURLS"):
+        assert re.search(rf'set\({key} "[^"]+"\)', text), key
+    assert 'set(EXTENSION_CATEGORY "Segmentation")' in text
+    assert 'set(EXTENSION_DEPENDS "NA")' in text
+    assert "find_package(Slicer REQUIRED)" in text and "include(${Slicer_USE_FILE})" in text
+    assert "add_subdirectory(HybridCT)" in text
+    assert "include(${Slicer_EXTENSION_CPACK})" in text
+    assert (EXT / "HybridCT.png").is_file()
+
+
+def test_module_cmake_lists_every_file():
+    text = (MODULE / "CMakeLists.txt").read_text()
+    assert "slicerMacroBuildScriptedModule(" in text
+    assert "${MODULE_NAME}.py" in text and "set(MODULE_NAME HybridCT)" in text
+    listed = set(re.search(r"set\(HYBRID_CT_SLICER_PACKAGE_FILES(.*?)\)", text, re.S).group(1).split())
+    on_disk = {p.name for p in PACKAGE.glob("*.py")}
+    assert listed == on_disk, f"CMakeLists and hybrid_ct_slicer/ differ: {listed ^ on_disk}"
+    for res in ("Resources/Icons/${MODULE_NAME}.png", "Resources/UI/${MODULE_NAME}.ui"):
+        assert res in text
+        assert (MODULE / res.replace("${MODULE_NAME}", "HybridCT")).is_file()
+    assert "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in text
+    assert (MODULE / "Testing" / "CMakeLists.txt").is_file()
+
+
+def test_icon_is_a_128px_png():
+    for path in (MODULE / "Resources" / "Icons" / "HybridCT.png", EXT / "HybridCT.png"):
+        data = path.read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n"
+        width, height = struct.unpack(">II", data[16:24])
+        assert (width, height) == (128, 128)
+
+
+def _ui_widgets():
+    tree = ET.parse(MODULE / "Resources" / "UI" / "HybridCT.ui")
+    root = tree.getroot()
+    assert root.tag == "ui" and root.get("version") == "4.0"
+    assert root.findtext("class") == "HybridCT"
+    assert root.find("widget").get("class") == "qMRMLWidget"
+    custom = {cw.findtext("class") for cw in root.iter("customwidget")}
+    widgets = {w.get("name"): w.get("class") for w in root.iter("widget")}
+    for cls in set(widgets.values()):
+        assert cls.startswith("Q") or cls in custom, f"{cls} is neither a Qt class nor declared custom"
+    return widgets
+
+
+def test_ui_has_the_controls_the_module_uses():
+    widgets = _ui_widgets()
+    required = {
+        "serverUrlLineEdit": "QLineEdit", "connectButton": "QPushButton", "modelComboBox": "QComboBox",
+        "runButton": "QPushButton", "progressBar": "QProgressBar", "classificationValueLabel": "QLabel",
+        "burdenValueLabel": "QLabel", "gradeValueLabel": "QLabel", "energyValueLabel": "QLabel",
+        "modelVersionValueLabel": "QLabel", "submitButton": "QPushButton", "strategyComboBox": "QComboBox",
+        "nextSampleButton": "QPushButton", "trainButton": "QPushButton", "stopButton": "QPushButton",
+        "trainStatusLabel": "QLabel", "metricLabel": "QLabel", "versionComboBox": "QComboBox",
+        "rollbackButton": "QPushButton", "inputVolumeSelector": "qMRMLNodeComboBox",
+        "segmentationSelector": "qMRMLNodeComboBox",
+    }
+    for name, cls in required.items():
+        assert widgets.get(name) == cls, name
+    used = set(re.findall(r"self\.ui\.(\w+)", (MODULE / "HybridCT.py").read_text()))
+    dynamic = {f"{k}ValueLabel" for k in ("classification", "burden", "grade", "energy", "modelVersion", "latency")}
+    assert dynamic <= set(widgets)
+    missing = used - set(widgets)
+    assert not missing, f"HybridCT.py uses widgets missing from the .ui: {missing}"
+
+
+def test_module_file_structure():
+    tree = ast.parse((MODULE / "HybridCT.py").read_text())
+    bases = {node.name: [ast.unparse(b) for b in node.bases] for node in tree.body if isinstance(node, ast.ClassDef)}
+    assert bases["HybridCT"] == ["ScriptedLoadableModule"]
+    assert bases["HybridCTWidget"][0] == "ScriptedLoadableModuleWidget"
+    assert bases["HybridCTLogic"] == ["ScriptedLoadableModuleLogic"]
+    assert bases["HybridCTTest"] == ["ScriptedLoadableModuleTest"]
+    source = (MODULE / "HybridCT.py").read_text()
+    assert 'slicer.util.loadUI(self.resourcePath("UI/HybridCT.ui"))' in source
+    assert "qt.QSettings()" in source and "SETTINGS_KEY_SERVER_URL" in source
+
+
+def test_no_folder_named_slicer_on_the_test_paths():
+    """`import slicer` (slicer-core) imports every module of any folder named slicer/ on sys.path."""
+    for base in (ROOT, ROOT / "tests", EXT, MODULE):
+        assert not (base / "slicer").exists(), base / "slicer"
+
+
+def test_qt_free_package_imports_with_stdlib_and_numpy_only():
+    """As in Slicer's Python with nothing installed: no requests, monailabel, SimpleITK, qt, vtk, slicer."""
+    code = r"""
+import importlib, sys
+BLOCKED = {"requests", "monailabel", "SimpleITK", "nibabel", "torch", "qt", "ctk", "vtk", "slicer", "PIL",
+           "matplotlib", "hybrid_ct", "pydicom", "requests_toolbelt"}
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ImportError(f"blocked: {name}")
+        return None
+sys.meta_path.insert(0, Block())
+for m in ("hybrid_ct_slicer", "hybrid_ct_slicer.client", "hybrid_ct_slicer.segments", "hybrid_ct_slicer.results",
+          "hybrid_ct_slicer.settings", "hybrid_ct_slicer.imageio", "hybrid_ct_slicer.multipart",
+          "hybrid_ct_slicer.workflow", "hybrid_ct_slicer.testdata"):
+    importlib.import_module(m)
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(EXT), timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
