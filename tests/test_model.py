@@ -100,7 +100,8 @@ def test_cnn_twin_is_same_topology_with_relu_and_one_step(x):
 
 @pytest.mark.parametrize("kw", [dict(neuron="plif"), dict(surrogate="sigmoid", tau=3.0, v_threshold=0.5),
                                 dict(heads=("lung",)), dict(heads=("cls", "infection"), fc_layers=1),
-                                dict(deep_supervision=True, skip=False, up_kernel=5), dict(grad_checkpoint=True)])
+                                dict(deep_supervision=True, skip=False, up_kernel=5), dict(grad_checkpoint=True),
+                                dict(grad_checkpoint=True, spiking=False)])
 def test_configurations_train(x, kw):
     m = HybridMultiTaskNet(tiny(**kw)).train()
     out = m(x)
@@ -164,3 +165,15 @@ def test_eval_network_uses_the_fused_path_with_identical_output(x):
         ref = m(x)
     for k in fused:
         assert torch.equal(fused[k], ref[k].detach()), k
+
+
+def test_grad_checkpoint_updates_batchnorm_statistics_once(x):
+    torch.manual_seed(4)
+    a = HybridMultiTaskNet(tiny()).train()
+    b = HybridMultiTaskNet(tiny(grad_checkpoint=True)).train()
+    b.load_state_dict(a.state_dict())
+    for m in (a, b):
+        m(x)["lung"].mean().backward()
+    for (n, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        if "running" in n:
+            torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=n)

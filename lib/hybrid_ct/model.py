@@ -15,7 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from spikingjelly.activation_based import functional, neuron, surrogate
-from torch.utils.checkpoint import checkpoint
+from spikingjelly.activation_based.memopt import BooleanSpikeCompressor
+from spikingjelly.activation_based.memopt import checkpoint as sj_checkpoint
 
 HEADS = ("cls", "lung", "infection")
 SURROGATES = {"atan": surrogate.ATan, "sigmoid": surrogate.Sigmoid, "erf": surrogate.Erf}
@@ -40,7 +41,7 @@ class NetConfig:
     deep_supervision: bool = False  # auxiliary 1x1 outputs at every decoder scale (seeds 001/003)
     heads: tuple = HEADS
     reuse_static: bool = True  # compute static-input layers once, not T times (same output)
-    grad_checkpoint: bool = False  # recompute levels in backward: less memory, ~30 % more time
+    grad_checkpoint: bool = False  # recompute each layer in backward from its input kept as bool spikes
     in_size: int = 256
 
     def __post_init__(self):
@@ -135,6 +136,8 @@ class HybridLayer(nn.Module):
         super().__init__()
         self.time_steps = cfg.time_steps
         self.reuse_static = cfg.reuse_static
+        self.grad_checkpoint = cfg.grad_checkpoint
+        self.spiking = cfg.spiking
         if kind == "conv":
             self.syn = nn.Conv2d(cin, cout, 3, padding=1, bias=not norm)
             bn = nn.BatchNorm2d
@@ -154,6 +157,11 @@ class HybridLayer(nn.Module):
         return self.norm(self.syn(x))
 
     def forward(self, x: torch.Tensor, static: bool = False) -> torch.Tensor:
+        if self.grad_checkpoint and self.training and torch.is_grad_enabled():
+            return _checkpointed(self, self._forward, x, static=static)
+        return self._forward(x, static)
+
+    def _forward(self, x: torch.Tensor, static: bool = False) -> torch.Tensor:
         t = self.time_steps
         if static and self.reuse_static:
             y = self.synapse(x)
@@ -167,6 +175,39 @@ class HybridLayer(nn.Module):
         return _fire(self.act, y)
 
 
+class _RecomputeGuard:
+    """Keeps BatchNorm running statistics from being updated a second time when a checkpointed layer
+    is recomputed during the backward pass (momentum 0 leaves them unchanged)."""
+
+    def __init__(self, module: nn.Module):
+        self.bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+    def __enter__(self):
+        self.saved = [bn.momentum for bn in self.bns]
+        for bn in self.bns:
+            bn.momentum = 0.0
+
+    def __exit__(self, *exc):
+        for bn, m in zip(self.bns, self.saved):
+            bn.momentum = m
+
+
+def _checkpointed(layer: nn.Module, fn, x: torch.Tensor, static: bool = False) -> torch.Tensor:
+    """Per-layer gradient checkpointing (spikingjelly memopt): only the layer input is kept, as bool
+    when it is a spike tensor; conv, BN and LIF are recomputed in the backward pass."""
+    state = {"first": True}
+
+    def run(inp):
+        if state["first"]:
+            state["first"] = False
+            return fn(inp, static)
+        with _RecomputeGuard(layer):
+            return fn(inp, static)
+
+    compressor = BooleanSpikeCompressor() if layer.spiking and not static else None
+    return sj_checkpoint(run, x, compressor=compressor)
+
+
 class MembraneReadout(nn.Module):
     """conv -> BN -> non-spiking LIF; returns the membrane potential averaged over T (z = mean_t u(t))."""
 
@@ -176,8 +217,15 @@ class MembraneReadout(nn.Module):
         self.syn = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
         self.norm = nn.BatchNorm2d(cout)
         self.integrate = neuron.NonSpikingLIFNode(tau=cfg.tau, decode="mean-mem") if cfg.spiking else None
+        self.grad_checkpoint = cfg.grad_checkpoint
+        self.spiking = cfg.spiking
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpoint and self.training and torch.is_grad_enabled():
+            return _checkpointed(self, lambda inp, _static: self._forward(inp), x)
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         t = self.time_steps
         y = _split(self.norm(self.syn(_merge(x))), t)
         if self.integrate is None:
@@ -210,10 +258,7 @@ class Encoder(nn.Module):
         skips = []
         h = x
         for lv in range(self.cfg.levels):
-            if self.cfg.grad_checkpoint and self.training and torch.is_grad_enabled():
-                h = checkpoint(self._level, lv, h, use_reentrant=False)
-            else:
-                h = self._level(lv, h)
+            h = self._level(lv, h)
             if lv < self.cfg.levels - 1:
                 skips.append(h)
         return h, skips
@@ -252,11 +297,7 @@ class SegDecoder(nn.Module):
         aux = []
         h = feat
         for i in range(len(self.ups)):
-            skip = skips[-1 - i]
-            if self.cfg.grad_checkpoint and self.training and torch.is_grad_enabled():
-                h = checkpoint(self._level, i, h, skip, i == 0, use_reentrant=False)
-            else:
-                h = self._level(i, h, skip, static=i == 0)
+            h = self._level(i, h, skips[-1 - i], static=i == 0)
             if i < len(self.aux):
                 aux.append(self._head(self.aux[i], h))
         if not self.ups:  # a single-level network: F is already full resolution
