@@ -26,6 +26,8 @@ CONFIGS = {  # name -> NetConfig overrides (5 levels, base 16 channels, 256x256:
     "t8": dict(time_steps=8),
     "t4-naive": dict(time_steps=4, reuse_static=False),
     "t4-ckpt": dict(time_steps=4, grad_checkpoint=True),
+    "cnn-fold": dict(spiking=False),  # "-fold": BatchNorm folded into the convs (inference only)
+    "t4-fold": dict(time_steps=4),
 }
 
 
@@ -33,12 +35,14 @@ def _child(kind: str, name: str, args) -> dict:
     import numpy as np
     import torch
 
-    from hybrid_ct.model import HybridMultiTaskNet, NetConfig
+    from hybrid_ct.model import HybridMultiTaskNet, NetConfig, fold_batchnorm
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     cfg = NetConfig(**CONFIGS[name])
     model = HybridMultiTaskNet(cfg)
+    if name.endswith("-fold"):
+        model = fold_batchnorm(model.eval())
     if args.compile:
         model = torch.compile(model)
     x = torch.rand(args.batch, 1, 256, 256)
