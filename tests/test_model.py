@@ -167,6 +167,26 @@ def test_eval_network_uses_the_fused_path_with_identical_output(x):
         assert torch.equal(fused[k], ref[k].detach()), k
 
 
+def test_energy_meter_counts_spikes_on_the_fused_path(x):
+    from hybrid_ct.energy import measure_energy
+
+    m = HybridMultiTaskNet(tiny()).train()
+    for mod in m.modules():  # running statistics = this batch's, so the eval network fires
+        if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
+            mod.momentum = 1.0
+    m(x)
+    m.eval()
+    fused = measure_energy(m, x)  # no_grad inside: fused LIF
+    with torch.enable_grad():
+        from hybrid_ct.energy import EnergyMeter
+
+        with EnergyMeter(m) as meter:
+            m(x)
+    ref = meter.report()
+    assert fused.mean_firing_rate > 0
+    assert fused.firing_rates == pytest.approx(ref.firing_rates)
+
+
 def test_grad_checkpoint_updates_batchnorm_statistics_once(x):
     torch.manual_seed(4)
     a = HybridMultiTaskNet(tiny()).train()
