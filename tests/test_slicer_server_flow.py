@@ -2,11 +2,8 @@
 
 The same Qt-free calls the module's buttons make (hybrid_ct_slicer.workflow), over HTTP on
 127.0.0.1: connect, run the model (upload + infer), read the results, submit a correction by
-segment name, next sample, train / status / stop, model versions and roll back.
-
-The ``server`` fixture comes from the app's test helpers (it starts ``monailabel`` with phantom
-studies on a free port); until those exist these tests skip with "needs the app server fixture".
-The fixture may yield the base URL or an object with a ``url`` attribute / key.
+segment name, next sample, train / status / stop, model versions and roll back. The ``server``
+fixture (tests/server_fixture.py) starts ``monailabel`` with the app and phantom studies on a free port.
 """
 
 from __future__ import annotations
@@ -22,6 +19,8 @@ from hybrid_ct_slicer.results import NA
 from hybrid_ct_slicer.segments import split_labelmap
 from hybrid_ct_slicer.workflow import Workflow
 
+from server_fixture import server  # noqa: E402,F401  (the real app server, shared by the app tests)
+
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
 
@@ -35,11 +34,7 @@ def _base_url(server) -> str:
 
 
 @pytest.fixture()
-def live_url(request) -> str:
-    try:
-        server = request.getfixturevalue("server")
-    except pytest.FixtureLookupError:
-        pytest.skip("needs the app server fixture")
+def live_url(server) -> str:
     return _base_url(server)
 
 

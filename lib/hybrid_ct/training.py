@@ -238,7 +238,7 @@ def fit(model: HybridMultiTaskNet, train: SliceSet, val: SliceSet | None, cfg: T
         if len(idx) < 2:
             raise ValueError("fewer than 2 training slices this epoch: add labelled data")
         loader = DataLoader(SliceDataset(train.subset(idx), augment=cfg.augment), batch_size=cfg.batch_size,
-                            shuffle=False, drop_last=len(idx) >= 2 * cfg.batch_size, num_workers=cfg.num_workers)
+                            shuffle=False, drop_last=len(idx) > cfg.batch_size, num_workers=cfg.num_workers)
         losses = train_epoch(model, loader, loss_fn, opt, device, cfg.max_iters_per_epoch, progress, stop)
         sched.step()
         stats = {"epoch": epoch + 1, "loss": losses, "train_slices": int(len(idx)),

@@ -1,0 +1,132 @@
+"""Spike-based uncertainty for active learning: a scoring method that records, for every unlabelled
+image, how unsure the served spiking network is, and a strategy that serves the most uncertain one.
+
+Per image (up to ``max_slices`` evenly spaced axial slices, one forward pass each):
+
+- ``seg_entropy``: per-pixel predictive (binary) entropy of the two segmentation heads' sigmoid
+  outputs, in bits, averaged over the pixels where either head is not confidently background
+  (p > 0.05; the body of air around the patient would otherwise dilute it), then over slices;
+- ``firing_variance``: the variance of the classifier's output spikes across the T time steps. For a
+  binary spike train with firing rate r that variance is r (1 - r); scaled by 4 to [0, 1] and
+  averaged over the two output neurons and the slices. A neuron that fires at every step, or never,
+  is certain; one that fires every other step is maximally undecided.
+
+``score = (seg_entropy + firing_variance) / 2`` in [0, 1], stored in the image info as
+``uncertainty`` together with the model version it was computed with; images are re-scored when the
+served version changes.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+from monailabel.interfaces.datastore import Datastore
+from monailabel.interfaces.tasks.scoring import ScoringMethod
+from monailabel.interfaces.tasks.strategy import Strategy
+
+from hybrid_ct.errors import InputError, ModelNotReadyError
+from hybrid_ct.io import read_image
+from hybrid_ct.preprocess import to_model_slices
+
+from ..infers.hybrid_ct import ModelServer
+
+logger = logging.getLogger(__name__)
+KEY = "uncertainty"
+
+
+def _binary_entropy(p: np.ndarray) -> np.ndarray:
+    p = np.clip(p.astype(np.float64), 1e-6, 1 - 1e-6)
+    return -(p * np.log2(p) + (1 - p) * np.log2(1 - p))
+
+
+def spike_uncertainty(predictor, image, max_slices: int = 16) -> dict:
+    """Uncertainty of ``predictor`` on a SimpleITK ``image`` (see the module docstring)."""
+    x, _ = to_model_slices(image, predictor.model.cfg.in_size)
+    if len(x) > max_slices:
+        x = x[np.linspace(0, len(x) - 1, max_slices).round().astype(int)]
+    out = predictor.run_slices(x)
+    lung, inf = out.lung[:, 0], out.infection[:, 0]
+    ent = _binary_entropy(lung) + _binary_entropy(inf)  # 0..2 bits per pixel
+    roi = (lung > 0.05) | (inf > 0.05)
+    per_slice = [float(e[m].mean()) / 2 if m.any() else 0.0 for e, m in zip(ent, roi)]
+    rates = np.clip(np.asarray(out.rates, dtype=np.float64), 0, 1)
+    firing_var = float((4 * rates * (1 - rates)).mean()) if rates.size else 0.0
+    seg_entropy = float(np.mean(per_slice)) if per_slice else 0.0
+    return {"score": round((seg_entropy + firing_var) / 2, 6), "seg_entropy": round(seg_entropy, 6),
+            "firing_variance": round(firing_var, 6), "slices": int(len(x))}
+
+
+class SpikeUncertaintyScoring(ScoringMethod):
+    """Records each unlabelled image's spike-based uncertainty in the datastore (image info)."""
+
+    def __init__(self, server: ModelServer, max_slices: int = 16):
+        super().__init__("Spike-based uncertainty of unlabelled images (seg-head entropy + firing variance "
+                         "across time steps), stored as image info 'uncertainty'")
+        self.server = server
+        self.max_slices = int(max_slices)
+
+    def __call__(self, request, datastore: Datastore):
+        try:
+            served = self.server.get()
+        except ModelNotReadyError as e:
+            logger.info("uncertainty scoring skipped: %s", e)
+            return {"scored": 0, "skipped": "no trained model yet"}
+        if hasattr(datastore, "refresh_if_changed"):
+            datastore.refresh_if_changed()
+        force = bool(request.get("force", False))
+        limit = int(request.get("max_images", 0) or 0)
+        max_slices = int(request.get("max_slices", self.max_slices))
+        scored, failed = {}, {}
+        for image_id in sorted(datastore.get_unlabeled_images()):
+            if limit and len(scored) >= limit:
+                break
+            info = datastore.get_image_info(image_id).get(KEY) or {}
+            if not force and info.get("model_version") == served.version:
+                continue
+            try:
+                img = read_image(datastore.get_image_uri(image_id))
+                with served.lock:
+                    res = spike_uncertainty(served.predictor, img, max_slices)
+            except InputError as e:
+                failed[image_id] = str(e)
+                logger.warning("uncertainty of %s not computed: %s", image_id, e)
+                continue
+            res.update(model_version=served.version, ts=int(time.time()))
+            datastore.update_image_info(image_id, {KEY: res})
+            scored[image_id] = res["score"]
+            logger.info("uncertainty %s = %.4f (%s)", image_id, res["score"], served.version)
+        return {"scored": len(scored), "scores": scored, "failed": failed, "model_version": served.version}
+
+
+class SpikeUncertainty(Strategy):
+    """Next sample = the unlabelled image with the highest recorded spike-based uncertainty.
+
+    Images served by this strategy within the last ``reserve_s`` seconds are passed over (so two
+    annotators do not get the same scan) unless nothing else is left; images not scored yet come
+    after all scored ones, in id order.
+    """
+
+    def __init__(self, reserve_s: int = 600):
+        super().__init__("Highest spike-based uncertainty first (run the 'uncertainty' scoring to update)")
+        self.reserve_s = int(reserve_s)
+
+    def __call__(self, request, datastore: Datastore):
+        if hasattr(datastore, "refresh_if_changed"):
+            datastore.refresh_if_changed()
+        images = datastore.get_unlabeled_images()
+        if not images:
+            return None
+        strategy = request.get("strategy", "uncertainty")
+        now = time.time()
+        ranked = []
+        for image_id in images:
+            info = datastore.get_image_info(image_id)
+            score = (info.get(KEY) or {}).get("score")
+            served_ts = (info.get("strategy") or {}).get(strategy, {}).get("ts", 0)
+            recent = now - served_ts < self.reserve_s
+            ranked.append((recent, score is None, -(score or 0.0), image_id, score))
+        ranked.sort()
+        _, _, _, image_id, score = ranked[0]
+        logger.info("uncertainty strategy: %s (score %s)", image_id, score)
+        return {"id": image_id, KEY: score}

@@ -1,0 +1,77 @@
+"""Task config ``hybrid_ct``: the spiking multi-task network as MONAI Label infer / train / scoring tasks.
+
+Conf keys (``--conf key value``; all optional):
+
+| key | default | meaning |
+|---|---|---|
+| ``model_dir`` | ``<app>/model`` (env ``HYBRID_CT_MODEL_DIR``) | versions, current pointer, shipped checkpoint, train_stats |
+| ``shipped_model`` | ``pretrained.pt`` | file name of the shipped checkpoint in ``model_dir`` |
+| ``net`` | ``{}`` | JSON ``NetConfig`` overrides for a network trained from scratch (no served model yet) |
+| ``device`` | ``auto`` | inference device (``cuda`` when available) |
+| ``infer_batch_size`` | ``8`` | slices per forward pass at inference |
+| ``train`` | ``{}`` | JSON defaults for train requests (e.g. ``{"max_epochs": 20}``) |
+| ``scoring_max_slices`` | ``16`` | slices per image used for the uncertainty score |
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+from monailabel.interfaces.config import TaskConfig
+
+from ..activelearning import SpikeUncertainty, SpikeUncertaintyScoring
+from ..infers import HybridCTInfer, ModelServer
+from ..store import ModelStore
+from ..trainers import HybridCTTrain
+
+logger = logging.getLogger(__name__)
+
+LABELS = {"lung": 1, "infection": 2}
+
+
+def _json_conf(conf: dict, key: str) -> dict:
+    raw = conf.get(key)
+    if raw in (None, ""):
+        return {}
+    if isinstance(raw, dict):
+        return raw
+    try:
+        value = json.loads(raw)
+    except ValueError as e:
+        raise ValueError(f"--conf {key} must be a JSON object: {e}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"--conf {key} must be a JSON object, got {raw!r}")
+    return value
+
+
+class HybridCT(TaskConfig):
+    def init(self, name: str, model_dir: str, conf: dict, planner=None, **kwargs):
+        super().init(name, model_dir, conf, planner, **kwargs)
+        self.labels = dict(LABELS)
+        self.label_colors = {"lung": (197, 165, 145), "infection": (241, 196, 15)}
+        self.store = ModelStore(model_dir, shipped_name=conf.get("shipped_model", "pretrained.pt"))
+        self.path = str(self.store.shipped)
+        self.server = ModelServer(self.store, device=conf.get("device"),
+                                  batch_size=int(conf.get("infer_batch_size", 8)))
+        self.net_config = _json_conf(conf, "net")
+        self.train_defaults = _json_conf(conf, "train")
+        os.makedirs(model_dir, exist_ok=True)
+
+    def infer(self):
+        return {self.name: HybridCTInfer(
+            self.server, self.labels,
+            description="Hybrid spiking multi-task network: lung + infection label map, positive/negative "
+                        "classification, infection burden and grade, energy estimate (whole CT volume)")}
+
+    def trainer(self):
+        return HybridCTTrain(self.store, net_config=self.net_config, labels=self.labels,
+                             description="Retrain the hybrid spiking multi-task network on the final labels",
+                             config=self.train_defaults)
+
+    def strategy(self):
+        return {"uncertainty": SpikeUncertainty()}
+
+    def scoring_method(self):
+        return {"uncertainty": SpikeUncertaintyScoring(self.server,
+                                                       max_slices=int(self.conf.get("scoring_max_slices", 16)))}

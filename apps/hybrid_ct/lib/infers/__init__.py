@@ -1,0 +1,3 @@
+from .hybrid_ct import HybridCTInfer, ModelServer
+
+__all__ = ["HybridCTInfer", "ModelServer"]

@@ -1,0 +1,167 @@
+"""Whole-volume inference: one label map (lung 1, infection 2) in the image's own geometry + the report.
+
+The core ``hybrid_ct.inference.Predictor`` owns every step (CT check, slicing, network, geometry back,
+burden, grade, energy), so this task has no MONAI transform chain of its own: it is a plain
+``InferTask`` (declared ``segmentation``, so Slicer lists it) that reads the volume, asks the served
+predictor, and writes the label as .nii.gz or, when the client asks (``result_extension``), .nrrd.
+
+Model hot swap: :class:`ModelServer` checks the store's current version on every request (a stat of
+one small file). A new version is loaded into a fresh Predictor and the reference is swapped under a
+lock; requests already running keep the predictor they started with, so none fails.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
+from monailabel.utils.others.generic import device_list
+
+from hybrid_ct.errors import InputError
+from hybrid_ct.inference import Predictor
+from hybrid_ct.io import read_image
+
+from ..store import ModelStore
+
+logger = logging.getLogger(__name__)
+
+RESULT_EXTENSIONS = (".nii.gz", ".nrrd", ".nii", ".mha")
+
+
+def default_device(name: str | None = None) -> str:
+    if name and name != "auto":
+        dev = str(name)
+        return "cpu" if dev.startswith("cuda") and not torch.cuda.is_available() else dev
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass
+class Served:
+    version: str
+    key: tuple
+    predictor: Predictor
+    lock: threading.Lock = field(default_factory=threading.Lock)  # one predict at a time per predictor
+
+
+class ModelServer:
+    """The currently served model, reloaded when the store's current version changes."""
+
+    def __init__(self, store: ModelStore, device: str | None = None, batch_size: int = 8):
+        self.store = store
+        self.device = default_device(device)
+        self.batch_size = int(batch_size)
+        self._served: Served | None = None
+        self._swap_lock = threading.Lock()  # guards the reference
+        self._load_lock = threading.Lock()  # one loader at a time
+
+    def get(self) -> Served:
+        version, path, key = self.store.resolve()  # ModelNotReadyError when there is no model
+        served = self._served
+        if served is not None and served.key == key:
+            return served
+        with self._load_lock:
+            served = self._served
+            if served is not None and served.key == key:
+                return served
+            t0 = time.perf_counter()
+            predictor = Predictor.from_checkpoint(path, device=self.device, batch_size=self.batch_size)
+            predictor.meta.setdefault("trained_version", predictor.meta.get("version"))
+            predictor.meta["version"] = version  # the report names the version the store knows
+            fresh = Served(version, key, predictor)
+            with self._swap_lock:
+                old, self._served = self._served, fresh
+            logger.info("serving model %s (%s, loaded in %.2f s)%s", version, self.device,
+                        time.perf_counter() - t0, f"; replaced {old.version}" if old else "")
+            return fresh
+
+    def peek(self) -> Served | None:
+        return self._served
+
+
+def jsonable(obj):
+    def default(o):
+        if isinstance(o, np.generic):
+            return o.item()
+        if isinstance(o, np.ndarray):
+            return o.tolist()
+        return str(o)
+
+    return json.loads(json.dumps(obj, default=default))
+
+
+def result_extension(request: dict) -> str:
+    ext = request.get("result_extension") or ".nii.gz"
+    if isinstance(ext, (list, tuple)):
+        ext = ext[0] if ext else ".nii.gz"
+    ext = str(ext).lower()
+    if not ext.startswith("."):
+        ext = "." + ext
+    if ext not in RESULT_EXTENSIONS:
+        raise InputError(f"result_extension {ext!r} is not supported: use one of {', '.join(RESULT_EXTENSIONS)}")
+    return ext
+
+
+class HybridCTInfer(InferTask):
+    def __init__(self, server: ModelServer, labels: dict, description: str, config: dict | None = None):
+        super().__init__(type=InferType.SEGMENTATION, labels=dict(labels), dimension=3, description=description,
+                         config={"device": device_list(), **(config or {})})
+        self.server = server
+
+    def is_valid(self) -> bool:
+        # Always listed so that Slicer shows the model; until a trained model exists every request
+        # is answered with "no trained model yet" (HTTP 503), never with untrained weights.
+        return True
+
+    def info(self):
+        out = super().info()
+        out["model"] = self.server.store.summary()
+        return out
+
+    def get_path(self, validate=True):
+        try:
+            return str(self.server.store.resolve()[1])
+        except Exception:  # noqa: BLE001 - no model: MONAI Label expects None
+            return None
+
+    def __call__(self, request, callbacks=None):
+        begin = time.perf_counter()
+        req = dict(self._config)
+        req.update(request)
+        image = req.get("image")
+        if not isinstance(image, str) or not image:
+            raise InputError("no image given: send an image id of the datastore or upload a file")
+        ext = result_extension(req)
+        served = self.server.get()  # ModelNotReadyError -> HTTP 503
+
+        t0 = time.perf_counter()
+        img = read_image(image)  # InputError for anything that is not a readable volume
+        t_read = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        with served.lock:
+            label, report = served.predictor.predict(img)
+        t_predict = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        label = sitk.Cast(label, sitk.sitkUInt8)
+        fd, out_path = tempfile.mkstemp(prefix="hybrid_ct_label_", suffix=ext)
+        os.close(fd)
+        sitk.WriteImage(label, out_path, useCompression=ext in (".nrrd", ".mha"))
+        t_write = time.perf_counter() - t0
+
+        params = jsonable(report)
+        params["label_names"] = dict(self.labels)
+        params["latencies"] = {"read": round(t_read, 3), "infer": round(t_predict, 3), "write": round(t_write, 3),
+                               "total": round(time.perf_counter() - begin, 3)}
+        logger.info("inferred %s with %s in %.2f s: %s, %s, burden %.1f %%", os.path.basename(image),
+                    served.version, time.perf_counter() - begin, params["classification"]["label"], params["grade"],
+                    params["burden"]["total_pct"])
+        return out_path, params

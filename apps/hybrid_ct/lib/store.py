@@ -1,0 +1,238 @@
+"""Model versions on disk: publish atomically, list, roll back in one call.
+
+Layout of the model folder (``apps/hybrid_ct/model`` unless ``--conf model_dir`` says otherwise)::
+
+    pretrained.pt          the shipped checkpoint (optional, read-only); version name "shipped"
+    versions/v0001.pt     every published version is kept
+    versions/v0001.json   its metadata (created, metric, training summary)
+    current               one line: the version being served; replaced with os.replace (atomic)
+    train_stats.json      progress and metrics of the last training run (MONAI Label train_stats)
+
+Readers never see a half-written file: checkpoints and metadata are written to a temporary file in the
+same folder and renamed; a new version number is claimed with ``os.link`` (fails if it exists), so
+two publishers can never overwrite each other. Without a ``current`` pointer the newest version is
+served, else the shipped checkpoint; with neither, :class:`ModelNotReadyError` ("no trained model yet").
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from filelock import FileLock
+
+from hybrid_ct.checkpoint import load_checkpoint, save_checkpoint
+from hybrid_ct.errors import InputError, ModelNotReadyError
+
+logger = logging.getLogger(__name__)
+
+SHIPPED = "shipped"
+VERSION_RE = re.compile(r"^v(\d{4,9})$")
+
+
+class UnknownVersionError(InputError):
+    """A version name that is malformed or not in the store (HTTP 404)."""
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def read_json(path: Path, default=None):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return default
+
+
+class ModelStore:
+    def __init__(self, model_dir, shipped_name: str = "pretrained.pt"):
+        self.dir = Path(model_dir)
+        self.versions_dir = self.dir / "versions"
+        self.pointer = self.dir / "current"
+        self.shipped = self.dir / shipped_name
+        self.stats_path = self.dir / "train_stats.json"
+        self._shipped_meta_cache: tuple = (None, {})
+
+    # ------------------------------------------------------------------ naming
+    def _lock(self) -> FileLock:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        return FileLock(str(self.dir / ".store.lock"), timeout=120)
+
+    def path(self, version: str) -> Path:
+        if version == SHIPPED:
+            return self.shipped
+        if not isinstance(version, str) or not VERSION_RE.match(version):
+            raise UnknownVersionError(f"unknown model version {version!r}: versions look like 'v0001' or 'shipped'")
+        return self.versions_dir / f"{version}.pt"
+
+    def _numbers(self) -> list:
+        if not self.versions_dir.is_dir():
+            return []
+        out = []
+        for p in self.versions_dir.iterdir():
+            m = VERSION_RE.match(p.stem) if p.suffix == ".pt" else None
+            if m:
+                out.append(int(m.group(1)))
+        return sorted(out)
+
+    # ------------------------------------------------------------------ reading
+    def _shipped_meta(self) -> dict:
+        """Metadata of the shipped checkpoint: its sidecar JSON, else the checkpoint's own meta (cached)."""
+        side = read_json(self.shipped.with_suffix(".json"))
+        if isinstance(side, dict):
+            return side
+        try:
+            st = self.shipped.stat()
+        except OSError:
+            return {}
+        key = (st.st_mtime_ns, st.st_size)
+        if self._shipped_meta_cache[0] != key:
+            try:
+                _, meta = load_checkpoint(self.shipped)
+            except ModelNotReadyError:
+                meta = {}
+            self._shipped_meta_cache = (key, meta)
+        return self._shipped_meta_cache[1]
+
+    def entry(self, version: str) -> dict:
+        path = self.path(version)
+        if not path.is_file():
+            raise UnknownVersionError(f"unknown model version {version!r}: not in {self.dir}")
+        if version == SHIPPED:
+            meta = self._shipped_meta()
+            metric = meta.get("metric", meta.get("best_metric"))
+            return {"version": SHIPPED, "created": meta.get("created") or _iso(path.stat().st_mtime),
+                    "metric": metric if isinstance(metric, (int, float)) else None,
+                    "trained_version": meta.get("version")}
+        meta = read_json(path.with_suffix(".json"), {}) or {}
+        return {"version": version, "created": meta.get("created") or _iso(path.stat().st_mtime),
+                "metric": meta.get("metric"), "parent": meta.get("parent"), "epochs": meta.get("epochs"),
+                "train_images": meta.get("train_images"), "val_images": meta.get("val_images")}
+
+    def versions(self) -> list:
+        """Every servable version, oldest first (the shipped checkpoint first)."""
+        out = []
+        if self.shipped.is_file():
+            out.append(self.entry(SHIPPED))
+        for n in self._numbers():
+            try:
+                out.append(self.entry(f"v{n:04d}"))
+            except UnknownVersionError:  # deleted meanwhile
+                continue
+        return out
+
+    def current(self) -> str | None:
+        """The version served now, or None when there is no model at all."""
+        try:
+            name = self.pointer.read_text().strip()
+        except OSError:
+            name = ""
+        if name:
+            try:
+                if self.path(name).is_file():
+                    return name
+            except UnknownVersionError:
+                pass
+            logger.warning("model pointer %s names %r, which is missing: falling back", self.pointer, name)
+        nums = self._numbers()
+        if nums:
+            return f"v{nums[-1]:04d}"
+        return SHIPPED if self.shipped.is_file() else None
+
+    def resolve(self) -> tuple:
+        """-> (version, path, key) of the served model; ``key`` changes whenever the served file does."""
+        version = self.current()
+        if version is None:
+            raise ModelNotReadyError(
+                "no trained model yet: put a trained checkpoint at "
+                f"{self.shipped} or train one (POST /train/hybrid_ct) on labelled studies")
+        path = self.path(version)
+        try:
+            st = path.stat()
+        except OSError as e:
+            raise ModelNotReadyError(f"no trained model yet: model version {version} vanished ({e})") from e
+        return version, path, (version, str(path), st.st_mtime_ns, st.st_size)
+
+    def summary(self) -> dict:
+        try:
+            current = self.current()
+        except OSError:
+            current = None
+        return {"current": current, "ready": current is not None, "model_dir": str(self.dir)}
+
+    # ------------------------------------------------------------------ writing
+    def set_current(self, version: str) -> None:
+        write_atomic(self.pointer, version + "\n")
+
+    def publish(self, model, meta: dict | None = None, make_current: bool = True) -> str:
+        """Save ``model`` as the next version (atomic), make it current; returns the version name."""
+        meta = dict(meta or {})
+        self.versions_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.versions_dir, prefix=".publish.", suffix=".tmp")
+        os.close(fd)
+        try:
+            with self._lock():
+                previous = self.current()
+                n = (self._numbers() or [0])[-1] + 1
+                while True:
+                    version = f"v{n:04d}"
+                    meta.update(version=version, created=_iso(time.time()), parent=previous)
+                    save_checkpoint(tmp, model, meta)
+                    try:
+                        os.link(tmp, self.path(version))  # claims the name; fails when it exists
+                        break
+                    except FileExistsError:
+                        n += 1
+                side = {k: v for k, v in meta.items() if k not in ("history",)}
+                write_atomic(self.path(version).with_suffix(".json"), json.dumps(side, indent=2, default=str))
+                if make_current:
+                    self.set_current(version)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        logger.info("published model %s (metric %s)%s", version, meta.get("metric"),
+                    " and made it current" if make_current else "")
+        return version
+
+    def rollback(self, version: str) -> dict:
+        """Serve ``version`` again (any kept version, or 'shipped'); checks that it loads first."""
+        path = self.path(version)
+        if not path.is_file():
+            raise UnknownVersionError(f"unknown model version {version!r}: known versions are "
+                                      f"{[v['version'] for v in self.versions()]}")
+        load_checkpoint(path)  # raises ModelNotReadyError for a corrupt file: never point at it
+        with self._lock():
+            previous = self.current()
+            self.set_current(version)
+        logger.info("model rolled back: %s -> %s", previous, version)
+        return {"current": version, "previous": previous}
+
+    # ------------------------------------------------------------------ training stats
+    def write_stats(self, stats: dict) -> None:
+        write_atomic(self.stats_path, json.dumps(stats, indent=2, default=str))
+
+    def read_stats(self) -> dict:
+        return read_json(self.stats_path, {}) or {}

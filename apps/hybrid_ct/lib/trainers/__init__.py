@@ -1,0 +1,3 @@
+from .hybrid_ct import HybridCTTrain
+
+__all__ = ["HybridCTTrain"]

@@ -1,0 +1,399 @@
+"""Multi-task trainer over the datastore's final labels.
+
+Built on MONAI Label's ``BasicTrainTask`` for what it provides around a run -- the request/config
+merge, device choice, the multi-GPU path (``torch.multiprocessing.spawn`` of one DDP worker per GPU)
+and ``train_stats`` -- while the loop itself is the core's (``hybrid_ct.training``: slice sets,
+``epoch_indices``, ``train_epoch``, ``evaluate``), because the network is a multi-head spiking model
+trained on 2D slices with per-head target masks, which the ignite ``SupervisedTrainer`` pipeline of
+``BasicTrainTask.train`` does not express. ``network`` / ``optimizer`` / ``loss_function`` /
+``train_pre_transforms`` are implemented and used by that loop.
+
+Data rules (docs/app.md):
+- labels are remapped BY NAME from the label_info stored with them (``validation.canonicalise_label``);
+- the slice class is "infection present" unless the image info carries a ``diagnosis``;
+- the validation split is fixed per image: sha256(image id) < ``val_split`` (a retrain never moves
+  an image between training and validation);
+- negative slices are subsampled afresh each epoch (``negative_fraction``, seed 002: 20 %).
+The best epoch (validation score in [0, 1]) is published as a new model version at the end of the
+run, or when the run is stopped through ``DELETE /train/`` (graceful stop file).
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+import math
+import os
+import random
+import re
+import time
+from datetime import timedelta
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from monai.inferers import SimpleInferer
+from monailabel.interfaces.datastore import Datastore
+from monailabel.tasks.train.basic_train import BasicTrainTask, Context
+from monailabel.utils.others.generic import device_list
+from torch.utils.data import DataLoader
+
+from hybrid_ct.checkpoint import load_checkpoint
+from hybrid_ct.errors import InputError, ModelNotReadyError
+from hybrid_ct.io import read_image
+from hybrid_ct.losses import MultiTaskLoss
+from hybrid_ct.model import HybridMultiTaskNet, NetConfig
+from hybrid_ct.preprocess import label_to_model_slices, to_model_slices
+from hybrid_ct.training import (SliceDataset, SliceSet, augmentations, epoch_indices, evaluate, slices_from_arrays,
+                                train_epoch)
+
+from ..store import ModelStore
+from ..validation import BadRequest, canonicalise_label, normalise_diagnosis
+
+logger = logging.getLogger(__name__)
+
+PARAMS = {  # name: (type, minimum, maximum) of the numeric train params a client may send
+    "max_epochs": (int, 1, 100000),
+    "train_batch_size": (int, 1, 1024),
+    "val_batch_size": (int, 1, 1024),
+    "learning_rate": (float, 1e-8, 10.0),
+    "weight_decay": (float, 0.0, 1.0),
+    "negative_fraction": (float, 0.0, 1.0),
+    "val_split": (float, 0.0, 0.9),
+    "max_iters_per_epoch": (int, 0, 10**9),
+    "seed": (int, 0, 2**31 - 1),
+    "num_workers": (int, 0, 64),
+}
+BOOLS = ("pretrained", "augment", "multi_gpu")
+
+
+def _bool(v, name):
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, (int, float)) and v in (0, 1):
+        return bool(v)
+    if isinstance(v, str) and v.strip().lower() in ("true", "1", "yes", "false", "0", "no"):
+        return v.strip().lower() in ("true", "1", "yes")
+    raise BadRequest(f"train parameter {name} must be true or false, got {v!r}")
+
+
+def validate_params(params: dict) -> dict:
+    """Type-check the train params a client sent (BadRequest -> HTTP 400); returns them coerced."""
+    out = dict(params or {})
+    for name, (typ, lo, hi) in PARAMS.items():
+        if name not in out or out[name] is None:
+            continue
+        v = out[name]
+        if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+            raise BadRequest(f"train parameter {name} must be a number, got {v!r}")
+        try:
+            num = float(v)
+        except ValueError:
+            raise BadRequest(f"train parameter {name} must be a number, got {v!r}") from None
+        if math.isnan(num) or num < lo or num > hi or (typ is int and num != int(num)):
+            raise BadRequest(f"train parameter {name} must be {'an integer' if typ is int else 'a number'} "
+                             f"in [{lo}, {hi}], got {v!r}")
+        out[name] = typ(num)
+    for name in BOOLS:
+        if name in out and out[name] is not None:
+            out[name] = _bool(out[name], name)
+    gpus = out.get("gpus")
+    if gpus is not None and not (isinstance(gpus, str) and re.match(r"^(all|\d+(,\d+)*)$", gpus.strip())):
+        raise BadRequest(f"train parameter gpus must be 'all' or GPU indices like '0,1', got {gpus!r}")
+    return out
+
+
+def is_validation_image(image_id: str, val_split: float) -> bool:
+    """Fixed per image: the same id always lands on the same side for a given ``val_split``."""
+    h = int(hashlib.sha256(image_id.encode("utf-8")).hexdigest()[:8], 16) / 0xFFFFFFFF
+    return h < val_split
+
+
+def slices_for_case(case: dict, size: int) -> SliceSet:
+    """One datastore case -> model-space slices with targets (label remapped by its label_info names)."""
+    img = read_image(case["image"])
+    label_img, _, _ = canonicalise_label(case["label"], case["image"], case.get("label_info", {}).get("label_info"))
+    x, ctx = to_model_slices(img, size)
+    lab = label_to_model_slices(label_img, ctx)
+    diagnosis = normalise_diagnosis(case.get("image_info", {}).get("diagnosis"))
+    has_infection = bool((lab == 2).any())
+    if diagnosis == "positive" and not has_infection:
+        # a positive scan whose label shows no infection: the infection was not drawn -> no infection
+        # or class target for its slices; the lung mask still trains
+        return slices_from_arrays(x, lab, case["id"], diagnosis=1, infection_known=False)
+    s = slices_from_arrays(x, lab, case["id"])
+    if diagnosis == "negative":
+        s.cls[:] = 0  # the clinical diagnosis wins over the drawing
+    return s
+
+
+class StopFlag:
+    """Graceful stop: a file the server touches on ``DELETE /train/``; synchronised across DDP ranks."""
+
+    def __init__(self, path, started: float, multi: bool, device):
+        self.path, self.started, self.multi, self.device = path, started, multi, device
+        self.stopped = False
+
+    def local(self) -> bool:
+        try:
+            return os.path.getmtime(self.path) >= self.started - 1.0
+        except OSError:
+            return False
+
+    def __call__(self) -> bool:
+        if self.stopped:
+            return True
+        flag = self.local()
+        if self.multi:
+            t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            flag = bool(t.item() > 0)
+        self.stopped = flag
+        return flag
+
+
+class HybridCTTrain(BasicTrainTask):
+    def __init__(self, store: ModelStore, net_config: dict | None = None, description: str = "",
+                 labels=None, config: dict | None = None):
+        super().__init__(model_dir=str(store.dir), description=description, amp=False,
+                         stats_path=str(store.stats_path), labels=labels, tracking=None)
+        self.store = store
+        self.net_config = dict(net_config or {})
+        self.stop_file = str(store.dir / "train.stop")
+        self._config = {  # what Slicer shows as training options (and the defaults of a request)
+            "max_epochs": 10,
+            "train_batch_size": 8,
+            "val_batch_size": 8,
+            "learning_rate": 1e-3,
+            "weight_decay": 1e-4,
+            "negative_fraction": 0.2,
+            "val_split": 0.2,
+            "max_iters_per_epoch": 0,
+            "pretrained": True,
+            "augment": True,
+            "seed": 0,
+            "num_workers": 0,
+            "device": device_list(),
+            "multi_gpu": True,
+            "gpus": "all",
+        }
+        self._config.update(config or {})
+
+    # ------------------------------------------------------------------ BasicTrainTask hooks
+    def network(self, context: Context):
+        """Fine-tune the served model (``pretrained``), else a fresh network from the app's net config."""
+        req = context.request
+        if req.get("pretrained", True):
+            try:
+                version, path, _ = self.store.resolve()
+                model, meta = load_checkpoint(path, "cpu")
+                context.parent_version = version
+                return model.train()
+            except ModelNotReadyError:
+                pass
+        context.parent_version = None
+        return HybridMultiTaskNet(NetConfig.from_dict(self.net_config))
+
+    def optimizer(self, context: Context):
+        params = list(context.network.parameters()) + list(context.loss.parameters())
+        return torch.optim.AdamW(params, lr=context.request["learning_rate"],
+                                 weight_decay=context.request["weight_decay"])
+
+    def loss_function(self, context: Context):
+        return MultiTaskLoss({"cls": 1.0, "lung": 1.0, "infection": 2.0}, seg="focal", infection_seg="dice_focal")
+
+    def train_pre_transforms(self, context: Context):
+        return augmentations()
+
+    def train_post_transforms(self, context: Context):
+        return []
+
+    def val_inferer(self, context: Context):
+        return SimpleInferer()
+
+    def pre_process(self, request, datastore: Datastore):
+        if hasattr(datastore, "final_labels"):
+            return datastore.final_labels()
+        return [{"id": os.path.basename(d["image"]).split(".")[0], "label_info": {}, "image_info": {}, **d}
+                for d in datastore.datalist()]
+
+    def cleanup(self, request):
+        pass
+
+    def stats(self):
+        stats = self.store.read_stats()
+        if isinstance(stats.get("history"), list) and len(stats["history"]) > 10:  # /info is polled often
+            stats = dict(stats, history=stats["history"][-10:], history_truncated=True)
+        return stats
+
+    def config(self):
+        return self._config
+
+    # ------------------------------------------------------------------ run
+    def __call__(self, request, datastore: Datastore):
+        request = validate_params(request)
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(random.randint(20000, 29999)))
+        return super().__call__(request, datastore)
+
+    def train(self, rank, world_size, request, datalist):
+        start = time.time()
+        req = validate_params(request)
+        multi = bool(req.get("multi_gpu")) and world_size > 1
+        context = Context()
+        context.request, context.local_rank, context.world_size, context.multi_gpu = req, rank, world_size, multi
+        context.run_id = req.get("run_id", time.strftime("%Y%m%d_%H%M%S"))
+        if multi:
+            dist.init_process_group(backend=req.get("distributed_backend", "nccl"),
+                                    init_method=req.get("distributed_url", "env://"),
+                                    world_size=world_size, rank=rank)
+            if torch.cuda.is_available():
+                gpus = req.get("gpus", "all")
+                ids = list(range(world_size)) if gpus in (None, "", "all") else [int(g) for g in str(gpus).split(",")]
+                device = torch.device(f"cuda:{ids[rank]}")
+                torch.cuda.set_device(device)
+            else:  # CPU processes with the gloo backend (tests); MONAI Label itself spawns only for GPUs
+                device = torch.device("cpu")
+        else:
+            name = str(req.get("device") or "cpu")
+            device = torch.device(name if name.startswith("cuda") and torch.cuda.is_available() else "cpu")
+        context.device = device
+        lead = rank == 0
+        stats = {"status": "RUNNING", "run_id": context.run_id, "start_ts": int(start), "epoch": 0,
+                 "total_epochs": req["max_epochs"], "device": str(device), "world_size": max(world_size, 1) if multi else 1,
+                 "best_metric": None, "best_metric_epoch": None, "history": []}
+        if lead:
+            self.store.write_stats(stats)
+        try:
+            result = {k: v for k, v in self._run(context, req, datalist, stats, start).items() if k != "history"}
+        except Exception as e:
+            if lead:
+                stats.update(status="ERROR", error=f"{type(e).__name__}: {e}",
+                             total_time=str(timedelta(seconds=int(time.time() - start))))
+                self.store.write_stats(stats)
+            raise
+        finally:
+            if multi and dist.is_initialized():
+                dist.destroy_process_group()
+        return result
+
+    def _run(self, context: Context, req: dict, datalist: list, stats: dict, start: float) -> dict:
+        rank, lead, device, multi = context.local_rank, context.local_rank == 0, context.device, context.multi_gpu
+        world = context.world_size if multi else 1
+        torch.manual_seed(req["seed"] + rank)
+        rng = np.random.default_rng(req["seed"])  # the same epoch sampling on every rank
+
+        context.network = self.network(context)
+        size = context.network.cfg.in_size
+        train_set, val_set, skipped = SliceSet.empty(size), SliceSet.empty(size), []
+        n_train = n_val = 0
+        for case in datalist:
+            try:
+                s = slices_for_case(case, size)
+            except InputError as e:
+                skipped.append({"id": case["id"], "reason": str(e)})
+                logger.warning("training skips %s: %s", case["id"], e)
+                continue
+            if is_validation_image(case["id"], req["val_split"]):
+                val_set, n_val = val_set.extend(s), n_val + 1
+            else:
+                train_set, n_train = train_set.extend(s), n_train + 1
+        if n_train == 0:
+            raise InputError(f"nothing to train on: {len(datalist)} labelled image(s), none usable for training"
+                             + (f" ({len(skipped)} skipped)" if skipped else "") + "; submit final labels first")
+        val_on_train = len(val_set) == 0
+        stats.update(train={"images": n_train, "slices": len(train_set)},
+                     val={"images": n_val, "slices": len(val_set), "on_training_set": val_on_train},
+                     skipped=skipped, parent_version=getattr(context, "parent_version", None))
+        logger.info("training %s: %d train image(s) / %d slices, %d validation image(s) / %d slices, device %s",
+                    context.run_id, n_train, len(train_set), n_val, len(val_set), device)
+
+        context.network = context.network.to(device)
+        context.loss = self.loss_function(context).to(device)
+        context.optimizer = self.optimizer(context)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(context.optimizer, T_max=max(req["max_epochs"], 1))
+        net = context.network
+        if multi:
+            ids = [device.index] if device.type == "cuda" else None
+            net = torch.nn.parallel.DistributedDataParallel(net, device_ids=ids, output_device=ids[0] if ids else None,
+                                                            find_unused_parameters=True)
+        stop = StopFlag(self.stop_file, start, multi, device)
+        eval_set = train_set if val_on_train else val_set
+        best_score, best_state, best_epoch = -1.0, None, None
+        max_iters = req["max_iters_per_epoch"] or None
+        for epoch in range(1, req["max_epochs"] + 1):
+            if stop():
+                break
+            t0 = time.perf_counter()
+            idx = epoch_indices(train_set, req["negative_fraction"], rng)
+            if multi:
+                per = len(idx) // world
+                idx = idx[rank::world][:per]
+            if len(idx) < 1:
+                raise InputError("no training slice this epoch: add labelled data")
+            bs = req["train_batch_size"]
+            if len(idx) == 1:
+                idx = np.concatenate([idx, idx])  # batch norm needs 2 samples in training mode
+            elif bs > 1 and len(idx) % bs == 1:
+                idx = idx[:-1]  # no final batch of one (idx is shuffled: a random slice sits out this epoch)
+            loader = DataLoader(SliceDataset(train_set.subset(idx), augment=req["augment"]),
+                                batch_size=bs, shuffle=False, num_workers=req["num_workers"])
+            losses = train_epoch(net, loader, context.loss, context.optimizer, device, max_iters, progress=False,
+                                 stop=stop)
+            sched.step()
+            if lead:
+                ev = evaluate(context.network, eval_set, req["val_batch_size"], device)
+                score = float(ev["score"])
+                if score > best_score:
+                    best_score, best_epoch = score, epoch
+                    best_state = {k: v.detach().cpu().clone() for k, v in context.network.state_dict().items()}
+                entry = {"epoch": epoch, "loss": round(float(losses.get("total", float("nan"))), 5),
+                         "score": round(score, 5), "seconds": round(time.perf_counter() - t0, 2),
+                         "train_slices": int(len(idx)) * world, **_flat_metrics(ev)}
+                stats["history"].append(entry)
+                stats.update(epoch=epoch, best_metric=best_score, best_metric_epoch=best_epoch, loss=entry["loss"],
+                             metrics=_flat_metrics(ev), current_time=str(timedelta(seconds=int(time.time() - start))))
+                self.store.write_stats(stats)
+                print(f"[hybrid_ct] epoch {epoch}/{req['max_epochs']} loss {entry['loss']:.4f} "
+                      f"score {score:.4f} best {best_score:.4f} (epoch {best_epoch})", flush=True)
+            if multi:
+                dist.barrier()
+        if not lead:
+            return {}
+        stopped = stop.stopped
+        stats["total_time"] = str(timedelta(seconds=int(time.time() - start)))
+        stats.pop("current_time", None)
+        if best_state is None:
+            stats.update(status="STOPPED" if stopped else "DONE", published_version=None,
+                         note="stopped before the first epoch finished: nothing published")
+            self.store.write_stats(stats)
+            return stats
+        model = copy.deepcopy(context.network).cpu()
+        model.load_state_dict(best_state)
+        meta = {"metric": best_score, "best_metric_epoch": best_epoch, "epochs": stats["epoch"],
+                "train_images": n_train, "val_images": n_val, "val_on_training_set": val_on_train,
+                "run_id": context.run_id, "metrics": stats.get("metrics"), "params": _public(req)}
+        version = self.store.publish(model.eval(), meta)
+        stats.update(status="STOPPED" if stopped else "DONE", published_version=version)
+        self.store.write_stats(stats)
+        print(f"[hybrid_ct] published model {version} (best metric {best_score:.4f}, epoch {best_epoch})", flush=True)
+        return stats
+
+
+def _flat_metrics(ev: dict) -> dict:
+    out = {}
+    for name, m in (ev.get("seg") or {}).items():
+        if isinstance(m, dict) and m.get("n_cases"):
+            for k in ("dice", "iou"):
+                if k in m and m[k] == m[k]:
+                    out[f"{name}_{k}"] = round(float(m[k]), 5)
+    for k in ("accuracy", "auc", "sensitivity", "specificity"):
+        v = (ev.get("cls") or {}).get(k)
+        if isinstance(v, (int, float)) and v == v:
+            out[f"cls_{k}"] = round(float(v), 5)
+    return out
+
+
+def _public(req: dict) -> dict:
+    keys = list(PARAMS) + list(BOOLS)
+    return {k: req[k] for k in keys if k in req}

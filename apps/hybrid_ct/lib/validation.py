@@ -1,0 +1,310 @@
+"""Checks on everything a client sends: identifiers, uploaded images, label maps and their label_info.
+
+Nothing here touches the datastore: the HTTP layer (``lib/endpoints.py``) runs these checks on
+temporary copies first and only then hands a clean file to the datastore, so a refused request
+leaves the studies folder byte-for-byte unchanged.
+
+Errors: :class:`BadRequest` (HTTP 400: malformed ids, tags, params) and every other
+``hybrid_ct.errors.InputError`` (HTTP 422: the content is not a usable chest CT / label map).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import zipfile
+
+import numpy as np
+import SimpleITK as sitk
+
+from hybrid_ct import LABELS
+from hybrid_ct.errors import InputError
+from hybrid_ct.io import check_ct, read_image
+
+
+class BadRequest(InputError):
+    """Malformed request parameter (HTTP 400)."""
+
+
+class NotFound(InputError):
+    """The image / label / version named does not exist (HTTP 404)."""
+
+
+class Conflict(InputError):
+    """The request conflicts with the server state (HTTP 409)."""
+
+
+ID_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9 _.+\-]{0,199}$")
+TAG_RE = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
+STORED_EXT = (".nii.gz", ".nii", ".nrrd")  # what the datastore keeps as images and labels
+UPLOAD_EXT = STORED_EXT + (".mha", ".dcm", ".zip")  # accepted uploads (the last three are converted)
+LABEL_EXT = STORED_EXT + (".mha",)
+MAX_ZIP_BYTES = 4 << 30
+
+
+def check_id(value, what: str = "image id") -> str:
+    """An id is data, never a path: letters, digits, ' ', '.', '_', '+', '-'; no '/', '\\', '..', leading dot."""
+    if not isinstance(value, str) or not value:
+        raise BadRequest(f"{what} is missing")
+    if "/" in value or "\\" in value or "\x00" in value or ".." in value or os.path.isabs(value):
+        raise BadRequest(f"{what} {value!r} is refused: ids are names, not paths ('/', '\\', '..' are not allowed)")
+    if not ID_RE.match(value) or value.strip() != value:
+        raise BadRequest(f"{what} {value!r} is refused: use up to 200 letters, digits, spaces, '.', '_', '+', '-' "
+                         "(starting with a letter, digit or '_', no trailing blank)")
+    return value
+
+
+def check_tag(value) -> str:
+    if not isinstance(value, str) or not TAG_RE.match(value):
+        raise BadRequest(f"label tag {value!r} is refused: use letters, digits, '_' or '-' (e.g. 'final')")
+    return value
+
+
+def parse_json_param(text, what: str = "params") -> dict:
+    if text is None or text == "":
+        return {}
+    if isinstance(text, dict):
+        return text
+    try:
+        value = json.loads(text)
+    except (TypeError, ValueError) as e:
+        raise BadRequest(f"{what} is not valid JSON: {e}") from None
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise BadRequest(f"{what} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def file_extension(name: str | None) -> str:
+    low = (name or "").lower()
+    for ext in (".nii.gz", ".seg.nrrd") + UPLOAD_EXT:
+        if low.endswith(ext):
+            return ext
+    return os.path.splitext(low)[1]
+
+
+def normalise_diagnosis(value):
+    """'positive' / 'negative' from the usual spellings; None when absent; BadRequest when unreadable."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool):
+        return "positive" if value else "negative"
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return "positive" if value == 1 else "negative"
+    text = str(value).strip().lower()
+    if text in ("positive", "pos", "1", "true", "yes", "covid", "infected"):
+        return "positive"
+    if text in ("negative", "neg", "0", "false", "no", "normal", "healthy"):
+        return "negative"
+    raise BadRequest(f"diagnosis {value!r} is not understood: use 'positive' or 'negative'")
+
+
+# ---------------------------------------------------------------------------------------- images
+def _extract_dicom_zip(path: str, out_dir: str) -> str:
+    """Unpack a zip of DICOM files safely (no path from the archive is used; size-limited)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            members = [m for m in z.infolist() if not m.is_dir()]
+            total = sum(m.file_size for m in members)
+            if not members:
+                raise InputError("the zip archive is empty: expected the DICOM files of one CT series")
+            if total > MAX_ZIP_BYTES:
+                raise InputError(f"the zip archive unpacks to {total / 2**30:.1f} GiB, more than the 4 GiB allowed")
+            for i, m in enumerate(members):
+                with z.open(m) as src, open(os.path.join(out_dir, f"{i:06d}.dcm"), "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+    except zipfile.BadZipFile as e:
+        raise InputError(f"not a readable zip archive: {e}") from None
+    return out_dir
+
+
+def load_upload(path: str, ext: str) -> sitk.Image:
+    """Read an uploaded file (NIfTI, NRRD, MHA, a DICOM file or a zip of one DICOM series) and check
+    that it is a chest CT in Hounsfield units; InputError (HTTP 422) names the problem."""
+    if ext not in UPLOAD_EXT:
+        raise InputError(f"unsupported file type {ext or '(none)'!r}: upload a chest CT as "
+                         f"{', '.join(UPLOAD_EXT)} (.zip: the DICOM files of one series)")
+    try:
+        if ext == ".zip":
+            with tempfile.TemporaryDirectory(prefix="hybrid_ct_dicom_") as d:
+                img = read_image(_extract_dicom_zip(path, d))
+        else:
+            img = read_image(path)
+        return check_ct(img, require_chest=True)
+    except InputError as e:  # name the upload, not the server's temporary file
+        raise InputError(str(e).replace(path, "the uploaded file").replace("image: ", "the uploaded file: ", 1)) \
+            from None
+
+
+# ---------------------------------------------------------------------------------------- labels
+_LUNG = {"lung", "lungs", "parenchyma", "lung parenchyma", "normal lung", "healthy lung", "left lung",
+         "right lung", "lung left", "lung right", "lungs left", "lungs right", "pulmonary parenchyma"}
+_INFECTION = {"infection", "infections", "infected", "infected lung", "lesion", "lesions", "ggo",
+              "ground glass", "ground glass opacity", "ground glass opacities", "consolidation", "opacity",
+              "opacities", "covid", "covid 19", "covid-19", "pneumonia", "infection region"}
+_BACKGROUND = {"background", "bg", "none", "unlabeled", "unlabelled"}
+
+
+def canonical_name(name) -> str | None:
+    """'Lungs', 'lung_left', 'GGO', 'Lesion' ... -> 'lung' / 'infection' / 'background'; None if unknown."""
+    if not isinstance(name, str):
+        return None
+    key = re.sub(r"[_\s]+", " ", name.strip().lower())
+    if key in _LUNG:
+        return "lung"
+    if key in _INFECTION or key.replace(" ", "-") in _INFECTION:
+        return "infection"
+    if key in _BACKGROUND:
+        return "background"
+    return None
+
+
+def parse_label_info(label_info) -> dict:
+    """label_info ``[{"name": .., "idx": ..}, ...]`` or ``{"name": idx}`` -> {value: original name}."""
+    if label_info is None:
+        return {}
+    if isinstance(label_info, str):
+        try:
+            label_info = json.loads(label_info)
+        except ValueError:
+            raise BadRequest("label_info is not valid JSON") from None
+    pairs = []
+    if isinstance(label_info, dict):
+        pairs = list(label_info.items())
+    elif isinstance(label_info, list):
+        for item in label_info:
+            if not isinstance(item, dict) or "name" not in item:
+                raise BadRequest(f"label_info entry {item!r} needs a 'name' and an 'idx'")
+            idx = next((item[k] for k in ("idx", "value", "label", "id") if k in item), None)
+            pairs.append((item["name"], idx))
+    else:
+        raise BadRequest("label_info must be a list of {\"name\", \"idx\"} or an object name -> value")
+    out = {}
+    for name, idx in pairs:
+        if isinstance(idx, bool) or not isinstance(idx, (int, float, str)):
+            raise BadRequest(f"label_info: value of {name!r} must be an integer, got {idx!r}")
+        try:
+            value = int(idx)
+        except ValueError:
+            raise BadRequest(f"label_info: value of {name!r} must be an integer, got {idx!r}") from None
+        if value != float(idx) or value < 0:
+            raise BadRequest(f"label_info: value of {name!r} must be a non-negative integer, got {idx!r}")
+        if value in out and out[value] != name:
+            raise BadRequest(f"label_info gives value {value} to both {out[value]!r} and {name!r}")
+        out[value] = name
+    return out
+
+
+def _read_label_array(path: str, ref: sitk.ImageFileReader):
+    try:
+        lab = sitk.ReadImage(path)
+    except RuntimeError as e:
+        raise InputError(f"the label file cannot be read as an image: {str(e).strip().splitlines()[-1]}") from None
+    if lab.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(f"the label has {lab.GetNumberOfComponentsPerPixel()} components per voxel: "
+                         "send one label map (0 background, then one value per segment)")
+    if lab.GetDimension() == 4 and lab.GetSize()[3] == 1:
+        lab = sitk.Extract(lab, list(lab.GetSize()[:3]) + [0], [0, 0, 0, 0])
+    size = tuple(int(s) for s in ref.GetSize())
+    if lab.GetDimension() != 3 or tuple(lab.GetSize()) != size:
+        raise InputError(f"label shape {tuple(lab.GetSize())} does not match the image shape {size}: "
+                         "the label must be drawn on the image's own voxel grid")
+    sp_ok = np.allclose(lab.GetSpacing(), ref.GetSpacing(), rtol=1e-3, atol=1e-4)
+    or_ok = np.allclose(lab.GetOrigin(), ref.GetOrigin(), atol=1e-2 * min(ref.GetSpacing()) + 1e-3)
+    dir_ok = np.allclose(lab.GetDirection(), ref.GetDirection(), atol=1e-3)
+    if not (sp_ok and or_ok and dir_ok):
+        raise InputError(f"the label does not lie on the image grid: spacing {lab.GetSpacing()} vs "
+                         f"{ref.GetSpacing()}, origin {lab.GetOrigin()} vs {ref.GetOrigin()}")
+    arr = sitk.GetArrayFromImage(lab)
+    if arr.dtype.kind == "f":
+        if not np.isfinite(arr).all() or (arr != np.round(arr)).any():
+            raise InputError("the label holds non-integer values: send an integer label map")
+    elif arr.dtype.kind not in "iub":
+        raise InputError(f"unsupported label pixel type {lab.GetPixelIDTypeAsString()}")
+    return arr
+
+
+def image_header(path: str):
+    """Geometry of an image without reading its pixels (a DICOM folder is read whole)."""
+    if os.path.isdir(path):
+        img = read_image(path)
+        return img
+    r = sitk.ImageFileReader()
+    r.SetFileName(path)
+    try:
+        r.ReadImageInformation()
+    except RuntimeError as e:
+        raise InputError(f"the stored image {os.path.basename(path)} cannot be read: {e}") from None
+    if r.GetDimension() == 4 and r.GetSize()[3] == 1:
+        return _Header(r.GetSize()[:3], r.GetSpacing()[:3], r.GetOrigin()[:3],
+                       tuple(np.array(r.GetDirection()).reshape(4, 4)[:3, :3].ravel()))
+    return r
+
+
+class _Header:
+    def __init__(self, size, spacing, origin, direction):
+        self._v = (tuple(size), tuple(spacing), tuple(origin), tuple(direction))
+
+    def GetSize(self):  # noqa: N802 - SimpleITK naming
+        return self._v[0]
+
+    def GetSpacing(self):  # noqa: N802
+        return self._v[1]
+
+    def GetOrigin(self):  # noqa: N802
+        return self._v[2]
+
+    def GetDirection(self):  # noqa: N802
+        return self._v[3]
+
+
+def canonicalise_label(label_path: str, image_path: str, label_info=None):
+    """Read a submitted label map, check it against the image and remap it BY NAME to the project's
+    convention (0 background, 1 lung, 2 infection).
+
+    Returns ``(uint8 SimpleITK image in the image's geometry, canonical label_info, warnings)``.
+    Without ``label_info`` the values must already be 0/1/2. Values in the map that label_info does
+    not name, or names that are neither lung nor infection, are refused (InputError, HTTP 422); an
+    unknown name whose value does not occur in the map is only reported as a warning.
+    """
+    ref = image_header(image_path)
+    arr = _read_label_array(label_path, ref)
+    present = set(np.unique(arr).astype(np.int64).tolist())
+    names = parse_label_info(label_info)
+    warnings = []
+    if not names:
+        bad = sorted(present - set(LABELS.values()))
+        if bad:
+            raise InputError(f"the label holds unknown values {bad[:10]}: allowed are 0 background, 1 lung, "
+                             "2 infection (or send label_info naming each value)")
+        mapping = {v: v for v in present}
+    else:
+        mapping = {0: 0}
+        unknown = []
+        for value, name in names.items():
+            canon = canonical_name(name)
+            if canon is None:
+                if value in present and value != 0:
+                    unknown.append(f"{name!r} (value {value})")
+                else:
+                    warnings.append(f"segment {name!r} is not used by this model and is empty: ignored")
+                continue
+            mapping[value] = LABELS[canon]
+        if unknown:
+            raise InputError(f"the label names segments this model does not know: {', '.join(unknown)}; "
+                             "known are lung and infection")
+        unnamed = sorted(present - set(mapping))
+        if unnamed:
+            raise InputError(f"the label holds values {unnamed[:10]} that label_info does not name "
+                             f"(label_info names {sorted(names)})")
+    uniq, inverse = np.unique(arr.astype(np.int64), return_inverse=True)
+    out_arr = np.array([mapping[int(u)] for u in uniq], dtype=np.uint8)[inverse].reshape(arr.shape)
+    out = sitk.GetImageFromArray(out_arr)
+    out.SetSpacing(tuple(ref.GetSpacing()))
+    out.SetOrigin(tuple(ref.GetOrigin()))
+    out.SetDirection(tuple(ref.GetDirection()))
+    canon_info = [{"name": "lung", "idx": LABELS["lung"]}, {"name": "infection", "idx": LABELS["infection"]}]
+    return out, canon_info, warnings

@@ -1,0 +1,193 @@
+"""End-to-end benchmark of the MONAI Label app over HTTP (not a test).
+
+1. ``/infer`` latency for a whole 512 x 512 x 150 chest phantom, exactly as Slicer asks for it
+   (``POST /infer/hybrid_ct?image=<id>&output=all`` with ``result_extension=.nrrd``): the first
+   request (model load included) and the median of the following ones, plus the server's own split
+   (read / network / write).
+2. Time from a label submitted (``PUT /datastore/label``) to the retrained model serving: the server
+   runs with ``auto_train_after 1``, so the submission starts MONAI Label's background training; we
+   poll ``GET /hybrid_ct/versions`` until a new version is current, then time the first inference
+   answered by it.
+
+The server is started like the tests do (``tests/server_fixture.py``: real ``monailabel start_server``
+on 127.0.0.1, everything in a temp folder). Model: ``--model`` (default: the shipped
+``apps/hybrid_ct/model/pretrained.pt``); without one, the production ``NetConfig()`` architecture is
+trained here for ``--init-iters`` iterations on phantoms -- latency depends on the architecture, not
+on how well it is trained, and the output says which weights were used.
+
+    python benchmarks/bench_app.py                      # full run (the lead's numbers)
+    python benchmarks/bench_app.py --quick              # smoke run: small volume, tiny training
+    python benchmarks/bench_app.py --json out.json      # also write the numbers as JSON
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+import server_fixture as sf  # noqa: E402
+
+SHIPPED = REPO / "apps" / "hybrid_ct" / "model" / "pretrained.pt"
+
+
+def build_model(path: Path, iters: int, net_overrides: dict) -> str:
+    """The production architecture trained for a few iterations on phantoms (architecture-only weights)."""
+    import torch
+
+    from hybrid_ct.checkpoint import save_checkpoint
+    from hybrid_ct.model import HybridMultiTaskNet, NetConfig
+    from hybrid_ct.phantom import make_phantom
+    from hybrid_ct.training import SliceSet, TrainConfig, fit, slices_from_volume
+
+    torch.manual_seed(0)
+    cfg = NetConfig(**net_overrides)
+    data = SliceSet.empty(cfg.in_size)
+    for i in range(2):
+        img, lab, _ = make_phantom(500 + i, shape=(16, 128, 128), positive=i == 0)
+        data = data.extend(slices_from_volume(img, lab, f"b{i}", size=cfg.in_size))
+    model = HybridMultiTaskNet(cfg)
+    fit(model, data, None, TrainConfig(epochs=1, batch_size=4, max_iters_per_epoch=iters, negative_fraction=1.0,
+                                       augment=False), progress=False)
+    save_checkpoint(path, model, {"version": f"bench-arch-{iters}-iters", "metric": None})
+    return f"production NetConfig({net_overrides or ''}) trained {iters} iterations here (latency only)"
+
+
+def studies_writer(shape, n_train: int, train_shape):
+    def write(studies: Path):
+        import SimpleITK as sitk
+
+        from hybrid_ct.phantom import make_phantom, write_phantom_set
+
+        write_phantom_set(studies, n=n_train, seed=11, shape=train_shape)
+        img, _, _ = make_phantom(99, shape=shape, positive=True)
+        sitk.WriteImage(sitk.Cast(sitk.Clamp(img, sitk.sitkFloat32, -1024, 3071), sitk.sitkInt16),
+                        str(studies / "bench_volume.nii.gz"))
+    return write
+
+
+def infer(live, image_id):
+    s = sf.http()
+    t0 = time.perf_counter()
+    r = s.post(f"{live.url}/infer/hybrid_ct", params={"image": image_id, "output": "all"},
+               files={"params": (None, json.dumps({"result_extension": ".nrrd", "result_dtype": "uint8"}))},
+               timeout=3600)
+    wall = time.perf_counter() - t0
+    r.raise_for_status()
+    params, data, _ = sf.parse_infer(r)
+    return wall, params, len(data or b"")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", type=int, nargs=3, default=(150, 512, 512), metavar=("D", "H", "W"))
+    ap.add_argument("--repeats", type=int, default=3, help="inference requests after the first (default 3)")
+    ap.add_argument("--model", type=Path, default=SHIPPED if SHIPPED.is_file() else None)
+    ap.add_argument("--init-iters", type=int, default=3, help="iterations for the architecture-only model")
+    ap.add_argument("--net", default="{}", help="JSON NetConfig overrides for the architecture-only model")
+    ap.add_argument("--train", default='{"max_epochs": 1, "max_iters_per_epoch": 5}',
+                    help="JSON train params of the retraining started by the label submission")
+    ap.add_argument("--train-shape", type=int, nargs=3, default=(48, 192, 192))
+    ap.add_argument("--train-images", type=int, default=4)
+    ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--quick", action="store_true", help="smoke run: 16x128x128 volume, tiny network")
+    args = ap.parse_args()
+
+    net = json.loads(args.net)
+    if args.quick:
+        args.shape, args.repeats, args.train_shape, args.train_images = (16, 128, 128), 1, (8, 64, 64), 3
+        net = net or dict(sf.TINY_NET)
+        args.train = json.dumps({"max_epochs": 1, "max_iters_per_epoch": 2})
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench_app_"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    if args.model is not None and not args.quick:
+        model_path, weights = args.model, f"checkpoint {args.model}"
+    else:
+        model_path = workdir / "bench_model.pt"
+        weights = build_model(model_path, args.init_iters, net)
+
+    conf = {"auto_train_after": "1", "auto_train_params": args.train, "auto_scoring": "false"}
+    t0 = time.perf_counter()
+    live = sf.start_server(workdir / "server", conf=conf, model=model_path, startup_timeout_s=600,
+                           studies_writer=studies_writer(tuple(args.shape), args.train_images, tuple(args.train_shape)))
+    startup = time.perf_counter() - t0
+    result = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+              "torch_threads": None, "weights": weights, "volume_shape_zyx": list(args.shape),
+              "server_start_s": round(startup, 1)}
+    try:
+        import torch
+        result["torch_threads"] = torch.get_num_threads()
+        # 1. /infer latency
+        first, params, nbytes = infer(live, "bench_volume")
+        warm = [infer(live, "bench_volume") for _ in range(args.repeats)]
+        result["infer"] = {
+            "first_request_s": round(first, 2),
+            "warm_median_s": round(statistics.median(w for w, _, _ in warm), 2) if warm else None,
+            "warm_all_s": [round(w, 2) for w, _, _ in warm],
+            "server_split_s": (warm[-1][1] if warm else params).get("latencies"),
+            "label_bytes": nbytes, "model_version": params.get("model_version"),
+            "energy_ratio": params.get("energy", {}).get("ratio"),
+        }
+        print(f"infer {args.shape}: first {first:.1f} s, warm median {result['infer']['warm_median_s']} s",
+              flush=True)
+
+        # 2. label submit -> retrained model serving
+        s = sf.http()
+        before = s.get(f"{live.url}/hybrid_ct/versions", timeout=60).json()["current"]
+        ip, lp, _, _ = sf.phantom_files(workdir / "submit", seed=4242, name="submitted")
+        lp_bytes, ip_bytes = lp.read_bytes(), ip.read_bytes()
+        s.put(f"{live.url}/datastore/", params={"image": "submitted case"},
+              files={"file": (ip.name, ip_bytes), "params": (None, "{}")}, timeout=600).raise_for_status()
+        t_submit = time.perf_counter()
+        r = s.put(f"{live.url}/datastore/label", params={"image": "submitted case", "tag": "final"},
+                  files={"label": (lp.name, lp_bytes), "params": (None, json.dumps(
+                      {"label_info": [{"name": "lung", "idx": 1}, {"name": "infection", "idx": 2}]}))}, timeout=600)
+        r.raise_for_status()
+        auto = r.json().get("auto_train", {})
+        if not auto.get("started"):
+            raise RuntimeError(f"the label submission did not start a training: {auto}")
+        current = sf.wait_until(
+            lambda: (lambda c: c if c != before else None)(
+                s.get(f"{live.url}/hybrid_ct/versions", timeout=60).json()["current"]),
+            "the retrained model to be published", timeout_s=6 * 3600, interval_s=1.0)
+        t_published = time.perf_counter()
+        _, p2, _ = infer(live, "phantom_000")
+        t_serving = time.perf_counter()
+        if p2.get("model_version") != current:
+            raise RuntimeError(f"inference answered with {p2.get('model_version')}, expected {current}")
+        stats = s.get(f"{live.url}/info/", timeout=60).json()["train_stats"]["hybrid_ct"]
+        result["retrain"] = {
+            "train_params": json.loads(args.train), "train_images": stats.get("train", {}),
+            "new_version": current, "best_metric": stats.get("best_metric"),
+            "submit_to_published_s": round(t_published - t_submit, 1),
+            "submit_to_serving_s": round(t_serving - t_submit, 1),
+            "training_total_time": stats.get("total_time"),
+        }
+        print(f"label submit -> new model {current} serving: {t_serving - t_submit:.1f} s", flush=True)
+    finally:
+        sf.stop_server(live)
+
+    print(json.dumps(result, indent=2))
+    inf, rt = result["infer"], result["retrain"]
+    print("\n| measure | value |\n|---|---|")
+    print(f"| machine | {result['machine']}, torch threads {result['torch_threads']} |")
+    print(f"| weights | {result['weights']} |")
+    print(f"| /infer, {'x'.join(map(str, args.shape[::-1]))} volume, first request (model load) | {inf['first_request_s']} s |")
+    print(f"| /infer, warm, median of {args.repeats} | {inf['warm_median_s']} s (server: {inf['server_split_s']}) |")
+    print(f"| label submit -> retrained model published | {rt['submit_to_published_s']} s ({rt['train_params']}) |")
+    print(f"| label submit -> first inference by the new model | {rt['submit_to_serving_s']} s |")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,189 @@
+"""The app's building blocks without a server: model versions (atomic publish, roll back), label
+remapping by name, id checks, the fixed validation split, train params, and the multi-process
+(DDP) training path on CPU with the gloo backend."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+APP_DIR = Path(__file__).resolve().parents[1] / "apps" / "hybrid_ct"
+if str(APP_DIR) not in sys.path:
+    sys.path.insert(0, str(APP_DIR))
+
+from lib.store import SHIPPED, ModelStore, UnknownVersionError  # noqa: E402
+from lib.trainers.hybrid_ct import is_validation_image, validate_params  # noqa: E402
+from lib.validation import (BadRequest, canonical_name, canonicalise_label, check_id, check_tag,  # noqa: E402
+                            parse_label_info)
+
+from hybrid_ct.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from hybrid_ct.errors import InputError, ModelNotReadyError  # noqa: E402
+from hybrid_ct.model import HybridMultiTaskNet, NetConfig  # noqa: E402
+
+TINY = dict(levels=2, base_channels=2, fc_hidden=4, time_steps=1, in_size=16)
+
+
+def _net(seed=0):
+    torch.manual_seed(seed)
+    return HybridMultiTaskNet(NetConfig(**TINY))
+
+
+def test_versions_publish_roll_back_and_no_model(tmp_path):
+    store = ModelStore(tmp_path / "model")
+    with pytest.raises(ModelNotReadyError, match="no trained model yet"):
+        store.resolve()
+    assert store.versions() == [] and store.current() is None
+
+    save_checkpoint(store.shipped, _net(0), {"version": "release-1", "metric": 0.5})
+    assert store.current() == SHIPPED and store.versions()[0]["metric"] == 0.5
+    v1 = store.publish(_net(1), {"metric": 0.6})
+    v2 = store.publish(_net(2), {"metric": 0.7})
+    assert (v1, v2) == ("v0001", "v0002") and store.current() == v2
+    assert [v["version"] for v in store.versions()] == [SHIPPED, v1, v2]
+    assert store.entry(v2)["parent"] == v1 and store.entry(v2)["metric"] == 0.7
+    _, meta = load_checkpoint(store.path(v2))
+    assert meta["version"] == v2 and meta["metric"] == 0.7
+
+    key_before = store.resolve()[2]
+    assert store.rollback(v1) == {"current": v1, "previous": v2}
+    assert store.current() == v1 and store.resolve()[2] != key_before
+    assert store.rollback(SHIPPED)["current"] == SHIPPED
+    with pytest.raises(UnknownVersionError):
+        store.rollback("v0042")
+    with pytest.raises(UnknownVersionError):
+        store.rollback("../../etc/passwd")
+    store.path(v2).write_bytes(b"corrupt")  # never point at a checkpoint that does not load
+    with pytest.raises(ModelNotReadyError):
+        store.rollback(v2)
+    assert store.current() == SHIPPED
+    assert not [p for p in store.dir.rglob("*") if p.name.endswith(".tmp")], "temporary files left behind"
+
+
+def test_a_claimed_version_number_is_never_overwritten(tmp_path):
+    store = ModelStore(tmp_path)
+    v1 = store.publish(_net(1), {})
+    (store.versions_dir / "v0002.pt").write_bytes(b"someone else's")  # a concurrent publisher got there first
+    v = store.publish(_net(2), {})
+    assert v == "v0003" and (store.versions_dir / "v0002.pt").read_bytes() == b"someone else's"
+    assert store.current() == v and v1 == "v0001"
+
+
+def test_ids_and_tags():
+    for ok in ("phantom_000", "slicer flow 1a2b", "P-001.v2", "_x"):
+        assert check_id(ok) == ok
+    for bad in ("../x", "/abs", "a/b", "a\\b", "..", ".hidden", "", " lead", "trail ", "x" * 300, "a\x00b", None):
+        with pytest.raises(BadRequest):
+            check_id(bad)
+    assert check_tag("final") == "final"
+    for bad in ("../final", "fi/nal", "", "a b"):
+        with pytest.raises(BadRequest):
+            check_tag(bad)
+
+
+def test_label_names_are_matched_not_positions():
+    assert canonical_name("Lungs") == "lung" and canonical_name("lung_left") == "lung"
+    assert canonical_name("GGO") == "infection" and canonical_name("Ground glass opacity") == "infection"
+    assert canonical_name("COVID-19") == "infection" and canonical_name("heart") is None
+    assert parse_label_info([{"name": "a", "idx": 3}, {"name": "b", "value": 4}]) == {3: "a", 4: "b"}
+    assert parse_label_info({"lung": 2, "infection": 1}) == {2: "lung", 1: "infection"}
+    for bad in ([{"idx": 1}], [{"name": "a", "idx": "x"}], [{"name": "a", "idx": 1.5}], "nope", 5,
+                [{"name": "a", "idx": 1}, {"name": "b", "idx": 1}]):
+        with pytest.raises(BadRequest):
+            parse_label_info(bad)
+
+
+def test_canonicalise_label_remaps_by_name(tmp_path):
+    ref = sitk.GetImageFromArray(np.zeros((3, 8, 8), np.int16) - 1000)
+    ref.SetSpacing((0.7, 0.7, 2.5))
+    ref.SetOrigin((10.0, -5.0, 3.0))
+    sitk.WriteImage(ref, str(tmp_path / "img.nii.gz"))
+    arr = np.zeros((3, 8, 8), np.uint8)
+    arr[:, 2:6, 2:6] = 4  # lung
+    arr[:, 3:4, 3:4] = 9  # infection
+    lab = sitk.GetImageFromArray(arr)
+    lab.CopyInformation(ref)
+    sitk.WriteImage(lab, str(tmp_path / "lab.nrrd"))
+    out, info, warnings = canonicalise_label(str(tmp_path / "lab.nrrd"), str(tmp_path / "img.nii.gz"),
+                                             [{"name": "Infection", "idx": 9}, {"name": "Lungs", "idx": 4},
+                                              {"name": "Ruler", "idx": 17}])
+    got = sitk.GetArrayFromImage(out)
+    assert got.dtype == np.uint8 and (got == 2).sum() == 3 and (got == 1).sum() == 3 * 16 - 3
+    assert info == [{"name": "lung", "idx": 1}, {"name": "infection", "idx": 2}] and "Ruler" in warnings[0]
+    assert np.allclose(out.GetOrigin(), ref.GetOrigin()) and np.allclose(out.GetSpacing(), ref.GetSpacing())
+    with pytest.raises(InputError, match="unknown values"):
+        canonicalise_label(str(tmp_path / "lab.nrrd"), str(tmp_path / "img.nii.gz"))
+
+
+def test_validation_split_is_fixed_per_image():
+    ids = [f"patient_{i:04d}" for i in range(2000)]
+    val = [i for i in ids if is_validation_image(i, 0.2)]
+    assert 0.15 < len(val) / len(ids) < 0.25
+    assert val == [i for i in ids if is_validation_image(i, 0.2)]  # stable across calls / runs
+    more = ids + [f"new_{i}" for i in range(500)]  # new images never move the old ones
+    assert [i for i in more if is_validation_image(i, 0.2) and i in ids] == val
+
+
+def test_train_params_are_type_checked():
+    assert validate_params({"max_epochs": "3", "pretrained": "false", "learning_rate": 0.01}) == \
+        {"max_epochs": 3, "pretrained": False, "learning_rate": 0.01}
+    for bad in ({"max_epochs": 0}, {"max_epochs": 2.5}, {"max_epochs": True}, {"val_split": 0.95},
+                {"negative_fraction": float("nan")}, {"augment": "maybe"}, {"learning_rate": []}, {"gpus": "0;x"}):
+        with pytest.raises(BadRequest):
+            validate_params(bad)
+
+
+@pytest.mark.slow
+def test_multi_process_training_with_gloo_publishes_one_version(tmp_path):
+    """The DDP path of the trainer (what MONAI Label spawns per GPU), here 2 CPU processes with gloo."""
+    from lib.datastore import HybridCTDatastore
+    from lib.trainers.hybrid_ct import HybridCTTrain
+    from monailabel.tasks.train.basic_train import main_worker
+
+    from hybrid_ct.phantom import write_phantom_set
+
+    studies = tmp_path / "studies"
+    write_phantom_set(studies, n=4, seed=3, shape=(4, 32, 32))
+    ds = HybridCTDatastore(str(studies), auto_reload=False)
+    store = ModelStore(tmp_path / "model")
+    task = HybridCTTrain(store, net_config=dict(TINY, in_size=32))
+    req = dict(task.config(), max_epochs=2, train_batch_size=2, val_batch_size=4, pretrained=False, augment=False,
+               multi_gpu=True, distributed_backend="gloo", distributed_url=f"file://{tmp_path / 'ddp_init'}",
+               device="cpu", run_id="ddp-test", model="hybrid_ct")
+    datalist = task.pre_process(req, ds)
+    assert len(datalist) == 4 and all("label_info" in d for d in datalist)
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    torch.multiprocessing.spawn(main_worker, nprocs=2, args=(2, req, datalist, task), join=True)
+    stats = store.read_stats()
+    assert stats["status"] == "DONE" and stats["world_size"] == 2 and stats["epoch"] == 2
+    assert store.current() == stats["published_version"] == "v0001"
+    assert [v["version"] for v in store.versions()] == ["v0001"]
+    assert 0.0 <= stats["best_metric"] <= 1.0
+
+
+def test_dicom_series_folders_in_the_studies_are_imported_once(tmp_path):
+    from lib.datastore import HybridCTDatastore
+    from server_fixture import write_dicom_series
+
+    from hybrid_ct.phantom import make_phantom
+
+    studies = tmp_path / "studies"
+    img, lab, _ = make_phantom(3, shape=(6, 48, 48), positive=True)
+    write_dicom_series(img, studies / "chest_series")
+    arr = sitk.GetArrayFromImage(img)
+    arr[sitk.GetArrayFromImage(lab) > 0] = 40  # lungs filled: not a chest
+    no_air = sitk.GetImageFromArray(arr)
+    no_air.CopyInformation(img)
+    write_dicom_series(no_air, studies / "not_chest")
+    ds = HybridCTDatastore(str(studies), auto_reload=False)
+    assert ds.list_images() == ["chest_series"]
+    stored = sitk.ReadImage(str(studies / "chest_series.nii.gz"))
+    assert stored.GetSize() == img.GetSize() and np.allclose(stored.GetOrigin(), img.GetOrigin(), atol=1e-3)
+    skipped = (studies / ".dicom_import_skipped.json").read_text()
+    assert "not_chest" in skipped and "not a chest" in skipped
+    HybridCTDatastore(str(studies), auto_reload=False)  # a second start converts nothing again
+    assert sorted(p.name for p in studies.iterdir() if p.suffix == ".gz") == ["chest_series.nii.gz"]
