@@ -1,0 +1,192 @@
+"""``hybrid-ct`` subcommands on every input kind (real files read in place from ../shared/data)."""
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from hybrid_ct.checkpoint import load_checkpoint, save_checkpoint
+from hybrid_ct.cli import main
+from hybrid_ct.io import write_image
+from hybrid_ct.model import HybridMultiTaskNet, NetConfig
+
+TINY = NetConfig(levels=3, base_channels=4, max_channels=16, time_steps=2, fc_hidden=16, cls_pool=2, in_size=64)
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    torch.manual_seed(0)
+    p = tmp_path_factory.mktemp("model") / "tiny.pt"
+    save_checkpoint(p, HybridMultiTaskNet(TINY), {"version": "tiny-test"})
+    return p
+
+
+@pytest.fixture(scope="module")
+def phantom_nifti(tmp_path_factory):
+    from hybrid_ct.phantom import make_phantom
+
+    img, lab, _ = make_phantom(5, shape=(10, 56, 64), positive=True)
+    p = tmp_path_factory.mktemp("in") / "chest phantom.nii.gz"
+    write_image(img, p)
+    return p, img
+
+
+def _summary(out):
+    with open(out / "summary.csv", newline="") as f:
+        return {r["case"]: r for r in csv.DictReader(f)}
+
+
+def _predict(model_path, out, *inputs, extra=()):
+    return main(["-q", "predict", *map(str, inputs), "--model", str(model_path), "--out", str(out), *extra])
+
+
+def test_predict_nifti_volume(model_path, phantom_nifti, tmp_path):
+    path, img = phantom_nifti
+    assert _predict(model_path, tmp_path, path) == 0
+    lab = sitk.ReadImage(str(tmp_path / "chest_phantom_label.nii.gz"))
+    assert lab.GetSize() == img.GetSize() and np.allclose(lab.GetSpacing(), img.GetSpacing())
+    assert np.allclose(lab.GetOrigin(), img.GetOrigin()) and np.allclose(lab.GetDirection(), img.GetDirection())
+    assert set(np.unique(sitk.GetArrayFromImage(lab))) <= {0, 1, 2}
+    rep = json.loads((tmp_path / "chest_phantom.json").read_text())
+    assert rep["classification"]["label"] in ("positive", "negative")
+    assert {"burden", "grade", "energy", "latency_s", "model_version"} <= set(rep)
+    assert rep["model_version"] == "tiny-test" and rep["kind"] == "volume"
+    assert (tmp_path / "chest_phantom_overlay.png").stat().st_size > 1000
+    row = _summary(tmp_path)["chest_phantom"]
+    assert row["status"] == "ok" and row["grade"].startswith("CT-")
+
+
+def test_predict_dicom_folder_and_file(model_path, shared_data, tmp_path):
+    folder = shared_data / "dicom_misc" / "covid19_ny_sbu_slices" / "A002304" / "axial"
+    single = shared_data / "dicom_misc" / "lidc_slice" / "0.dcm"
+    assert _predict(model_path, tmp_path, folder, single) == 0
+    rows = _summary(tmp_path)
+    assert rows["axial"]["kind"] == "dicom" and rows["0"]["status"] == "ok"
+    ref = sitk.ReadImage(str(single))
+    lab = sitk.ReadImage(str(tmp_path / "0_label.nii.gz"))
+    assert lab.GetSize()[:2] == ref.GetSize()[:2]
+    assert (tmp_path / "axial_label.nii.gz").is_file() and (tmp_path / "axial.json").is_file()
+
+
+def test_predict_2d_picture_and_npy(model_path, shared_data, tmp_path):
+    from PIL import Image
+
+    jpg = shared_data / "seg2d_medseg" / "images" / "0.jpg"
+    hu_npy = shared_data / "lung2d_majun" / "coronacases_001_image_slice_98.npy"
+    u8_npy = tmp_path / "in" / "medseg_0_uint8.npy"  # an 8-bit slice saved as .npy
+    u8_npy.parent.mkdir()
+    np.save(u8_npy, np.asarray(Image.open(jpg)))
+    assert _predict(model_path, tmp_path, jpg, hu_npy, u8_npy) == 0
+    lab = np.asarray(Image.open(tmp_path / "0_label.png"))
+    assert lab.shape == np.asarray(Image.open(jpg)).shape and set(np.unique(lab)) <= {0, 1, 2}
+    assert np.load(tmp_path / "coronacases_001_image_slice_98_label.npy").shape == (512, 512)
+    assert np.load(tmp_path / "medseg_0_uint8_label.npy").shape == np.asarray(Image.open(jpg)).shape
+    reps = {p.stem: json.loads(p.read_text()) for p in tmp_path.glob("*.json")}
+    assert reps["0"]["intensity"] == "8bit" and reps["coronacases_001_image_slice_98"]["intensity"] == "hu"
+    assert reps["medseg_0_uint8"]["intensity"] == "8bit"
+    assert (tmp_path / "0_overlay.png").is_file()
+
+
+def test_predict_folder_of_slices(model_path, shared_data, tmp_path):
+    src = tmp_path / "slices"
+    src.mkdir()
+    for k in (1, 2):
+        shutil.copy(shared_data / "seg2d_medseg" / "images" / f"{k}.jpg", src / f"{k}.jpg")
+    (src / "notes.txt").write_text("ignored")
+    out = tmp_path / "out"
+    assert _predict(model_path, out, src, extra=["--overlays", "0", "--no-chest-check"]) == 0
+    assert set(_summary(out)) == {"1", "2"}
+    assert not list(out.glob("*overlay*"))
+
+
+def test_cropped_slice_failing_the_chest_check_gets_a_hint(model_path, shared_data, tmp_path, capsys):
+    # MedSeg slice 2 is cropped to the lungs: io.check_ct finds too little body-enclosed air
+    assert _predict(model_path, tmp_path, shared_data / "seg2d_medseg" / "images" / "2.jpg") == 1
+    err = capsys.readouterr().err
+    assert "not a chest" in err and "--no-chest-check" in err
+
+
+def test_bad_inputs_do_not_stop_the_batch(model_path, phantom_nifti, shared_data, tmp_path, capsys):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "empty.nii.gz").write_bytes(b"")
+    (bad / "text.png").write_text("not a picture")
+    abdomen = shared_data / "dicom_misc" / "abdomen_nifti_not_chest" / "example_ct.nii.gz"
+    out = tmp_path / "out"
+    rc = _predict(model_path, out, bad / "empty.nii.gz", bad / "text.png", tmp_path / "missing.nii.gz", abdomen,
+                  phantom_nifti[0])
+    assert rc == 1
+    rows = _summary(out)
+    assert rows["chest_phantom"]["status"] == "ok"
+    errors = {k: r["error"] for k, r in rows.items() if r["status"] == "error"}
+    assert len(errors) == 4
+    assert "empty" in errors["empty"] and "not a chest" in errors["example_ct"]
+    err_lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
+    assert len(err_lines) == 4  # one line per bad case
+
+
+def test_intensity_hu_on_a_picture_and_missing_model(model_path, shared_data, tmp_path, capsys):
+    jpg = shared_data / "seg2d_medseg" / "images" / "3.jpg"
+    assert _predict(model_path, tmp_path / "a", jpg, extra=["--intensity", "hu"]) == 1
+    assert "8bit" in _summary(tmp_path / "a")["3"]["error"]
+    assert _predict(tmp_path / "none.pt", tmp_path / "b", jpg) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: no trained model")
+
+
+def test_phantoms_command(tmp_path):
+    assert main(["-q", "phantoms", "--out", str(tmp_path), "-n", "2", "--shape", "6", "40", "40"]) == 0
+    assert len(list(tmp_path.glob("phantom_*.nii.gz"))) == 2
+    assert len(list((tmp_path / "labels" / "final").glob("*.nii.gz"))) == 2
+
+
+def test_train_quick_then_evaluate(shared_data, tmp_path):
+    hyb, twin, card = tmp_path / "m" / "pretrained.pt", tmp_path / "twin.pt", tmp_path / "model_card.md"
+    card.write_text("# card\n\n<!-- hybrid-ct:training:start -->\nold\n<!-- hybrid-ct:training:end -->\n")
+    rc = main(["-q", "train", "--recipe", "quick", "--data", str(shared_data), "--out", str(hyb), "--twin-out", str(twin),
+               "--sources", "medseg,cls2d,majun", "--limit", "4", "--phantoms", "2", "--max-iters", "1",
+               "--model-card", str(card)])
+    assert rc == 0
+    model, meta = load_checkpoint(hyb)
+    assert meta["complete"] and meta["kind"] == "hybrid" and len(meta["history"]) == 1
+    assert meta["val_groups"] and meta["recipe"]["name"] == "quick"
+    assert hyb.stat().st_size < 20 * 2**20
+    _, tmeta = load_checkpoint(twin)
+    assert tmeta["kind"] == "cnn_twin" and tmeta["net"]["spiking"] is False
+    assert "old" not in card.read_text() and "Recipe `quick`" in card.read_text()
+
+    out = tmp_path / "docs" / "results.md"
+    rc = main(["-q", "evaluate", "--model", str(hyb), "--twin", str(twin), "--out", str(out), "--data", str(shared_data),
+               "--skip-scan-check", "--model-card", str(card)])
+    assert rc == 0
+    text = out.read_text()
+    for needle in ("## Segmentation", "## Classification", "E_hybrid / E_conv", "hybrid Dice", "twin Dice",
+                   "seed 002", "Inf-Net", "0.682", "0.439", "evaluate --model"):
+        assert needle in text, needle
+    assert (out.parent / "img" / "roc.png").is_file() and (out.parent / "img" / "training_curves.png").is_file()
+    assert "hybrid-ct:metrics:start" in card.read_text()
+
+
+def test_scan_check_alignment_on_a_phantom(model_path, tmp_path, monkeypatch):
+    """The per-slice calls are compared with labels by SimpleITK slice index (the P001 CSV convention)."""
+    import hybrid_ct.datasets as D
+    from hybrid_ct.cli import scan_check
+    from hybrid_ct.phantom import make_phantom
+
+    img, lab, _ = make_phantom(7, shape=(8, 48, 48), positive=True)
+    img.SetDirection((1, 0, 0, 0, 1, 0, 0, 0, -1))  # stored superior first: index order != LPS order
+    write_image(img, tmp_path / "p.nii.gz")
+    inf = (sitk.GetArrayFromImage(lab) == 2).reshape(8, -1).any(1)
+    csv_path = tmp_path / "labels.csv"
+    csv_path.write_text("nifti_z_index,infection\n" + "".join(f"{z},{int(v)}\n" for z, v in enumerate(inf)))
+    monkeypatch.setattr(D, "scan_check_cases", lambda root=None: {
+        "P": {"path": tmp_path / "p.nii.gz", "positive": True, "slice_labels": csv_path}})
+    model, meta = load_checkpoint(model_path)
+    res = scan_check(model, meta, tmp_path, progress=False, img_dir=tmp_path)
+    a = res["P"]["agreement"]
+    assert set(a) == {"segmentation", "classifier"}
+    assert a["segmentation"]["n"] == 8 and a["segmentation"]["truth_positive"] == int(inf.sum())
+    assert (tmp_path / "scan_P_hybrid.png").is_file()
