@@ -190,3 +190,33 @@ def test_scan_check_alignment_on_a_phantom(model_path, tmp_path, monkeypatch):
     assert set(a) == {"segmentation", "classifier"}
     assert a["segmentation"]["n"] == 8 and a["segmentation"]["truth_positive"] == int(inf.sum())
     assert (tmp_path / "scan_P_hybrid.png").is_file()
+
+
+def test_results_view_fills_segments_in_their_colours(tmp_path):
+    from matplotlib.image import imread
+
+    from hybrid_ct.plots import results_view
+
+    lab = np.zeros((64, 64), np.uint8)
+    lab[10:50, 8:30] = 1
+    lab[20:30, 12:22] = 2
+    path = results_view(np.zeros((64, 64)), lab, {1: (197, 165, 145), 2: (241, 196, 15)},
+                        [("Classification", "Positive (P(positive) = 0.91)")], tmp_path / "v.png")
+    px = (imread(path)[..., :3] * 255).reshape(-1, 3)
+    for color in ((197, 165, 145), (241, 196, 15)):  # black CT under a 50 % fill -> half the colour
+        assert (np.abs(px - np.array(color) / 2).max(1) < 3).sum() > 100, color
+
+
+def test_slicer_pictures_script_renders_a_case(model_path, phantom_nifti, tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "slicer_pictures", Path(__file__).resolve().parents[1] / "scripts" / "slicer_pictures.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--model", str(model_path), "--case", str(phantom_nifti[0]), "--out", str(tmp_path)]) == 0
+    pngs = list(tmp_path.glob("slicer_results_*.png"))
+    params = json.loads(next(tmp_path.glob("slicer_results_*.json")).read_text())
+    assert len(pngs) == 1 and pngs[0].stat().st_size > 10_000
+    assert params["classification"]["label"] in ("positive", "negative") and "energy" in params

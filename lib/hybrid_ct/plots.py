@@ -129,4 +129,36 @@ def overlay_panels(panels: list, path, ncols: int | None = None) -> Path:
     return _save(fig, path)
 
 
-__all__ = ["roc_plot", "training_curves", "firing_rates_plot", "overlay_panels"]
+def results_view(image2d, label2d, colors: dict, lines: list, path, title: str = "") -> Path:
+    """A Slicer-like view: one slice with filled, outlined segments (``colors``: label value -> RGB
+    0-255) beside a results panel (``lines``: (field, value) pairs)."""
+    img = np.clip(np.asarray(image2d, float), 0, 1)
+    lab = np.asarray(label2d)
+    rgb = np.repeat(img[..., None], 3, axis=2)
+    fig = _figure(9.5, 4.6)
+    ax = fig.add_axes([0.01, 0.02, 0.47, 0.9])
+    for value, color in colors.items():
+        m = lab == value
+        c = np.asarray(color, float) / 255.0
+        rgb[m] = 0.5 * rgb[m] + 0.5 * c  # Slicer's default 2D fill opacity is 0.5
+    ax.imshow(rgb, interpolation="nearest")
+    for value, color in colors.items():
+        m = lab == value
+        if m.any() and not m.all():
+            ax.contour(m.astype(float), levels=[0.5], colors=[np.asarray(color, float) / 255.0], linewidths=1.2)
+    ax.set_title(title, fontsize=9)
+    ax.set_axis_off()
+    panel = fig.add_axes([0.52, 0.02, 0.46, 0.9])
+    panel.set_axis_off()
+    panel.set_title("Hybrid CT results", fontsize=10, loc="left")
+    for i, (field, value) in enumerate(lines):
+        y = 0.92 - i * 0.11
+        panel.text(0.0, y, f"{field}:", fontsize=9, weight="bold", va="top", transform=panel.transAxes)
+        panel.text(0.0, y - 0.045, str(value), fontsize=9, va="top", transform=panel.transAxes, wrap=True)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+__all__ = ["roc_plot", "training_curves", "firing_rates_plot", "overlay_panels", "results_view"]
