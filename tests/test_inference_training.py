@@ -132,3 +132,17 @@ def test_evaluate_on_partial_targets(trained):
     part.lung[:] = MISSING
     res = evaluate(model, part)
     assert res["seg"]["lung"]["n_cases"] == 0 and "accuracy" in res["cls"]
+
+
+def test_keep_lung_components_drops_specks_but_keeps_both_lungs():
+    from hybrid_ct.inference import keep_lung_components
+
+    lab = np.zeros((6, 40, 40), np.uint8)
+    lab[1:5, 5:30, 3:15] = 1  # right lung
+    lab[1:5, 5:30, 22:36] = 1  # left lung (separate component)
+    lab[2, 10:14, 25:29] = 2  # infection inside the left lung
+    lab[0, 36:39, 36:39] = 2  # a speck on the table
+    out = keep_lung_components(lab)
+    assert out[0, 36:39, 36:39].sum() == 0
+    assert np.array_equal(out[1:5], lab[1:5])
+    assert np.array_equal(keep_lung_components(np.zeros_like(lab)), np.zeros_like(lab))

@@ -22,6 +22,7 @@ from .preprocess import array_to_image, from_model_slices, to_model_slices
 from .report import infection_burden, severity_grade
 
 TOP_K_SLICES = 3  # the scan's positive probability: mean of its 3 most positive lung slices
+LUNG_MIN_COMPONENT = 0.05  # lung components below 5 % of the largest are dropped (volume path only)
 
 
 @dataclass
@@ -39,6 +40,23 @@ def _mask_label(lung_p: np.ndarray, inf_p: np.ndarray) -> np.ndarray:
     label = lung.astype(np.uint8) * LABELS["lung"]
     label[lung & (inf_p > 0.5)] = LABELS["infection"]
     return label
+
+
+def keep_lung_components(label: np.ndarray, min_fraction: float = LUNG_MIN_COMPONENT) -> np.ndarray:
+    """Drop predicted lung (and the infection inside it) in connected components smaller than
+    ``min_fraction`` of the largest one: specks on the table, clothes or bowel gas. ``label`` is one
+    volume [D,H,W] (components in 3D), not a stack of unrelated slices."""
+    from scipy import ndimage
+
+    lung = label > 0
+    comp, n = ndimage.label(lung)
+    if n <= 1:
+        return label
+    sizes = ndimage.sum_labels(lung, comp, index=np.arange(1, n + 1))
+    keep = np.flatnonzero(sizes >= min_fraction * sizes.max()) + 1
+    out = label.copy()
+    out[~np.isin(comp, keep)] = 0
+    return out
 
 
 class Predictor:
@@ -90,7 +108,7 @@ class Predictor:
         with EnergyMeter(self.model) as meter:
             so = self.run_slices(x, meter)
         probs = from_model_slices(np.concatenate([so.lung, so.infection], axis=1), ctx)
-        label_arr = _mask_label(probs[0], probs[1])
+        label_arr = keep_lung_components(_mask_label(probs[0], probs[1]))
         label = array_to_image(label_arr, image)
         report = self._report(label, so, meter, time.perf_counter() - t0)
         return label, report
