@@ -6,6 +6,7 @@ tests and headless machines.
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -152,9 +153,9 @@ def results_view(image2d, label2d, colors: dict, lines: list, path, title: str =
     panel.set_axis_off()
     panel.set_title("Hybrid CT results", fontsize=10, loc="left")
     for i, (field, value) in enumerate(lines):
-        y = 0.92 - i * 0.11
+        y = 0.92 - i * 0.14
         panel.text(0.0, y, f"{field}:", fontsize=9, weight="bold", va="top", transform=panel.transAxes)
-        panel.text(0.0, y - 0.045, str(value), fontsize=9, va="top", transform=panel.transAxes, wrap=True)
+        panel.text(0.0, y - 0.045, textwrap.fill(str(value), 52), fontsize=8.5, va="top", transform=panel.transAxes)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
