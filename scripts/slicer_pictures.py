@@ -21,12 +21,13 @@ import SimpleITK as sitk
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "slicer_extension"))
 
-from hybrid_ct.cli import SHIPPED_MODEL, _jsonable  # noqa: E402
+from hybrid_ct.cli import SHIPPED_MODEL  # noqa: E402
 from hybrid_ct.datasets import data_root  # noqa: E402
 from hybrid_ct.inference import Predictor  # noqa: E402
 from hybrid_ct.io import read_image  # noqa: E402
 from hybrid_ct.plots import results_view  # noqa: E402
 from hybrid_ct.preprocess import WINDOW_HU  # noqa: E402
+from hybrid_ct.report import jsonable  # noqa: E402
 from hybrid_ct_slicer.results import RESULT_FIELDS, format_results  # noqa: E402
 from hybrid_ct_slicer.segments import LABEL_INFO  # noqa: E402
 
@@ -34,7 +35,7 @@ from hybrid_ct_slicer.segments import LABEL_INFO  # noqa: E402
 def render(predictor: Predictor, case: Path, out: Path) -> Path:
     image = read_image(str(case))
     label, report = predictor.predict(image)
-    params = _jsonable(report)
+    params = jsonable(report)
     values = format_results(params)
     lab = sitk.GetArrayFromImage(label)
     hu = sitk.GetArrayFromImage(image).astype(float)

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError, ModelNotReadyError
+from .report import jsonable
 
 log = logging.getLogger("hybrid_ct")
 
@@ -108,11 +109,6 @@ def _device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return name
-
-
-def _jsonable(obj):
-    """Plain JSON types only (checkpoint meta is loaded with weights_only=True)."""
-    return json.loads(json.dumps(obj, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
 
 
 def _git_commit() -> str:
@@ -289,7 +285,7 @@ def predict_case(predictor, case: Case, out_dir: Path, intensity: str = "auto", 
                    "size": list(img.GetSize()), "spacing": list(img.GetSpacing()),
                    "outputs": {"label": label_path.name, "overlay": overlay_path.name if overlay_path else None}})
     with open(out_dir / f"{case.name}.json", "w") as f:
-        json.dump(_jsonable(report), f, indent=2)
+        json.dump(jsonable(report), f, indent=2)
     c, b, e = report["classification"], report["burden"], report["energy"]
     return {"case": case.name, "input": str(case.path), "kind": case.kind, "status": "ok", "error": "",
             "class": c["label"], "probability": round(float(c["probability"]), 4),
@@ -412,7 +408,7 @@ def _slim_history(history: list) -> list:
         if isinstance(cls, dict):
             cls.pop("roc", None)
         out.append(h)
-    return _jsonable(out)
+    return jsonable(out)
 
 
 def train_one(kind: str, cfg, train, val, tcfg, out: Path, meta: dict, progress: bool = True) -> dict:
@@ -438,7 +434,7 @@ def train_one(kind: str, cfg, train, val, tcfg, out: Path, meta: dict, progress:
         stats["iterations"] = n_it
         stats["s_per_iter"] = stats["seconds"] / max(n_it, 1)
         log.info("%s epoch %d/%d: %.1f s, %.2f s/iteration", kind, epoch, tcfg.epochs, stats["seconds"], stats["s_per_iter"])
-        save_checkpoint(out, m, _jsonable(dict(base_meta, complete=False, epoch=epoch)))
+        save_checkpoint(out, m, jsonable(dict(base_meta, complete=False, epoch=epoch)))
 
     history = fit(model, train, val, tcfg, on_epoch=on_epoch, progress=progress)
     seconds = time.perf_counter() - t0
@@ -446,7 +442,7 @@ def train_one(kind: str, cfg, train, val, tcfg, out: Path, meta: dict, progress:
     final = dict(base_meta, complete=True, history=_slim_history(history), train_seconds=seconds,
                  iterations=iters["n"], s_per_iter=train_s / max(iters["n"], 1),
                  finished=_dt.datetime.now().isoformat(timespec="seconds"))
-    save_checkpoint(out, model, _jsonable(final))
+    save_checkpoint(out, model, jsonable(final))
     mb = out.stat().st_size / 2**20
     log.info("%s: %s (%.2f MB, %d parameters, %.0f s, %.2f s/iteration)", kind, out, mb, final["parameters"],
              seconds, final["s_per_iter"])

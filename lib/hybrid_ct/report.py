@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import math
 
 import numpy as np
@@ -102,3 +104,16 @@ def severity_grade(pct) -> str:
     if p <= 75:
         return "CT-3"
     return "CT-4"
+
+
+def jsonable(obj):
+    """Plain JSON types only (numpy scalars and arrays converted, anything else as text): for HTTP
+    result params, JSON reports and checkpoint meta (loaded with weights_only=True)."""
+    def default(o):
+        if isinstance(o, np.generic):
+            return o.item()
+        if isinstance(o, np.ndarray):
+            return o.tolist()
+        return str(o)
+
+    return json.loads(json.dumps(obj, default=default))

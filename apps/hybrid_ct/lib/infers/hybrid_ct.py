@@ -28,6 +28,7 @@ from monailabel.utils.others.generic import device_list
 from hybrid_ct.errors import InputError
 from hybrid_ct.inference import Predictor
 from hybrid_ct.io import read_image
+from hybrid_ct.report import jsonable
 
 from ..store import ModelStore
 
@@ -84,17 +85,6 @@ class ModelServer:
 
     def peek(self) -> Served | None:
         return self._served
-
-
-def jsonable(obj):
-    def default(o):
-        if isinstance(o, np.generic):
-            return o.item()
-        if isinstance(o, np.ndarray):
-            return o.tolist()
-        return str(o)
-
-    return json.loads(json.dumps(obj, default=default))
 
 
 def result_extension(request: dict) -> str:
