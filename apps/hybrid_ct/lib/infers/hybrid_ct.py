@@ -11,7 +11,6 @@ lock; requests already running keep the predictor they started with, so none fai
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import tempfile
@@ -19,7 +18,6 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 import SimpleITK as sitk
 import torch
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
