@@ -67,8 +67,8 @@ RECIPES = {
                   "augment": True, "seg_loss": "focal", "infection_loss": "dice_focal",
                   "lambdas": {"cls": 1.0, "lung": 1.0, "infection": 2.0}, "max_iters_per_epoch": 200, "seed": 0},
         "data": {"sources": ["medseg", "cls2d", "imlab", "majun"], "phantoms": 24, "phantom_shape": [32, 128, 128],
-                 "limit": None, "val_fraction": 0.2, "split_seed": 2, "weak_lung": True,
-                 "oversample": {"medseg": 4, "imlab": 2, "majun": 8}, "curve_val_slices": 384},
+                 "limit": None, "val_fraction": 0.2, "split_seed": 2, "weak_lung": True, "normal_infection": True,
+                 "oversample": {"medseg": 4, "imlab": 2, "majun": 8, "cls2d/negative": 4}, "curve_val_slices": 384},
     },
     "quick": {
         "net": {"in_size": 64, "levels": 3, "base_channels": 4, "max_channels": 16, "time_steps": 2,
@@ -78,10 +78,12 @@ RECIPES = {
                   "augment": False, "seg_loss": "focal", "infection_loss": "dice_focal",
                   "lambdas": {"cls": 1.0, "lung": 1.0, "infection": 2.0}, "max_iters_per_epoch": 2, "seed": 0},
         "data": {"sources": ["medseg", "cls2d", "imlab", "majun"], "phantoms": 3, "phantom_shape": [12, 64, 64],
-                 "limit": 8, "val_fraction": 0.3, "split_seed": 0, "weak_lung": True,
-                 "oversample": {"medseg": 2}, "curve_val_slices": 16},
+                 "limit": 8, "val_fraction": 0.3, "split_seed": 0, "weak_lung": True, "normal_infection": True,
+                 "oversample": {"medseg": 2, "cls2d/negative": 2}, "curve_val_slices": 16},
     },
 }
+
+NORMAL_FP_FRACTION = 0.001  # a normal slice "has predicted infection" from 0.1 % of its pixels up
 
 # Published numbers to compare with (SPEC.md; Inf-Net paper on the MedSeg slices).
 REFERENCE = {
@@ -374,16 +376,22 @@ def load_recipe_data(recipe: dict, root, size: int, progress: bool = True) -> li
     d = recipe["data"]
     return load_sources(root, size, sources=d["sources"], phantoms=d["phantoms"], phantom_shape=tuple(d["phantom_shape"]),
                         limit=d.get("limit"), extra=d.get("extra", []), weak_lung=d.get("weak_lung", True),
-                        progress=progress)
+                        normal_infection=d.get("normal_infection", False), progress=progress)
 
 
 def _oversampled(sets: list, factors: dict, size: int):
-    from .datasets import combine
+    """Repeat each source ``factors[name]`` times; ``factors["<name>/negative"]`` repeats only its
+    class-0 slices (balances a source whose positives outnumber its negatives)."""
+    from .datasets import SourceSet, combine
 
     parts = []
     for s in sets:
-        for _ in range(max(1, int(factors.get(s.name, 1)))):
-            parts.append(s)
+        n = max(1, int(factors.get(s.name, 1)))
+        parts += [s] * n
+        neg = max(1, int(factors.get(f"{s.name}/negative", 1)))
+        if neg > 1:
+            negatives = SourceSet(s.name, s.slices.subset(np.flatnonzero(s.slices.cls == 0)))
+            parts += [negatives] * (n * (neg - 1))
     return combine(parts, size)
 
 
@@ -548,9 +556,16 @@ def evaluate_sets(model, val_sets: list, batch_size: int = 16, progress: bool = 
             n_slices += len(sl)
             res["n"][s.name] = {"slices": len(sl), "groups": len(set(sl.group))}
             pred = _mask_label(so.lung[:, 0], so.infection[:, 0])
+            normal = [i for i in range(len(sl)) if sl.lung[i, 0, 0] == MISSING and sl.infection[i, 0, 0] != MISSING
+                      and not sl.infection[i].any()]  # slices of normal studies: derived empty infection mask
+            if normal:
+                frac = (pred[normal] == 2).mean(axis=(1, 2))
+                res.setdefault("normal", {})[s.name] = {
+                    "slices": len(normal), "with_infection": int((frac >= NORMAL_FP_FRACTION).sum()),
+                    "mean_infection_pct": float(100 * frac.mean())}
             for head, classes in (("lung", {"lung": (1, 2)}), ("infection", {"infection": (2,)})):
                 arr = sl.lung if head == "lung" else sl.infection
-                idx = [i for i in range(len(sl)) if arr[i, 0, 0] != MISSING]
+                idx = [i for i in range(len(sl)) if arr[i, 0, 0] != MISSING and not (head == "infection" and i in normal)]
                 if not idx:
                     continue
                 key = f"{head}/{s.name}" + ("/weak" if head == "lung" and s.weak_lung else "")
@@ -804,6 +819,14 @@ def render_results(results: dict, recipe: dict, figures: dict, weak: dict, out: 
     for k in order:
         label = names.get(k, k.replace("/weak", " (against WEAK lung masks)"))
         L.append(_seg_row(label, k, results))
+    if any(r.get("normal") for r in results.values()):
+        L += ["", "False infection on normal slices (MosMed CT-0 studies; their empty infection masks are derived "
+              f"from the study grade): slices with predicted infection >= {100 * NORMAL_FP_FRACTION:g} % of the "
+              "slice, and the mean predicted infection area.", "",
+              "| model | source | normal slices | with predicted infection | mean infection % of slice |", "|---|---|---|---|---|"]
+        for t, r in results.items():
+            for name, v in (r.get("normal") or {}).items():
+                L.append(f"| {t} | {name} | {v['slices']} | {v['with_infection']} | {v['mean_infection_pct']:.2f} % |")
     hdr = " | ".join(f"{t} acc. | {t} sens. | {t} spec. | {t} F1 | {t} AUC" for t in tags)
     L += ["", "## Classification (per slice, validation)", "",
           "Class = the output neuron with the highest firing rate (twin: the larger output); AUC from the "

@@ -12,6 +12,11 @@ Sources (see ``SOURCES`` for labels and licenses):
   flagged ``weak_lung=True``. The slices are stored rotated by 90 degrees (anterior on the left);
   they are turned clockwise to the radiological display (anterior up, patient right on the left).
 - ``cls2d``    2,367 slice pictures with a class label only (UCSD COVID-CT, MosMed, Ma Jun 20 cases).
+  With ``normal_infection=True`` the 179 MosMed CT-0 slices (studies read as normal) also carry an
+  **empty infection mask** -- a label derived from the study's CT-0 grade, flagged as such: the
+  infection head then sees real normal lung (vessels, hila, diaphragm) as "no infection", which the
+  all-positive MedSeg slices cannot teach. UCSD's non-COVID pictures are left class-only (some show
+  other lung disease).
 - ``imlab``    2 HU volumes with expert lung masks (no infection labels).
 - ``majun``    4 slices of Ma Jun's 20-case set with expert lung masks (1 / 2 = the two lungs -> lung 1).
   The ``.npy`` slices are stored transposed (anterior on the left); they are transposed back. The
@@ -54,6 +59,7 @@ log = logging.getLogger(__name__)
 
 DATA_ENV = "HYBRID_CT_DATA"
 REPO_ROOT = Path(__file__).resolve().parents[2]
+NORMAL_STUDY_SOURCES = ("mosmed_CT0",)  # MANIFEST sources whose studies were read as normal (CT-0)
 
 SOURCES = {
     "medseg": {
@@ -64,7 +70,7 @@ SOURCES = {
     },
     "cls2d": {
         "title": "CT slice pictures for classification: UCSD COVID-CT, MosMed (1 slice/study), Ma Jun 20 cases",
-        "labels": "class only (1 COVID-19 / 0 not)",
+        "labels": "class (1 COVID-19 / 0 not); MosMed CT-0 slices: empty infection mask DERIVED from the CT-0 grade",
         "license": "UCSD COVID-CT: images belong to the publishers of the source papers (research only); "
                    "MosMed: CC BY-NC-ND 3.0 (non-commercial); Ma Jun 20 cases: CC BY 4.0, Radiopaedia cases CC BY-NC-SA",
         "commercial": False,
@@ -336,8 +342,10 @@ def load_medseg(root=None, size: int = 256, weak_lung: bool = True, limit: int |
     return SourceSet("medseg", _stack(parts, size), weak_lung=weak_lung, files=files)
 
 
-def load_cls2d(root=None, size: int = 256, limit: int | None = None, progress: bool = False) -> SourceSet:
-    """Classification pictures (class only). ``limit`` keeps about half positives, half negatives."""
+def load_cls2d(root=None, size: int = 256, limit: int | None = None, progress: bool = False,
+               normal_infection: bool = False) -> SourceSet:
+    """Classification pictures (class only). ``limit`` keeps about half positives, half negatives.
+    ``normal_infection``: MosMed CT-0 slices (normal studies) get an empty infection mask (derived label)."""
     root = require_data_root(root)
     rows = [dict(r, group=canonical_group(r["group_id"])) for r in read_manifest(root)
             if r["task"] == "cls" and r["path"].startswith("cls2d/")]
@@ -357,7 +365,11 @@ def load_cls2d(root=None, size: int = 256, limit: int | None = None, progress: b
             continue
         x, _ = slice_to_model(img, None, size)
         label = int(r["label"])
-        part = slices_from_arrays(x, None, r["group"], diagnosis=label, lung_known=False, infection_known=False)
+        if normal_infection and r["source"] in NORMAL_STUDY_SOURCES:
+            empty = np.zeros((len(x),) + x.shape[-2:], np.uint8)
+            part = slices_from_arrays(x, empty, r["group"], diagnosis=0, lung_known=False, infection_known=True)
+        else:
+            part = slices_from_arrays(x, None, r["group"], diagnosis=label, lung_known=False, infection_known=False)
         part.cls[:] = label  # a class-only slice: its own label (positive slices of a positive scan too)
         parts.append(part)
         files.append(r["path"])
@@ -475,14 +487,14 @@ REAL_SOURCES = ("medseg", "cls2d", "imlab", "majun")
 
 def load_sources(root=None, size: int = 256, sources=REAL_SOURCES, phantoms: int = 24,
                  phantom_shape=PHANTOM_SHAPE, limit: int | None = None, extra=(), weak_lung: bool = True,
-                 progress: bool = True) -> list:
+                 normal_infection: bool = False, progress: bool = True) -> list:
     """Load the named real sources (+ ``phantoms`` phantoms, + prepared ``extra`` folders)."""
     out = []
     for name in sources:
         if name == "medseg":
             out.append(load_medseg(root, size, weak_lung=weak_lung, limit=limit, progress=progress))
         elif name == "cls2d":
-            out.append(load_cls2d(root, size, limit=limit, progress=progress))
+            out.append(load_cls2d(root, size, limit=limit, progress=progress, normal_infection=normal_infection))
         elif name == "imlab":
             out.append(load_imlab(root, size, limit=limit, progress=progress))
         elif name == "majun":
