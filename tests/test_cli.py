@@ -170,6 +170,38 @@ def test_train_quick_then_evaluate(shared_data, tmp_path):
     assert "hybrid-ct:metrics:start" in card.read_text()
 
 
+def test_oversampling_can_repeat_only_the_negatives_of_a_source():
+    from hybrid_ct.cli import _oversampled
+    from hybrid_ct.datasets import SourceSet
+    from hybrid_ct.training import SliceSet
+
+    z = np.zeros((5, 8, 8), np.uint8)
+    cls2d = SourceSet("cls2d", SliceSet(z, z.copy(), z.copy(), np.array([1, 1, 1, 0, -1], np.int8), list("abcde")))
+    other = SourceSet("medseg", SliceSet(z[:2], z[:2].copy(), z[:2].copy(), np.array([1, 1], np.int8), ["f", "g"]))
+    out = _oversampled([cls2d, other], {"cls2d/negative": 3, "medseg": 2}, 8)
+    assert len(out) == 5 + 2 + 2 * 2
+    assert (out.cls == 0).sum() == 3 and (out.cls == 1).sum() == 3 + 4
+    assert out.group.count("d") == 3 and out.group.count("e") == 1
+
+
+def test_evaluate_reports_false_infection_on_normal_slices(model_path):
+    from hybrid_ct.checkpoint import load_checkpoint
+    from hybrid_ct.cli import evaluate_sets
+    from hybrid_ct.datasets import SourceSet
+    from hybrid_ct.training import MISSING, SliceSet
+
+    model, _ = load_checkpoint(model_path)
+    rng = np.random.default_rng(0)
+    n, s = 3, model.cfg.in_size
+    normal = SliceSet(rng.integers(0, 255, (n, s, s), dtype=np.uint8), np.full((n, s, s), MISSING, np.uint8),
+                      np.zeros((n, s, s), np.uint8), np.zeros(n, np.int8), ["m1", "m2", "m3"])
+    res = evaluate_sets(model, [SourceSet("cls2d", normal)], progress=False)
+    v = res["normal"]["cls2d"]
+    assert v["slices"] == 3 and 0 <= v["with_infection"] <= 3 and 0 <= v["mean_infection_pct"] <= 100
+    assert not any(k.startswith("infection/") for k in res["seg"])  # empty masks are not Dice targets
+    assert res["cls"]["cls2d"]["n"] == 3
+
+
 def test_scan_check_alignment_on_a_phantom(model_path, tmp_path, monkeypatch):
     """The per-slice calls are compared with labels by SimpleITK slice index (the P001 CSV convention)."""
     import hybrid_ct.datasets as D

@@ -90,6 +90,17 @@ def test_cls2d_classes_and_groups(shared_data):
     assert sl.images.max() > 200  # 8-bit pictures read through the lung window
 
 
+def test_cls2d_normal_studies_get_an_empty_infection_mask(shared_data):
+    s = D.load_cls2d(shared_data, S, limit=60, normal_infection=True)
+    sl = s.slices
+    inf_known = _known(sl.infection)
+    ct0 = np.array(["mosmed_CT0" in f for f in s.files])
+    assert ct0.any(), "the limited subset should hold some MosMed CT-0 slices"
+    assert (inf_known == ct0).all()  # only CT-0 studies get the derived label; UCSD non-COVID stays class-only
+    assert not sl.infection[inf_known].any() and (sl.cls[inf_known] == 0).all()
+    assert not _known(sl.lung).any()
+
+
 def test_imlab_volumes_have_lung_only(shared_data):
     s = D.load_imlab(shared_data, S, limit=5)
     sl = s.slices
