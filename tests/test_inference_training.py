@@ -146,3 +146,34 @@ def test_keep_lung_components_drops_specks_but_keeps_both_lungs():
     assert out[0, 36:39, 36:39].sum() == 0
     assert np.array_equal(out[1:5], lab[1:5])
     assert np.array_equal(keep_lung_components(np.zeros_like(lab)), np.zeros_like(lab))
+
+
+def test_keep_lung_components_drops_air_outside_the_body():
+    from hybrid_ct.inference import keep_lung_components
+
+    lab = np.zeros((6, 40, 40), np.uint8)
+    lab[1:5, 5:25, 3:36] = 1  # the lungs, inside the body
+    lab[1:5, 32:38, 5:35] = 2  # "infected lung" in the gap between the back and the table: 27 % of the lungs
+    body = np.zeros_like(lab, bool)
+    body[:, 2:30, 1:39] = True
+    out = keep_lung_components(lab, body=body)
+    assert out[:, 32:38].sum() == 0 and np.array_equal(out[:, :30], lab[:, :30])
+    # a body mask that misses the largest component (a failed mask, e.g. a tight crop) is ignored
+    assert np.array_equal(keep_lung_components(lab, body=~body), lab)
+
+
+def test_body_mask_in_the_images_own_layout(small_phantom):
+    import SimpleITK as sitk
+
+    from hybrid_ct.io import body_mask
+
+    img = small_phantom[0]
+    hu = sitk.GetArrayFromImage(img)
+    body = body_mask(img)
+    assert body.shape == hu.shape
+    assert not body[:, 0, 0].any()  # the room's air in the corner
+    assert body[hu > 0].mean() > 0.99  # tissue is inside
+    assert body[hu < -500].any()  # and so are the lungs (holes filled)
+    flipped = sitk.Flip(img, [True, False, True])  # another index layout of the same patient
+    assert np.array_equal(body_mask(flipped), sitk.GetArrayFromImage(sitk.Flip(
+        sitk.GetImageFromArray(body.astype(np.uint8)), [True, False, True])).astype(bool))

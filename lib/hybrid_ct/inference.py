@@ -16,7 +16,7 @@ from tqdm import tqdm
 from . import LABELS
 from .checkpoint import load_checkpoint
 from .energy import EnergyMeter
-from .io import check_ct
+from .io import body_mask, check_ct
 from .model import HybridMultiTaskNet, fold_batchnorm
 from .preprocess import array_to_image, from_model_slices, to_model_slices
 from .report import infection_burden, severity_grade
@@ -42,20 +42,30 @@ def _mask_label(lung_p: np.ndarray, inf_p: np.ndarray) -> np.ndarray:
     return label
 
 
-def keep_lung_components(label: np.ndarray, min_fraction: float = LUNG_MIN_COMPONENT) -> np.ndarray:
+def keep_lung_components(label: np.ndarray, min_fraction: float = LUNG_MIN_COMPONENT,
+                         body: np.ndarray | None = None) -> np.ndarray:
     """Drop predicted lung (and the infection inside it) in connected components smaller than
-    ``min_fraction`` of the largest one: specks on the table, clothes or bowel gas. ``label`` is one
-    volume [D,H,W] (components in 3D), not a stack of unrelated slices."""
+    ``min_fraction`` of the largest one (specks on the table, clothes or bowel gas) and, given the
+    ``body`` mask (``io.body_mask``), components mostly outside the body (air between the back and the
+    table). The body rule is skipped when the largest component is itself mostly outside (a body mask
+    that failed, e.g. on a tight crop). ``label`` is one volume [D,H,W] (components in 3D)."""
     from scipy import ndimage
 
     lung = label > 0
     comp, n = ndimage.label(lung)
-    if n <= 1:
+    if n == 0:
         return label
-    sizes = ndimage.sum_labels(lung, comp, index=np.arange(1, n + 1))
-    keep = np.flatnonzero(sizes >= min_fraction * sizes.max()) + 1
+    idx = np.arange(1, n + 1)
+    sizes = ndimage.sum_labels(lung, comp, index=idx)
+    keep = sizes >= min_fraction * sizes.max()
+    if body is not None and body.shape == label.shape:
+        inside = ndimage.mean(body, comp, index=idx) >= 0.5
+        if inside[np.argmax(sizes)]:
+            keep &= inside
+    if keep.all():
+        return label
     out = label.copy()
-    out[~np.isin(comp, keep)] = 0
+    out[~np.isin(comp, idx[keep])] = 0
     return out
 
 
@@ -108,7 +118,7 @@ class Predictor:
         with EnergyMeter(self.model) as meter:
             so = self.run_slices(x, meter)
         probs = from_model_slices(np.concatenate([so.lung, so.infection], axis=1), ctx)
-        label_arr = keep_lung_components(_mask_label(probs[0], probs[1]))
+        label_arr = keep_lung_components(_mask_label(probs[0], probs[1]), body=body_mask(image))
         label = array_to_image(label_arr, image)
         report = self._report(label, so, meter, time.perf_counter() - t0)
         return label, report

@@ -227,31 +227,49 @@ def _check_geometry(img: sitk.Image, where: str) -> None:
                          "is not orthonormal")
 
 
-def lung_air_fraction(img: sitk.Image) -> float:
-    """Share of the body that is air-density (< -500 HU): lungs and airways in a chest, bowel gas elsewhere.
-
-    Body = largest connected region above -500 HU with its holes filled per axial slice (so air outside
-    the patient does not count). Large images are subsampled (a ratio does not need every voxel).
-    """
-    oriented = sitk.DICOMOrient(img, "LPS")
-    a = sitk.GetArrayViewFromImage(oriented)  # a view: ``oriented`` must stay alive
-    plane = [n for n in a.shape if n != 1]
-    if len(plane) == 2:  # a single slice (axial, coronal or sagittal): work in its own plane
-        a = a.reshape((1, *plane))
-    step = max(1, int(np.ceil(max(a.shape[1:]) / 256)))
-    zstep = max(1, int(np.ceil(a.shape[0] / 160)))
-    a = a[::zstep, ::step, ::step]
+def _body(a: np.ndarray) -> np.ndarray:
+    """[n, h, w] HU -> the body: the largest connected region above -500 HU, holes filled per plane."""
     body = a > -500.0
     lab, n = ndi.label(body)
     if n == 0:
-        return 0.0
+        return body
     if n > 1:
         sizes = np.bincount(lab.ravel())
         sizes[0] = 0
         body = lab == sizes.argmax()
     per_slice = np.zeros((3, 3, 3), dtype=bool)
     per_slice[1] = ndi.generate_binary_structure(2, 1)
-    filled = ndi.binary_fill_holes(body, structure=per_slice)
+    return ndi.binary_fill_holes(body, structure=per_slice)
+
+
+def _lps_planes(img: sitk.Image):
+    """-> (image in LPS order, its array as [planes, h, w]: axial slices, or the one slice's own plane)."""
+    oriented = sitk.DICOMOrient(img, "LPS")
+    a = sitk.GetArrayViewFromImage(oriented)  # a view: ``oriented`` must stay alive
+    plane = [n for n in a.shape if n != 1]
+    if len(plane) == 2:  # a single slice (axial, coronal or sagittal): work in its own plane
+        a = a.reshape((1, *plane))
+    return oriented, a
+
+
+def body_mask(img: sitk.Image) -> np.ndarray:
+    """Boolean [z, y, x] mask of the patient's body in ``img``'s own array layout (see ``_body``): air
+    outside it (room, table gap, clothes) is not lung."""
+    code = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(img.GetDirection())
+    oriented, a = _lps_planes(img)
+    m = sitk.GetImageFromArray(_body(a).reshape(sitk.GetArrayViewFromImage(oriented).shape).astype(np.uint8))
+    m.CopyInformation(oriented)
+    return sitk.GetArrayFromImage(sitk.DICOMOrient(m, code)).astype(bool)
+
+
+def lung_air_fraction(img: sitk.Image) -> float:
+    """Share of the body (``_body``) that is air-density (< -500 HU): lungs and airways in a chest,
+    bowel gas elsewhere. Large images are subsampled (a ratio does not need every voxel)."""
+    _, a = _lps_planes(img)
+    step = max(1, int(np.ceil(max(a.shape[1:]) / 256)))
+    zstep = max(1, int(np.ceil(a.shape[0] / 160)))
+    a = a[::zstep, ::step, ::step]
+    filled = _body(a)
     total = int(filled.sum())
     return float((filled & (a < -500.0)).sum()) / total if total else 0.0
 
