@@ -184,9 +184,9 @@ def test_oversampling_can_repeat_only_the_negatives_of_a_source():
     assert out.group.count("d") == 3 and out.group.count("e") == 1
 
 
-def test_evaluate_reports_false_infection_on_normal_slices(model_path):
+def test_evaluate_reports_false_infection_on_normal_slices(model_path, tmp_path):
     from hybrid_ct.checkpoint import load_checkpoint
-    from hybrid_ct.cli import evaluate_sets
+    from hybrid_ct.cli import _metrics_card, evaluate_sets
     from hybrid_ct.datasets import SourceSet
     from hybrid_ct.training import MISSING, SliceSet
 
@@ -200,6 +200,8 @@ def test_evaluate_reports_false_infection_on_normal_slices(model_path):
     assert v["slices"] == 3 and 0 <= v["with_infection"] <= 3 and 0 <= v["mean_infection_pct"] <= 100
     assert not any(k.startswith("infection/") for k in res["seg"])  # empty masks are not Dice targets
     assert res["cls"]["cls2d"]["n"] == 3
+    card = _metrics_card({"hybrid": res}, tmp_path / "results.md", tmp_path / "card.md")
+    assert f"| normal slices (cls2d, CT-0) with predicted infection | {v['with_infection']} / 3 | n/a | |" in card
 
 
 def test_scan_check_alignment_on_a_phantom(model_path, tmp_path, monkeypatch):

@@ -982,6 +982,10 @@ def _metrics_card(results: dict, out: Path, card: Path, note: str = "") -> str:
             ("energy E_hybrid / E_conv", ("energy", "ratio"), 0.2)]
     for label, ks, ref in rows:
         L.append(f"| {label} | {_fmt(g(h, *ks))} | {_fmt(g(tw, *ks)) if tw else 'n/a'} | {_fmt(ref)} |")
+    for name, v in (h.get("normal") or {}).items():
+        t = (tw.get("normal") or {}).get(name)
+        L.append(f"| normal slices ({name}, CT-0) with predicted infection | {v['with_infection']} / {v['slices']} | "
+                 + (f"{t['with_infection']} / {t['slices']}" if t else "n/a") + " | |")
     for name, s in (h.get("scan") or {}).items():
         a = s["agreement"].get("segmentation", {})
         L.append(f"| COVID-CT-MD {name} ({s['truth']}) | {s['call']}, p {s['probability']:.2f}, burden "
