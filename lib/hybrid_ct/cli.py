@@ -228,11 +228,11 @@ def _intensity_for(case: Case, requested: str) -> str:
         return requested
     low = case.path.name.lower()
     if case.kind == "2d" and low.endswith(PICTURE_SUFFIXES):
-        return "8bit"
+        return "8bit-auto"
     if low.endswith(".npy"):
         arr = np.load(case.path, mmap_mode="r", allow_pickle=False)
         if arr.dtype == np.uint8 or (arr.size and float(arr.min()) >= 0 and float(arr.max()) <= 255):
-            return "8bit"
+            return "8bit-auto"
     return "hu"
 
 
@@ -1041,9 +1041,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "or a folder of such files (each file is one case)")
     pr.add_argument("--model", default=str(SHIPPED_MODEL), help="checkpoint (default: the shipped model)")
     pr.add_argument("--out", required=True, help="output folder")
-    pr.add_argument("--intensity", choices=("auto", "hu", "8bit"), default="auto",
-                    help="hu: Hounsfield units; 8bit: 0..255 pictures already lung-windowed; auto (default): "
-                         "8bit for PNG/JPG and uint8 NPY, hu otherwise")
+    pr.add_argument("--intensity", choices=("auto", "hu", "8bit", "8bit-auto"), default="auto",
+                    help="hu: Hounsfield units; 8bit: 0..255 pictures windowed W1500/L-600; 8bit-auto: 0..255 "
+                         "pictures of unknown window, calibrated on their own lung and soft-tissue levels; "
+                         "auto (default): 8bit-auto for PNG/JPG and uint8 NPY, hu otherwise")
     pr.add_argument("--overlays", type=int, default=3, help="overlay slices per case (0: none)")
     pr.add_argument("--no-chest-check", action="store_true", help="skip the 'is this a chest CT' check")
     pr.add_argument("--batch-size", type=int, default=8)

@@ -51,7 +51,7 @@ from tqdm import tqdm
 
 from . import LABELS
 from .errors import InputError
-from .io import read_image
+from .io import otsu_threshold, read_image
 from .preprocess import WINDOW_HU, array_to_image, label_to_model_slices, to_model_slices, window
 from .training import MISSING, SliceSet, slices_from_arrays, split_by_group
 
@@ -171,26 +171,18 @@ def _stable_order(keys, seed=0):
 # orientation fixes and the classical weak lung mask
 
 def rotate_to_display(arr2d: np.ndarray, how: str | None) -> np.ndarray:
-    """Undo a known storage orientation: ``"transpose"`` (Ma Jun .npy), ``"rot90cw"`` (MedSeg), None."""
+    """Undo a known storage orientation: ``"transpose"`` (Ma Jun .npy), ``"rot90cw"`` (MedSeg, Ma Jun's
+    Radiopaedia pictures: anterior on the left), ``"rot90ccw"`` (Ma Jun's coronacases pictures: anterior
+    on the right), None."""
     if how is None:
         return arr2d
+    if how == "rot90ccw":
+        return np.ascontiguousarray(np.rot90(arr2d, k=1))
     if how == "transpose":
         return np.ascontiguousarray(arr2d.T)
     if how == "rot90cw":
         return np.ascontiguousarray(np.rot90(arr2d, k=-1))
     raise ValueError(how)
-
-
-def _otsu(values: np.ndarray, bins: int = 128) -> float:
-    hist, edges = np.histogram(values, bins=bins, range=(0.0, 1.0))
-    centers = (edges[:-1] + edges[1:]) / 2
-    w0 = np.cumsum(hist)
-    w1 = w0[-1] - w0
-    m0 = np.cumsum(hist * centers)
-    mu0 = m0 / np.maximum(w0, 1)
-    mu1 = (m0[-1] - m0) / np.maximum(w1, 1)
-    between = w0 * w1 * (mu0 - mu1) ** 2
-    return float(centers[int(np.argmax(between))])
 
 
 def _disk(r: int) -> np.ndarray:
@@ -217,7 +209,7 @@ def weak_lung_mask(img01: np.ndarray, infection: np.ndarray | None = None, clear
         raise InputError(f"weak_lung_mask needs one 2D slice, got shape {a.shape}")
     n = min(a.shape)
     s = ndi.gaussian_filter(a, sigma=max(1.0, n / 256))
-    t = float(np.clip(_otsu(s), 0.35, 0.75))
+    t = float(np.clip(otsu_threshold(s, value_range=(0.0, 1.0)), 0.35, 0.75))
     dark = s < t
     if clear_border:
         lab, k = ndi.label(dark)
@@ -330,7 +322,7 @@ def load_medseg(root=None, size: int = 256, weak_lung: bool = True, limit: int |
     parts, files = [], []
     for r in tqdm(rows, desc="medseg", unit="slice", disable=not progress, leave=False):
         stem = Path(r["path"]).stem
-        img = _picture_to_display_image(root / r["path"], "8bit", "rot90cw")
+        img = _picture_to_display_image(root / r["path"], "8bit-auto", "rot90cw")
         inf = _mask_file(root / "seg2d_medseg" / "infection_mask" / f"{stem}.png", "rot90cw") > 127
         label = inf.astype(np.uint8) * LABELS["infection"]
         if weak_lung:
@@ -340,6 +332,17 @@ def load_medseg(root=None, size: int = 256, weak_lung: bool = True, limit: int |
         parts.append(slices_from_arrays(x, lab, r["group"], diagnosis=1, lung_known=weak_lung))
         files.append(r["path"])
     return SourceSet("medseg", _stack(parts, size), weak_lung=weak_lung, files=files)
+
+
+def _cls2d_orientation(path: str) -> str | None:
+    """Ma Jun's 20-case pictures are stored turned: coronacases with anterior on the right, Radiopaedia
+    cases with anterior on the left (checked by eye on every case); the others are upright."""
+    name = Path(path).name
+    if name.startswith("majun20__coronacases"):
+        return "rot90ccw"
+    if name.startswith("majun20__radiopaedia"):
+        return "rot90cw"
+    return None
 
 
 def load_cls2d(root=None, size: int = 256, limit: int | None = None, progress: bool = False,
@@ -358,7 +361,7 @@ def load_cls2d(root=None, size: int = 256, limit: int | None = None, progress: b
     skipped = 0
     for r in tqdm(rows, desc="cls2d", unit="slice", disable=not progress, leave=False):
         try:
-            img = _picture_to_display_image(root / r["path"], "8bit", None)
+            img = _picture_to_display_image(root / r["path"], "8bit-auto", _cls2d_orientation(r["path"]))
         except InputError as e:
             skipped += 1
             log.warning("skipping %s: %s", r["path"], e)
@@ -406,7 +409,7 @@ def load_majun(root=None, size: int = 256, progress: bool = False) -> SourceSet:
     for p in sorted(folder.glob("*_image_slice_*.npy")):
         mask_p = folder / p.name.replace("_image_slice_", "_masks_slice_")
         raw = np.load(p, allow_pickle=False)
-        intensity = "hu" if raw.dtype.kind == "i" and raw.min() < 0 else "8bit"
+        intensity = "hu" if raw.dtype.kind == "i" and raw.min() < 0 else "8bit-auto"
         img = _picture_to_display_image(p, intensity, "transpose")
         lung = (_mask_file(mask_p, "transpose") > 0).astype(np.uint8) * LABELS["lung"]
         x, lab = slice_to_model(img, lung, size)
@@ -466,7 +469,7 @@ def load_prepared(folder, size: int = 256, limit: int | None = None, progress: b
         parts, files = [], []
         for r in tqdm(rows, desc=folder.name, unit="slice", disable=not progress, leave=False):
             try:
-                img = read_image(folder / r["path"], intensity="8bit")
+                img = read_image(folder / r["path"], intensity="8bit-auto")
             except InputError as e:
                 log.warning("skipping %s: %s", r["path"], e)
                 continue
@@ -584,7 +587,7 @@ def weak_mask_agreement(root=None) -> dict:
                 scores["imlab"].append(dice(weak_lung_mask(arr[z], clear_border=True), lab[z] > 0))
     for p in sorted((root / "lung2d_majun").glob("*_image_slice_*.npy")):
         raw = np.load(p)
-        intensity = "hu" if raw.dtype.kind == "i" and raw.min() < 0 else "8bit"
+        intensity = "hu" if raw.dtype.kind == "i" and raw.min() < 0 else "8bit-auto"
         img = _picture_to_display_image(p, intensity, "transpose")
         mask = _mask_file(p.with_name(p.name.replace("_image_slice_", "_masks_slice_")), "transpose") > 0
         scores["majun"].append(dice(weak_lung_mask(_window01(img), clear_border=True), mask))

@@ -15,6 +15,11 @@ from scipy import ndimage as ndi
 from hybrid_ct.errors import InputError
 from hybrid_ct.preprocess import WINDOW_HU
 
+# Anatomical reference levels of a chest slice in HU, measured by ``anatomy_levels`` on the real HU
+# slices in ../shared/data (imlab volumes, Ma Jun coronacases, LIDC; medians; tests/test_io.py
+# re-measures them): aerated lung parenchyma and the body's soft tissue (fat, muscle, blood).
+HU_LUNG, HU_TISSUE = -870.0, -15.0
+INTENSITIES = ("hu", "8bit", "8bit-auto")
 PICTURE_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 VOLUME_EXT = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 LABEL_VALUES = (0, 1, 2)
@@ -147,12 +152,14 @@ def _as_3d(img: sitk.Image, path: str) -> sitk.Image:
 def read_image(path, intensity: str = "hu") -> sitk.Image:
     """Read a CT as a 3D float32 image in HU (NIfTI, NRRD/MHA, DICOM folder or file, PNG/JPG/NPY slice).
 
-    ``intensity="8bit"`` is for pictures already windowed to 0..255: they are mapped linearly onto
-    ``WINDOW_HU`` so that windowing gives back v / 255. Structural problems (unreadable, empty, NaN,
+    ``intensity="8bit"`` is for pictures already windowed to 0..255 with the lung window: they are
+    mapped linearly onto ``WINDOW_HU`` so that windowing gives back v / 255. ``"8bit-auto"`` is for
+    pictures of unknown window (papers, other viewers): each slice is calibrated on its own anatomy
+    (``calibrate_8bit``), falling back to ``"8bit"`` where no body with lungs is found. Structural problems (unreadable, empty, NaN,
     unsupported pixel type, broken geometry) raise InputError; see ``check_ct`` for the rest.
     """
-    if intensity not in ("hu", "8bit"):
-        raise InputError(f"intensity must be 'hu' or '8bit', got {intensity!r}")
+    if intensity not in INTENSITIES:
+        raise InputError(f"intensity must be one of {INTENSITIES}, got {intensity!r}")
     if not isinstance(path, (str, os.PathLike)):
         raise InputError(f"expected a file or folder path, got {type(path).__name__}")
     path = os.fspath(path)
@@ -177,21 +184,87 @@ def read_image(path, intensity: str = "hu") -> sitk.Image:
                 _check_modality(path)  # a DICOM file (or another format SimpleITK knows)
         img = _as_3d(img, path)
     _check_pixels(img, path)
-    if intensity == "8bit":
-        img = _from_8bit(img, path)
+    if intensity in ("8bit", "8bit-auto"):
+        img = _from_8bit(img, path, calibrate=intensity == "8bit-auto")
     img = sitk.Cast(img, sitk.sitkFloat32)
     _check_values(img, path)
     _check_geometry(img, path)
     return img
 
 
-def _from_8bit(img: sitk.Image, where: str) -> sitk.Image:
+def _from_8bit(img: sitk.Image, where: str, calibrate: bool = False) -> sitk.Image:
     a = sitk.GetArrayViewFromImage(img)
     if a.size and (float(a.min()) < 0 or float(a.max()) > 255):
         raise InputError(f"{where} is not an 8-bit image (values {a.min():g}..{a.max():g}); "
                          "use intensity='hu' for Hounsfield units")
     lo, hi = WINDOW_HU
-    return sitk.Cast(img, sitk.sitkFloat32) * ((hi - lo) / 255.0) + lo
+    if not calibrate:
+        return sitk.Cast(img, sitk.sitkFloat32) * ((hi - lo) / 255.0) + lo
+    hu = np.stack([calibrate_8bit(s) for s in np.asarray(a, np.float32)])
+    out = sitk.GetImageFromArray(hu.astype(np.float32))
+    out.CopyInformation(img)
+    return out
+
+
+def otsu_threshold(values: np.ndarray, bins: int = 128, value_range=None) -> float:
+    """Otsu's threshold of ``values``; the histogram spans ``value_range`` (default: min..max)."""
+    values = np.asarray(values, np.float64).ravel()
+    lo, hi = value_range or (float(values.min()), float(values.max()))
+    if hi <= lo:
+        return lo
+    hist, edges = np.histogram(values, bins=bins, range=(lo, hi))
+    centers = (edges[:-1] + edges[1:]) / 2
+    w0 = np.cumsum(hist)
+    w1 = w0[-1] - w0
+    m0 = np.cumsum(hist * centers)
+    mu0 = m0 / np.maximum(w0, 1)
+    mu1 = (m0[-1] - m0) / np.maximum(w1, 1)
+    return float(centers[int(np.argmax(w0 * w1 * (mu0 - mu1) ** 2))])
+
+
+def anatomy_levels(a2d: np.ndarray):
+    """-> (lung level, soft-tissue level) of one axial chest slice in its own intensity scale, or None.
+
+    Otsu (on the pixels strictly between the slice's minimum and maximum: no padding, no saturated
+    pixels) splits dark (air) from bright (tissue); the body is the largest bright region; the lungs are
+    the dark pixels it encloses. Levels are medians. HU slices are clipped to the lung window first.
+    A crop whose lungs touch the border falls back to the medians of the two Otsu classes; None when
+    even those are degenerate (an almost uniform picture)."""
+    a = np.asarray(a2d, np.float32)
+    if a.min() < -200:  # Hounsfield units
+        a = np.clip(a, *WINDOW_HU)
+    inner = a[(a > a.min()) & (a < a.max())]  # without padding and saturated pixels
+    if inner.size < 0.05 * a.size:
+        return None
+    t = otsu_threshold(inner)
+    bright = a > t
+    lab, n = ndi.label(bright)
+    if n == 0:
+        return None
+    sizes = np.bincount(lab.ravel())
+    sizes[0] = 0
+    body = lab == sizes.argmax()
+    lung = ndi.binary_fill_holes(body) & ~body
+    if lung.sum() >= 0.02 * a.size and body.sum() >= 0.05 * a.size:
+        return float(np.median(a[lung])), float(np.median(a[body]))
+    # a crop whose lungs touch the border: the two Otsu classes of the inner pixels
+    dark, light = inner[inner <= t], inner[inner > t]
+    if min(dark.size, light.size) < 0.05 * inner.size:
+        return None
+    return float(np.median(dark)), float(np.median(light))
+
+
+def calibrate_8bit(g: np.ndarray) -> np.ndarray:
+    """One 8-bit picture of a chest slice -> HU, by mapping its lung and soft-tissue levels
+    (``anatomy_levels``) linearly onto ``HU_LUNG`` / ``HU_TISSUE``; the fixed lung-window mapping
+    where the levels are not found or implausible (less than 20 grey levels apart)."""
+    g = np.asarray(g, np.float32)
+    lv = anatomy_levels(g)
+    if lv is None or lv[1] - lv[0] < 20:
+        lo, hi = WINDOW_HU
+        return g * ((hi - lo) / 255.0) + lo
+    lung, tissue = lv
+    return HU_LUNG + (g - lung) * (HU_TISSUE - HU_LUNG) / (tissue - lung)
 
 
 def _check_pixels(img, where: str) -> None:
