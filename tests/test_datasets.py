@@ -138,3 +138,16 @@ def test_scan_check_cases_and_labels(shared_data):
     assert set(cases) == {"P001", "normal001"}
     labels = D.read_slice_labels(cases["P001"]["slice_labels"])
     assert len(labels) == 148 and set(labels.values()) == {0, 1}
+
+
+@pytest.mark.parametrize("stem", ["majun20__coronacases_org_003", "majun20__radiopaedia_org_covid-19-pneumonia-4_"])
+def test_majun_pictures_turned_upright(shared_data, stem):
+    files = sorted((shared_data / "cls2d" / "covid").glob(stem + "*"))
+    if not files:
+        pytest.skip(f"no {stem} pictures in this copy of the data")
+    from hybrid_ct.io import body_mask
+
+    for f in files[len(files) // 3:: max(1, len(files) // 4)]:
+        for orient, wide in ((None, False), (D._cls2d_orientation(f.name), True)):
+            h, w = _bbox_hw(body_mask(D._picture_to_display_image(f, "8bit-auto", orient))[0])
+            assert (w > 1.15 * h if wide else h > 1.15 * w), f.name  # a chest is wider than deep

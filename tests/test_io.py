@@ -253,3 +253,57 @@ def test_read_label_refuses_wrong_size_and_values(small_phantom, tmp_path):
     moved.SetOrigin((100.0, 0.0, 0.0))
     with pytest.raises(InputError, match="not lie on the image grid"):
         read_label(write_image(moved, tmp_path / "moved.nii.gz"), img)
+
+
+def _real_hu_slices(shared_data):
+    out = []
+    for f in sorted((shared_data / "lung3d_imlab").glob("*image*")):
+        v = sitk.GetArrayFromImage(read_image(f))
+        out += [v[z] for z in (20, 32, 44)]
+    out += [np.load(f) for f in sorted((shared_data / "lung2d_majun").glob("coronacases*image*.npy"))]
+    out.append(sitk.GetArrayFromImage(read_image(shared_data / "dicom_misc" / "lidc_slice" / "0.dcm"))[0])
+    return out
+
+
+def test_reference_levels_are_the_real_hu_medians(shared_data):
+    from hybrid_ct.io import HU_LUNG, HU_TISSUE, anatomy_levels
+
+    levels = np.array([anatomy_levels(a) for a in _real_hu_slices(shared_data)])
+    assert len(levels) == 10
+    lung, tissue = np.median(levels, axis=0)
+    assert abs(lung - HU_LUNG) < 10 and abs(tissue - HU_TISSUE) < 10
+    assert (levels[:, 0] < -650).all() and (np.abs(levels[:, 1]) < 100).all()
+
+
+@pytest.mark.parametrize("width,level", [(1500, -600), (2000, -500), (1000, -700), (1200, -200)])
+def test_calibration_undoes_an_unknown_window(shared_data, width, level):
+    from hybrid_ct.io import anatomy_levels, calibrate_8bit
+
+    hu = np.load(shared_data / "lung2d_majun" / "coronacases_001_image_slice_110.npy").astype(np.float32)
+    g = np.round(np.clip((hu - (level - width / 2)) / width, 0, 1) * 255)  # an 8-bit picture of that window
+    back = calibrate_8bit(g)
+    lung_hu, tissue_hu = anatomy_levels(hu)
+    lung_b, tissue_b = anatomy_levels(back)
+    assert abs(lung_b - lung_hu) < 80 and abs(tissue_b - tissue_hu) < 80
+    unsat = (g > 0) & (g < 255)
+    assert np.median(np.abs(back - hu)[unsat]) < 120  # grey levels land near their HU
+
+
+def test_calibration_falls_back_to_the_lung_window_on_a_flat_picture():
+    from hybrid_ct.io import calibrate_8bit
+
+    g = np.full((32, 32), 100.0)
+    np.testing.assert_allclose(window(calibrate_8bit(g)), 100 / 255, atol=1e-6)
+
+
+def test_8bit_auto_puts_a_mosmed_picture_on_the_hu_scale(shared_data):
+    from hybrid_ct.io import HU_LUNG, HU_TISSUE, anatomy_levels
+
+    path = shared_data / "cls2d" / "noncovid" / "mosmed_CT0__img0.jpg"
+    if not path.exists():
+        pytest.skip(f"{path} not in this copy of the data")
+    fixed = sitk.GetArrayFromImage(read_image(path, intensity="8bit"))[0]
+    auto = sitk.GetArrayFromImage(read_image(path, intensity="8bit-auto"))[0]
+    assert abs(anatomy_levels(auto)[0] - HU_LUNG) < 5
+    lung, tissue = anatomy_levels(fixed)  # without calibration: denser lungs, soft tissue read as fat-and-air
+    assert lung > HU_LUNG + 100 and tissue < HU_TISSUE - 200
