@@ -85,8 +85,8 @@ def test_predict_2d_picture_and_npy(model_path, shared_data, tmp_path):
     assert np.load(tmp_path / "coronacases_001_image_slice_98_label.npy").shape == (512, 512)
     assert np.load(tmp_path / "medseg_0_uint8_label.npy").shape == np.asarray(Image.open(jpg)).shape
     reps = {p.stem: json.loads(p.read_text()) for p in tmp_path.glob("*.json")}
-    assert reps["0"]["intensity"] == "8bit" and reps["coronacases_001_image_slice_98"]["intensity"] == "hu"
-    assert reps["medseg_0_uint8"]["intensity"] == "8bit"
+    assert reps["0"]["intensity"] == "8bit-auto" and reps["coronacases_001_image_slice_98"]["intensity"] == "hu"
+    assert reps["medseg_0_uint8"]["intensity"] == "8bit-auto"
     assert (tmp_path / "0_overlay.png").is_file()
 
 
