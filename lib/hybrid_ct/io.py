@@ -155,8 +155,9 @@ def read_image(path, intensity: str = "hu") -> sitk.Image:
     ``intensity="8bit"`` is for pictures already windowed to 0..255 with the lung window: they are
     mapped linearly onto ``WINDOW_HU`` so that windowing gives back v / 255. ``"8bit-auto"`` is for
     pictures of unknown window (papers, other viewers): each slice is calibrated on its own anatomy
-    (``calibrate_8bit``), falling back to ``"8bit"`` where no body with lungs is found. Structural problems (unreadable, empty, NaN,
-    unsupported pixel type, broken geometry) raise InputError; see ``check_ct`` for the rest.
+    (``calibrate_8bit``), falling back to ``"8bit"`` on an almost uniform picture. Structural problems
+    (unreadable, empty, NaN, unsupported pixel type, broken geometry) raise InputError; see ``check_ct``
+    for the rest.
     """
     if intensity not in INTENSITIES:
         raise InputError(f"intensity must be one of {INTENSITIES}, got {intensity!r}")
