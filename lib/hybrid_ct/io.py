@@ -302,7 +302,8 @@ def _check_geometry(img: sitk.Image, where: str) -> None:
 
 
 def _body(a: np.ndarray) -> np.ndarray:
-    """[n, h, w] HU -> the body: the largest connected region above -500 HU, holes filled per plane."""
+    """[n, h, w] HU -> the body: the largest connected region above -500 HU, holes filled per plane
+    (background regions of a plane that do not reach its border)."""
     body = a > -500.0
     lab, n = ndi.label(body)
     if n == 0:
@@ -313,7 +314,9 @@ def _body(a: np.ndarray) -> np.ndarray:
         body = lab == sizes.argmax()
     per_slice = np.zeros((3, 3, 3), dtype=bool)
     per_slice[1] = ndi.generate_binary_structure(2, 1)
-    return ndi.binary_fill_holes(body, structure=per_slice)
+    bg, _ = ndi.label(~body, structure=per_slice)
+    edge = np.unique(np.concatenate([bg[:, 0].ravel(), bg[:, -1].ravel(), bg[:, :, 0].ravel(), bg[:, :, -1].ravel()]))
+    return body | ~np.isin(bg, edge)
 
 
 def _lps_planes(img: sitk.Image):
@@ -331,7 +334,11 @@ def body_mask(img: sitk.Image) -> np.ndarray:
     outside it (room, table gap, clothes) is not lung."""
     code = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(img.GetDirection())
     oriented, a = _lps_planes(img)
-    m = sitk.GetImageFromArray(_body(a).reshape(sitk.GetArrayViewFromImage(oriented).shape).astype(np.uint8))
+    k = 2 if max(a.shape[1:]) > 256 else 1  # in-plane stride: a body outline needs no sub-millimetre detail
+    body = _body(a[:, ::k, ::k])
+    if k > 1:
+        body = body.repeat(k, axis=1).repeat(k, axis=2)[:, : a.shape[1], : a.shape[2]]
+    m = sitk.GetImageFromArray(body.reshape(sitk.GetArrayViewFromImage(oriented).shape).astype(np.uint8))
     m.CopyInformation(oriented)
     return sitk.GetArrayFromImage(sitk.DICOMOrient(m, code)).astype(bool)
 
