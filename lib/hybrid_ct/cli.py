@@ -556,10 +556,10 @@ def evaluate_sets(model, val_sets: list, batch_size: int = 16, progress: bool = 
             n_slices += len(sl)
             res["n"][s.name] = {"slices": len(sl), "groups": len(set(sl.group))}
             pred = _mask_label(so.lung[:, 0], so.infection[:, 0])
-            normal = [i for i in range(len(sl)) if sl.lung[i, 0, 0] == MISSING and sl.infection[i, 0, 0] != MISSING
-                      and not sl.infection[i].any()]  # slices of normal studies: derived empty infection mask
+            normal = {i for i in range(len(sl)) if sl.lung[i, 0, 0] == MISSING and sl.infection[i, 0, 0] != MISSING
+                      and not sl.infection[i].any()}  # slices of normal studies: derived empty infection mask
             if normal:
-                frac = (pred[normal] == 2).mean(axis=(1, 2))
+                frac = (pred[sorted(normal)] == 2).mean(axis=(1, 2))
                 res.setdefault("normal", {})[s.name] = {
                     "slices": len(normal), "with_infection": int((frac >= NORMAL_FP_FRACTION).sum()),
                     "mean_infection_pct": float(100 * frac.mean())}

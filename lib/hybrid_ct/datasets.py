@@ -281,6 +281,11 @@ def slice_to_model(img: sitk.Image, label2d: np.ndarray | None, size: int):
     return x, label_to_model_slices(lab_img, ctx)
 
 
+def _npy_intensity(raw: np.ndarray) -> str:
+    """Ma Jun's .npy slices: signed integers with negatives are HU, the rest 8-bit pictures."""
+    return "hu" if raw.dtype.kind == "i" and raw.min() < 0 else "8bit-auto"
+
+
 def _window01(img: sitk.Image) -> np.ndarray:
     return window(sitk.GetArrayViewFromImage(img)[0])
 
@@ -408,9 +413,7 @@ def load_majun(root=None, size: int = 256, progress: bool = False) -> SourceSet:
     parts, files = [], []
     for p in sorted(folder.glob("*_image_slice_*.npy")):
         mask_p = folder / p.name.replace("_image_slice_", "_masks_slice_")
-        raw = np.load(p, allow_pickle=False)
-        intensity = "hu" if raw.dtype.kind == "i" and raw.min() < 0 else "8bit-auto"
-        img = _picture_to_display_image(p, intensity, "transpose")
+        img = _picture_to_display_image(p, _npy_intensity(np.load(p, allow_pickle=False)), "transpose")
         lung = (_mask_file(mask_p, "transpose") > 0).astype(np.uint8) * LABELS["lung"]
         x, lab = slice_to_model(img, lung, size)
         parts.append(slices_from_arrays(x, lab, canonical_group(p.name), lung_known=True, infection_known=False))
@@ -586,9 +589,7 @@ def weak_mask_agreement(root=None) -> dict:
             if lab[z].sum() > 0.02 * lab[z].size:
                 scores["imlab"].append(dice(weak_lung_mask(arr[z], clear_border=True), lab[z] > 0))
     for p in sorted((root / "lung2d_majun").glob("*_image_slice_*.npy")):
-        raw = np.load(p)
-        intensity = "hu" if raw.dtype.kind == "i" and raw.min() < 0 else "8bit-auto"
-        img = _picture_to_display_image(p, intensity, "transpose")
+        img = _picture_to_display_image(p, _npy_intensity(np.load(p, allow_pickle=False)), "transpose")
         mask = _mask_file(p.with_name(p.name.replace("_image_slice_", "_masks_slice_")), "transpose") > 0
         scores["majun"].append(dice(weak_lung_mask(_window01(img), clear_border=True), mask))
     return {k: {"n": len(v), "dice_mean": float(np.mean(v)) if v else float("nan"),

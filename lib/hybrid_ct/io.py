@@ -198,13 +198,17 @@ def _from_8bit(img: sitk.Image, where: str, calibrate: bool = False) -> sitk.Ima
     if a.size and (float(a.min()) < 0 or float(a.max()) > 255):
         raise InputError(f"{where} is not an 8-bit image (values {a.min():g}..{a.max():g}); "
                          "use intensity='hu' for Hounsfield units")
-    lo, hi = WINDOW_HU
-    if not calibrate:
-        return sitk.Cast(img, sitk.sitkFloat32) * ((hi - lo) / 255.0) + lo
-    hu = np.stack([calibrate_8bit(s) for s in np.asarray(a, np.float32)])
+    to_hu = calibrate_8bit if calibrate else _lung_window_hu
+    hu = np.stack([to_hu(s) for s in np.asarray(a, np.float32)])
     out = sitk.GetImageFromArray(hu.astype(np.float32))
     out.CopyInformation(img)
     return out
+
+
+def _lung_window_hu(g: np.ndarray) -> np.ndarray:
+    """0..255 grey levels of a picture exported with the lung window -> HU (``WINDOW_HU``)."""
+    lo, hi = WINDOW_HU
+    return np.asarray(g, np.float32) * ((hi - lo) / 255.0) + lo
 
 
 def otsu_threshold(values: np.ndarray, bins: int = 128, value_range=None) -> float:
@@ -238,14 +242,10 @@ def anatomy_levels(a2d: np.ndarray):
     if inner.size < 0.05 * a.size:
         return None
     t = otsu_threshold(inner)
-    bright = a > t
-    lab, n = ndi.label(bright)
-    if n == 0:
+    body, filled = (m[0] for m in _largest_filled((a > t)[None]))
+    if not body.any():
         return None
-    sizes = np.bincount(lab.ravel())
-    sizes[0] = 0
-    body = lab == sizes.argmax()
-    lung = ndi.binary_fill_holes(body) & ~body
+    lung = filled & ~body
     if lung.sum() >= 0.02 * a.size and body.sum() >= 0.05 * a.size:
         return float(np.median(a[lung])), float(np.median(a[body]))
     # a crop whose lungs touch the border: the two Otsu classes of the inner pixels
@@ -262,8 +262,7 @@ def calibrate_8bit(g: np.ndarray) -> np.ndarray:
     g = np.asarray(g, np.float32)
     lv = anatomy_levels(g)
     if lv is None or lv[1] - lv[0] < 20:
-        lo, hi = WINDOW_HU
-        return g * ((hi - lo) / 255.0) + lo
+        return _lung_window_hu(g)
     lung, tissue = lv
     return HU_LUNG + (g - lung) * (HU_TISSUE - HU_LUNG) / (tissue - lung)
 
@@ -301,22 +300,27 @@ def _check_geometry(img: sitk.Image, where: str) -> None:
                          "is not orthonormal")
 
 
-def _body(a: np.ndarray) -> np.ndarray:
-    """[n, h, w] HU -> the body: the largest connected region above -500 HU, holes filled per plane
-    (background regions of a plane that do not reach its border)."""
-    body = a > -500.0
-    lab, n = ndi.label(body)
+def _largest_filled(mask: np.ndarray):
+    """[n, h, w] bool -> (its largest connected region, that region with its holes filled per plane:
+    background regions of a plane that do not reach the plane's border)."""
+    lab, n = ndi.label(mask)
     if n == 0:
-        return body
+        return mask, mask
+    region = mask
     if n > 1:
         sizes = np.bincount(lab.ravel())
         sizes[0] = 0
-        body = lab == sizes.argmax()
+        region = lab == sizes.argmax()
     per_slice = np.zeros((3, 3, 3), dtype=bool)
     per_slice[1] = ndi.generate_binary_structure(2, 1)
-    bg, _ = ndi.label(~body, structure=per_slice)
+    bg, _ = ndi.label(~region, structure=per_slice)
     edge = np.unique(np.concatenate([bg[:, 0].ravel(), bg[:, -1].ravel(), bg[:, :, 0].ravel(), bg[:, :, -1].ravel()]))
-    return body | ~np.isin(bg, edge)
+    return region, region | ~np.isin(bg, edge)
+
+
+def _body(a: np.ndarray) -> np.ndarray:
+    """[n, h, w] HU -> the body: the largest connected region above -500 HU, holes filled per plane."""
+    return _largest_filled(a > -500.0)[1]
 
 
 def _lps_planes(img: sitk.Image):
