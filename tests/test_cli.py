@@ -156,6 +156,11 @@ def test_train_quick_then_evaluate(shared_data, tmp_path):
     assert hyb.stat().st_size < 20 * 2**20
     _, tmeta = load_checkpoint(twin)
     assert tmeta["kind"] == "cnn_twin" and tmeta["net"]["spiking"] is False
+    conv = meta["conversion"]  # the quick recipe starts the hybrid from its twin, like the shipped one
+    assert conv["bn_scale"] in (2.0, 3.0) and set(conv["val_score_by_bn_scale"]) == {"2.0", "3.0"}
+    assert "initialised from the trained twin" in card.read_text()
+    assert main(["-q", "train", "--recipe", "quick", "--data", str(shared_data), "--out", str(hyb), "--no-twin",
+                 "--sources", "medseg", "--limit", "2", "--phantoms", "1"]) != 0  # conversion needs the twin
     assert "old" not in card.read_text() and "Recipe `quick`" in card.read_text()
 
     out = tmp_path / "docs" / "results.md"

@@ -177,3 +177,20 @@ def test_body_mask_in_the_images_own_layout(small_phantom):
     flipped = sitk.Flip(img, [True, False, True])  # another index layout of the same patient
     assert np.array_equal(body_mask(flipped), sitk.GetArrayFromImage(sitk.Flip(
         sitk.GetImageFromArray(body.astype(np.uint8)), [True, False, True])).astype(bool))
+
+
+def test_recalibrate_batchnorm_re_estimates_statistics_from_the_data(trained):
+    from hybrid_ct.training import recalibrate_batchnorm
+
+    _, _, data = trained
+    model = HybridMultiTaskNet(NetConfig(**TINY))
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert recalibrate_batchnorm(model, data, n_slices=16, batch_size=8) == 16
+    first = [m.running_mean.clone() for m in bns]
+    assert not model.training and all(m.momentum == 0.1 for m in bns)  # momentum restored, eval mode
+    assert any(f.abs().sum() > 0 for f in first)  # the fresh statistics (zeros) were replaced
+    for m in bns:  # stale statistics from elsewhere are forgotten, not averaged in
+        m.running_mean.fill_(5.0)
+    recalibrate_batchnorm(model, data, n_slices=16, batch_size=8)
+    for f, m in zip(first, bns):
+        torch.testing.assert_close(m.running_mean, f)

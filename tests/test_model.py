@@ -216,3 +216,32 @@ def test_folding_batchnorm_keeps_the_output(x, spiking):
     # spikes may flip only where a membrane sits within float rounding of the threshold
     for k in ("lung", "infection"):
         assert (a[k] - b[k]).abs().max() < 1e-2, k
+
+
+def test_from_twin_copies_weights_and_scales_batchnorm(x):
+    from hybrid_ct.model import from_twin
+
+    torch.manual_seed(1)
+    twin = HybridMultiTaskNet(cnn_twin(tiny()))
+    for m in twin.modules():  # a trained twin has non-trivial affine parameters
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            torch.nn.init.uniform_(m.weight, 0.5, 1.5)
+            torch.nn.init.uniform_(m.bias, -0.2, 0.2)
+    snn = from_twin(twin, tiny(), bn_scale=3.0)
+    assert snn.cfg.spiking and any(isinstance(m, neuron.BaseNode) for m in snn.modules())
+    a, b = twin.state_dict(), snn.state_dict()
+    assert a.keys() == b.keys()
+    scaled = {n + s for n, m in snn.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+              for s in (".weight", ".bias")}
+    assert scaled
+    for k in a:
+        if k in scaled:
+            torch.testing.assert_close(b[k], 3.0 * a[k])
+        else:
+            assert torch.equal(a[k], b[k]), k
+    out = snn.eval()(x)
+    assert set(out["lung"].unique().tolist()) != set() and torch.isfinite(out["lung"]).all()
+    with pytest.raises(ValueError):
+        from_twin(snn, tiny(), 3.0)  # a spiking network is not a twin
+    with pytest.raises(ValueError):
+        from_twin(twin, cnn_twin(tiny()), 3.0)  # nor is the target a twin

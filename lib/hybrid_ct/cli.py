@@ -65,7 +65,9 @@ RECIPES = {
                 "surrogate": "atan", "skip": True},
         "train": {"epochs": 8, "batch_size": 8, "lr": 2e-3, "weight_decay": 1e-4, "negative_fraction": 1.0,
                   "augment": True, "seg_loss": "focal", "infection_loss": "dice_focal",
-                  "lambdas": {"cls": 1.0, "lung": 1.0, "infection": 2.0}, "max_iters_per_epoch": 200, "seed": 0},
+                  "lambdas": {"cls": 1.0, "lung": 1.0, "infection": 2.0}, "max_iters_per_epoch": 200, "seed": 0,
+                  # the hybrid starts from the trained twin (ANN-to-SNN conversion) and is fine-tuned
+                  "from_twin": {"bn_scales": [2.0, 3.0, 4.0], "calib_slices": 240, "epochs": 8, "lr": 1e-3}},
         "data": {"sources": ["medseg", "cls2d", "imlab", "majun"], "phantoms": 24, "phantom_shape": [32, 128, 128],
                  "limit": None, "val_fraction": 0.2, "split_seed": 2, "weak_lung": True, "normal_infection": True,
                  "oversample": {"medseg": 4, "imlab": 2, "majun": 8, "cls2d/negative": 4}, "curve_val_slices": 384},
@@ -76,7 +78,8 @@ RECIPES = {
                 "surrogate": "atan", "skip": True},
         "train": {"epochs": 1, "batch_size": 4, "lr": 2e-3, "weight_decay": 1e-4, "negative_fraction": 1.0,
                   "augment": False, "seg_loss": "focal", "infection_loss": "dice_focal",
-                  "lambdas": {"cls": 1.0, "lung": 1.0, "infection": 2.0}, "max_iters_per_epoch": 2, "seed": 0},
+                  "lambdas": {"cls": 1.0, "lung": 1.0, "infection": 2.0}, "max_iters_per_epoch": 2, "seed": 0,
+                  "from_twin": {"bn_scales": [2.0, 3.0], "calib_slices": 8, "epochs": 1, "lr": 1e-3}},
         "data": {"sources": ["medseg", "cls2d", "imlab", "majun"], "phantoms": 3, "phantom_shape": [12, 64, 64],
                  "limit": 8, "val_fraction": 0.3, "split_seed": 0, "weak_lung": True, "normal_infection": True,
                  "oversample": {"medseg": 2, "cls2d/negative": 2}, "curve_val_slices": 16},
@@ -419,8 +422,9 @@ def _slim_history(history: list) -> list:
     return jsonable(out)
 
 
-def train_one(kind: str, cfg, train, val, tcfg, out: Path, meta: dict, progress: bool = True) -> dict:
-    """Fit one network (hybrid or CNN twin), saving the checkpoint after every epoch and at the end."""
+def train_one(kind: str, cfg, train, val, tcfg, out: Path, meta: dict, progress: bool = True, model=None) -> dict:
+    """Fit one network (hybrid or CNN twin; ``model`` to fine-tune an initialised one), saving the
+    checkpoint after every epoch and at the end."""
     import torch
 
     from .checkpoint import save_checkpoint
@@ -428,7 +432,7 @@ def train_one(kind: str, cfg, train, val, tcfg, out: Path, meta: dict, progress:
     from .training import fit
 
     torch.manual_seed(tcfg.seed)
-    model = HybridMultiTaskNet(cfg)
+    model = model if model is not None else HybridMultiTaskNet(cfg)
     t0 = time.perf_counter()
     iters = {"n": 0}
     base_meta = dict(meta, kind=kind, net=cfg.to_dict(), parameters=count_parameters(model))
@@ -459,6 +463,32 @@ def train_one(kind: str, cfg, train, val, tcfg, out: Path, meta: dict, progress:
     return final
 
 
+def convert_twin(twin_path: Path, cfg, conv: dict, train, val, tcfg):
+    """The spiking network from the trained twin (``model.from_twin``): for each BatchNorm scale in
+    ``conv["bn_scales"]``, convert, re-estimate the BatchNorm statistics on ``conv["calib_slices"]``
+    training slices and score it on the validation curve slices; keep the best. -> (model, record)."""
+    import torch
+
+    from .checkpoint import load_checkpoint
+    from .model import from_twin
+    from .training import evaluate, recalibrate_batchnorm
+
+    t0 = time.perf_counter()
+    twin, _ = load_checkpoint(twin_path, tcfg.device)
+    best, scores = None, {}
+    for k in conv["bn_scales"]:
+        model = from_twin(twin, cfg, float(k))
+        recalibrate_batchnorm(model, train, conv["calib_slices"], tcfg.batch_size, tcfg.device, tcfg.seed)
+        with torch.no_grad():
+            scores[str(k)] = evaluate(model, val, tcfg.batch_size, tcfg.device)["score"]
+        log.info("conversion: BatchNorm scale %s -> validation score %.3f (before fine-tuning)", k, scores[str(k)])
+        if best is None or scores[str(k)] > scores[str(best[0])]:
+            best = (k, model)
+    record = {"from": str(twin_path), "bn_scale": best[0], "val_score_by_bn_scale": scores,
+              "calib_slices": conv["calib_slices"], "seconds": time.perf_counter() - t0}
+    return best[1], record
+
+
 def cmd_train(args) -> int:
     from dataclasses import replace
 
@@ -467,6 +497,8 @@ def cmd_train(args) -> int:
     from .training import TrainConfig
 
     recipe = resolve_recipe(args)
+    if recipe["train"].get("from_twin") and args.no_twin:
+        raise InputError(f"recipe {recipe['name']!r} starts the hybrid network from its CNN twin: drop --no-twin")
     root = data_root(args.data)
     size = recipe["net"]["in_size"]
     t0 = time.perf_counter()
@@ -500,11 +532,20 @@ def cmd_train(args) -> int:
     }
     results = {}
     out = Path(args.out)
-    results["hybrid"] = train_one("hybrid", cfg, train, curve_val, tcfg, out, meta, progress=not args.quiet)
-    if not args.no_twin:
-        twin_out = Path(args.twin_out) if args.twin_out else out.with_name(out.stem + "_twin.pt")
+    twin_out = Path(args.twin_out) if args.twin_out else out.with_name(out.stem + "_twin.pt")
+    conv = recipe["train"].get("from_twin")
+    if conv:  # twin first, then the spiking network converted from it and fine-tuned
         results["twin"] = train_one("cnn_twin", cnn_twin(cfg), train, curve_val, replace(tcfg), twin_out, meta,
                                     progress=not args.quiet)
+        model, meta["conversion"] = convert_twin(twin_out, cfg, conv, train, curve_val, tcfg)
+        ft = replace(tcfg, epochs=conv["epochs"], lr=conv["lr"])
+        results["hybrid"] = train_one("hybrid", cfg, train, curve_val, ft, out, meta, progress=not args.quiet,
+                                      model=model)
+    else:
+        results["hybrid"] = train_one("hybrid", cfg, train, curve_val, tcfg, out, meta, progress=not args.quiet)
+        if not args.no_twin:
+            results["twin"] = train_one("cnn_twin", cnn_twin(cfg), train, curve_val, replace(tcfg), twin_out, meta,
+                                        progress=not args.quiet)
     total = time.perf_counter() - t0
     print(f"trained in {total / 60:.1f} min: hybrid {results['hybrid']['s_per_iter']:.2f} s/iteration"
           + (f", twin {results['twin']['s_per_iter']:.2f} s/iteration" if "twin" in results else "")
@@ -793,7 +834,15 @@ def render_results(results: dict, recipe: dict, figures: dict, weak: dict, out: 
     net = h["net"]
     L += ["", f"Network: {net['levels']} levels, base {net['base_channels']} channels, T = {net['time_steps']}, "
           f"{net['in_size']}x{net['in_size']} slices, {net['neuron'].upper()} tau {net['tau']}, surrogate {net['surrogate']}. "
-          f"The twin is the same topology with ReLU and T = 1, trained by the same recipe (`{recipe.get('name', '?')}`).", ""]
+          f"The twin is the same topology with ReLU and T = 1, trained by the same recipe (`{recipe.get('name', '?')}`)."]
+    conv = h["meta"].get("conversion")
+    if conv:
+        L.append(f"The hybrid network starts from the trained twin (ANN-to-SNN conversion: the twin's weights, every "
+                 f"BatchNorm's gamma and beta x {conv['bn_scale']}, BatchNorm statistics re-estimated on "
+                 f"{conv['calib_slices']} spiking training slices) and is then fine-tuned with surrogate gradients for "
+                 f"{h['meta'].get('iterations')} iterations. Validation score before fine-tuning by BatchNorm scale: "
+                 f"{', '.join(f'{k}: {v:.3f}' for k, v in conv['val_score_by_bn_scale'].items())} (best kept).")
+    L.append("")
     split = h["meta"].get("split") or {}
     L += ["## Validation split", "",
           f"Validation = groups (patient / study / slice ids from `MANIFEST.csv`, Ma Jun's cases merged across "
@@ -954,6 +1003,12 @@ def _training_card(results: dict, meta: dict, total_s: float, out: Path) -> str:
         t = results["twin"]
         L.append(f"- CNN twin: {t['parameters']:,} parameters, {t['iterations']} iterations, {t['s_per_iter']:.2f} "
                  f"s/iteration, {t['train_seconds'] / 60:.1f} min")
+    if "conversion" in meta:
+        c = meta["conversion"]
+        L.append(f"- Hybrid initialised from the trained twin (ANN-to-SNN conversion, then the surrogate-gradient "
+                 f"fine-tuning above): BatchNorm scale {c['bn_scale']} picked by validation score "
+                 f"{json.dumps({k: round(v, 3) for k, v in c['val_score_by_bn_scale'].items()})} after "
+                 f"re-estimating BatchNorm statistics on {c['calib_slices']} training slices ({c['seconds']:.0f} s)")
     L.append(f"- Whole command: {total_s / 60:.1f} min (data loading {meta['data_seconds']:.0f} s)")
     return "\n".join(L)
 

@@ -415,6 +415,26 @@ def fold_batchnorm(model: HybridMultiTaskNet) -> HybridMultiTaskNet:
     return folded
 
 
+@torch.no_grad()
+def from_twin(twin: "HybridMultiTaskNet", cfg: NetConfig, bn_scale: float) -> "HybridMultiTaskNet":
+    """A spiking network initialised from a trained CNN twin (ANN-to-SNN conversion, the first half of
+    Rathi et al., ICLR 2020, "hybrid conversion + spike-based backpropagation"): same weights, every
+    BatchNorm's affine (gamma, beta) multiplied by ``bn_scale`` so the LIF neurons (threshold 1) fire
+    at useful rates over T steps. The running statistics must then be re-estimated on spiking inputs
+    (``training.recalibrate_batchnorm``) before the surrogate-gradient fine-tuning."""
+    if not cfg.spiking:
+        raise ValueError("from_twin builds the spiking network: cfg.spiking must be True")
+    if twin.cfg.spiking:
+        raise ValueError("from_twin expects a CNN twin (spiking=False)")
+    model = HybridMultiTaskNet(cfg)
+    model.load_state_dict(twin.state_dict())  # same topology: the same parameter and buffer names
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.weight.mul_(bn_scale)
+            m.bias.mul_(bn_scale)
+    return model
+
+
 def build_model(cfg: NetConfig | None = None, **overrides) -> HybridMultiTaskNet:
     cfg = replace(cfg or NetConfig(), **overrides) if overrides else (cfg or NetConfig())
     return HybridMultiTaskNet(cfg)
@@ -424,4 +444,4 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["NetConfig", "HybridMultiTaskNet", "HybridLayer", "cnn_twin", "build_model", "count_parameters", "fold_batchnorm", "HEADS"]
+__all__ = ["NetConfig", "HybridMultiTaskNet", "HybridLayer", "cnn_twin", "build_model", "count_parameters", "fold_batchnorm", "from_twin", "HEADS"]

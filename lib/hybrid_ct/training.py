@@ -176,6 +176,29 @@ def train_epoch(model: HybridMultiTaskNet, loader, loss_fn: MultiTaskLoss, opt, 
 
 
 @torch.no_grad()
+@torch.no_grad()
+def recalibrate_batchnorm(model: HybridMultiTaskNet, data: SliceSet, n_slices: int = 240, batch_size: int = 8,
+                          device="cpu", seed: int = 0) -> int:
+    """Re-estimate every BatchNorm's running mean / variance from ``n_slices`` random training slices
+    (cumulative average, no augmentation, no gradient): after ``model.from_twin`` the layers see spikes,
+    not ReLU outputs, and the twin's statistics no longer hold. Returns the number of slices used."""
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average over the calibration batches
+    idx = np.random.default_rng(seed).permutation(len(data))[:n_slices]
+    model.to(device).train()
+    try:
+        for batch in DataLoader(SliceDataset(data.subset(idx)), batch_size=batch_size):
+            model(batch["image"].to(device))
+    finally:
+        for m, mom in zip(bns, saved):
+            m.momentum = mom
+    model.eval()
+    return len(idx)
+
+
 def evaluate(model: HybridMultiTaskNet, data: SliceSet, batch_size: int = 8, device="cpu", progress=False) -> dict:
     """Slice-level metrics: lung / infection Dice etc. (where masks exist) and classification (where known)."""
     model.eval()
