@@ -118,9 +118,9 @@ def _device(name: str) -> str:
 
 def _git_commit() -> str:
     try:
-        out = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, timeout=10)
-        return out.stdout.strip() or "unknown"
+        out = subprocess.run(["git", "-C", str(REPO_ROOT), "describe", "--always", "--dirty", "--abbrev=7"],
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or "unknown"  # "<commit>-dirty": tracked files differed from the commit
     except Exception:  # noqa: BLE001 - provenance only
         return "unknown"
 
