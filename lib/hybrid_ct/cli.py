@@ -70,7 +70,8 @@ RECIPES = {
                   "from_twin": {"bn_scales": [2.0, 3.0, 4.0], "calib_slices": 240, "epochs": 8, "lr": 1e-3}},
         "data": {"sources": ["medseg", "cls2d", "imlab", "majun"], "phantoms": 24, "phantom_shape": [32, 128, 128],
                  "limit": None, "val_fraction": 0.2, "split_seed": 2, "weak_lung": True, "normal_infection": True,
-                 "oversample": {"medseg": 4, "imlab": 2, "majun": 8, "cls2d/negative": 4}, "curve_val_slices": 384},
+                 "oversample": {"medseg": 4, "imlab": 2, "majun": 8, "cls2d/negative": 4}, "max_per_group": {"cls2d": 12},
+                 "curve_val_slices": 384},
     },
     "quick": {
         "net": {"in_size": 64, "levels": 3, "base_channels": 4, "max_channels": 16, "time_steps": 2,
@@ -82,7 +83,7 @@ RECIPES = {
                   "from_twin": {"bn_scales": [2.0, 3.0], "calib_slices": 8, "epochs": 1, "lr": 1e-3}},
         "data": {"sources": ["medseg", "cls2d", "imlab", "majun"], "phantoms": 3, "phantom_shape": [12, 64, 64],
                  "limit": 8, "val_fraction": 0.3, "split_seed": 0, "weak_lung": True, "normal_infection": True,
-                 "oversample": {"medseg": 2, "cls2d/negative": 2}, "curve_val_slices": 16},
+                 "oversample": {"medseg": 2, "cls2d/negative": 2}, "max_per_group": {"cls2d": 3}, "curve_val_slices": 16},
     },
 }
 
@@ -382,6 +383,30 @@ def load_recipe_data(recipe: dict, root, size: int, progress: bool = True) -> li
                         normal_infection=d.get("normal_infection", False), progress=progress)
 
 
+def _capped(sets: list, caps: dict, seed: int = 0) -> list:
+    """At most ``caps[name]`` slices per group (patient / study) of that source, drawn at random with
+    ``seed``: a few patients with hundreds of slices (Ma Jun's 11 cases: 1,092 positive pictures) must
+    not teach the classifier what *their* scans look like instead of what infection looks like."""
+    from .datasets import SourceSet
+
+    out = []
+    for s in sets:
+        cap = caps.get(s.name)
+        if not cap:
+            out.append(s)
+            continue
+        rng = np.random.default_rng(seed)
+        groups = np.asarray(s.slices.group, dtype=object)
+        keep = []
+        for g in dict.fromkeys(s.slices.group):
+            idx = np.flatnonzero(groups == g)
+            keep += sorted(rng.choice(idx, size=cap, replace=False).tolist()) if len(idx) > cap else idx.tolist()
+        keep = sorted(keep)
+        files = [s.files[i] for i in keep] if len(s.files) == len(s) else s.files
+        out.append(SourceSet(s.name, s.slices.subset(keep), s.weak_lung, files))
+    return out
+
+
 def _oversampled(sets: list, factors: dict, size: int):
     """Repeat each source ``factors[name]`` times; ``factors["<name>/negative"]`` repeats only its
     class-0 slices (balances a source whose positives outnumber its negatives)."""
@@ -505,6 +530,7 @@ def cmd_train(args) -> int:
     sets = load_recipe_data(recipe, root, size, progress=not args.quiet)
     val_groups = sorted(val_groups_for(sets, recipe["data"]["val_fraction"], recipe["data"]["split_seed"]))
     train_sets, val_sets = split_sets(sets, val_groups)
+    train_sets = _capped(train_sets, recipe["data"].get("max_per_group", {}), recipe["data"]["split_seed"])
     train = _oversampled(train_sets, recipe["data"].get("oversample", {}), size)
     val = combine(val_sets, size)
     curve_val = _curve_subset(val, recipe["data"].get("curve_val_slices"), recipe["train"].get("seed", 0))
@@ -994,7 +1020,8 @@ def _training_card(results: dict, meta: dict, total_s: float, out: Path) -> str:
          f"- Recipe `{r['name']}`: network {json.dumps(r['net'])}",
          f"- Training: {json.dumps({k: v for k, v in r['train'].items()})}",
          f"- Data: sources {r['data']['sources']}, {r['data']['phantoms']} phantoms {r['data']['phantom_shape']}, "
-         f"oversampling {r['data'].get('oversample')}, validation fraction {r['data']['val_fraction']} by group "
+         f"oversampling {r['data'].get('oversample')}, at most {r['data'].get('max_per_group')} slices per group "
+         f"(training), validation fraction {r['data']['val_fraction']} by group "
          f"(seed {r['data']['split_seed']}); {meta['split']['train_slices']} training / {meta['split']['val_slices']} "
          f"validation slices ({meta['split']['train_groups']} / {meta['split']['val_groups']} groups)",
          f"- Hybrid: {h['parameters']:,} parameters, {out.stat().st_size / 2**20:.2f} MB, {h['iterations']} iterations, "
