@@ -189,6 +189,25 @@ def test_oversampling_can_repeat_only_the_negatives_of_a_source():
     assert out.group.count("d") == 3 and out.group.count("e") == 1
 
 
+def test_group_cap_keeps_every_group_and_at_most_cap_slices_of_each():
+    from hybrid_ct.cli import _capped
+    from hybrid_ct.datasets import SourceSet
+    from hybrid_ct.training import SliceSet
+
+    n = 30
+    img = np.repeat(np.arange(n, dtype=np.uint8)[:, None, None], 4, axis=1).reshape(n, 2, 2)
+    groups = ["big"] * 20 + ["small"] * 3 + ["mid"] * 7
+    ss = SliceSet(img, np.zeros_like(img), np.zeros_like(img), np.ones(n, np.int8), groups)
+    src = SourceSet("cls2d", ss, files=[f"f{i}.png" for i in range(n)])
+    a, untouched = _capped([src, SourceSet("medseg", ss)], {"cls2d": 5}, seed=1)
+    assert untouched.slices is ss
+    assert {g: a.slices.group.count(g) for g in set(groups)} == {"big": 5, "small": 3, "mid": 5}
+    kept = a.slices.images[:, 0, 0].tolist()  # each slice's original index, in the original order
+    assert kept == sorted(kept) and a.files == [f"f{i}.png" for i in kept]
+    b, _ = _capped([src, SourceSet("medseg", ss)], {"cls2d": 5}, seed=1)
+    assert b.slices.images[:, 0, 0].tolist() == kept  # deterministic for a seed
+
+
 def test_evaluate_reports_false_infection_on_normal_slices(model_path, tmp_path):
     from hybrid_ct.checkpoint import load_checkpoint
     from hybrid_ct.cli import _metrics_card, evaluate_sets
