@@ -70,6 +70,8 @@ def _covid_zips(root, tmp):
 def test_covid19_ct_seg_from_local_mirror(server, tmp_path):
     root, url = server
     _covid_zips(root, tmp_path)
+    img, lab, _ = make_phantom(11, shape=(6, 40, 40), positive=True)  # the radiopaedia case, before 8 bits
+    truth_lung_hu = sitk.GetArrayFromImage(img)[sitk.GetArrayFromImage(lab) == 1]
     dest = tmp_path / "data"
     rc = main(["-q", "download", "covid19-ct-seg", "--dest", str(dest), "--base-url", url, "--no-verify"])
     assert rc == 0
@@ -78,12 +80,15 @@ def test_covid19_ct_seg_from_local_mirror(server, tmp_path):
     assert {r["id"] for r in rows} == {"coronacases_001", "radiopaedia_14_85914_0"}
     assert {r["group_id"] for r in rows} == {"majun20_coronacases_001", "majun20_radiopaedia_14"}
     conv = {r["id"]: r["converted_from"] for r in rows}
-    assert conv == {"coronacases_001": "hu", "radiopaedia_14_85914_0": "8bit"}
+    assert conv == {"coronacases_001": "hu", "radiopaedia_14_85914_0": "8bit-auto"}
     for r in rows:
         img = sitk.ReadImage(str(out / r["image"]))
         lab = sitk.GetArrayFromImage(sitk.ReadImage(str(out / r["label"])))
         assert sitk.GetArrayViewFromImage(img).min() < -500  # Hounsfield units, also the 8-bit case
         assert set(np.unique(lab)) == {0, 1, 2}
+        if r["converted_from"] == "8bit-auto":  # one calibration per volume puts its lungs near real lung HU
+            hu = sitk.GetArrayViewFromImage(img)
+            assert abs(np.median(hu[lab == 1]) - np.median(truth_lung_hu)) < 100
     assert not (dest / ".covid19_ct_seg_archives").exists()  # archives removed after preparing
     s = load_prepared(out, size=32)
     assert len(s) == 12 and set(np.unique(s.slices.infection)) <= {0, 1} and s.slices.infection.any()

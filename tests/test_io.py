@@ -289,6 +289,24 @@ def test_calibration_undoes_an_unknown_window(shared_data, width, level):
     assert np.median(np.abs(back - hu)[unsat]) < 120  # grey levels land near their HU
 
 
+def test_an_8bit_volume_is_calibrated_with_one_map_for_all_slices(shared_data):
+    from hybrid_ct.io import anatomy_levels, calibrate_8bit
+
+    path = shared_data / "lung3d_imlab"
+    vols = sorted(p for p in path.glob("*.nii.gz") if "mask" not in p.name)
+    if not vols:
+        pytest.skip(f"no HU volume in {path}")
+    hu = sitk.GetArrayFromImage(sitk.ReadImage(str(vols[0]))).astype(np.float32)
+    g = np.round(np.clip((hu + 1500) / 2000, 0, 1) * 255)  # exported with W2000 / L-500
+    back = calibrate_8bit(g)
+    slope, icpt = np.polyfit(g.ravel(), back.ravel(), 1)
+    np.testing.assert_allclose(back, slope * g + icpt, atol=1e-2)  # one linear map, not one per slice
+    mid = len(hu) // 2
+    lung_hu, tissue_hu = anatomy_levels(hu[mid])
+    lung_b, tissue_b = anatomy_levels(back[mid])
+    assert abs(lung_b - lung_hu) < 80 and abs(tissue_b - tissue_hu) < 80
+
+
 def test_calibration_falls_back_to_the_lung_window_on_a_flat_picture():
     from hybrid_ct.io import calibrate_8bit
 

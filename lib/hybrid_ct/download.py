@@ -7,7 +7,8 @@ are prepared:
   3757476, CC BY 4.0; the Radiopaedia cases CC BY-NC-SA): 20 CT volumes + lung and infection masks
   -> a MONAI Label datastore of HU volumes with 0/1/2 labels (``<case>.nii.gz``,
   ``labels/final/<case>.nii.gz``, ``dataset.csv``). The 10 Radiopaedia volumes are stored as 0..255
-  (not HU); they are mapped onto the lung window exactly like every 8-bit input (``io.read_image``).
+  (not HU, export window unknown); each is put on the HU scale by one calibration for the whole
+  volume (``io.read_image(..., intensity="8bit-auto")``: its lung and soft-tissue grey levels).
 - ``ucsd-covid-ct``: UCSD-AI4H COVID-CT slice pictures (GitHub) -> ``covid/``, ``noncovid/`` and a
   ``manifest.csv`` with class labels and group ids (research use; images belong to the publishers).
 - ``medseg-covid19``, ``mosmed``, ``covid-ct-md``: no stable direct URL (Google Drive, registration,
@@ -223,7 +224,7 @@ def prepare_covid19_ct_seg(raw: Path, out: Path, progress: bool = True) -> dict:
             continue
         try:
             probe = sitk.GetArrayFromImage(sitk.ReadImage(str(images[cid])))
-            intensity = "8bit" if probe.min() >= 0 and probe.max() <= 255 else "hu"  # Radiopaedia: 0..255
+            intensity = "8bit-auto" if probe.min() >= 0 and probe.max() <= 255 else "hu"  # Radiopaedia: 0..255
             del probe
             img = read_image(images[cid], intensity=intensity)
             lung = sitk.GetArrayFromImage(sitk.ReadImage(str(lungs[cid])))

@@ -198,8 +198,8 @@ def _from_8bit(img: sitk.Image, where: str, calibrate: bool = False) -> sitk.Ima
     if a.size and (float(a.min()) < 0 or float(a.max()) > 255):
         raise InputError(f"{where} is not an 8-bit image (values {a.min():g}..{a.max():g}); "
                          "use intensity='hu' for Hounsfield units")
-    to_hu = calibrate_8bit if calibrate else _lung_window_hu
-    hu = np.stack([to_hu(s) for s in np.asarray(a, np.float32)])
+    a = np.asarray(a, np.float32)
+    hu = (calibrate_8bit(a) if calibrate else _lung_window_hu(a)).reshape(a.shape)
     out = sitk.GetImageFromArray(hu.astype(np.float32))
     out.CopyInformation(img)
     return out
@@ -255,12 +255,24 @@ def anatomy_levels(a2d: np.ndarray):
     return float(np.median(dark)), float(np.median(light))
 
 
+def _volume_levels(g3: np.ndarray):
+    """Anatomy levels of an 8-bit volume: medians over up to 9 slices spread over its middle 60 %
+    (apex and base show little lung), None when fewer than 3 of them give levels."""
+    d = len(g3)
+    zs = np.unique(np.linspace(0.2 * (d - 1), 0.8 * (d - 1), 9).round().astype(int))
+    found = [lv for lv in (anatomy_levels(g3[z]) for z in zs) if lv is not None]
+    if len(found) < min(3, len(zs)):
+        return None
+    return tuple(float(v) for v in np.median(np.array(found), axis=0))
+
+
 def calibrate_8bit(g: np.ndarray) -> np.ndarray:
-    """One 8-bit picture of a chest slice -> HU, by mapping its lung and soft-tissue levels
-    (``anatomy_levels``) linearly onto ``HU_LUNG`` / ``HU_TISSUE``; the fixed lung-window mapping
+    """An 8-bit picture of a chest slice (2D), or an 8-bit volume [z, y, x], -> HU, by mapping its
+    lung and soft-tissue levels (``anatomy_levels``; a volume: one map for all its slices, from
+    ``_volume_levels``) linearly onto ``HU_LUNG`` / ``HU_TISSUE``; the fixed lung-window mapping
     where the levels are not found or implausible (less than 20 grey levels apart)."""
     g = np.asarray(g, np.float32)
-    lv = anatomy_levels(g)
+    lv = _volume_levels(g) if g.ndim == 3 and len(g) > 1 else anatomy_levels(g[0] if g.ndim == 3 else g)
     if lv is None or lv[1] - lv[0] < 20:
         return _lung_window_hu(g)
     lung, tissue = lv
