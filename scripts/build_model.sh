@@ -6,9 +6,10 @@
 #   bash scripts/build_model.sh --extra data/covid19_ct_seg  # + a set prepared by `hybrid-ct download`
 #
 # Extra arguments go to `hybrid-ct train`. Real data: $HYBRID_CT_DATA or ../shared/data.
-# Budget of the shipped recipe (measured 2026-12-01, 2-core Xeon, fp32, THREADS=2, light other use): hybrid
-# 8 epochs x 200 iterations at 1.89 s/iteration (53 min with validation curves), CNN twin 0.32 s/iteration
-# (9 min), data ~1 min, evaluation (validation + COVID-CT-MD scan-level check, both models) ~6 min: 68 min.
+# Budget of the shipped recipe (measured 2026-12-01, idle 2-core Xeon, fp32, THREADS=2): data 38 s, CNN twin
+# 8 epochs x 200 iterations at 0.27 s/iteration (8 min), conversion to the spiking network 2 min, hybrid
+# fine-tuning 8 x 200 iterations at 1.24 s/iteration (27 min, 37 min with validation curves), evaluation
+# (validation + COVID-CT-MD scan-level check, both models) 5 min: 49 min.
 # On a machine shared with other jobs, 2 OpenMP threads stall badly: THREADS=1 (2.4 s/iteration, < 2 h).
 set -euo pipefail
 cd "$(dirname "$0")/.."
