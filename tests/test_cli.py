@@ -218,12 +218,14 @@ def test_evaluate_reports_false_infection_on_normal_slices(model_path, tmp_path)
     rng = np.random.default_rng(0)
     n, s = 3, model.cfg.in_size
     normal = SliceSet(rng.integers(0, 255, (n, s, s), dtype=np.uint8), np.full((n, s, s), MISSING, np.uint8),
-                      np.zeros((n, s, s), np.uint8), np.zeros(n, np.int8), ["m1", "m2", "m3"])
+                      np.zeros((n, s, s), np.uint8), np.zeros(n, np.int8), ["mosmed_1", "mosmed_2", "ucsd_3"])
     res = evaluate_sets(model, [SourceSet("cls2d", normal)], progress=False)
     v = res["normal"]["cls2d"]
     assert v["slices"] == 3 and 0 <= v["with_infection"] <= 3 and 0 <= v["mean_infection_pct"] <= 100
     assert not any(k.startswith("infection/") for k in res["seg"])  # empty masks are not Dice targets
     assert res["cls"]["cls2d"]["n"] == 3
+    # and per collection (the group-id prefix)
+    assert res["cls"]["cls2d/mosmed"]["n"] == 2 and res["cls"]["cls2d/ucsd"]["n"] == 1
     card = _metrics_card({"hybrid": res}, tmp_path / "results.md", tmp_path / "card.md")
     assert f"| normal slices (cls2d, CT-0) with predicted infection | {v['with_infection']} / 3 | n/a | |" in card
 

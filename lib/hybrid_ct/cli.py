@@ -500,18 +500,19 @@ def convert_twin(twin_path: Path, cfg, conv: dict, train, val, tcfg):
 
     t0 = time.perf_counter()
     twin, _ = load_checkpoint(twin_path, tcfg.device)
-    best, scores = None, {}
+    candidates = []  # (validation score, BatchNorm scale, model)
     for k in conv["bn_scales"]:
         model = from_twin(twin, cfg, float(k))
         recalibrate_batchnorm(model, train, conv["calib_slices"], tcfg.batch_size, tcfg.device, tcfg.seed)
         with torch.no_grad():
-            scores[str(k)] = evaluate(model, val, tcfg.batch_size, tcfg.device)["score"]
-        log.info("conversion: BatchNorm scale %s -> validation score %.3f (before fine-tuning)", k, scores[str(k)])
-        if best is None or scores[str(k)] > scores[str(best[0])]:
-            best = (k, model)
-    record = {"from": str(twin_path), "bn_scale": best[0], "val_score_by_bn_scale": scores,
+            score = evaluate(model, val, tcfg.batch_size, tcfg.device)["score"]
+        log.info("conversion: BatchNorm scale %s -> validation score %.3f (before fine-tuning)", k, score)
+        candidates.append((score, k, model))
+    best = max(candidates, key=lambda c: c[0])  # the first of equal scores
+    scores = {str(k): score for score, k, _ in candidates}
+    record = {"from": str(twin_path), "bn_scale": best[1], "val_score_by_bn_scale": scores,
               "calib_slices": conv["calib_slices"], "seconds": time.perf_counter() - t0}
-    return best[1], record
+    return best[2], record
 
 
 def cmd_train(args) -> int:
@@ -605,6 +606,7 @@ def evaluate_sets(model, val_sets: list, batch_size: int = 16, progress: bool = 
     """Per-source segmentation and classification metrics + the energy of the whole validation run."""
     from tqdm import tqdm
 
+    from .datasets import collection
     from .energy import EnergyMeter
     from .inference import Predictor, _mask_label
     from .metrics import SegmentationMeter, classification_metrics
@@ -652,6 +654,11 @@ def evaluate_sets(model, val_sets: list, batch_size: int = 16, progress: bool = 
             if known.any():
                 y, sc, yp = sl.cls[known].astype(int), so.positive_prob[known], so.predicted[known]
                 res["cls"][s.name] = classification_metrics(y, sc, y_pred=yp)
+                colls = np.array([collection(g) for g in np.asarray(sl.group)[known]])
+                if len(set(colls)) > 1:  # per collection too (cls2d: UCSD, MosMed, Ma Jun)
+                    for c in sorted(set(colls)):
+                        k = colls == c
+                        res["cls"][f"{s.name}/{c}"] = classification_metrics(y[k], sc[k], y_pred=yp[k])
                 for pool in ("all",) + (("real",) if s.name != "phantoms" else ()):
                     pooled_cls[pool][0].extend(y.tolist())
                     pooled_cls[pool][1].extend(sc.tolist())
@@ -905,10 +912,12 @@ def render_results(results: dict, recipe: dict, figures: dict, weak: dict, out: 
     hdr = " | ".join(f"{t} acc. | {t} sens. | {t} spec. | {t} F1 | {t} AUC" for t in tags)
     L += ["", "## Classification (per slice, validation)", "",
           "Class = the output neuron with the highest firing rate (twin: the larger output); AUC from the "
-          "output current's softmax. *real* = all real sources (excluding phantoms).", "",
+          "output current's softmax. *real* = all real sources (excluding phantoms); *cls2d/...* = the "
+          "cls2d pictures by collection (group-id prefix: UCSD COVID-CT, MosMed, Ma Jun's 20 cases).", "",
           f"| set | n (positive) | {hdr} |", "|" + "---|" * (2 + 5 * len(tags))]
-    for k in ["real", "cls2d", "medseg", "phantoms", "all"] + [k for k in h["cls"] if k not in
-                                                               ("real", "cls2d", "medseg", "phantoms", "all")]:
+    main = ["real", "cls2d", "medseg", "phantoms", "all"]
+    per_collection = sorted(k for k in h["cls"] if k.startswith("cls2d/"))
+    for k in main[:2] + per_collection + main[2:] + [k for k in h["cls"] if k not in main + per_collection]:
         row = _cls_row(f"**{k}**" if k == "real" else k, k, results)
         if row:
             L.append(row)

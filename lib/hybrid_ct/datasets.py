@@ -144,6 +144,12 @@ _CORONA = re.compile(r"coronacases_(?:org_)?(?:case)?0*(\d+)")
 _RADIO = re.compile(r"radiopaedia(?:_org_covid-19-pneumonia)?[-_]0*(\d+)")
 
 
+def collection(group_id: str) -> str:
+    """The collection a (canonical) group id belongs to: its prefix -- ``ucsd``, ``mosmed``, ``majun20`` in
+    ``cls2d``. Used to report classification per collection (they differ in scanner, crop and window)."""
+    return str(group_id).split("_", 1)[0]
+
+
 def canonical_group(group_id: str) -> str:
     """One id per patient where the same patient appears under several names.
 
@@ -596,6 +602,6 @@ def weak_mask_agreement(root=None) -> dict:
                 "dice_median": float(np.median(v)) if v else float("nan")} for k, v in scores.items()}
 
 
-__all__ = ["SOURCES", "SourceSet", "data_root", "canonical_group", "weak_lung_mask", "load_medseg", "load_cls2d",
+__all__ = ["SOURCES", "SourceSet", "data_root", "canonical_group", "collection", "weak_lung_mask", "load_medseg", "load_cls2d",
            "load_imlab", "load_majun", "load_phantoms", "load_prepared", "load_sources", "val_groups_for",
            "split_sets", "combine", "scan_check_cases", "read_slice_labels", "weak_mask_agreement", "WINDOW_HU"]

@@ -183,12 +183,17 @@ class HybridLayer(nn.Module):
         return _fire(self.act, y)
 
 
+def batchnorms(module: nn.Module) -> list:
+    """Every BatchNorm layer inside ``module``."""
+    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
 class _RecomputeGuard:
     """Keeps BatchNorm running statistics from being updated a second time when a checkpointed layer
     is recomputed during the backward pass (momentum 0 leaves them unchanged)."""
 
     def __init__(self, module: nn.Module):
-        self.bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        self.bns = batchnorms(module)
 
     def __enter__(self):
         self.saved = [bn.momentum for bn in self.bns]
@@ -428,10 +433,9 @@ def from_twin(twin: "HybridMultiTaskNet", cfg: NetConfig, bn_scale: float) -> "H
         raise ValueError("from_twin expects a CNN twin (spiking=False)")
     model = HybridMultiTaskNet(cfg)
     model.load_state_dict(twin.state_dict())  # same topology: the same parameter and buffer names
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.weight.mul_(bn_scale)
-            m.bias.mul_(bn_scale)
+    for m in batchnorms(model):
+        m.weight.mul_(bn_scale)
+        m.bias.mul_(bn_scale)
     return model
 
 

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from . import LABELS
 from .losses import MultiTaskLoss
 from .metrics import SegmentationMeter, classification_metrics
-from .model import HybridMultiTaskNet
+from .model import HybridMultiTaskNet, batchnorms
 from .preprocess import label_to_model_slices, to_model_slices
 
 log = logging.getLogger(__name__)
@@ -182,7 +182,7 @@ def recalibrate_batchnorm(model: HybridMultiTaskNet, data: SliceSet, n_slices: i
     """Re-estimate every BatchNorm's running mean / variance from ``n_slices`` random training slices
     (cumulative average, no augmentation, no gradient): after ``model.from_twin`` the layers see spikes,
     not ReLU outputs, and the twin's statistics no longer hold. Returns the number of slices used."""
-    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    bns = batchnorms(model)
     saved = [m.momentum for m in bns]
     for m in bns:
         m.reset_running_stats()
@@ -190,8 +190,9 @@ def recalibrate_batchnorm(model: HybridMultiTaskNet, data: SliceSet, n_slices: i
     idx = np.random.default_rng(seed).permutation(len(data))[:n_slices]
     model.to(device).train()
     try:
-        for batch in DataLoader(SliceDataset(data.subset(idx)), batch_size=batch_size):
-            model(batch["image"].to(device))
+        with torch.no_grad():
+            for batch in DataLoader(SliceDataset(data.subset(idx)), batch_size=batch_size):
+                model(batch["image"].to(device))
     finally:
         for m, mom in zip(bns, saved):
             m.momentum = mom
