@@ -158,15 +158,16 @@ def test_keep_lung_components_drops_air_outside_the_body():
     body[:, 2:30, 1:39] = True
     out = keep_lung_components(lab, body=body)
     assert out[:, 32:38].sum() == 0 and np.array_equal(out[:, :30], lab[:, :30])
-    # a body mask that misses most of the lung (a failed mask, e.g. a tight crop) is ignored
+    # a body mask that misses the largest component (a failed mask, e.g. a tight crop) is ignored
     assert np.array_equal(keep_lung_components(lab, body=~body), lab)
-    # lung that runs out of the body in one piece (the air in front of the neck at the top of a
-    # scan) loses the outside part only
-    lab2 = np.zeros_like(lab)
-    lab2[1:5, 5:25, 3:36] = 1
-    lab2[4:6, 0:8, 10:20] = 2  # connected to the lungs, partly above the body's front edge (row 2)
-    out2 = keep_lung_components(lab2, body=body)
-    assert out2[:, :2].sum() == 0 and np.array_equal(out2[:, 2:], lab2[:, 2:])
+    # a picture cropped through the lungs: the second lung reaches the border, the body outline (the
+    # mediastinum and the other lung) does not hold it -- it is kept
+    crop = np.zeros((1, 40, 40), np.uint8)
+    crop[0, 5:35, 0:12] = 1  # right lung (the smaller), cut by the crop at the left border
+    crop[0, 5:35, 22:36] = 1  # left lung, inside the body outline
+    inner = np.zeros_like(crop, bool)
+    inner[0, 3:38, 15:39] = True
+    assert np.array_equal(keep_lung_components(crop, body=inner), crop)
 
 
 def test_body_mask_in_the_images_own_layout(small_phantom):

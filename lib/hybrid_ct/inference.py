@@ -44,25 +44,26 @@ def _mask_label(lung_p: np.ndarray, inf_p: np.ndarray) -> np.ndarray:
 
 def keep_lung_components(label: np.ndarray, min_fraction: float = LUNG_MIN_COMPONENT,
                          body: np.ndarray | None = None) -> np.ndarray:
-    """Lung is inside the body: given the ``body`` mask (``io.body_mask``), predicted lung (and the
-    infection inside it) outside the body is dropped voxel by voxel (air between the back and the
-    table, the air in front of the neck at the top of a scan). The body mask is skipped when it holds
-    less than half of the predicted lung (a mask that failed, e.g. on a tight crop). Then connected
-    components smaller than ``min_fraction`` of the largest one are dropped (specks on the table,
-    clothes or bowel gas). ``label`` is one volume [D,H,W] (components in 3D)."""
+    """Drop predicted lung (and the infection inside it) in connected components smaller than
+    ``min_fraction`` of the largest one (specks on the table, clothes or bowel gas) and, given the
+    ``body`` mask (``io.body_mask``), components mostly outside the body (air between the back and the
+    table). The body rule spares components that reach the image's in-plane border (a crop through the
+    lungs: the body outline cannot close there) and is skipped when the largest component is itself
+    mostly outside (a body mask that failed). ``label`` is one volume [D,H,W] (components in 3D)."""
     from scipy import ndimage
 
     lung = label > 0
-    if body is not None and body.shape == label.shape and lung.any() and body[lung].mean() >= 0.5:
-        if not body[lung].all():
-            label = np.where(body, label, 0).astype(label.dtype)
-            lung = label > 0
     comp, n = ndimage.label(lung)
     if n == 0:
         return label
     idx = np.arange(1, n + 1)
     sizes = ndimage.sum_labels(lung, comp, index=idx)
     keep = sizes >= min_fraction * sizes.max()
+    if body is not None and body.shape == label.shape:
+        inside = ndimage.mean(body, comp, index=idx) >= 0.5
+        at_border = np.isin(idx, np.concatenate([comp[:, [0, -1], :].ravel(), comp[:, :, [0, -1]].ravel()]))
+        if inside[np.argmax(sizes)]:
+            keep &= inside | at_border
     if keep.all():
         return label
     out = label.copy()
