@@ -1,0 +1,51 @@
+"""ANN-to-SNN conversion: BatchNorm scale k vs firing rate, energy ratio and validation score (not a test).
+
+For each k: the trained CNN twin converted with ``model.from_twin`` (k), BatchNorm statistics re-estimated
+(``training.recalibrate_batchnorm``), scored on the recipe's validation curve slices, then fine-tuned for
+one epoch of the recipe (200 iterations, the recipe's fine-tuning lr) and scored again. Firing rate and
+E_hybrid / E_conv come from ``EnergyMeter`` on the first 96 curve slices. Same data and split as
+``hybrid-ct train --recipe shipped``.
+
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_conversion.py runs/twin.pt 2 3
+"""
+import sys, time, logging
+from dataclasses import replace
+import numpy as np, torch
+from hybrid_ct.cli import RECIPES, load_recipe_data, _capped, _oversampled, _curve_subset
+from hybrid_ct.datasets import data_root, split_sets, val_groups_for, combine
+from hybrid_ct.model import NetConfig, from_twin
+from hybrid_ct.checkpoint import load_checkpoint
+from hybrid_ct.training import TrainConfig, recalibrate_batchnorm, evaluate, fit
+from hybrid_ct.energy import EnergyMeter
+from hybrid_ct.inference import Predictor
+torch.set_num_threads(2); logging.basicConfig(level=logging.WARNING)
+r = RECIPES["shipped"]; size = r["net"]["in_size"]
+sets = load_recipe_data(r, data_root(None), size, progress=False)
+vg = sorted(val_groups_for(sets, r["data"]["val_fraction"], r["data"]["split_seed"]))
+tr, va = split_sets(sets, vg)
+tr = _capped(tr, r["data"].get("max_per_group", {}), r["data"]["split_seed"])
+train = _oversampled(tr, r["data"].get("oversample", {}), size)
+val = combine(va, size); cv = _curve_subset(val, r["data"].get("curve_val_slices"), r["train"].get("seed", 0))
+tcfg = TrainConfig(**{k: v for k, v in r["train"].items() if k in TrainConfig.__dataclass_fields__})
+conv = r["train"]["from_twin"]; cfg = NetConfig(**r["net"])
+twin, _ = load_checkpoint(sys.argv[1])
+def rate(model):
+    pr = Predictor(model, progress=False)
+    x = cv.images.astype(np.float32)[:, None] / 255.0
+    with EnergyMeter(pr.model) as m:
+        pr.run_slices(x[:96], m)
+    rep = m.report(); return rep.mean_firing_rate, rep.ratio
+for k in [float(a) for a in sys.argv[2:]]:
+    t0 = time.time()
+    model = from_twin(twin, cfg, k)
+    recalibrate_batchnorm(model, train, conv["calib_slices"], tcfg.batch_size, "cpu", tcfg.seed)
+    with torch.no_grad():
+        s0 = evaluate(model, cv, tcfg.batch_size, "cpu")["score"]
+    fr0, ra0 = rate(model)
+    ft = replace(tcfg, epochs=1, lr=conv["lr"])
+    fit(model, train, None, ft, progress=False)
+    with torch.no_grad():
+        ev = evaluate(model, cv, tcfg.batch_size, "cpu")
+    fr1, ra1 = rate(model)
+    print(f"k={k}: converted score {s0:.3f} rate {fr0:.3f} ratio {ra0:.3f} | +200 it score {ev['score']:.3f} "
+          f"rate {fr1:.3f} ratio {ra1:.3f} ({time.time() - t0:.0f} s)", flush=True)
