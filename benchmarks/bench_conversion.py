@@ -11,21 +11,16 @@ E_hybrid / E_conv come from ``EnergyMeter`` on the first 96 curve slices. Same d
 import sys, time, logging
 from dataclasses import replace
 import numpy as np, torch
-from hybrid_ct.cli import RECIPES, load_recipe_data, _capped, _oversampled, _curve_subset
-from hybrid_ct.datasets import data_root, split_sets, val_groups_for, combine
+from hybrid_ct.cli import RECIPES, recipe_slices
+from hybrid_ct.datasets import data_root
 from hybrid_ct.model import NetConfig, from_twin
 from hybrid_ct.checkpoint import load_checkpoint
 from hybrid_ct.training import TrainConfig, recalibrate_batchnorm, evaluate, fit
 from hybrid_ct.energy import EnergyMeter
 from hybrid_ct.inference import Predictor
 torch.set_num_threads(2); logging.basicConfig(level=logging.WARNING)
-r = RECIPES["shipped"]; size = r["net"]["in_size"]
-sets = load_recipe_data(r, data_root(None), size, progress=False)
-vg = sorted(val_groups_for(sets, r["data"]["val_fraction"], r["data"]["split_seed"]))
-tr, va = split_sets(sets, vg)
-tr = _capped(tr, r["data"].get("max_per_group", {}), r["data"]["split_seed"])
-train = _oversampled(tr, r["data"].get("oversample", {}), size)
-val = combine(va, size); cv = _curve_subset(val, r["data"].get("curve_val_slices"), r["train"].get("seed", 0))
+r = RECIPES["shipped"]
+_, _, _, _, train, _, cv = recipe_slices(r, data_root(None), progress=False)
 tcfg = TrainConfig(**{k: v for k, v in r["train"].items() if k in TrainConfig.__dataclass_fields__})
 conv = r["train"]["from_twin"]; cfg = NetConfig(**r["net"])
 twin, _ = load_checkpoint(sys.argv[1])

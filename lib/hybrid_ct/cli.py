@@ -383,6 +383,22 @@ def load_recipe_data(recipe: dict, root, size: int, progress: bool = True) -> li
                         normal_infection=d.get("normal_infection", False), progress=progress)
 
 
+def recipe_slices(recipe: dict, root, progress: bool = True):
+    """The recipe's data, split by group id: -> (sets, val_groups, train_sets, val_sets, train, val,
+    curve_val); ``train`` capped per group and oversampled, ``curve_val`` the subset scored per epoch."""
+    from .datasets import combine, split_sets, val_groups_for
+
+    d, size = recipe["data"], recipe["net"]["in_size"]
+    sets = load_recipe_data(recipe, root, size, progress=progress)
+    val_groups = sorted(val_groups_for(sets, d["val_fraction"], d["split_seed"]))
+    train_sets, val_sets = split_sets(sets, val_groups)
+    train_sets = _capped(train_sets, d.get("max_per_group", {}), d["split_seed"])
+    train = _oversampled(train_sets, d.get("oversample", {}), size)
+    val = combine(val_sets, size)
+    curve_val = _curve_subset(val, d.get("curve_val_slices"), recipe["train"].get("seed", 0))
+    return sets, val_groups, train_sets, val_sets, train, val, curve_val
+
+
 def _capped(sets: list, caps: dict, seed: int = 0) -> list:
     """At most ``caps[name]`` slices per group (patient / study) of that source, drawn at random with
     ``seed``: a few patients with hundreds of slices (Ma Jun's 11 cases: 1,092 positive pictures) must
@@ -518,7 +534,7 @@ def convert_twin(twin_path: Path, cfg, conv: dict, train, val, tcfg):
 def cmd_train(args) -> int:
     from dataclasses import replace
 
-    from .datasets import combine, data_root, split_sets, val_groups_for
+    from .datasets import data_root
     from .model import NetConfig, cnn_twin
     from .training import TrainConfig
 
@@ -526,15 +542,8 @@ def cmd_train(args) -> int:
     if recipe["train"].get("from_twin") and args.no_twin:
         raise InputError(f"recipe {recipe['name']!r} starts the hybrid network from its CNN twin: drop --no-twin")
     root = data_root(args.data)
-    size = recipe["net"]["in_size"]
     t0 = time.perf_counter()
-    sets = load_recipe_data(recipe, root, size, progress=not args.quiet)
-    val_groups = sorted(val_groups_for(sets, recipe["data"]["val_fraction"], recipe["data"]["split_seed"]))
-    train_sets, val_sets = split_sets(sets, val_groups)
-    train_sets = _capped(train_sets, recipe["data"].get("max_per_group", {}), recipe["data"]["split_seed"])
-    train = _oversampled(train_sets, recipe["data"].get("oversample", {}), size)
-    val = combine(val_sets, size)
-    curve_val = _curve_subset(val, recipe["data"].get("curve_val_slices"), recipe["train"].get("seed", 0))
+    sets, val_groups, train_sets, val_sets, train, val, curve_val = recipe_slices(recipe, root, not args.quiet)
     if not len(train):
         raise InputError("no training slices: check --data and --sources")
     train_groups = set(train.group)
@@ -655,8 +664,9 @@ def evaluate_sets(model, val_sets: list, batch_size: int = 16, progress: bool = 
                 y, sc, yp = sl.cls[known].astype(int), so.positive_prob[known], so.predicted[known]
                 res["cls"][s.name] = classification_metrics(y, sc, y_pred=yp)
                 colls = np.array([collection(g) for g in np.asarray(sl.group)[known]])
-                if len(set(colls)) > 1:  # per collection too (cls2d: UCSD, MosMed, Ma Jun)
-                    for c in sorted(set(colls)):
+                names = np.unique(colls)
+                if len(names) > 1:  # per collection too (cls2d: UCSD, MosMed, Ma Jun)
+                    for c in names:
                         k = colls == c
                         res["cls"][f"{s.name}/{c}"] = classification_metrics(y[k], sc[k], y_pred=yp[k])
                 for pool in ("all",) + (("real",) if s.name != "phantoms" else ()):

@@ -61,8 +61,8 @@ def keep_lung_components(label: np.ndarray, min_fraction: float = LUNG_MIN_COMPO
     keep = sizes >= min_fraction * sizes.max()
     if body is not None and body.shape == label.shape:
         inside = ndimage.mean(body, comp, index=idx) >= 0.5
-        at_border = np.isin(idx, np.concatenate([comp[:, [0, -1], :].ravel(), comp[:, :, [0, -1]].ravel()]))
         if inside[np.argmax(sizes)]:
+            at_border = np.isin(idx, np.concatenate([comp[:, [0, -1], :].ravel(), comp[:, :, [0, -1]].ravel()]))
             keep &= inside | at_border
     if keep.all():
         return label
