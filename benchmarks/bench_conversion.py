@@ -3,21 +3,19 @@
 For each k: the trained CNN twin converted with ``model.from_twin`` (k), BatchNorm statistics re-estimated
 (``training.recalibrate_batchnorm``), scored on the recipe's validation curve slices, then fine-tuned for
 one epoch of the recipe (200 iterations, the recipe's fine-tuning lr) and scored again. Firing rate and
-E_hybrid / E_conv come from ``EnergyMeter`` on the first 96 curve slices. Same data and split as
-``hybrid-ct train --recipe shipped``.
+E_hybrid / E_conv come from ``cli.energy_on_slices`` (the first 96 curve slices, as in the recipe's pick).
+Same data and split as ``hybrid-ct train --recipe shipped``.
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_conversion.py runs/twin.pt 2 3
 """
 import sys, time, logging
 from dataclasses import replace
 import numpy as np, torch
-from hybrid_ct.cli import RECIPES, recipe_slices
+from hybrid_ct.cli import RECIPES, energy_on_slices, recipe_slices
 from hybrid_ct.datasets import data_root
 from hybrid_ct.model import NetConfig, from_twin
 from hybrid_ct.checkpoint import load_checkpoint
 from hybrid_ct.training import TrainConfig, recalibrate_batchnorm, evaluate, fit
-from hybrid_ct.energy import EnergyMeter
-from hybrid_ct.inference import Predictor
 torch.set_num_threads(2); logging.basicConfig(level=logging.WARNING)
 r = RECIPES["shipped"]
 _, _, _, _, train, _, cv = recipe_slices(r, data_root(None), progress=False)
@@ -25,11 +23,8 @@ tcfg = TrainConfig(**{k: v for k, v in r["train"].items() if k in TrainConfig.__
 conv = r["train"]["from_twin"]; cfg = NetConfig(**r["net"])
 twin, _ = load_checkpoint(sys.argv[1])
 def rate(model):
-    pr = Predictor(model, progress=False)
-    x = cv.images.astype(np.float32)[:, None] / 255.0
-    with EnergyMeter(pr.model) as m:
-        pr.run_slices(x[:96], m)
-    rep = m.report(); return rep.mean_firing_rate, rep.ratio
+    rep = energy_on_slices(model, cv)
+    return rep.mean_firing_rate, rep.ratio
 for k in [float(a) for a in sys.argv[2:]]:
     t0 = time.time()
     model = from_twin(twin, cfg, k)

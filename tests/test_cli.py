@@ -158,6 +158,11 @@ def test_train_quick_then_evaluate(shared_data, tmp_path):
     assert tmeta["kind"] == "cnn_twin" and tmeta["net"]["spiking"] is False
     conv = meta["conversion"]  # the quick recipe starts the hybrid from its twin, like the shipped one
     assert conv["bn_scale"] in (2.0, 3.0) and set(conv["val_score_by_bn_scale"]) == {"2.0", "3.0"}
+    ratios = conv["energy_ratio_by_bn_scale"]
+    assert set(ratios) == {"2.0", "3.0"} and all(0 < r < 1 for r in ratios.values())
+    within = [k for k, r in ratios.items() if r <= conv["energy_ratio_target"]]  # the documented pick rule
+    pick = (max(within, key=conv["val_score_by_bn_scale"].get) if within else min(ratios, key=ratios.get))
+    assert str(conv["bn_scale"]) == pick
     assert "initialised from the trained twin" in card.read_text()
     assert main(["-q", "train", "--recipe", "quick", "--data", str(shared_data), "--out", str(hyb), "--no-twin",
                  "--sources", "medseg", "--limit", "2", "--phantoms", "1"]) != 0  # conversion needs the twin
