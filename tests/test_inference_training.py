@@ -170,6 +170,25 @@ def test_keep_lung_components_drops_air_outside_the_body():
     assert np.array_equal(keep_lung_components(crop, body=inner), crop)
 
 
+def test_keep_lung_components_drops_neck_air_joined_to_the_lungs():
+    """The air in front of the neck at the top of a scan, read as lung and joined to the apices (one
+    3D component, mostly inside the body): dropped slice by slice where it is outside the body."""
+    from hybrid_ct.inference import keep_lung_components
+
+    lab = np.zeros((6, 40, 40), np.uint8)
+    lab[0:5, 10:30, 5:35] = 1  # the lungs
+    lab[4:6, 2:11, 15:25] = 2  # top slices: "infected lung" from the air in front of the neck into the body
+    body = np.zeros_like(lab, bool)
+    body[:, 5:35, 2:38] = True
+    out = keep_lung_components(lab, body=body)
+    assert out[:, 2:5].sum() == 0  # outside the body: gone
+    assert np.array_equal(out[:, 5:], lab[:, 5:])  # the lungs and everything inside the body: untouched
+    # the same piece reaching the image border is a crop through the lungs: kept
+    cropped = lab.copy()
+    cropped[4:6, 0:2, 15:25] = 2
+    assert np.array_equal(keep_lung_components(cropped, body=body), cropped)
+
+
 def test_body_mask_in_the_images_own_layout(small_phantom):
     import SimpleITK as sitk
 

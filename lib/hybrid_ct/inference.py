@@ -22,6 +22,7 @@ from .preprocess import array_to_image, from_model_slices, to_model_slices
 from .report import infection_burden, severity_grade
 
 TOP_K_SLICES = 3  # the scan's positive probability: mean of its 3 most positive lung slices
+BODY_TRUSTED = 0.95  # a body mask that holds 95 % of the predicted lung outlines a whole chest (not a crop)
 LUNG_MIN_COMPONENT = 0.05  # lung components below 5 % of the largest are dropped (volume path only)
 
 
@@ -44,14 +45,21 @@ def _mask_label(lung_p: np.ndarray, inf_p: np.ndarray) -> np.ndarray:
 
 def keep_lung_components(label: np.ndarray, min_fraction: float = LUNG_MIN_COMPONENT,
                          body: np.ndarray | None = None) -> np.ndarray:
-    """Drop predicted lung (and the infection inside it) in connected components smaller than
-    ``min_fraction`` of the largest one (specks on the table, clothes or bowel gas) and, given the
-    ``body`` mask (``io.body_mask``), components mostly outside the body (air between the back and the
-    table). The body rule spares components that reach the image's in-plane border (a crop through the
-    lungs: the body outline cannot close there) and is skipped when the largest component is itself
-    mostly outside (a body mask that failed). ``label`` is one volume [D,H,W] (components in 3D)."""
+    """Drop predicted lung (and the infection inside it) that cannot be lung. ``label`` is one volume
+    [D,H,W]. Given the ``body`` mask (``io.body_mask``), first, slice by slice, lung outside the body
+    that does not reach the image border (the air in front of the neck at the top of a scan, joined to
+    the apices through the airway and so not a component of its own); lung outside the body that
+    reaches the border is a picture cropped through the lungs (the body outline cannot close) and is
+    kept, and this step is skipped unless the body holds ``BODY_TRUSTED`` of the lung (on a crop the
+    body outline cuts through the lungs). Then connected components (3D) smaller than ``min_fraction`` of the largest one (specks on
+    the table, clothes or bowel gas) and components mostly outside the body (air between the back and
+    the table) unless they reach the image border. A body mask that holds less than half the lung, or
+    misses the largest component, failed (e.g. a tight crop) and is ignored."""
     from scipy import ndimage
 
+    use_body = body is not None and body.shape == label.shape and bool((label > 0).any())
+    if use_body and (label > 0)[body].sum() >= BODY_TRUSTED * (label > 0).sum():
+        label = _drop_enclosed_outside(label, body)
     lung = label > 0
     comp, n = ndimage.label(lung)
     if n == 0:
@@ -59,15 +67,37 @@ def keep_lung_components(label: np.ndarray, min_fraction: float = LUNG_MIN_COMPO
     idx = np.arange(1, n + 1)
     sizes = ndimage.sum_labels(lung, comp, index=idx)
     keep = sizes >= min_fraction * sizes.max()
-    if body is not None and body.shape == label.shape:
+    if use_body:
         inside = ndimage.mean(body, comp, index=idx) >= 0.5
         if inside[np.argmax(sizes)]:
-            at_border = np.isin(idx, np.concatenate([comp[:, [0, -1], :].ravel(), comp[:, :, [0, -1]].ravel()]))
-            keep &= inside | at_border
+            keep &= inside | np.isin(idx, _border_ids(comp))
     if keep.all():
         return label
     out = label.copy()
     out[~np.isin(comp, idx[keep])] = 0
+    return out
+
+
+def _border_ids(comp: np.ndarray) -> np.ndarray:
+    """Labels of ``comp`` [D,H,W] found on the in-plane image border."""
+    return np.unique(np.concatenate([comp[:, [0, -1], :].ravel(), comp[:, :, [0, -1]].ravel()]))
+
+
+def _drop_enclosed_outside(label: np.ndarray, body: np.ndarray) -> np.ndarray:
+    """``label`` with its lung outside ``body`` removed where, within its slice, it does not reach the border."""
+    from scipy import ndimage
+
+    outside = (label > 0) & ~body
+    if not outside.any():
+        return label
+    per_slice = np.zeros((3, 3, 3), bool)
+    per_slice[1] = ndimage.generate_binary_structure(2, 1)
+    pieces, _ = ndimage.label(outside, structure=per_slice)
+    drop = (pieces > 0) & ~np.isin(pieces, _border_ids(pieces))
+    if not drop.any():
+        return label
+    out = label.copy()
+    out[drop] = 0
     return out
 
 
