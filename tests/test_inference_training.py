@@ -168,6 +168,10 @@ def test_keep_lung_components_drops_air_outside_the_body():
     inner = np.zeros_like(crop, bool)
     inner[0, 3:38, 15:39] = True
     assert np.array_equal(keep_lung_components(crop, body=inner), crop)
+    # in a volume a component outside the body that reaches the border is the table or a blanket: dropped
+    table = lab.copy()
+    table[:, 37:40, :] = 1
+    assert np.array_equal(keep_lung_components(table, body=body), out)
 
 
 def test_keep_lung_components_drops_neck_air_joined_to_the_lungs():

@@ -46,20 +46,16 @@ def _mask_label(lung_p: np.ndarray, inf_p: np.ndarray) -> np.ndarray:
 def keep_lung_components(label: np.ndarray, min_fraction: float = LUNG_MIN_COMPONENT,
                          body: np.ndarray | None = None) -> np.ndarray:
     """Drop predicted lung (and the infection inside it) that cannot be lung. ``label`` is one volume
-    [D,H,W]. Given the ``body`` mask (``io.body_mask``), first, slice by slice, lung outside the body
-    that does not reach the image border (the air in front of the neck at the top of a scan, joined to
-    the apices through the airway and so not a component of its own); lung outside the body that
-    reaches the border is a picture cropped through the lungs (the body outline cannot close) and is
-    kept, and this step is skipped unless the body holds ``BODY_TRUSTED`` of the lung (on a crop the
-    body outline cuts through the lungs). Then connected components (3D) smaller than ``min_fraction`` of the largest one (specks on
-    the table, clothes or bowel gas) and components mostly outside the body (air between the back and
-    the table) unless they reach the image border. A body mask that holds less than half the lung, or
-    misses the largest component, failed (e.g. a tight crop) and is ignored."""
+    [D,H,W]; components are 3D. Dropped: components smaller than ``min_fraction`` of the largest one
+    (specks, bowel gas) and, given the ``body`` mask (``io.body_mask``), components mostly outside the
+    body (the table, blankets, air between the back and the table). On a single picture a component
+    that reaches the image border is kept: a crop through the lungs, where the body outline cannot
+    close. Then, slice by slice, lung outside the body that does not reach the image border (the air
+    in front of the neck, joined to the apices through the airway: not a component of its own), if the
+    body holds ``BODY_TRUSTED`` of the remaining lung. A body mask that misses the largest component
+    failed (e.g. a tight crop) and is ignored."""
     from scipy import ndimage
 
-    use_body = body is not None and body.shape == label.shape and bool((label > 0).any())
-    if use_body and (label > 0)[body].sum() >= BODY_TRUSTED * (label > 0).sum():
-        label = _drop_enclosed_outside(label, body)
     lung = label > 0
     comp, n = ndimage.label(lung)
     if n == 0:
@@ -67,14 +63,19 @@ def keep_lung_components(label: np.ndarray, min_fraction: float = LUNG_MIN_COMPO
     idx = np.arange(1, n + 1)
     sizes = ndimage.sum_labels(lung, comp, index=idx)
     keep = sizes >= min_fraction * sizes.max()
+    use_body = body is not None and body.shape == label.shape
     if use_body:
         inside = ndimage.mean(body, comp, index=idx) >= 0.5
-        if inside[np.argmax(sizes)]:
-            keep &= inside | np.isin(idx, _border_ids(comp))
-    if keep.all():
-        return label
-    out = label.copy()
-    out[~np.isin(comp, idx[keep])] = 0
+        use_body = bool(inside[np.argmax(sizes)])
+        if use_body:
+            keep &= inside | (len(label) == 1) & np.isin(idx, _border_ids(comp))
+    out = label
+    if not keep.all():
+        out = label.copy()
+        out[~np.isin(comp, idx[keep])] = 0
+    lung = out > 0
+    if use_body and lung[body].sum() >= BODY_TRUSTED * lung.sum():
+        out = _drop_enclosed_outside(out, body)
     return out
 
 
