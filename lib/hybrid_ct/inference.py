@@ -68,7 +68,7 @@ def keep_lung_components(label: np.ndarray, min_fraction: float = LUNG_MIN_COMPO
         inside = ndimage.mean(body, comp, index=idx) >= 0.5
         use_body = bool(inside[np.argmax(sizes)])
         if use_body:
-            keep &= inside | (len(label) == 1) & np.isin(idx, _border_ids(comp))
+            keep &= inside | ((len(label) == 1) & np.isin(idx, _border_ids(comp)))
     out = label
     if not keep.all():
         out = label.copy()
