@@ -560,9 +560,8 @@ def energy_on_slices(model, s, n: int = 96):
     from .inference import Predictor
 
     predictor = Predictor(model, progress=False)
-    x = s.images[:n].astype(np.float32)[:, None] / 255.0
     with EnergyMeter(predictor.model) as meter:
-        predictor.run_slices(x, meter)
+        run_on_slices(predictor, s.subset(np.arange(min(n, len(s)))), meter)
     return meter.report()
 
 
