@@ -112,6 +112,11 @@ class LiveServer:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
+    @property
+    def tmp(self) -> Path:
+        """The server's TMPDIR."""
+        return self.workdir / "tmp"
+
 
 def write_studies(studies: Path) -> None:
     """6 phantoms (alternating positive / negative), final labels for the first 3."""
@@ -183,7 +188,9 @@ def start_server(workdir: Path, conf: dict | None = None, model=True, studies_wr
     canary = EgressCanary()
     proxy = f"http://127.0.0.1:{canary.port}"
     env = dict(os.environ)
+    (workdir / "tmp").mkdir(exist_ok=True)
     env.update({
+        "TMPDIR": str(workdir / "tmp"),  # the server's temporary files, checked by the tests: none may stay
         "MONAI_LABEL_SESSION_PATH": str(workdir / "sessions"),
         "PYTHONDONTWRITEBYTECODE": "1",
         "HTTP_PROXY": proxy, "HTTPS_PROXY": proxy, "http_proxy": proxy, "https_proxy": proxy,

@@ -136,7 +136,7 @@ def test_bad_labels_are_refused(server, tmp_path, unchanged):
     p = tmp_path / "shifted.nii.gz"
     sitk.WriteImage(shifted, str(p))
     _expect(_put_label(server, image_id, "l.nii.gz", p.read_bytes()), 422, "grid")
-    _expect(_put_label(server, image_id, "l.nii.gz", b"\x00" * 300), 422, "cannot be read")
+    _expect(_put_label(server, image_id, "l.nii.gz", b"\x00" * 300), 422, "cannot read", "l.nii.gz")
     _expect(_put_label(server, image_id, "l.txt", b"0 1 2"), 422, "unsupported")
     _expect(_put_label(server, image_id, "l.nii.gz", _nifti_bytes(good, ref, tmp_path), tag="../../x"), 400, "tag")
     _expect(_put_label(server, "no such image", "l.nii.gz", _nifti_bytes(good, ref, tmp_path)), 404, "not in the")

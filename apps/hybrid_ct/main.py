@@ -18,8 +18,11 @@ from typing import Dict
 
 import lib.configs
 from lib.datastore import HybridCTDatastore
-from lib.endpoints import install, start_training, training_active
-from lib.validation import Conflict
+from lib.endpoints import check_param_names, start_training, training_active
+from lib.lifecycle import (TrainingLock, die_with_parent, is_task_subprocess, mark_server_process,
+                           shutdown_children_on_signals)
+from lib.routes import expose_groups, install
+from lib.validation import MIN_SLICES, Conflict
 
 from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
@@ -34,7 +37,12 @@ from monailabel.tasks.activelearning.random import Random
 from monailabel.utils.others.class_utils import get_class_names
 from monailabel.utils.others.generic import strtobool
 
+from hybrid_ct.filecheck import DEFAULT_MAX_VOXELS
+
 logger = logging.getLogger(__name__)
+
+if is_task_subprocess():  # a train / scoring subprocess of the server: it must not outlive the server
+    die_with_parent()
 
 DEFAULT_MODEL = "hybrid_ct"
 NO_DOWNLOAD_KEYS = ("sam2", "sam", "zoo", "bundles", "preload")
@@ -80,6 +88,14 @@ class HybridCTApp(MONAILabelApp):
         self.auto_train_after = int(conf.get("auto_train_after", 5))
         self.auto_train_params = lib.configs.hybrid_ct._json_conf(conf, "auto_train_params")
         self.stop_grace_s = float(conf.get("stop_grace_s", 60))
+        self.max_image_voxels = int(conf.get("max_image_voxels", DEFAULT_MAX_VOXELS))
+        self.min_slices = int(conf.get("min_slices", MIN_SLICES))
+        if self.max_image_voxels < 1 or self.min_slices < 1:
+            raise ValueError("--conf max_image_voxels and min_slices must be positive integers")
+        expose_groups(conf)  # an unknown or refused route group stops the start here
+        check_param_names(self.auto_train_params)  # a typo in a train default must not start default trainings
+        for task in self.models.values():
+            check_param_names(task.train_defaults)
 
         super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="Hybrid CT",
                          description="Hybrid spiking multi-task network for chest CT: lung and infection "
@@ -139,14 +155,20 @@ class HybridCTApp(MONAILabelApp):
         return meta
 
     def on_init_complete(self):
-        try:
-            from monailabel.app import app as fastapi_app  # the running server (only imported in server mode)
+        from monailabel.app import app as fastapi_app  # the running server (only imported in server mode)
 
-            install(fastapi_app)
-        except Exception:  # noqa: BLE001 - keep serving, but say loudly that the guards are missing
-            logger.exception("Hybrid CT: the guarded HTTP routes could not be installed: uploads, labels and "
-                             "ids are NOT checked, and /hybrid_ct/versions is missing")
+        # fails closed: an exception here stops the server's start-up (uvicorn exits), so it never
+        # serves MONAI Label's unguarded routes
+        install(fastapi_app, self.conf)
+        mark_server_process()
+        shutdown_children_on_signals()
         super().on_init_complete()
+
+    def train(self, request):
+        # runs in the training subprocess: the lock file names it, so that a restarted server does not
+        # start a second training beside a live one
+        with TrainingLock(self.model_dir):
+            return super().train(request)
 
     def on_save_label(self, image_id, label_id):
         super().on_save_label(image_id, label_id)

@@ -1,23 +1,22 @@
-"""The app's HTTP layer on top of MONAI Label's FastAPI server.
+"""The handlers of the app's guarded HTTP routes (wired up, with the allowlist, in ``lib/routes.py``).
 
-MONAI Label 0.8.5 builds its FastAPI ``app`` (``monailabel.app``) before it loads ours, and its
-stock endpoints hand client input straight to the datastore (``PUT /datastore/?image=../x`` writes
-outside the studies folder; any bytes are stored as an "image"; a label of any shape or value is
-stored) and answer most errors with HTTP 500. When the server starts, :func:`install` puts the
-routes below in FRONT of the stock ones (same paths, same parameters, same RBAC dependencies), so
-every request first passes the app's checks (``lib/validation.py``) on temporary copies: a refused
-request never reaches the datastore and leaves the studies folder byte-for-byte unchanged.
+MONAI Label 0.8.5's stock endpoints hand client input straight to the datastore (``PUT
+/datastore/?image=../x`` writes outside the studies folder; any bytes are stored as an "image"; a
+label of any shape or value is stored) and answer most errors with HTTP 500. These handlers run the
+app's checks (``lib/validation.py``, ``hybrid_ct.filecheck``) on temporary copies first: a refused
+request never reaches the datastore, leaves the studies folder byte-for-byte unchanged and leaves no
+temporary file; messages name the upload by its client-side file name and field, never a server path.
 
-Errors: malformed id / tag / params 400, unknown image / label / model / version 404, training
-already running 409, content that is not a chest CT / label map 422, no trained model yet 503.
+Errors: malformed id / tag / params 400, unknown image / label / model / version / scoring method 404,
+training already running (here or in a process left from before a restart) 409, content that is not a
+whole chest CT volume / label map (truncated, corrupt, oversized, zero spacing, 2D) 422, no trained
+model yet 503.
 
 Blocking work (inference, validation of uploads, synchronous training) runs in a worker thread, so
-the server keeps answering (``/info``, ``/train`` status) meanwhile. App-specific endpoints:
-``GET /hybrid_ct/versions`` and ``POST /hybrid_ct/rollback?version=<v>``.
+the server keeps answering (``/info``, ``/train`` status) meanwhile.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -28,13 +27,11 @@ from datetime import datetime
 from typing import Optional
 
 import SimpleITK as sitk
-from fastapi import APIRouter, BackgroundTasks, Depends, File, Form, HTTPException, UploadFile
+from fastapi import BackgroundTasks, HTTPException, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
-from fastapi.routing import APIRoute
 from monailabel.config import settings
 from monailabel.endpoints.infer import ResultType, send_response
-from monailabel.endpoints.user.auth import RBAC, User
 from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel.interfaces.exception import (ImageNotFoundException, LabelNotFoundException, MONAILabelError,
                                              MONAILabelException)
@@ -44,12 +41,15 @@ from monailabel.utils.async_tasks.utils import processes, stop_background_task, 
 from monailabel.utils.others.generic import file_checksum, get_mime_type, remove_file
 
 from hybrid_ct.errors import InputError, ModelNotReadyError
+from hybrid_ct.filecheck import DEFAULT_MAX_VOXELS
 from hybrid_ct.io import write_image
 
+from .lifecycle import TrainingLock
 from .store import UnknownVersionError
-from .trainers.hybrid_ct import validate_params
-from .validation import (LABEL_EXT, STORED_EXT, BadRequest, Conflict, NotFound, canonicalise_label, check_id,
-                         check_tag, file_extension, load_upload, normalise_diagnosis, parse_json_param)
+from .trainers.hybrid_ct import BOOLS, PARAMS, validate_params
+from .validation import (LABEL_EXT, MIN_SLICES, STORED_EXT, UPLOAD_EXT, BadRequest, Conflict, NotFound,
+                         canonicalise_label, check_id, check_tag, check_upload_file, file_extension, load_upload,
+                         normalise_diagnosis, parse_json_param, scrub, upload_name)
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def to_http(e: Exception) -> HTTPException:
 
 
 def _msg(e: Exception) -> str:
-    return getattr(e, "msg", None) or str(e) or type(e).__name__
+    return scrub(getattr(e, "msg", None) or str(e) or type(e).__name__, {})
 
 
 def guarded(fn, *args, **kwargs):
@@ -120,19 +120,24 @@ def add_image(image: Optional[str], params: str, file: UploadFile, user: Optiona
         stem = file.filename or ""
         image = stem[: -len(ext)] if ext and stem.lower().endswith(ext) else stem
     check_id(image)
-    ds = app_instance().datastore()
-    tmp = _save_upload(file, ext if ext else ".bin")
+    instance = app_instance()
+    ds = instance.datastore()
+    name = upload_name(file.filename, "file")
+    if ext not in UPLOAD_EXT:
+        raise InputError(f"{name}: unsupported file type {ext or '(none)'!r}: upload a chest CT as {', '.join(UPLOAD_EXT)}")
+    tmp = _save_upload(file, ext)
     tmp_nii = None
     try:
         if os.path.getsize(tmp) == 0:
-            raise InputError("the uploaded file is empty (0 bytes)")
+            raise InputError(f"{name} is empty (0 bytes)")
         uri = ds.get_image_uri(image)
         if uri and os.path.exists(uri):
             if os.path.isfile(uri) and file_extension(uri) == ext and file_checksum(uri) == file_checksum(tmp):
                 return {"image": image, "unchanged": True}
             raise Conflict(f"image id {image!r} already exists in the datastore with other content: "
                            "choose another id (or delete the image first)")
-        img = load_upload(tmp, ext)  # InputError (422) for anything that is not a chest CT in HU
+        # InputError (422): truncated / oversized / not a chest CT volume in HU
+        img = load_upload(tmp, ext, name, **upload_limits(instance))
         src = tmp
         if ext not in STORED_EXT:  # .mha / DICOM / zip of a DICOM series -> stored as NIfTI
             fd, tmp_nii = tempfile.mkstemp(prefix="hybrid_ct_upload_", suffix=".nii.gz")
@@ -159,13 +164,14 @@ def save_label(image: str, params: str, tag: str, label: UploadFile, user: Optio
     ext = file_extension(label.filename) or ".nii.gz"
     if ext not in LABEL_EXT + (".seg.nrrd",):
         raise InputError(f"unsupported label file type {ext!r}: send a label map as {', '.join(LABEL_EXT)}")
+    name = upload_name(label.filename, "label")
     tmp = _save_upload(label, ".nrrd" if ext == ".seg.nrrd" else ext)
     fd, canon_path = tempfile.mkstemp(prefix="hybrid_ct_label_", suffix=".nii.gz")
     os.close(fd)
     try:
         if os.path.getsize(tmp) == 0:
-            raise InputError("the uploaded label file is empty (0 bytes)")
-        canon, canon_info, warnings = canonicalise_label(tmp, uri, p.get("label_info"))
+            raise InputError(f"{name} is empty (0 bytes)")
+        canon, canon_info, warnings = canonicalise_label(tmp, uri, p.get("label_info"), name)
         sitk.WriteImage(canon, canon_path, useCompression=True)
         info = {k: v for k, v in p.items() if k != "label_info"}
         info["label_info"] = canon_info
@@ -264,11 +270,18 @@ def run_inference(background_tasks: BackgroundTasks, model: str, image: str, ses
     request = {"model": model}
     request.update(instance.info().get("config", {}).get("infer", {}))
     request.update(p)
+    path = None
     if file is not None and file.filename:
         ext = file_extension(file.filename)
+        name = upload_name(file.filename, "file")
         if ext not in STORED_EXT + (".mha",):
-            raise InputError(f"unsupported file type {ext!r}: send the CT as {', '.join(STORED_EXT)}")
+            raise InputError(f"{name}: unsupported file type {ext!r}: send the CT as {', '.join(STORED_EXT)}")
         path = _save_upload(file, ext)
+        try:
+            check_upload_file(path, ext, name, upload_limits(instance)["max_voxels"])
+        except BaseException:
+            remove_file(path)
+            raise
         background_tasks.add_task(remove_file, path)
         request["image"] = path
     elif session_id:
@@ -283,10 +296,28 @@ def run_inference(background_tasks: BackgroundTasks, model: str, image: str, ses
         request["image_id"] = image
     else:
         raise BadRequest("give an image id of the datastore (?image=<id>) or upload a file")
-    result = instance.infer(request)
+    try:
+        result = instance.infer(request)
+    except BaseException:
+        if path:
+            remove_file(path)
+        raise
     if result is None:
         raise HTTPException(500, "inference returned nothing")
     return send_response(instance.datastore(), result, output, background_tasks)
+
+
+# ------------------------------------------------------------------------------------ scoring
+def run_scoring(method: str, params: Optional[dict], run_sync: bool = False):
+    instance = app_instance()
+    scorer = instance._scoring_methods.get(method)
+    if scorer is None:
+        raise NotFound(f"there is no scoring method {method!r}; available: {sorted(instance._scoring_methods)}")
+    params = scorer.validate_params(params or {}) if hasattr(scorer, "validate_params") else dict(params or {})
+    res, detail = AsyncTask.run("scoring", request={"method": method}, params=params, force_sync=run_sync)
+    if res is None:
+        raise Conflict(detail or "a scoring task is already running")
+    return res
 
 
 # ------------------------------------------------------------------------------------ train
@@ -306,15 +337,39 @@ def _stop_file(instance) -> Optional[str]:
     return getattr(trainer, "stop_file", None)
 
 
+def check_param_names(params: dict) -> None:
+    """A key the trainer does not know is a typo (``epochs`` for ``max_epochs``): 400, never a default run."""
+    if not isinstance(params, dict):
+        raise BadRequest(f"train params must be a JSON object, got {type(params).__name__}")
+    known = set(PARAMS) | set(BOOLS) | {"device", "gpus"}
+    unknown = sorted(set(params) - known)
+    if unknown:
+        raise BadRequest(f"unknown train parameter(s) {unknown}: accepted are {sorted(known)}")
+
+
+def _locked_by_other_process(instance) -> Optional[dict]:
+    """A training still running in a process this server did not start (e.g. before a restart)."""
+    owner = TrainingLock(instance.model_dir).owner() if hasattr(instance, "model_dir") else None
+    if owner and int(owner["pid"]) != os.getpid():
+        return {"id": f"pid {owner['pid']}", "status": "RUNNING", "start_ts": owner.get("started")}
+    return None
+
+
+def upload_limits(instance) -> dict:
+    return {"max_voxels": int(getattr(instance, "max_image_voxels", DEFAULT_MAX_VOXELS)),
+            "min_slices": int(getattr(instance, "min_slices", MIN_SLICES))}
+
+
 def start_training(model: str, params: Optional[dict], run_sync: bool = False, source: str = "request"):
     instance = app_instance()
     if model not in instance._trainers:
         raise NotFound(f"there is no trainer {model!r}; available: {sorted(instance._trainers)}")
+    check_param_names(params or {})
     params = validate_params(params or {})
     if not instance.datastore().get_labeled_images():
         raise BadRequest("no labelled image yet: submit final labels before training")
     with _train_lock:
-        active = training_active()
+        active = training_active() or _locked_by_other_process(instance)
         if active:
             raise Conflict(f"a training is already running (task {active.get('id')}, {active.get('status')}, "
                            f"since {active.get('start_ts', '?')}): wait for it or stop it with DELETE /train/")
@@ -395,144 +450,3 @@ def rollback(version: str) -> dict:
     if hasattr(instance, "on_model_changed"):
         instance.on_model_changed(res["current"])
     return res
-
-
-# ------------------------------------------------------------------------------------ routes
-def build_router() -> APIRouter:
-    r = APIRouter(prefix=settings.MONAI_LABEL_API_STR)
-
-    async def api_add_image(image: Optional[str] = None, params: str = Form("{}"), file: UploadFile = File(...),
-                            user: User = Depends(RBAC(ANNOTATOR))):
-        return await in_thread(add_image, image, params, file, user.username)
-
-    r.add_api_route("/datastore/", api_add_image, methods=["PUT"], tags=["Datastore"], include_in_schema=False)
-    r.add_api_route("/datastore/image", api_add_image, methods=["PUT"], tags=["Datastore"],
-                    summary="Upload a new image (checked: a chest CT in HU; NIfTI, NRRD, MHA, DICOM or zip)")
-
-    async def api_remove_image(id: str, user: User = Depends(RBAC(ADMIN))):
-        return await in_thread(remove_image, id)
-
-    r.add_api_route("/datastore/", api_remove_image, methods=["DELETE"], tags=["Datastore"], include_in_schema=False)
-    r.add_api_route("/datastore/image", api_remove_image, methods=["DELETE"], tags=["Datastore"],
-                    summary="Remove an image and its labels")
-
-    async def api_check_image(image: str, check_sum: Optional[str] = None, user: User = Depends(RBAC(USER))):
-        return await in_thread(download_image, image, True, check_sum)
-
-    async def api_download_image(image: str, user: User = Depends(RBAC(USER))):
-        return await in_thread(download_image, image)
-
-    r.add_api_route("/datastore/image", api_check_image, methods=["HEAD"], tags=["Datastore"],
-                    summary="Check if an image exists")
-    r.add_api_route("/datastore/image", api_download_image, methods=["GET"], tags=["Datastore"],
-                    summary="Download an image")
-
-    async def api_put_image_info(image: str, info: str = Form("{}"), user: User = Depends(RBAC(ANNOTATOR))):
-        return await in_thread(update_image_info, image, info, user.username)
-
-    r.add_api_route("/datastore/image/info", api_put_image_info, methods=["PUT"], tags=["Datastore"],
-                    summary="Update image info (e.g. {\"diagnosis\": \"negative\"})")
-
-    async def api_save_label(image: str, params: str = Form("{}"), tag: str = DefaultLabelTag.FINAL.value,
-                             label: UploadFile = File(...), user: User = Depends(RBAC(ANNOTATOR))):
-        return await in_thread(save_label, image, params, tag, label, user.username)
-
-    r.add_api_route("/datastore/label", api_save_label, methods=["PUT"], tags=["Datastore"],
-                    summary="Save a label map (checked against the image; values remapped by label_info names)")
-
-    async def api_remove_label(id: str, tag: str, user: User = Depends(RBAC(ADMIN))):
-        return await in_thread(remove_label, id, tag)
-
-    r.add_api_route("/datastore/label", api_remove_label, methods=["DELETE"], tags=["Datastore"],
-                    summary="Remove a label")
-
-    async def api_check_label(image: str, tag: str, user: User = Depends(RBAC(USER))):
-        return await in_thread(download_label, image, tag, True)
-
-    async def api_download_label(label: str, tag: str, user: User = Depends(RBAC(USER))):
-        return await in_thread(download_label, label, tag)
-
-    r.add_api_route("/datastore/label", api_check_label, methods=["HEAD"], tags=["Datastore"],
-                    summary="Check if a label exists")
-    r.add_api_route("/datastore/label", api_download_label, methods=["GET"], tags=["Datastore"],
-                    summary="Download a label")
-
-    async def api_put_label_info(label: str, tag: str, info: str = Form("{}"), user: User = Depends(RBAC(ANNOTATOR))):
-        return await in_thread(update_label_info, label, tag, info, user.username)
-
-    r.add_api_route("/datastore/label/info", api_put_label_info, methods=["PUT"], tags=["Datastore"],
-                    summary="Update label info")
-
-    async def api_run_inference(background_tasks: BackgroundTasks, model: str, image: str = "",
-                                session_id: str = "", params: str = Form("{}"), file: UploadFile = File(None),
-                                label: UploadFile = File(None), output: Optional[ResultType] = None,
-                                user: User = Depends(RBAC(USER))):
-        return await in_thread(run_inference, background_tasks, model, image, session_id, params, file, output)
-
-    r.add_api_route("/infer/{model}", api_run_inference, methods=["POST"], tags=["Infer"],
-                    summary="Run the model on a whole CT volume: label map + result params")
-
-    async def api_train_model(model: str, params: Optional[dict] = None, run_sync: Optional[bool] = False,
-                              enqueue: Optional[bool] = False, user: User = Depends(RBAC(ADMIN))):
-        return await in_thread(start_training, model, params, bool(run_sync))
-
-    async def api_train_all(params: Optional[dict] = None, run_sync: Optional[bool] = False,
-                            user: User = Depends(RBAC(ADMIN))):
-        instance = app_instance()
-        out = {}
-        for m in instance._trainers:
-            mp = (params or {}).get(m) if isinstance((params or {}).get(m), dict) else (params or {})
-            out[m] = {"result": await in_thread(start_training, m, mp, bool(run_sync)), "detail": None}
-        return out
-
-    async def api_train_stop(user: User = Depends(RBAC(ADMIN))):
-        grace = float(getattr(app_instance(), "stop_grace_s", 60.0))
-        return await in_thread(stop_training, grace)
-
-    r.add_api_route("/train/{model}", api_train_model, methods=["POST"], tags=["Train"],
-                    summary="Start training (409 while one runs)")
-    r.add_api_route("/train/", api_train_all, methods=["POST"], tags=["Train"], include_in_schema=False)
-    r.add_api_route("/train/", api_train_stop, methods=["DELETE"], tags=["Train"],
-                    summary="Stop training (the best model so far is published)")
-
-    async def api_sample(strategy: str, params: Optional[dict] = None, user: User = Depends(RBAC(USER))):
-        from monailabel.endpoints.activelearning import sample
-
-        instance = app_instance()
-        if strategy not in instance._strategies:
-            raise HTTPException(404, f"there is no strategy {strategy!r}; available: {sorted(instance._strategies)}")
-        return await in_thread(sample, strategy, params, user.username)
-
-    r.add_api_route("/activelearning/{strategy}", api_sample, methods=["POST"], tags=["ActiveLearning"],
-                    summary="Next image to label by the chosen strategy")
-
-    async def api_versions(user: User = Depends(RBAC(USER))):
-        return await in_thread(versions)
-
-    async def api_rollback(version: str = "", user: User = Depends(RBAC(ADMIN))):
-        return await in_thread(rollback, version)
-
-    r.add_api_route("/hybrid_ct/versions", api_versions, methods=["GET"], tags=["Hybrid CT"],
-                    summary="Model versions: {current, versions: [{version, created, metric}]}")
-    r.add_api_route("/hybrid_ct/rollback", api_rollback, methods=["POST"], tags=["Hybrid CT"],
-                    summary="Serve an earlier model version")
-    return r
-
-
-def install(fastapi_app) -> int:
-    """Put the app's routes in front of MONAI Label's (once); stock routes they replace are removed."""
-    if getattr(fastapi_app.state, "hybrid_ct_routes", False):
-        return 0
-    new = [rt for rt in build_router().routes if isinstance(rt, APIRoute)]
-    keys = {(rt.path, m) for rt in new for m in rt.methods}
-    kept = [rt for rt in fastapi_app.router.routes
-            if not (isinstance(rt, APIRoute) and any((rt.path, m) in keys for m in rt.methods))]
-    fastapi_app.router.routes[:] = new + kept
-    fastapi_app.openapi_schema = None
-    fastapi_app.state.hybrid_ct_routes = True
-    logger.info("Hybrid CT: %d guarded routes installed in front of MONAI Label's", len(new))
-    return len(new)
-
-
-def describe(obj) -> str:  # small helper for logs
-    return json.dumps(obj, default=str)[:500]

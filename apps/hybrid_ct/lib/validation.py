@@ -15,12 +15,14 @@ import re
 import shutil
 import tempfile
 import zipfile
+import zlib
 
 import numpy as np
 import SimpleITK as sitk
 
 from hybrid_ct import LABELS
 from hybrid_ct.errors import InputError
+from hybrid_ct.filecheck import DEFAULT_MAX_VOXELS, check_volume_file, volume_kind
 from hybrid_ct.io import check_ct, read_image
 
 
@@ -41,7 +43,7 @@ TAG_RE = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
 STORED_EXT = (".nii.gz", ".nii", ".nrrd")  # what the datastore keeps as images and labels
 UPLOAD_EXT = STORED_EXT + (".mha", ".dcm", ".zip")  # accepted uploads (the last three are converted)
 LABEL_EXT = STORED_EXT + (".mha",)
-MAX_ZIP_BYTES = 4 << 30
+MIN_SLICES = 8  # fewer axial slices is not a chest CT volume (a slice or a slab); conf min_slices
 
 
 def check_id(value, what: str = "image id") -> str:
@@ -103,7 +105,25 @@ def normalise_diagnosis(value):
 
 
 # ---------------------------------------------------------------------------------------- images
-def _extract_dicom_zip(path: str, out_dir: str) -> str:
+def upload_name(filename, field: str) -> str:
+    """How messages name an upload: the client's own file name (no folders, printable, short) and field."""
+    base = re.split(r"[\\/]", str(filename or ""))[-1]
+    base = "".join(c for c in base if c.isprintable())[:80]
+    return f"upload {base!r} (field {field!r})" if base else f"the upload in field {field!r}"
+
+
+def scrub(message: str, paths: dict) -> str:
+    """Replace server paths (temporary files and folders) in ``message`` by what the client knows them as."""
+    for path, name in sorted(paths.items(), key=lambda kv: -len(kv[0])):
+        if path:
+            message = message.replace(path, name)
+    return TEMP_PATH_RE.sub("the uploaded file", message)
+
+
+TEMP_PATH_RE = re.compile(re.escape(tempfile.gettempdir().rstrip("/")) + r"/hybrid_ct_[^\s'\"),:;]*")
+
+
+def _extract_dicom_zip(path: str, out_dir: str, max_bytes: int) -> str:
     """Unpack a zip of DICOM files safely (no path from the archive is used; size-limited)."""
     try:
         with zipfile.ZipFile(path) as z:
@@ -111,32 +131,75 @@ def _extract_dicom_zip(path: str, out_dir: str) -> str:
             total = sum(m.file_size for m in members)
             if not members:
                 raise InputError("the zip archive is empty: expected the DICOM files of one CT series")
-            if total > MAX_ZIP_BYTES:
-                raise InputError(f"the zip archive unpacks to {total / 2**30:.1f} GiB, more than the 4 GiB allowed")
+            if total > max_bytes:
+                raise InputError(f"the zip archive unpacks to {total / 2**20:.0f} MiB, more than the "
+                                 f"{max_bytes / 2**20:.0f} MiB allowed for one CT series")
             for i, m in enumerate(members):
                 with z.open(m) as src, open(os.path.join(out_dir, f"{i:06d}.dcm"), "wb") as dst:
                     shutil.copyfileobj(src, dst)
-    except zipfile.BadZipFile as e:
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, EOFError, zlib.error) as e:
         raise InputError(f"not a readable zip archive: {e}") from None
     return out_dir
 
 
-def load_upload(path: str, ext: str) -> sitk.Image:
-    """Read an uploaded file (NIfTI, NRRD, MHA, a DICOM file or a zip of one DICOM series) and check
-    that it is a chest CT in Hounsfield units; InputError (HTTP 422) names the problem."""
+def _check_dicom_file(path: str, max_voxels: int) -> int:
+    """Voxels a single DICOM file claims (rows x columns x frames), checked against the cap before reading."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        n = int(ds.Rows) * int(ds.Columns) * int(getattr(ds, "NumberOfFrames", 1) or 1)
+    except Exception as e:  # noqa: BLE001 - pydicom raises many kinds on a bad file
+        raise InputError(f"not a readable DICOM file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") \
+            from None
+    if n > max_voxels:
+        raise InputError(f"its DICOM header claims {n:,} voxels, more than the {max_voxels:,} accepted")
+    return n
+
+
+def check_upload_file(path: str, ext: str, name: str, max_voxels: int = DEFAULT_MAX_VOXELS):
+    """Cheap checks before an upload is read: header size cap, spacing, completeness (volumes) or the
+    DICOM header cap. InputError (422) naming the upload; returns the volume facts (None for DICOM/zip)."""
     if ext not in UPLOAD_EXT:
-        raise InputError(f"unsupported file type {ext or '(none)'!r}: upload a chest CT as "
+        raise InputError(f"{name}: unsupported file type {ext or '(none)'!r}: upload a chest CT as "
                          f"{', '.join(UPLOAD_EXT)} (.zip: the DICOM files of one series)")
     try:
+        if ext == ".dcm":
+            _check_dicom_file(path, max_voxels)
+        elif ext != ".zip":
+            return check_volume_file(path, name, max_voxels)
+    except InputError as e:
+        raise InputError(scrub(str(e), {path: name}) if name in str(e) else f"{name}: {scrub(str(e), {path: name})}") \
+            from None
+    return None
+
+
+def load_upload(path: str, ext: str, name: str = "the uploaded file", max_voxels: int = DEFAULT_MAX_VOXELS,
+                min_slices: int = MIN_SLICES) -> sitk.Image:
+    """Read an uploaded file (NIfTI, NRRD, MHA, a DICOM file or a zip of one DICOM series) after
+    :func:`check_upload_file`, and check that it is a chest CT volume in Hounsfield units with at least
+    ``min_slices`` slices (a single 2D slice is refused: the server keeps whole scans). InputError (HTTP
+    422) names the upload, never a server path."""
+    facts = check_upload_file(path, ext, name, max_voxels)
+    if facts is not None and facts.spatial_dims < 3:
+        raise InputError(f"{name} is a 2D image ({' x '.join(map(str, facts.size))}): the server keeps whole CT "
+                         f"volumes (at least {min_slices} axial slices); read single slices with `hybrid-ct predict`")
+    tmp_dir = None
+    try:
         if ext == ".zip":
-            with tempfile.TemporaryDirectory(prefix="hybrid_ct_dicom_") as d:
-                img = read_image(_extract_dicom_zip(path, d))
+            with tempfile.TemporaryDirectory(prefix="hybrid_ct_dicom_") as tmp_dir:
+                img = read_image(_extract_dicom_zip(path, tmp_dir, 2 * max_voxels + (64 << 20)))
         else:
             img = read_image(path)
+        if img.GetSize()[2] < min_slices:
+            raise InputError(f"{img.GetSize()[2]} slice(s) of {img.GetSize()[0]} x {img.GetSize()[1]}: the server "
+                             f"keeps whole CT volumes (at least {min_slices} axial slices); read single slices "
+                             "with `hybrid-ct predict`")
         return check_ct(img, require_chest=True)
-    except InputError as e:  # name the upload, not the server's temporary file
-        raise InputError(str(e).replace(path, "the uploaded file").replace("image: ", "the uploaded file: ", 1)) \
-            from None
+    except InputError as e:
+        msg = scrub(str(e), {path: name, tmp_dir or "": name})
+        msg = msg[len("image: "):] if msg.startswith("image: ") else msg
+        raise InputError(msg if msg.startswith(name) else f"{name}: {msg}") from None
 
 
 # ---------------------------------------------------------------------------------------- labels
@@ -261,7 +324,7 @@ class _Header:
         return self._v[3]
 
 
-def canonicalise_label(label_path: str, image_path: str, label_info=None):
+def canonicalise_label(label_path: str, image_path: str, label_info=None, name: str = "the label"):
     """Read a submitted label map, check it against the image and remap it BY NAME to the project's
     convention (0 background, 1 lung, 2 infection).
 
@@ -271,6 +334,11 @@ def canonicalise_label(label_path: str, image_path: str, label_info=None):
     unknown name whose value does not occur in the map is only reported as a warning.
     """
     ref = image_header(image_path)
+    if volume_kind(label_path):  # whole and no bigger than the image, before a voxel is read
+        try:
+            check_volume_file(label_path, name, max_voxels=int(np.prod(ref.GetSize())))
+        except InputError as e:
+            raise InputError(scrub(str(e), {label_path: name})) from None
     arr = _read_label_array(label_path, ref)
     present = set(np.unique(arr).astype(np.int64).tolist())
     names = parse_label_info(label_info)

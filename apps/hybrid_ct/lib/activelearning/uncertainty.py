@@ -66,6 +66,27 @@ class SpikeUncertaintyScoring(ScoringMethod):
         self.server = server
         self.max_slices = int(max_slices)
 
+    PARAMS = {"force": (bool, None, None), "max_images": (int, 0, 10**6), "max_slices": (int, 1, 4096)}
+
+    def validate_params(self, params: dict) -> dict:
+        """What a client may send to POST /scoring/uncertainty; BadRequest (400) names the problem."""
+        from ..validation import BadRequest
+
+        if not isinstance(params, dict):
+            raise BadRequest(f"scoring params must be a JSON object, got {type(params).__name__}")
+        unknown = sorted(set(params) - set(self.PARAMS))
+        if unknown:
+            raise BadRequest(f"unknown scoring parameter(s) {unknown}: accepted are {sorted(self.PARAMS)}")
+        for key, (typ, lo, hi) in self.PARAMS.items():
+            v = params.get(key)
+            if v is None:
+                continue
+            ok = isinstance(v, bool) if typ is bool else (isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi)
+            if not ok:
+                want = "true or false" if typ is bool else f"an integer in [{lo}, {hi}]"
+                raise BadRequest(f"scoring parameter {key} must be {want}, got {v!r}")
+        return dict(params)
+
     def __call__(self, request, datastore: Datastore):
         try:
             served = self.server.get()
@@ -86,13 +107,13 @@ class SpikeUncertaintyScoring(ScoringMethod):
                 continue
             try:
                 img = read_image(datastore.get_image_uri(image_id))
-                with served.lock:
-                    res = spike_uncertainty(served.predictor, img, max_slices)
+                with self.server.running() as now:
+                    res = spike_uncertainty(now.predictor, img, max_slices)
             except InputError as e:
                 failed[image_id] = str(e)
                 logger.warning("uncertainty of %s not computed: %s", image_id, e)
                 continue
-            res.update(model_version=served.version, ts=int(time.time()))
+            res.update(model_version=now.version, ts=int(time.time()))
             datastore.update_image_info(image_id, {KEY: res})
             scored[image_id] = res["score"]
             logger.info("uncertainty %s = %.4f (%s)", image_id, res["score"], served.version)

@@ -5,9 +5,11 @@ burden, grade, energy), so this task has no MONAI transform chain of its own: it
 ``InferTask`` (declared ``segmentation``, so Slicer lists it) that reads the volume, asks the served
 predictor, and writes the label as .nii.gz or, when the client asks (``result_extension``), .nrrd.
 
-Model hot swap: :class:`ModelServer` checks the store's current version on every request (a stat of
-one small file). A new version is loaded into a fresh Predictor and the reference is swapped under a
-lock; requests already running keep the predictor they started with, so none fails.
+Model hot swap: :class:`ModelServer` checks the store's current version when a request RUNS (a stat of
+one small file), not when it arrives: requests queue on one run lock (the predictor holds spiking state
+and the CPU is busy anyway), and each re-resolves the current version once it holds the lock, so a
+request waiting while a new version is published is answered by the new one. The request running at
+the moment of a swap finishes with the model it started with; none fails.
 """
 from __future__ import annotations
 
@@ -16,7 +18,8 @@ import os
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import SimpleITK as sitk
 import torch
@@ -47,7 +50,6 @@ class Served:
     version: str
     key: tuple
     predictor: Predictor
-    lock: threading.Lock = field(default_factory=threading.Lock)  # one predict at a time per predictor
 
 
 class ModelServer:
@@ -60,6 +62,13 @@ class ModelServer:
         self._served: Served | None = None
         self._swap_lock = threading.Lock()  # guards the reference
         self._load_lock = threading.Lock()  # one loader at a time
+        self._run_lock = threading.Lock()  # one forward pass at a time, on the version current then
+
+    @contextmanager
+    def running(self):
+        """Hold the run lock and yield the version current NOW (ModelNotReadyError when there is none)."""
+        with self._run_lock:
+            yield self.get()
 
     def get(self) -> Served:
         version, path, key = self.store.resolve()  # ModelNotReadyError when there is no model
@@ -127,14 +136,15 @@ class HybridCTInfer(InferTask):
         if not isinstance(image, str) or not image:
             raise InputError("no image given: send an image id of the datastore or upload a file")
         ext = result_extension(req)
-        served = self.server.get()  # ModelNotReadyError -> HTTP 503
+        self.server.get()  # ModelNotReadyError -> HTTP 503 before the image is even read
 
         t0 = time.perf_counter()
         img = read_image(image)  # InputError for anything that is not a readable volume
         t_read = time.perf_counter() - t0
 
-        t0 = time.perf_counter()
-        with served.lock:
+        with self.server.running() as served:  # the version current when the request runs
+            started = time.time()
+            t0 = time.perf_counter()
             label, report = served.predictor.predict(img)
         t_predict = time.perf_counter() - t0
 
@@ -147,6 +157,7 @@ class HybridCTInfer(InferTask):
 
         params = jsonable(report)
         params["label_names"] = dict(self.labels)
+        params["started_ts"] = round(started, 3)  # server clock when the network began on this request
         params["latencies"] = {"read": round(t_read, 3), "infer": round(t_predict, 3), "write": round(t_write, 3),
                                "total": round(time.perf_counter() - begin, 3)}
         logger.info("inferred %s with %s in %.2f s: %s, %s, burden %.1f %%", os.path.basename(image),
