@@ -167,8 +167,6 @@ def start_server(workdir: Path, conf: dict | None = None, model=True, studies_wr
     ``model``: True -> a tiny network trained here; a path -> that checkpoint is the shipped model;
     False -> no model at all. ``studies_writer(path)`` fills the studies folder (default: 6 phantoms).
     """
-    import requests
-
     workdir.mkdir(parents=True, exist_ok=True)
     studies, model_dir = workdir / "studies", workdir / "model"
     (studies_writer or write_studies)(studies)
@@ -177,6 +175,14 @@ def start_server(workdir: Path, conf: dict | None = None, model=True, studies_wr
         train_tiny_model(model_dir / "pretrained.pt")
     elif model:
         shutil.copyfile(model, model_dir / "pretrained.pt")
+    return launch_server(workdir, conf, startup_timeout_s)
+
+
+def launch_server(workdir: Path, conf: dict | None = None, startup_timeout_s: float = STARTUP_TIMEOUT_S) -> LiveServer:
+    """Start the server on ``workdir``'s existing studies and model folder (a first start or a restart)."""
+    import requests
+
+    studies, model_dir = workdir / "studies", workdir / "model"
     # MONAI Label creates model/, logs/ and bin/ inside the app folder it serves: run a copy of the
     # app's code (main.py + lib/) so that a test run never writes into the repository
     app_dir = workdir / "app" / "hybrid_ct"
@@ -207,7 +213,7 @@ def start_server(workdir: Path, conf: dict | None = None, model=True, studies_wr
            "--log_config", str(_log_config(workdir / "logging.json", log_path))]
     for k, v in conf.items():
         cmd += ["--conf", k, str(v)]
-    out = open(workdir / "server.stdout", "wb")
+    out = open(workdir / "server.stdout", "ab")
     proc = subprocess.Popen(cmd, cwd=str(workdir), env=env, stdout=out, stderr=subprocess.STDOUT)
     server = LiveServer(f"http://127.0.0.1:{port}", studies, model_dir, log_path, proc, canary, workdir, conf)
     session = requests.Session()

@@ -162,6 +162,9 @@ def _nifti(path: str, name: str):
     try:
         with (gzip.open if gz else open)(path, "rb") as f:
             block = f.read(540)
+    except (EOFError, OSError, zlib.error) as e:
+        raise InputError(f"{name} is truncated or corrupt: its header cannot be read ({_reason(e)})") from None
+    try:
         # the raw header, unchecked: nib.load would silently turn a pixdim of 0 into 1
         two = int.from_bytes(block[:4], "little") == 540 or int.from_bytes(block[:4], "big") == 540
         hdr = (nib.Nifti2Header if two else nib.Nifti1Header).from_fileobj(io.BytesIO(block), check=False)

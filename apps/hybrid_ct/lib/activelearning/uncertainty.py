@@ -107,7 +107,7 @@ class SpikeUncertaintyScoring(ScoringMethod):
                 continue
             try:
                 img = read_image(datastore.get_image_uri(image_id))
-                with self.server.running() as now:
+                with self.server.running() as (now, _):
                     res = spike_uncertainty(now.predictor, img, max_slices)
             except InputError as e:
                 failed[image_id] = str(e)

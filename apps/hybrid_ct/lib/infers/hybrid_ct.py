@@ -66,9 +66,11 @@ class ModelServer:
 
     @contextmanager
     def running(self):
-        """Hold the run lock and yield the version current NOW (ModelNotReadyError when there is none)."""
+        """Hold the run lock; yield (the version current NOW, the time it was looked up). Raises
+        ModelNotReadyError when there is no model."""
         with self._run_lock:
-            yield self.get()
+            started = time.time()
+            yield self.get(), started
 
     def get(self) -> Served:
         version, path, key = self.store.resolve()  # ModelNotReadyError when there is no model
@@ -142,8 +144,7 @@ class HybridCTInfer(InferTask):
         img = read_image(image)  # InputError for anything that is not a readable volume
         t_read = time.perf_counter() - t0
 
-        with self.server.running() as served:  # the version current when the request runs
-            started = time.time()
+        with self.server.running() as (served, started):  # the version current when the request runs
             t0 = time.perf_counter()
             label, report = served.predictor.predict(img)
         t_predict = time.perf_counter() - t0
