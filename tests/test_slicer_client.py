@@ -120,9 +120,10 @@ def test_label_info_and_terminology():
     lung = terminology_entry("Lung")
     assert "SCT^123037004^Anatomical Structure~SCT^39607008^Lung" in lung
     inf = terminology_entry("Infection")
-    assert "SCT^49755003^Morphologically Altered Structure~SCT^52988006^Lesion" in inf
-    assert inf.endswith("~SCT^39607008^Lung~^^|")  # anatomic region: lung
-    assert len(inf.split("~")) == 7
+    # Inflammation (CID 7159) is in Slicer's DICOM master list; "Lesion" (SCT 52988006) is in none
+    assert "SCT^49755003^Morphologically Altered Structure~SCT^23583003^Inflammation" in inf
+    assert inf.endswith("~SCT^39607008^Lung~^^")  # anatomic region: lung; no stray '|' (a tag separator)
+    assert len(inf.split("~")) == 7 and len(lung.split("~")) == 7
 
 
 # ------------------------------------------------------------------------------ results
