@@ -275,10 +275,6 @@ class HybridCTClient:
         """``GET /datastore/?output=stats``: ``{"total", "completed", "label_tags"}``."""
         return self._json(self.request("GET", API_DATASTORE, query={"output": "stats"}), "GET /datastore/") or {}
 
-    def datastore_all(self) -> dict:
-        """``GET /datastore/?output=all``: the full datastore description."""
-        return self._json(self.request("GET", API_DATASTORE, query={"output": "all"}), "GET /datastore/") or {}
-
     def has_image(self, image_id: str) -> bool:
         """``HEAD /datastore/image?image=<id>``: True when the server's datastore holds the image."""
         resp = self.request("HEAD", API_DATASTORE_IMAGE, query={"image": image_id}, ok=(200, 404))
@@ -382,13 +378,6 @@ class HybridCTClient:
         if resp.status_code == 404:
             return None
         return self._json(resp, "GET /train/")
-
-    def train_stats(self, model: str | None = None) -> dict:
-        """``train_stats`` from ``/info/`` (best_metric, epochs, ...), for one model or all."""
-        stats = self.info().get("train_stats") or {}
-        if model is None:
-            return stats
-        return stats.get(model) or {}
 
     # ---------------------------------------------------------------- app-specific
     def model_versions(self) -> dict:
