@@ -36,6 +36,7 @@ def test_module_cmake_lists_every_file():
     listed = set(re.search(r"set\(HYBRID_CT_SLICER_PACKAGE_FILES(.*?)\)", text, re.S).group(1).split())
     on_disk = {p.name for p in PACKAGE.glob("*.py")}
     assert listed == on_disk, f"CMakeLists and hybrid_ct_slicer/ differ: {listed ^ on_disk}"
+    assert "../hybrid_ct_slicer/contract.json" in text and "install(FILES ${HYBRID_CT_SLICER_CONTRACT}" in text
     for res in ("Resources/Icons/${MODULE_NAME}.png", "Resources/UI/${MODULE_NAME}.ui"):
         assert res in text
         assert (MODULE / res.replace("${MODULE_NAME}", "HybridCT")).is_file()
@@ -103,12 +104,13 @@ def test_no_folder_named_slicer_on_the_test_paths():
         assert not (base / "slicer").exists(), base / "slicer"
 
 
-def test_qt_free_package_imports_with_stdlib_and_numpy_only():
-    """As in Slicer's Python with nothing installed: no requests, monailabel, SimpleITK, qt, vtk, slicer."""
+def test_qt_free_package_imports_with_what_slicer_ships():
+    """As in Slicer's Python with nothing installed: numpy, requests and SimpleITK (Slicer ships them), but
+    no monailabel, hybrid_ct, nibabel, requests_toolbelt, and no qt, vtk or slicer outside mrml.py."""
     code = r"""
 import importlib, sys
-BLOCKED = {"requests", "monailabel", "SimpleITK", "nibabel", "torch", "qt", "ctk", "vtk", "slicer", "PIL",
-           "matplotlib", "hybrid_ct", "pydicom", "requests_toolbelt"}
+BLOCKED = {"monailabel", "nibabel", "torch", "qt", "ctk", "vtk", "slicer", "PIL", "matplotlib", "hybrid_ct",
+           "pydicom", "requests_toolbelt", "nrrd"}
 class Block:
     def find_spec(self, name, path=None, target=None):
         if name.split(".")[0] in BLOCKED:
@@ -116,8 +118,8 @@ class Block:
         return None
 sys.meta_path.insert(0, Block())
 for m in ("hybrid_ct_slicer", "hybrid_ct_slicer.client", "hybrid_ct_slicer.segments", "hybrid_ct_slicer.results",
-          "hybrid_ct_slicer.settings", "hybrid_ct_slicer.imageio", "hybrid_ct_slicer.multipart",
-          "hybrid_ct_slicer.workflow", "hybrid_ct_slicer.testdata"):
+          "hybrid_ct_slicer.settings", "hybrid_ct_slicer.imageio", "hybrid_ct_slicer.workflow",
+          "hybrid_ct_slicer.testdata"):
     importlib.import_module(m)
 print("ok")
 """

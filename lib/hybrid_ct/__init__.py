@@ -1,4 +1,3 @@
 """Hybrid CT: a multi-task hybrid spiking network for chest CT (lung, infection, diagnosis)."""
 
-LABELS = {"background": 0, "lung": 1, "infection": 2}
-"""The one label convention of the project: the lung is {1, 2}; infection lies inside the lung."""
+from .contract import LABELS  # noqa: F401  (the one label convention: hybrid_ct/contract.json)

@@ -11,8 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
-LUNG_COLOR = "#2ecc71"
-INFECTION_COLOR = "#e74c3c"
+from .contract import COLORS, LABELS
+
+LUNG_COLOR, INFECTION_COLOR = (tuple(c / 255.0 for c in COLORS[k]) for k in ("lung", "infection"))
+REFERENCE_COLOR = "cyan"  # a reference infection outline must not look like the (yellow) predicted one
 
 
 def _figure(w: float, h: float):
@@ -104,8 +106,8 @@ def firing_rates_plot(rates: dict, path, title: str = "measured firing rate per 
 
 
 def overlay_panels(panels: list, path, ncols: int | None = None) -> Path:
-    """``panels``: list of (image2d in [0, 1], label2d 0/1/2 or None, title). Contours: lung green,
-    infection red (a reference label can be passed as a 4th element, drawn dashed yellow)."""
+    """``panels``: list of (image2d in [0, 1], label2d 0/1/2 or None, title). Contours in the contract's
+    lung and infection colours (a reference label can be passed as a 4th element, drawn dashed cyan)."""
     n = max(len(panels), 1)
     ncols = ncols or min(n, 3)
     nrows = int(math.ceil(n / ncols))
@@ -117,14 +119,14 @@ def overlay_panels(panels: list, path, ncols: int | None = None) -> Path:
         ax.imshow(np.asarray(img), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
         if lab is not None:
             lab = np.asarray(lab)
-            for value, color in ((1, LUNG_COLOR), (2, INFECTION_COLOR)):
+            for value, color in ((LABELS["lung"], LUNG_COLOR), (LABELS["infection"], INFECTION_COLOR)):
                 m = lab >= value if value == 1 else lab == value
                 if m.any() and not m.all():
                     ax.contour(m.astype(float), levels=[0.5], colors=color, linewidths=1.0)
         if ref is not None:
-            r = np.asarray(ref) == 2
+            r = np.asarray(ref) == LABELS["infection"]
             if r.any() and not r.all():
-                ax.contour(r.astype(float), levels=[0.5], colors="yellow", linewidths=0.8, linestyles="dashed")
+                ax.contour(r.astype(float), levels=[0.5], colors=REFERENCE_COLOR, linewidths=0.8, linestyles="dashed")
         ax.set_title(title, fontsize=8)
         ax.set_axis_off()
     return _save(fig, path)

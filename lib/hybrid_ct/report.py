@@ -10,7 +10,10 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage as ndi
 
+from hybrid_ct.contract import BURDEN_KEYS
 from hybrid_ct.errors import InputError
+
+TOTAL_PCT, LEFT_PCT, RIGHT_PCT = BURDEN_KEYS  # report keys: hybrid_ct/contract.json
 
 
 def _pct(part: int, whole: int) -> float:
@@ -60,9 +63,9 @@ def infection_burden(label_img) -> dict:
         raise InputError(f"label map holds values outside {{0, 1, 2}} ({arr.min()}..{arr.max()})")
     lung = arr > 0
     inf = arr == 2
-    total = {"total_pct": _pct(int(inf.sum()), int(lung.sum()))}
+    total = {TOTAL_PCT: _pct(int(inf.sum()), int(lung.sum()))}
     if not lung.any():
-        return {**total, "left_pct": 0.0, "right_pct": 0.0}
+        return {**total, LEFT_PCT: 0.0, RIGHT_PCT: 0.0}
 
     phys_x = _physical_x(img)
     comp, n = ndi.label(lung, structure=np.ones((3, 3, 3), bool))
@@ -84,7 +87,7 @@ def infection_burden(label_img) -> dict:
         inf_here = inf[idx]
         left = (int((inf_here & on_left).sum()), int(on_left.sum()))
         right = (int((inf_here & ~on_left).sum()), int((~on_left).sum()))
-    return {**total, "left_pct": _pct(*left), "right_pct": _pct(*right)}
+    return {**total, LEFT_PCT: _pct(*left), RIGHT_PCT: _pct(*right)}
 
 
 def severity_grade(pct) -> str:

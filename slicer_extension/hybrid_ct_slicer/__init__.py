@@ -1,13 +1,14 @@
 """Qt-free logic of the Hybrid CT 3D Slicer extension.
 
-Everything here runs in Slicer's own Python with nothing installed (standard library and numpy
-only at import time), and equally in a plain CPython for the tests:
+Everything here runs in Slicer's own Python with nothing installed: it imports only what Slicer
+ships (numpy, requests, SimpleITK), and equally runs in a plain CPython for the tests:
 
 - :mod:`.settings`  server URL validation / normalisation
-- :mod:`.client`    HTTP client for the MONAI Label server (urllib, hand-written multipart)
-- :mod:`.segments`  label map <-> named segments ("Lung" = 1, "Infection" = 2), by NAME
+- :mod:`.client`    HTTP client for the MONAI Label server (requests)
+- :mod:`.segments`  label map <-> named segments ("Lung" = 1, "Infection" = 2), by NAME, from ``contract.json``
+  (a copy of the project's label and report contract, lib/hybrid_ct/contract.json)
 - :mod:`.results`   infer result params -> strings for the results panel
-- :mod:`.imageio`   minimal NRRD / NIfTI-1 writers (and an NRRD reader) for label uploads
+- :mod:`.imageio`   label / volume files through SimpleITK, with their LPS geometry
 - :mod:`.workflow`  the flows behind the module's buttons (run, submit, next sample, train, ...)
 - :mod:`.testdata`  a small phantom-like chest volume built with numpy
 - :mod:`.mrml`      MRML helpers (needs Slicer or the ``slicer-core`` wheel; imported on demand)

@@ -1,9 +1,11 @@
-"""HTTP client for the Hybrid CT MONAI Label server, standard library only.
+"""HTTP client for the Hybrid CT MONAI Label server, on ``requests`` (shipped with Slicer).
 
 It speaks to a MONAI Label 0.8.5 server the way Slicer's MONAILabel plugin does (same endpoints,
 same multipart field names, same query parameters), plus the two app-specific endpoints of
 ``apps/hybrid_ct`` for model versions. Identifiers coming from the server or the user (image ids,
 model and strategy names, versions) are treated as data and always URL-quoted.
+``monailabel.client.MONAILabelClient`` is not used: Slicer does not ship it (the MONAILabel extension
+bundles its own copy), and it has neither these app endpoints nor these error messages.
 
 Every failure surfaces as :class:`ServerError` with a message a radiologist can act on.
 """
@@ -15,14 +17,15 @@ import json
 import os
 import socket
 import ssl
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from email.message import Message
-from typing import Any
+from email.parser import BytesParser
+from email.policy import HTTP
+from typing import Any, Iterator, Mapping
 from urllib.parse import quote, urlencode
 
-from .multipart import decode_multipart, encode_multipart, is_multipart
+import requests
+
 from .settings import normalise_server_url
 
 # --------------------------------------------------------------------------------------------
@@ -61,20 +64,32 @@ class ServerError(RuntimeError):
         self.url = url
 
 
-@dataclass
-class Response:
-    status: int
-    headers: Message
-    body: bytes
+def _filename(headers: Mapping, default: str) -> str:
+    """The file name of a ``Content-Disposition`` header (base name only), else ``default``."""
+    msg = Message()
+    msg["Content-Disposition"] = headers.get("Content-Disposition", "") or ""
+    return os.path.basename(msg.get_filename() or "") or default
 
-    @property
-    def content_type(self) -> str:
-        return self.headers.get("Content-Type", "") or ""
 
-    def json(self) -> Any:
-        if not self.body.strip():
-            return None
-        return json.loads(self.body.decode("utf-8"))
+def _multipart_parts(body: bytes, content_type: str) -> list[Message]:
+    """The parts of a multipart answer, binary safe (requests encodes multipart but does not decode it)."""
+    msg = BytesParser(policy=HTTP).parsebytes(b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body)
+    if not msg.is_multipart():
+        raise ServerError(f"The server's multipart answer cannot be read (Content-Type {content_type!r})",
+                          kind="protocol")
+    return list(msg.iter_parts())
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and what it wraps (requests -> urllib3 -> socket errors), outermost first."""
+    seen, todo = set(), [exc]
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen or not isinstance(e, BaseException):
+            continue
+        seen.add(id(e))
+        yield e
+        todo += [getattr(e, "reason", None), e.__cause__, e.__context__, *e.args]
 
 
 @dataclass
@@ -136,6 +151,14 @@ def _detail_from_body(body: bytes, fallback: str) -> str:
     return text if len(text) <= 500 else text[:500] + " ..."
 
 
+def _params(data: bytes | None, what: str) -> dict:
+    try:
+        params = json.loads((data or b"").decode("utf-8", errors="replace") or "{}")
+    except ValueError as e:
+        raise ServerError(f"{what} is not valid JSON: {e}", kind="protocol") from None
+    return params if isinstance(params, dict) else {"value": params}
+
+
 class HybridCTClient:
     """Client for the Hybrid CT MONAI Label app.
 
@@ -150,17 +173,11 @@ class HybridCTClient:
         self.long_timeout = float(long_timeout) if long_timeout is not None else max(self.timeout,
                                                                                       DEFAULT_LONG_TIMEOUT_S)
         self.client_id = client_id
-        handlers: list[Any] = []
-        if not use_env_proxy:
-            # Like the MONAILabel plugin (http.client): talk to the server directly, never via
-            # an http_proxy from the environment (a hospital proxy would not reach 127.0.0.1).
-            handlers.append(urllib.request.ProxyHandler({}))
-        if self.server_url.startswith("https://") and not verify_tls:
-            ctx = ssl.create_default_context()
-            ctx.check_hostname = False
-            ctx.verify_mode = ssl.CERT_NONE
-            handlers.append(urllib.request.HTTPSHandler(context=ctx))
-        self._opener = urllib.request.build_opener(*handlers)
+        self.session = requests.Session()
+        # Like the MONAILabel plugin (http.client): talk to the server directly, never via an
+        # http_proxy from the environment (a hospital proxy would not reach 127.0.0.1).
+        self.session.trust_env = use_env_proxy
+        self.session.verify = verify_tls
 
     # ---------------------------------------------------------------- transport
     def _url(self, path: str, query: dict | None = None) -> str:
@@ -170,73 +187,65 @@ class HybridCTClient:
                                     for k, v in query.items() if v is not None})
         return url
 
-    def request(self, method: str, path: str, *, query: dict | None = None, body: bytes | None = None,
-                content_type: str | None = None, timeout: float | None = None,
-                ok: tuple[int, ...] = (200,)) -> Response:
-        """Send one request; returns the response for statuses in ``ok``, raises ServerError else."""
+    def request(self, method: str, path: str, *, query: dict | None = None, timeout: float | None = None,
+                ok: tuple[int, ...] = (200,), **kwargs) -> requests.Response:
+        """Send one request (``kwargs`` as for ``requests``: ``files``, ``json``, ...); returns the
+        response for statuses in ``ok``, raises ServerError else."""
         timeout = self.timeout if timeout is None else timeout
         url = self._url(path, query)
-        headers = {"Accept": "application/json, multipart/form-data, */*"}
-        if content_type:
-            headers["Content-Type"] = content_type
-        req = urllib.request.Request(url, data=body, method=method, headers=headers)
         where = f"{method} {path}"
         try:
-            with self._opener.open(req, timeout=timeout) as resp:
-                status, msg, data = resp.status, resp.headers, resp.read()
-        except urllib.error.HTTPError as e:
-            try:
-                data = e.read() or b""
-            except Exception:  # noqa: BLE001 - body unreadable: keep the status
-                data = b""
-            status, msg = e.code, e.headers if e.headers is not None else Message()
-            if status in ok:
-                return Response(status, msg, data)
-            detail = _detail_from_body(data, e.reason if isinstance(e.reason, str) else "no detail")
-            hint = " (an unhandled error: the server log has the details)" \
-                if status >= 500 and detail.strip().lower() == "internal server error" else ""
-            raise ServerError(
-                f"The server at {self.server_url} answered HTTP {status} to {where}: {detail}{hint}",
-                kind="http", status=status, detail=detail, method=method, path=path, url=url) from None
-        except urllib.error.URLError as e:
-            raise self._transport_error(e.reason, method, path, url, timeout) from None
-        except (TimeoutError, socket.timeout, OSError, http.client.HTTPException) as e:
+            resp = self.session.request(method, url, timeout=timeout, allow_redirects=method != "HEAD",
+                                        headers={"Accept": "application/json, multipart/form-data, */*"}, **kwargs)
+        except (requests.RequestException, OSError, http.client.HTTPException) as e:
             raise self._transport_error(e, method, path, url, timeout) from None
-        if status not in ok:
-            detail = _detail_from_body(data, "unexpected status")
-            raise ServerError(f"The server at {self.server_url} answered HTTP {status} to {where}: {detail}",
-                              kind="http", status=status, detail=detail, method=method, path=path, url=url)
-        return Response(status, msg, data)
+        if resp.status_code in ok:
+            return resp
+        detail = _detail_from_body(resp.content, resp.reason or "no detail")
+        hint = " (an unhandled error: the server log has the details)" \
+            if resp.status_code >= 500 and detail.strip().lower() == "internal server error" else ""
+        raise ServerError(
+            f"The server at {self.server_url} answered HTTP {resp.status_code} to {where}: {detail}{hint}",
+            kind="http", status=resp.status_code, detail=detail, method=method, path=path, url=url)
 
-    def _transport_error(self, reason: Any, method: str, path: str, url: str, timeout: float) -> ServerError:
+    def _transport_error(self, exc: BaseException, method: str, path: str, url: str, timeout: float) -> ServerError:
         where = f"{method} {path}"
-        if isinstance(reason, (TimeoutError, socket.timeout)) or "timed out" in str(reason).lower():
+        causes = list(_causes(exc))
+
+        def found(*types):
+            return next((c for c in causes if isinstance(c, types)), None)
+
+        if found(requests.Timeout, TimeoutError, socket.timeout):
             return ServerError(
                 f"The server at {self.server_url} did not answer within {timeout:g} s ({where}). It may be busy "
                 f"(e.g. training on the CPU) or overloaded; try again or raise the timeout.",
                 kind="timeout", method=method, path=path, url=url)
-        if isinstance(reason, ssl.SSLError):
-            return ServerError(f"TLS/SSL error talking to {self.server_url}: {reason}",
+        tls = found(ssl.SSLError)
+        if tls is not None:
+            return ServerError(f"TLS/SSL error talking to {self.server_url}: {tls}",
                                kind="unreachable", method=method, path=path, url=url)
-        if isinstance(reason, (http.client.RemoteDisconnected, ConnectionResetError, http.client.HTTPException)):
+        dropped = found(http.client.RemoteDisconnected, ConnectionResetError, http.client.HTTPException)
+        if dropped is not None:
             return ServerError(f"The server at {self.server_url} closed the connection during {where} "
-                               f"({reason.__class__.__name__}): it may have crashed or restarted.",
+                               f"({dropped.__class__.__name__}): it may have crashed or restarted.",
                                kind="unreachable", method=method, path=path, url=url)
-        if isinstance(reason, socket.gaierror):
-            why = f"host name not found ({reason})"
-        elif isinstance(reason, ConnectionRefusedError):
+        if found(socket.gaierror) is not None:
+            why = f"host name not found ({found(socket.gaierror)})"
+        elif found(ConnectionRefusedError) is not None:
             why = "connection refused"
         else:
-            why = str(reason) or reason.__class__.__name__
+            why = str(exc) or exc.__class__.__name__
         return ServerError(f"The MONAI Label server at {self.server_url} is not reachable: is it running? ({why})",
                            kind="unreachable", method=method, path=path, url=url)
 
-    def _json(self, resp: Response, what: str) -> Any:
+    def _json(self, resp: requests.Response, what: str) -> Any:
+        if not resp.content.strip():
+            return None
         try:
-            return resp.json()
+            return json.loads(resp.content.decode("utf-8"))
         except ValueError as e:
             raise ServerError(f"The server's answer to {what} is not valid JSON: {e}", kind="protocol",
-                              status=resp.status) from None
+                              status=resp.status_code) from None
 
     def _with_client_id(self, params: dict | None) -> dict:
         params = dict(params or {})
@@ -266,21 +275,15 @@ class HybridCTClient:
         """``GET /datastore/?output=stats``: ``{"total", "completed", "label_tags"}``."""
         return self._json(self.request("GET", API_DATASTORE, query={"output": "stats"}), "GET /datastore/") or {}
 
-    def datastore_all(self) -> dict:
-        """``GET /datastore/?output=all``: the full datastore description."""
-        return self._json(self.request("GET", API_DATASTORE, query={"output": "all"}), "GET /datastore/") or {}
-
     def has_image(self, image_id: str) -> bool:
         """``HEAD /datastore/image?image=<id>``: True when the server's datastore holds the image."""
         resp = self.request("HEAD", API_DATASTORE_IMAGE, query={"image": image_id}, ok=(200, 404))
-        return resp.status == 200
+        return resp.status_code == 200
 
     def download_image(self, image_id: str) -> tuple[bytes, str]:
         """``GET /datastore/image?image=<id>`` -> (file bytes, file name with its extension)."""
         resp = self.request("GET", API_DATASTORE_IMAGE, query={"image": image_id}, timeout=self.long_timeout)
-        msg = Message()
-        msg["Content-Disposition"] = resp.headers.get("Content-Disposition", "")
-        return resp.body, os.path.basename(msg.get_filename() or f"{image_id}.nii.gz")
+        return resp.content, _filename(resp.headers, f"{image_id}.nii.gz")
 
     def upload_image(self, file: str | bytes, image_id: str, *, filename: str | None = None,
                      params: dict | None = None) -> dict:
@@ -288,10 +291,8 @@ class HybridCTClient:
 
         The file name's extension tells the server the format (``.nii.gz``, ``.nrrd``, ...).
         """
-        name, data = self._file_payload(file, filename)
-        body, ctype = encode_multipart({"params": json.dumps(self._with_client_id(params))}, {"file": (name, data)})
-        resp = self.request("PUT", API_DATASTORE, query={"image": image_id}, body=body, content_type=ctype,
-                            timeout=self.long_timeout)
+        files = {"params": (None, json.dumps(self._with_client_id(params))), "file": self._file_payload(file, filename)}
+        resp = self.request("PUT", API_DATASTORE, query={"image": image_id}, files=files, timeout=self.long_timeout)
         return self._json(resp, "PUT /datastore/") or {}
 
     def infer(self, model: str, image_id: str, params: dict | None = None, *, output: str = "all") -> InferResponse:
@@ -302,40 +303,30 @@ class HybridCTClient:
         """
         if output not in ("all", "image", "json"):
             raise ValueError(f"output must be 'all', 'image' or 'json', not {output!r}")
-        body, ctype = encode_multipart({"params": json.dumps(self._with_client_id(params))})
-        path = API_INFER.format(model=_q(model))
-        resp = self.request("POST", path, query={"image": image_id, "output": output}, body=body,
-                            content_type=ctype, timeout=self.long_timeout)
-        return self.parse_infer_response(resp)
+        resp = self.request("POST", API_INFER.format(model=_q(model)), query={"image": image_id, "output": output},
+                            files={"params": (None, json.dumps(self._with_client_id(params)))},
+                            timeout=self.long_timeout)
+        return self.parse_infer_response(resp.headers, resp.content)
 
     @staticmethod
-    def parse_infer_response(resp: Response) -> InferResponse:
-        ctype = resp.content_type
-        if is_multipart(ctype):
+    def parse_infer_response(headers: Mapping, body: bytes) -> InferResponse:
+        """An infer answer (``headers``, ``body``): multipart (label file + params), JSON or a plain file."""
+        headers = requests.structures.CaseInsensitiveDict(headers)
+        ctype = headers.get("Content-Type", "") or ""
+        if ctype.lower().lstrip().startswith("multipart/"):
             out = InferResponse()
-            for part in decode_multipart(resp.body, ctype):
-                if part.filename:
+            for part in _multipart_parts(body, ctype):
+                if part.get_filename():
                     if out.label is None:
-                        out.label, out.label_filename = part.data, part.filename
-                elif part.name == "params":
-                    try:
-                        params = json.loads(part.text() or "{}")
-                    except ValueError as e:
-                        raise ServerError(f"The infer result params are not valid JSON: {e}",
-                                          kind="protocol") from None
-                    out.params = params if isinstance(params, dict) else {"value": params}
+                        out.label, out.label_filename = part.get_payload(decode=True), part.get_filename()
+                elif part.get_param("name", header="content-disposition") == "params":
+                    out.params = _params(part.get_payload(decode=True), "The infer result's params part")
             return out
         if "json" in ctype.lower():
-            try:
-                params = resp.json()
-            except ValueError as e:
-                raise ServerError(f"The infer answer is not valid JSON: {e}", kind="protocol") from None
             # The server answers with JSON alone when it produced no label file.
-            return InferResponse(params=params if isinstance(params, dict) else {"value": params})
+            return InferResponse(params=_params(body, "The infer answer"))
         # output=image: a plain file response
-        msg = Message()
-        msg["Content-Disposition"] = resp.headers.get("Content-Disposition", "")
-        return InferResponse(params={}, label=resp.body, label_filename=msg.get_filename() or "label.nii.gz")
+        return InferResponse(params={}, label=body, label_filename=_filename(headers, "label.nii.gz"))
 
     def save_label(self, image_id: str, label: str | bytes, label_info: list[dict], *, filename: str | None = None,
                    tag: str = "final", params: dict | None = None) -> dict:
@@ -344,27 +335,23 @@ class HybridCTClient:
         ``params`` always carries ``label_info`` (``[{"name": "lung", "idx": 1}, ...]``), so the
         server knows what each value means whatever the segment order was in Slicer.
         """
-        name, data = self._file_payload(label, filename)
         p = self._with_client_id(params)
         p["label_info"] = list(label_info)
-        body, ctype = encode_multipart({"params": json.dumps(p)}, {"label": (name, data)})
-        resp = self.request("PUT", API_DATASTORE_LABEL, query={"image": image_id, "tag": tag}, body=body,
-                            content_type=ctype, timeout=self.long_timeout)
+        files = {"params": (None, json.dumps(p)), "label": self._file_payload(label, filename)}
+        resp = self.request("PUT", API_DATASTORE_LABEL, query={"image": image_id, "tag": tag}, files=files,
+                            timeout=self.long_timeout)
         return self._json(resp, "PUT /datastore/label") or {}
 
     def download_label(self, label_id: str, tag: str = "final") -> tuple[bytes, str]:
         """``GET /datastore/label?label=<id>&tag=<tag>`` -> (file bytes, file name)."""
         resp = self.request("GET", API_DATASTORE_LABEL, query={"label": label_id, "tag": tag},
                             timeout=self.long_timeout)
-        msg = Message()
-        msg["Content-Disposition"] = resp.headers.get("Content-Disposition", "")
-        return resp.body, os.path.basename(msg.get_filename() or f"{label_id}.nii.gz")
+        return resp.content, _filename(resp.headers, f"{label_id}.nii.gz")
 
     def next_sample(self, strategy: str, params: dict | None = None) -> dict | None:
         """``POST /activelearning/<strategy>``; returns the image info (with ``"id"``) or None."""
-        body = json.dumps(self._with_client_id(params)).encode()
-        resp = self.request("POST", API_ACTIVELEARNING.format(strategy=_q(strategy)), body=body,
-                            content_type="application/json")
+        resp = self.request("POST", API_ACTIVELEARNING.format(strategy=_q(strategy)),
+                            json=self._with_client_id(params))
         data = self._json(resp, "POST /activelearning/")
         if not data or not isinstance(data, dict) or not data.get("id"):
             return None
@@ -372,10 +359,8 @@ class HybridCTClient:
 
     def train_start(self, model: str, params: dict | None = None, *, run_sync: bool = False) -> dict:
         """``POST /train/<model>?run_sync=false`` with the train params as JSON body."""
-        body = json.dumps(self._with_client_id(params)).encode()
         resp = self.request("POST", API_TRAIN_MODEL.format(model=_q(model)), query={"run_sync": run_sync},
-                            body=body, content_type="application/json",
-                            timeout=self.long_timeout if run_sync else self.timeout)
+                            json=self._with_client_id(params), timeout=self.long_timeout if run_sync else self.timeout)
         return self._json(resp, "POST /train/") or {}
 
     def train_stop(self) -> dict | None:
@@ -385,21 +370,14 @@ class HybridCTClient:
     def train_running(self) -> bool:
         """``GET /train/?check_if_running=true``: 200 while a training task runs, 404 otherwise."""
         resp = self.request("GET", API_TRAIN, query={"check_if_running": True}, ok=(200, 404))
-        return resp.status == 200
+        return resp.status_code == 200
 
     def train_status(self) -> dict | None:
         """``GET /train/``: the last training task (status, details, ...) or None when there was none."""
         resp = self.request("GET", API_TRAIN, ok=(200, 404))
-        if resp.status == 404:
+        if resp.status_code == 404:
             return None
         return self._json(resp, "GET /train/")
-
-    def train_stats(self, model: str | None = None) -> dict:
-        """``train_stats`` from ``/info/`` (best_metric, epochs, ...), for one model or all."""
-        stats = self.info().get("train_stats") or {}
-        if model is None:
-            return stats
-        return stats.get(model) or {}
 
     # ---------------------------------------------------------------- app-specific
     def model_versions(self) -> dict:
@@ -415,6 +393,5 @@ class HybridCTClient:
         """``POST /hybrid_ct/rollback?version=<v>``: serve an earlier model version."""
         if not str(version).strip():
             raise ValueError("choose a model version to roll back to")
-        resp = self.request("POST", APP_ROLLBACK, query={"version": str(version)}, body=b"{}",
-                            content_type="application/json")
+        resp = self.request("POST", APP_ROLLBACK, query={"version": str(version)}, json={})
         return self._json(resp, f"POST {APP_ROLLBACK}") or {}

@@ -9,15 +9,17 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping
 
+from .segments import CONTRACT
+
 NA = "n/a"
 
-GRADE_TEXT = {
-    "CT-0": "CT-0 (no infection)",
-    "CT-1": "CT-1 (< 25 % of lung)",
-    "CT-2": "CT-2 (25-50 % of lung)",
-    "CT-3": "CT-3 (50-75 % of lung)",
-    "CT-4": "CT-4 (> 75 % of lung)",
-}
+# Report keys and grades: the project's contract (contract.json, see segments.py).
+_REPORT = CONTRACT["report"]
+CLASSIFICATION, BURDEN, GRADE, ENERGY, LATENCY_S, MODEL_VERSION, _LABEL_NAMES = _REPORT["keys"]
+LABEL, PROBABILITY, _FIRING_RATES = _REPORT["classification"]
+TOTAL_PCT, LEFT_PCT, RIGHT_PCT = _REPORT["burden"]
+E_HYBRID_UJ, E_CONV_UJ, RATIO, MEAN_FIRING_RATE = _REPORT["energy"]
+GRADE_TEXT = {grade: f"{grade} ({meaning})" for grade, meaning in _REPORT["grades"].items()}
 
 #: Keys of :func:`format_results`, in display order, with their labels.
 RESULT_FIELDS = (
@@ -47,7 +49,7 @@ def _dict(value: Any) -> Mapping:
 def report_from_params(params: Any) -> Mapping:
     """The report dict, whether the server put it at the top level or under ``"report"``/``"result"``."""
     p = _dict(params)
-    if "classification" in p or "burden" in p:
+    if CLASSIFICATION in p or BURDEN in p:
         return p
     for key in ("report", "result", "hybrid_ct"):
         inner = _dict(p.get(key))
@@ -63,9 +65,9 @@ def _pct(x: float | None) -> str:
 
 
 def format_classification(report: Mapping) -> str:
-    cls = _dict(report.get("classification"))
-    label = cls.get("label")
-    prob = _num(cls.get("probability"))
+    cls = _dict(report.get(CLASSIFICATION))
+    label = cls.get(LABEL)
+    prob = _num(cls.get(PROBABILITY))
     if not isinstance(label, str) or not label.strip():
         if prob is None:
             return NA
@@ -80,8 +82,8 @@ def format_classification(report: Mapping) -> str:
 
 
 def format_burden(report: Mapping) -> str:
-    b = _dict(report.get("burden"))
-    total, left, right = _num(b.get("total_pct")), _num(b.get("left_pct")), _num(b.get("right_pct"))
+    b = _dict(report.get(BURDEN))
+    total, left, right = _num(b.get(TOTAL_PCT)), _num(b.get(LEFT_PCT)), _num(b.get(RIGHT_PCT))
     if total is None and left is None and right is None:
         return NA
     text = f"{_pct(total)} of lung"
@@ -91,7 +93,7 @@ def format_burden(report: Mapping) -> str:
 
 
 def format_grade(report: Mapping) -> str:
-    grade = report.get("grade")
+    grade = report.get(GRADE)
     if not isinstance(grade, str) or not grade.strip():
         return NA
     grade = grade.strip().upper()
@@ -99,9 +101,9 @@ def format_grade(report: Mapping) -> str:
 
 
 def format_energy(report: Mapping) -> str:
-    e = _dict(report.get("energy"))
-    ratio = _num(e.get("ratio"))
-    hyb, conv = _num(e.get("e_hybrid_uj")), _num(e.get("e_conv_uj"))
+    e = _dict(report.get(ENERGY))
+    ratio = _num(e.get(RATIO))
+    hyb, conv = _num(e.get(E_HYBRID_UJ)), _num(e.get(E_CONV_UJ))
     if ratio is None and hyb is not None and conv:
         ratio = hyb / conv
     if ratio is None:
@@ -113,21 +115,21 @@ def format_energy(report: Mapping) -> str:
         text += f" ({(ratio - 1) * 100:.0f} % more than the CNN)"
     if hyb is not None and conv is not None:
         text += f"; {hyb:.3g} uJ vs {conv:.3g} uJ"
-    rate = _num(e.get("mean_firing_rate"))
+    rate = _num(e.get(MEAN_FIRING_RATE))
     if rate is not None:
         text += f"; firing rate {rate * 100:.1f} %"
     return text
 
 
 def format_model_version(report: Mapping) -> str:
-    v = report.get("model_version")
+    v = report.get(MODEL_VERSION)
     if v is None or (isinstance(v, str) and not v.strip()):
         return NA
     return str(v).strip()
 
 
 def format_latency(report: Mapping) -> str:
-    lat = _num(report.get("latency_s"))
+    lat = _num(report.get(LATENCY_S))
     if lat is None:
         lat = _num(_dict(report.get("latencies")).get("total"))
     return NA if lat is None else f"{lat:.1f} s"

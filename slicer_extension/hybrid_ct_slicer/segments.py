@@ -8,50 +8,36 @@ two overlap, and anything else is refused with a message (or ignored on request,
 MONAI Label's own plugin maps label values by segment position: a reordered or an extra segment
 silently corrupts the label sent back. Ours cannot.
 
-Terminology (DICOM / SNOMED CT, as Slicer's terminology selector stores it):
-
-- Lung: category SCT 123037004 "Anatomical Structure", type SCT 39607008 "Lung"
-  (DICOM CID 7155 Thoracic Segmentation Types); colour (197, 165, 145) as Slicer's anatomy list.
-- Infection: category SCT 49755003 "Morphologically Altered Structure", type SCT 52988006
-  "Lesion" (DICOM CID 7159 Lesion Segmentation Types), anatomic region SCT 39607008 "Lung";
-  colour (241, 196, 15), a yellow-orange that stands out on lung and CT grey.
+Names, synonyms, colours and terminology codes come from ``contract.json`` beside this file: a
+byte-identical copy of the project's one contract, ``lib/hybrid_ct/contract.json`` (the extension ships
+without the ``hybrid_ct`` package, so it carries the file; tests/test_contract.py checks the copy).
+Terminology: Lung is SCT 123037004 "Anatomical Structure" / SCT 39607008 "Lung"; Infection is
+SCT 49755003 "Morphologically Altered Structure" / SCT 23583003 "Inflammation" (DICOM CID 7159, as
+listed in Slicer's Terminologies/Resources/SegmentationCategoryTypeModifier-DICOM-Master.json; the
+former "Lesion" SCT 52988006 is in none of the lists Slicer ships) in the anatomic region SCT 39607008
+"Lung".
 """
 
 from __future__ import annotations
 
+import json
 import re
 import warnings
+from pathlib import Path
 from typing import Iterable, Mapping
 
 import numpy as np
 
-SLICER_CATEGORY_CONTEXT = "Segmentation category and type - DICOM master list"
-SLICER_ANATOMIC_CONTEXT = "Anatomic codes - DICOM master list"
+CONTRACT: dict = json.loads(Path(__file__).with_name("contract.json").read_text(encoding="utf-8"))
+SLICER_CATEGORY_CONTEXT = CONTRACT["terminology"]["category_context"]
+SLICER_ANATOMIC_CONTEXT = CONTRACT["terminology"]["anatomic_context"]
 
 LABEL_INFO: list[dict] = [
-    {
-        "name": "Lung",
-        "idx": 1,
-        "server_name": "lung",
-        "color": (197, 165, 145),
-        "description": "lung parenchyma without infection",
-        "category": ("SCT", "123037004", "Anatomical Structure"),
-        "type": ("SCT", "39607008", "Lung"),
-        "anatomic_region": None,
-        "synonyms": ("lung", "lungs", "lung parenchyma", "parenchyma", "pulmonary parenchyma", "par seg"),
-    },
-    {
-        "name": "Infection",
-        "idx": 2,
-        "server_name": "infection",
-        "color": (241, 196, 15),
-        "description": "infected lung region (ground-glass opacity, consolidation)",
-        "category": ("SCT", "49755003", "Morphologically Altered Structure"),
-        "type": ("SCT", "52988006", "Lesion"),
-        "anatomic_region": ("SCT", "39607008", "Lung"),
-        "synonyms": ("infection", "infections", "infected", "infected region", "infected lung", "lesion",
-                     "lesions", "covid lesion", "ground glass opacity", "ggo", "consolidation", "inf seg"),
-    },
+    {"name": d["segment"], "idx": d["value"], "server_name": d["name"], "color": tuple(d["color"]),
+     "description": d["description"], "category": tuple(d["category"]), "type": tuple(d["type"]),
+     "anatomic_region": tuple(d["anatomic_region"]) if d["anatomic_region"] else None,
+     "synonyms": tuple(d["synonyms"])}
+    for d in CONTRACT["labels"] if d["value"]
 ]
 
 LABEL_BY_IDX = {d["idx"]: d for d in LABEL_INFO}
@@ -108,7 +94,7 @@ def terminology_entry(name: str) -> str:
         SLICER_ANATOMIC_CONTEXT,
         _code(d["anatomic_region"]),
         "^^",  # region modifier
-    ]) + "|"
+    ])
 
 
 def resolve_segment_names(names: Iterable[str], *, ignore_extra: bool = False,

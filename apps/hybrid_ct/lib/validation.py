@@ -21,6 +21,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from hybrid_ct import LABELS
+from hybrid_ct.contract import canonical_name  # noqa: F401  (label name synonyms: hybrid_ct/contract.json)
 from hybrid_ct.errors import InputError
 from hybrid_ct.filecheck import DEFAULT_MAX_VOXELS, check_volume_file, volume_kind
 from hybrid_ct.io import check_ct, read_image
@@ -203,28 +204,6 @@ def load_upload(path: str, ext: str, name: str = "the uploaded file", max_voxels
 
 
 # ---------------------------------------------------------------------------------------- labels
-_LUNG = {"lung", "lungs", "parenchyma", "lung parenchyma", "normal lung", "healthy lung", "left lung",
-         "right lung", "lung left", "lung right", "lungs left", "lungs right", "pulmonary parenchyma"}
-_INFECTION = {"infection", "infections", "infected", "infected lung", "lesion", "lesions", "ggo",
-              "ground glass", "ground glass opacity", "ground glass opacities", "consolidation", "opacity",
-              "opacities", "covid", "covid 19", "covid-19", "pneumonia", "infection region"}
-_BACKGROUND = {"background", "bg", "none", "unlabeled", "unlabelled"}
-
-
-def canonical_name(name) -> str | None:
-    """'Lungs', 'lung_left', 'GGO', 'Lesion' ... -> 'lung' / 'infection' / 'background'; None if unknown."""
-    if not isinstance(name, str):
-        return None
-    key = re.sub(r"[_\s]+", " ", name.strip().lower())
-    if key in _LUNG:
-        return "lung"
-    if key in _INFECTION or key.replace(" ", "-") in _INFECTION:
-        return "infection"
-    if key in _BACKGROUND:
-        return "background"
-    return None
-
-
 def parse_label_info(label_info) -> dict:
     """label_info ``[{"name": .., "idx": ..}, ...]`` or ``{"name": idx}`` -> {value: original name}."""
     if label_info is None:

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 
+from hybrid_ct.contract import COLORS, FOREGROUND
 from monailabel.interfaces.config import TaskConfig
 
 from ..activelearning import SpikeUncertainty, SpikeUncertaintyScoring
@@ -27,7 +28,7 @@ from ..trainers import HybridCTTrain
 
 logger = logging.getLogger(__name__)
 
-LABELS = {"lung": 1, "infection": 2}
+LABELS = dict(FOREGROUND)  # {"lung": 1, "infection": 2}: hybrid_ct/contract.json
 
 
 def _json_conf(conf: dict, key: str) -> dict:
@@ -49,7 +50,7 @@ class HybridCT(TaskConfig):
     def init(self, name: str, model_dir: str, conf: dict, planner=None, **kwargs):
         super().init(name, model_dir, conf, planner, **kwargs)
         self.labels = dict(LABELS)
-        self.label_colors = {"lung": (197, 165, 145), "infection": (241, 196, 15)}
+        self.label_colors = dict(COLORS)
         self.store = ModelStore(model_dir, shipped_name=conf.get("shipped_model", "pretrained.pt"))
         self.path = str(self.store.shipped)
         self.server = ModelServer(self.store, device=conf.get("device"),

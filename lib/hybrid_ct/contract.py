@@ -1,0 +1,44 @@
+"""The label and report contract (``contract.json`` beside this file), as Python values.
+
+``contract.json`` is the ONE table of label values, names, synonyms, colours, terminology codes and
+report keys; the core, the MONAI Label app, the plots and (through a byte-identical copy, because
+the Slicer extension ships without this package) the Slicer extension all read it.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+CONTRACT: dict = json.loads((Path(__file__).with_name("contract.json")).read_text(encoding="utf-8"))
+
+_ENTRIES = CONTRACT["labels"]
+LABELS: dict[str, int] = {d["name"]: d["value"] for d in _ENTRIES}
+"""``{"background": 0, "lung": 1, "infection": 2}``: the lung is {1, 2}; infection lies inside the lung."""
+LABEL_NAMES: dict[int, str] = {v: k for k, v in LABELS.items()}
+FOREGROUND: dict[str, int] = {k: v for k, v in LABELS.items() if v}
+"""The labels a model predicts and a radiologist edits: ``{"lung": 1, "infection": 2}``."""
+COLORS: dict[str, tuple[int, int, int]] = {d["name"]: tuple(d["color"]) for d in _ENTRIES if "color" in d}
+"""RGB 0-255 per foreground label (the Slicer segment colours)."""
+SEGMENT_NAMES: dict[str, str] = {d["name"]: d["segment"] for d in _ENTRIES if "segment" in d}
+
+REPORT: dict = CONTRACT["report"]
+REPORT_KEYS: tuple[str, ...] = tuple(REPORT["keys"])
+BURDEN_KEYS: tuple[str, ...] = tuple(REPORT["burden"])
+
+
+def normalise_name(name: str) -> str:
+    """Lower case; runs of blanks, '_' and '-' become one blank; no surrounding blanks."""
+    return re.sub(r"[\s_\-]+", " ", str(name)).strip().lower()
+
+
+_CANONICAL = {normalise_name(s): d["name"] for d in _ENTRIES for s in [d["name"], *d["synonyms"]]}
+
+
+def canonical_name(name) -> str | None:
+    """'Lungs', 'lung_left', 'GGO', 'COVID-19' ... -> 'lung' / 'infection' / 'background'; None if unknown."""
+    return _CANONICAL.get(normalise_name(name)) if isinstance(name, str) else None
+
+
+__all__ = ["CONTRACT", "LABELS", "LABEL_NAMES", "FOREGROUND", "COLORS", "SEGMENT_NAMES", "REPORT", "REPORT_KEYS",
+           "BURDEN_KEYS", "normalise_name", "canonical_name"]

@@ -1,0 +1,105 @@
+"""The one label and report contract (lib/hybrid_ct/contract.json) and everyone who reads it agree:
+the core, the MONAI Label app, the plots, the report and the Slicer extension (through its copy)."""
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hybrid_ct import LABELS
+from hybrid_ct import contract
+from hybrid_ct_slicer import results, segments
+
+ROOT = Path(__file__).resolve().parents[1]
+CORE_FILE = ROOT / "lib" / "hybrid_ct" / "contract.json"
+SLICER_FILE = ROOT / "slicer_extension" / "hybrid_ct_slicer" / "contract.json"
+APP_DIR = ROOT / "apps" / "hybrid_ct"
+
+
+def test_slicer_copy_is_byte_identical():
+    assert SLICER_FILE.read_bytes() == CORE_FILE.read_bytes(), (
+        "slicer_extension/hybrid_ct_slicer/contract.json differs from lib/hybrid_ct/contract.json: "
+        "edit the core file, then cp lib/hybrid_ct/contract.json slicer_extension/hybrid_ct_slicer/contract.json")
+
+
+def test_core_values():
+    assert LABELS is contract.LABELS
+    assert LABELS == {"background": 0, "lung": 1, "infection": 2}
+    assert contract.FOREGROUND == {"lung": 1, "infection": 2}
+    assert set(contract.COLORS) == set(contract.SEGMENT_NAMES) == set(contract.FOREGROUND)
+
+
+def test_app_reads_the_contract(tmp_path):
+    pytest.importorskip("monailabel")
+    if str(APP_DIR) not in sys.path:
+        sys.path.insert(0, str(APP_DIR))
+    from lib import validation
+    from lib.configs.hybrid_ct import HybridCT
+
+    task = HybridCT()
+    task.init("hybrid_ct", str(tmp_path), {})
+    assert task.labels == contract.FOREGROUND
+    assert task.label_colors == contract.COLORS
+    assert validation.canonical_name is contract.canonical_name
+
+
+def test_slicer_segments_match_the_core():
+    core = {d["value"]: d for d in contract.CONTRACT["labels"] if d["value"]}
+    assert [d["idx"] for d in segments.LABEL_INFO] == sorted(core)
+    for d in segments.LABEL_INFO:
+        c = core[d["idx"]]
+        assert d["server_name"] == c["name"] and d["name"] == contract.SEGMENT_NAMES[c["name"]]
+        assert d["color"] == contract.COLORS[c["name"]]
+        assert list(d["category"]) == c["category"] and list(d["type"]) == c["type"]
+        assert (list(d["anatomic_region"]) if d["anatomic_region"] else None) == c["anatomic_region"]
+    assert segments.server_label_names() == contract.FOREGROUND
+    # every synonym means the same label on both sides (the server and the Slicer module)
+    for d in contract.CONTRACT["labels"]:
+        for name in [d["name"], *d["synonyms"]]:
+            assert contract.canonical_name(name) == d["name"]
+            expected = contract.SEGMENT_NAMES.get(d["name"])  # background is no segment
+            assert segments.canonical_segment_name(name) == expected, name
+    assert contract.canonical_name("COVID-19") == "infection" and contract.canonical_name("heart") is None
+
+
+def test_terminology_entries():
+    for name in contract.SEGMENT_NAMES.values():
+        entry = segments.terminology_entry(name)
+        assert len(entry.split("~")) == 7 and not entry.endswith("|")
+    assert "52988006" not in segments.terminology_entry("Infection")  # "Lesion": in no list Slicer ships
+
+
+def test_plots_use_the_contract_colours():
+    from hybrid_ct import plots
+    for colour, name in ((plots.LUNG_COLOR, "lung"), (plots.INFECTION_COLOR, "infection")):
+        assert tuple(round(255 * c) for c in colour) == contract.COLORS[name]
+
+
+def test_report_keys_produced_and_read():
+    from hybrid_ct.report import infection_burden, severity_grade
+    label = np.zeros((4, 16, 16), np.uint8)
+    label[:, 4:12, 2:7] = 1
+    label[:, 4:12, 9:14] = 2
+    burden = infection_burden(label)
+    assert tuple(burden) == contract.BURDEN_KEYS
+    assert set(results.GRADE_TEXT) == {severity_grade(p) for p in (0, 10, 30, 60, 90)}
+    report = {contract.REPORT_KEYS[0]: {"label": "positive", "probability": 0.9},
+              contract.REPORT_KEYS[1]: burden, contract.REPORT_KEYS[2]: severity_grade(burden["total_pct"]),
+              contract.REPORT_KEYS[3]: dict(zip(contract.REPORT["energy"], (1.0, 4.0, 0.25, 0.05))),
+              contract.REPORT_KEYS[4]: 1.5, contract.REPORT_KEYS[5]: "v1"}
+    assert results.NA not in results.format_results(report).values()
+
+
+def test_one_label_table():
+    """No source file outside the contract spells a label colour, a terminology code or the synonyms."""
+    patterns = [r"197\s*,\s*165\s*,\s*145", r"241\s*,\s*196\s*,\s*15", r"[\"'](52988006|23583003|39607008|"
+                r"123037004|49755003)[\"']", r"[\"']ground glass opacity[\"']", r"[\"']lung parenchyma[\"']"]
+    hits = []
+    for base in ("lib", "apps", "slicer_extension", "scripts"):
+        for path in (ROOT / base).rglob("*.py"):
+            text = path.read_text(encoding="utf-8", errors="replace")
+            hits += [f"{path.relative_to(ROOT)}: {p}" for p in patterns if re.search(p, text)]
+    assert not hits, hits
