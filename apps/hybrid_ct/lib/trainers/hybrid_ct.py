@@ -158,6 +158,7 @@ def train_config(req: dict, device) -> TrainConfig:
         if not 0.0 < lambdas[head] < float("inf"):
             raise BadRequest(f"train parameter lambda_{head} must be a number > 0, got {v!r}")
     given = {field: req[key] for key, field in REQUEST_TO_CONFIG.items() if req.get(key) is not None}
+    given["max_iters_per_epoch"] = given.get("max_iters_per_epoch") or None  # 0: the whole epoch
     return TrainConfig(**given, lambdas=lambdas, device=str(device))
 
 
