@@ -1,8 +1,8 @@
 """Distributed training entry point: one process per GPU (or CPU processes with gloo), the one loop
 (``hybrid_ct.trainer.Trainer``) on a recipe's data.
 
-    torchrun --nproc_per_node N -m hybrid_ct.train --recipe quick --out DIR/model.pt
-    python -m hybrid_ct.train --recipe my_recipe.json --out model.pt        # one process
+    torchrun --nproc_per_node N -m hybrid_ct.train --recipe quick --out DIR      # DIR/hybrid.pt
+    python -m hybrid_ct.train --recipe my_recipe.json --out model.pt           # one process
 
 ``--recipe`` is a recipe name or a JSON recipe file (``net`` / ``train`` / ``data``, as ``hybrid-ct train``
 uses). The process group comes from torchrun's environment (nccl with CUDA, gloo on the CPU); every rank
@@ -50,7 +50,7 @@ def _recipe_tools():
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog="python -m hybrid_ct.train", description=__doc__.split("\n\n")[0])
     ap.add_argument("--recipe", default="quick", help="recipe name or JSON recipe file")
-    ap.add_argument("--out", required=True, help="checkpoint to write (rank 0)")
+    ap.add_argument("--out", required=True, help="checkpoint to write (rank 0): a .pt file, or a folder for <kind>.pt")
     ap.add_argument("--kind", choices=("hybrid", "cnn_twin"), default="hybrid")
     ap.add_argument("--data", help="real data folder (default: $HYBRID_CT_DATA or ../shared/data)")
     ap.add_argument("--epochs", type=int)
@@ -111,8 +111,9 @@ def main(argv=None) -> int:
                     "kind": args.kind, "recipe": recipe, "net": cfg.to_dict(), "world_size": world,
                     "history": history, "best_metric": trainer.best_score, "best_metric_epoch": trainer.best_epoch,
                     "replica_max_abs_diff": divergence, "complete": True}
-            save_checkpoint(args.out, model.cpu(), jsonable(meta))
-            log.info("saved %s (replicas differ by at most %.3g)", args.out, divergence)
+            out = Path(args.out) if args.out.endswith(".pt") else Path(args.out) / f"{args.kind}.pt"
+            save_checkpoint(out, model.cpu(), jsonable(meta))
+            log.info("saved %s (replicas differ by at most %.3g)", out, divergence)
     finally:
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
