@@ -225,3 +225,39 @@ def test_recalibrate_batchnorm_re_estimates_statistics_from_the_data(trained):
     recalibrate_batchnorm(model, data, n_slices=16, batch_size=8)
     for f, m in zip(first, bns):
         torch.testing.assert_close(m.running_mean, f)
+
+
+def test_the_app_builds_its_train_config_with_the_same_defaults_and_loss_weights(tmp_path):
+    import sys
+    from dataclasses import replace
+    from pathlib import Path
+
+    app_dir = str(Path(__file__).resolve().parents[1] / "apps" / "hybrid_ct")
+    if app_dir not in sys.path:
+        sys.path.insert(0, app_dir)
+    from lib.store import ModelStore
+    from lib.trainers.hybrid_ct import HybridCTTrain, train_config
+    from lib.validation import BadRequest
+
+    req = HybridCTTrain(ModelStore(tmp_path)).config()
+    assert train_config(req, "cpu") == replace(TrainConfig(), val_batch_size=8)  # what /info shows
+    assert train_config({}, "cpu") == TrainConfig()
+    cfg = train_config(dict(req, lambda_infection="3", max_iters_per_epoch=0), "cpu")
+    assert cfg.lambdas == {"cls": 1.0, "lung": 1.0, "infection": 3.0} and cfg.max_iters_per_epoch is None
+    for bad in (0, -1, "x", None, True, float("inf")):
+        with pytest.raises(BadRequest, match="lambda_cls"):
+            train_config({"lambda_cls": bad}, "cpu")
+
+
+def test_trainer_stops_when_asked_and_never_trains_on_a_batch_of_one(trained):
+    from hybrid_ct.trainer import Trainer
+
+    _, _, data = trained
+    one = data.subset([int(np.flatnonzero(data.cls == 1)[0])])
+    seen = []
+    model = HybridMultiTaskNet(NetConfig(**TINY))
+    t = Trainer(model, TrainConfig(epochs=3, batch_size=4, augment=False), one, one,
+                on_epoch=lambda epoch, stats, m: seen.append(stats["train_slices"]), stop=lambda: len(seen) >= 2)
+    hist = t.fit()
+    assert len(hist) == 2 and seen == [2, 2] and t.stopped  # the single slice twice: BatchNorm needs 2
+    assert t.best_epoch in (1, 2) and t.best_model() is not None

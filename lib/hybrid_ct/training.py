@@ -1,14 +1,16 @@
-"""Slice datasets and the multi-task training loop shared by the CLI and the MONAI Label trainer.
+"""Slice datasets, validation metrics and the training entry ``fit`` shared by the CLI and the MONAI
+Label trainer.
 
 Every sample is one model-space slice ``[1, S, S]`` with whatever targets its source has: lung mask,
 infection mask, class (1 positive). Missing targets are masked out of the loss, so 2D sets with only
 an infection mask or only a class label train the heads they can.
+
+The loop itself is ``hybrid_ct.trainer.Trainer`` (one loop for ``fit`` / ``hybrid-ct train``, the app's
+``HybridCTTrain`` and ``torchrun -m hybrid_ct.train``), configured by ``TrainConfig`` below.
 """
 from __future__ import annotations
 
-import logging
 import math
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,12 +21,10 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from . import LABELS
-from .losses import MultiTaskLoss
 from .metrics import SegmentationMeter, classification_metrics
 from .model import HybridMultiTaskNet, batchnorms
 from .preprocess import label_to_model_slices, to_model_slices
 
-log = logging.getLogger(__name__)
 MISSING = 255  # mask value for "no target for this slice"
 
 
@@ -135,8 +135,11 @@ def epoch_indices(data: SliceSet, negative_fraction: float, rng: np.random.Gener
 
 @dataclass
 class TrainConfig:
+    """Everything a training run takes, with the one set of defaults: the CLI recipes and the MONAI Label
+    app's train requests (``HybridCTTrain.train_config``) both build one."""
+
     epochs: int = 10
-    batch_size: int = 8
+    batch_size: int = 8  # per process (a distributed run's global batch is batch_size x world size)
     lr: float = 1e-3
     weight_decay: float = 1e-4
     negative_fraction: float = 0.2
@@ -145,37 +148,17 @@ class TrainConfig:
     infection_loss: str | None = "dice_focal"
     lambdas: dict = field(default_factory=lambda: {"cls": 1.0, "lung": 1.0, "infection": 2.0})
     adaptive_cls: bool = False
-    max_iters_per_epoch: int | None = None
+    max_iters_per_epoch: int | None = None  # None or 0: the whole epoch sample
     seed: int = 0
     device: str = "cpu"
     num_workers: int = 0
+    val_batch_size: int | None = None  # None: batch_size
 
 
 def _to(batch: dict, device) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def train_epoch(model: HybridMultiTaskNet, loader, loss_fn: MultiTaskLoss, opt, device, max_iters=None,
-                progress: bool = True, stop=None) -> dict:
-    model.train()
-    totals, n = {}, 0
-    for it, batch in enumerate(tqdm(loader, desc="train", unit="batch", disable=not progress, leave=False)):
-        if (max_iters is not None and it >= max_iters) or (stop is not None and stop()):
-            break
-        b = _to(batch, device)
-        out = model(b["image"])
-        loss, parts = loss_fn(out, b)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        parts["total"] = float(loss.detach())
-        for k, v in parts.items():
-            totals[k] = totals.get(k, 0.0) + v
-        n += 1
-    return {k: v / max(n, 1) for k, v in totals.items()}
-
-
-@torch.no_grad()
 @torch.no_grad()
 def recalibrate_batchnorm(model: HybridMultiTaskNet, data: SliceSet, n_slices: int = 240, batch_size: int = 8,
                           device="cpu", seed: int = 0) -> int:
@@ -242,39 +225,12 @@ def validation_score(seg: dict, cls: dict) -> float:
 
 def fit(model: HybridMultiTaskNet, train: SliceSet, val: SliceSet | None, cfg: TrainConfig,
         on_epoch=None, stop=None, progress: bool = True) -> list:
-    """Train ``model`` in place; ``on_epoch(epoch, stats, model)`` is called after each epoch (e.g. to
-    keep the best checkpoint); ``stop()`` returning True ends training early. Returns the history."""
-    torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
-    device = torch.device(cfg.device)
-    model.to(device)
-    loss_fn = MultiTaskLoss(cfg.lambdas, seg=cfg.seg_loss, infection_seg=cfg.infection_loss,
-                            adaptive_cls=cfg.adaptive_cls).to(device)
-    opt = torch.optim.AdamW(list(model.parameters()) + list(loss_fn.parameters()), lr=cfg.lr,
-                            weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.epochs, 1))
-    history = []
-    for epoch in range(cfg.epochs):
-        if stop is not None and stop():
-            break
-        t0 = time.perf_counter()
-        idx = epoch_indices(train, cfg.negative_fraction, rng)
-        if len(idx) < 2:
-            raise ValueError("fewer than 2 training slices this epoch: add labelled data")
-        loader = DataLoader(SliceDataset(train.subset(idx), augment=cfg.augment), batch_size=cfg.batch_size,
-                            shuffle=False, drop_last=len(idx) > cfg.batch_size, num_workers=cfg.num_workers)
-        losses = train_epoch(model, loader, loss_fn, opt, device, cfg.max_iters_per_epoch, progress, stop)
-        sched.step()
-        stats = {"epoch": epoch + 1, "loss": losses, "train_slices": int(len(idx)),
-                 "seconds": time.perf_counter() - t0}
-        if val is not None and len(val):
-            stats["val"] = evaluate(model, val, cfg.batch_size, device)
-        history.append(stats)
-        log.info("epoch %d loss %.4f score %s", epoch + 1, losses.get("total", float("nan")),
-                 stats.get("val", {}).get("score"))
-        if on_epoch is not None:
-            on_epoch(epoch + 1, stats, model)
-    return history
+    """Train ``model`` in place with the one loop (``hybrid_ct.trainer.Trainer``); ``on_epoch(epoch, stats,
+    model)`` is called after each epoch (e.g. to keep the best checkpoint); ``stop()`` returning True ends
+    training early. Returns the history (one dict per epoch: epoch, loss, train_slices, seconds, val)."""
+    from .trainer import Trainer
+
+    return Trainer(model, cfg, train, val, on_epoch=on_epoch, stop=stop, progress=progress).fit()
 
 
 def split_by_group(groups, val_fraction: float = 0.2, seed: int = 0):

@@ -2,10 +2,12 @@
 
 Built on MONAI Label's ``BasicTrainTask`` for what it provides around a run -- the request/config
 merge, device choice, the multi-GPU path (``torch.multiprocessing.spawn`` of one DDP worker per GPU)
-and ``train_stats`` -- while the loop itself is the core's (``hybrid_ct.training``: slice sets,
-``epoch_indices``, ``train_epoch``, ``evaluate``), because the network is a multi-head spiking model
-trained on 2D slices with per-head target masks, which the ignite ``SupervisedTrainer`` pipeline of
-``BasicTrainTask.train`` does not express. ``network`` / ``optimizer`` / ``loss_function`` /
+and ``train_stats`` -- while the loop itself is the core's one loop, ``hybrid_ct.trainer.Trainer`` (the
+same as ``hybrid-ct train`` and ``torchrun -m hybrid_ct.train``), because the network is a multi-head
+spiking model trained on 2D slices with per-head target masks, which the ignite ``SupervisedTrainer``
+pipeline of ``BasicTrainTask.train`` does not express. A request becomes a ``TrainConfig``
+(``train_config``; a request's defaults are TrainConfig's, the loss weights ``lambda_cls`` /
+``lambda_lung`` / ``lambda_infection`` included); ``network`` / ``optimizer`` / ``loss_function`` /
 ``train_pre_transforms`` are implemented and used by that loop.
 
 Data rules (docs/app.md):
@@ -19,7 +21,6 @@ run, or when the run is stopped through ``DELETE /train/`` (graceful stop file).
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 import logging
 import math
@@ -29,23 +30,20 @@ import re
 import time
 from datetime import timedelta
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from monai.inferers import SimpleInferer
 from monailabel.interfaces.datastore import Datastore
 from monailabel.tasks.train.basic_train import BasicTrainTask, Context
 from monailabel.utils.others.generic import device_list
-from torch.utils.data import DataLoader
 
 from hybrid_ct.checkpoint import load_checkpoint
 from hybrid_ct.errors import InputError, ModelNotReadyError
 from hybrid_ct.io import read_image
-from hybrid_ct.losses import MultiTaskLoss
 from hybrid_ct.model import HybridMultiTaskNet, NetConfig
 from hybrid_ct.preprocess import label_to_model_slices, to_model_slices
-from hybrid_ct.training import (SliceDataset, SliceSet, augmentations, epoch_indices, evaluate, slices_from_arrays,
-                                train_epoch)
+from hybrid_ct.trainer import Trainer, build_loss, build_optimizer, init_distributed
+from hybrid_ct.training import SliceSet, TrainConfig, augmentations, slices_from_arrays
 
 from ..store import ModelStore
 from ..validation import BadRequest, canonicalise_label, normalise_diagnosis
@@ -128,28 +126,40 @@ def slices_for_case(case: dict, size: int) -> SliceSet:
 
 
 class StopFlag:
-    """Graceful stop: a file the server touches on ``DELETE /train/``; synchronised across DDP ranks."""
+    """Graceful stop: a file the server touches on ``DELETE /train/`` (the Trainer all-reduces it across
+    DDP ranks, so every rank stops at the same step)."""
 
-    def __init__(self, path, started: float, multi: bool, device):
-        self.path, self.started, self.multi, self.device = path, started, multi, device
-        self.stopped = False
+    def __init__(self, path, started: float):
+        self.path, self.started = path, started
 
-    def local(self) -> bool:
+    def __call__(self) -> bool:
         try:
             return os.path.getmtime(self.path) >= self.started - 1.0
         except OSError:
             return False
 
-    def __call__(self) -> bool:
-        if self.stopped:
-            return True
-        flag = self.local()
-        if self.multi:
-            t = torch.tensor([1.0 if flag else 0.0], device=self.device)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            flag = bool(t.item() > 0)
-        self.stopped = flag
-        return flag
+
+DEFAULTS = TrainConfig()  # the one set of training defaults (the CLI recipes' too)
+REQUEST_TO_CONFIG = {"max_epochs": "epochs", "train_batch_size": "batch_size", "val_batch_size": "val_batch_size",
+                     "learning_rate": "lr", "weight_decay": "weight_decay", "negative_fraction": "negative_fraction",
+                     "augment": "augment", "max_iters_per_epoch": "max_iters_per_epoch", "seed": "seed",
+                     "num_workers": "num_workers"}
+
+
+def train_config(req: dict, device) -> TrainConfig:
+    """A validated request -> the core's TrainConfig; absent params keep TrainConfig's defaults."""
+    lambdas = {}
+    for head, default in DEFAULTS.lambdas.items():
+        v = req.get(f"lambda_{head}", default)
+        try:
+            lambdas[head] = float(v) if not isinstance(v, bool) else float("nan")
+        except (TypeError, ValueError):
+            lambdas[head] = float("nan")
+        if not 0.0 < lambdas[head] < float("inf"):
+            raise BadRequest(f"train parameter lambda_{head} must be a number > 0, got {v!r}")
+    given = {field: req[key] for key, field in REQUEST_TO_CONFIG.items() if req.get(key) is not None}
+    given["max_iters_per_epoch"] = given.get("max_iters_per_epoch") or None  # 0: the whole epoch
+    return TrainConfig(**given, lambdas=lambdas, device=str(device))
 
 
 class HybridCTTrain(BasicTrainTask):
@@ -160,19 +170,21 @@ class HybridCTTrain(BasicTrainTask):
         self.store = store
         self.net_config = dict(net_config or {})
         self.stop_file = str(store.dir / "train.stop")
+        d = DEFAULTS
         self._config = {  # what Slicer shows as training options (and the defaults of a request)
-            "max_epochs": 10,
-            "train_batch_size": 8,
-            "val_batch_size": 8,
-            "learning_rate": 1e-3,
-            "weight_decay": 1e-4,
-            "negative_fraction": 0.2,
+            "max_epochs": d.epochs,
+            "train_batch_size": d.batch_size,
+            "val_batch_size": d.val_batch_size or d.batch_size,
+            "learning_rate": d.lr,
+            "weight_decay": d.weight_decay,
+            "negative_fraction": d.negative_fraction,
             "val_split": 0.2,
-            "max_iters_per_epoch": 0,
+            "max_iters_per_epoch": d.max_iters_per_epoch or 0,
             "pretrained": True,
-            "augment": True,
-            "seed": 0,
-            "num_workers": 0,
+            "augment": d.augment,
+            "seed": d.seed,
+            "num_workers": d.num_workers,
+            **{f"lambda_{head}": v for head, v in d.lambdas.items()},
             "device": device_list(),
             "multi_gpu": True,
             "gpus": "all",
@@ -195,12 +207,10 @@ class HybridCTTrain(BasicTrainTask):
         return HybridMultiTaskNet(NetConfig.from_dict(self.net_config))
 
     def optimizer(self, context: Context):
-        params = list(context.network.parameters()) + list(context.loss.parameters())
-        return torch.optim.AdamW(params, lr=context.request["learning_rate"],
-                                 weight_decay=context.request["weight_decay"])
+        return build_optimizer(context.network, context.loss, context.train_config)
 
     def loss_function(self, context: Context):
-        return MultiTaskLoss({"cls": 1.0, "lung": 1.0, "infection": 2.0}, seg="focal", infection_seg="dice_focal")
+        return build_loss(context.train_config)
 
     def train_pre_transforms(self, context: Context):
         return augmentations()
@@ -244,16 +254,13 @@ class HybridCTTrain(BasicTrainTask):
         context.request, context.local_rank, context.world_size, context.multi_gpu = req, rank, world_size, multi
         context.run_id = req.get("run_id", time.strftime("%Y%m%d_%H%M%S"))
         if multi:
-            dist.init_process_group(backend=req.get("distributed_backend", "nccl"),
-                                    init_method=req.get("distributed_url", "env://"),
-                                    world_size=world_size, rank=rank)
+            device = torch.device("cpu")  # CPU processes with gloo (tests); MONAI Label itself spawns only for GPUs
             if torch.cuda.is_available():
                 gpus = req.get("gpus", "all")
                 ids = list(range(world_size)) if gpus in (None, "", "all") else [int(g) for g in str(gpus).split(",")]
                 device = torch.device(f"cuda:{ids[rank]}")
-                torch.cuda.set_device(device)
-            else:  # CPU processes with the gloo backend (tests); MONAI Label itself spawns only for GPUs
-                device = torch.device("cpu")
+            init_distributed(req.get("distributed_backend"), req.get("distributed_url", "env://"), rank, world_size,
+                             device)
         else:
             name = str(req.get("device") or "cpu")
             device = torch.device(name if name.startswith("cuda") and torch.cuda.is_available() else "cpu")
@@ -278,10 +285,9 @@ class HybridCTTrain(BasicTrainTask):
         return result
 
     def _run(self, context: Context, req: dict, datalist: list, stats: dict, start: float) -> dict:
-        rank, lead, device, multi = context.local_rank, context.local_rank == 0, context.device, context.multi_gpu
-        world = context.world_size if multi else 1
-        torch.manual_seed(req["seed"] + rank)
-        rng = np.random.default_rng(req["seed"])  # the same epoch sampling on every rank
+        rank, lead, device = context.local_rank, context.local_rank == 0, context.device
+        context.train_config = cfg = train_config(req, device)
+        torch.manual_seed(cfg.seed + rank)
 
         context.network = self.network(context)
         size = context.network.cfg.in_size
@@ -311,72 +317,45 @@ class HybridCTTrain(BasicTrainTask):
         context.network = context.network.to(device)
         context.loss = self.loss_function(context).to(device)
         context.optimizer = self.optimizer(context)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(context.optimizer, T_max=max(req["max_epochs"], 1))
-        net = context.network
-        if multi:
-            ids = [device.index] if device.type == "cuda" else None
-            net = torch.nn.parallel.DistributedDataParallel(net, device_ids=ids, output_device=ids[0] if ids else None,
-                                                            find_unused_parameters=True)
-        stop = StopFlag(self.stop_file, start, multi, device)
-        eval_set = train_set if val_on_train else val_set
-        best_score, best_state, best_epoch = -1.0, None, None
-        max_iters = req["max_iters_per_epoch"] or None
-        for epoch in range(1, req["max_epochs"] + 1):
-            if stop():
-                break
-            t0 = time.perf_counter()
-            idx = epoch_indices(train_set, req["negative_fraction"], rng)
-            if multi:
-                per = len(idx) // world
-                idx = idx[rank::world][:per]
-            if len(idx) < 1:
-                raise InputError("no training slice this epoch: add labelled data")
-            bs = req["train_batch_size"]
-            if len(idx) == 1:
-                idx = np.concatenate([idx, idx])  # batch norm needs 2 samples in training mode
-            elif bs > 1 and len(idx) % bs == 1:
-                idx = idx[:-1]  # no final batch of one (idx is shuffled: a random slice sits out this epoch)
-            loader = DataLoader(SliceDataset(train_set.subset(idx), augment=req["augment"]),
-                                batch_size=bs, shuffle=False, num_workers=req["num_workers"])
-            losses = train_epoch(net, loader, context.loss, context.optimizer, device, max_iters, progress=False,
-                                 stop=stop)
-            sched.step()
-            if lead:
-                ev = evaluate(context.network, eval_set, req["val_batch_size"], device)
-                score = float(ev["score"])
-                if score > best_score:
-                    best_score, best_epoch = score, epoch
-                    best_state = {k: v.detach().cpu().clone() for k, v in context.network.state_dict().items()}
-                entry = {"epoch": epoch, "loss": round(float(losses.get("total", float("nan"))), 5),
-                         "score": round(score, 5), "seconds": round(time.perf_counter() - t0, 2),
-                         "train_slices": int(len(idx)) * world, **_flat_metrics(ev)}
-                stats["history"].append(entry)
-                stats.update(epoch=epoch, best_metric=best_score, best_metric_epoch=best_epoch, loss=entry["loss"],
-                             metrics=_flat_metrics(ev), current_time=str(timedelta(seconds=int(time.time() - start))))
-                self.store.write_stats(stats)
-                print(f"[hybrid_ct] epoch {epoch}/{req['max_epochs']} loss {entry['loss']:.4f} "
-                      f"score {score:.4f} best {best_score:.4f} (epoch {best_epoch})", flush=True)
-            if multi:
-                dist.barrier()
+        clock = {"t0": time.perf_counter()}
+
+        def on_epoch(epoch: int, st: dict, model) -> None:  # rank 0: train_stats and the progress line
+            ev, score = st["val"], float(st["val"]["score"])
+            best, best_epoch = trainer.best_score, trainer.best_epoch
+            entry = {"epoch": epoch, "loss": round(float(st["loss"].get("total", float("nan"))), 5),
+                     "score": round(score, 5), "seconds": round(time.perf_counter() - clock["t0"], 2),
+                     "train_slices": st["train_slices"], **_flat_metrics(ev)}
+            clock["t0"] = time.perf_counter()
+            stats["history"].append(entry)
+            stats.update(epoch=epoch, best_metric=best, best_metric_epoch=best_epoch, loss=entry["loss"],
+                         metrics=_flat_metrics(ev), current_time=str(timedelta(seconds=int(time.time() - start))))
+            self.store.write_stats(stats)
+            print(f"[hybrid_ct] epoch {epoch}/{cfg.epochs} loss {entry['loss']:.4f} "
+                  f"score {score:.4f} best {best:.4f} (epoch {best_epoch})", flush=True)
+
+        trainer = Trainer(context.network, cfg, train_set, train_set if val_on_train else val_set,
+                          loss_fn=context.loss, optimizer=context.optimizer, on_epoch=on_epoch,
+                          stop=StopFlag(self.stop_file, start))
+        trainer.fit()
         if not lead:
             return {}
-        stopped = stop.stopped
+        stopped = trainer.stopped
         stats["total_time"] = str(timedelta(seconds=int(time.time() - start)))
         stats.pop("current_time", None)
-        if best_state is None:
+        model = trainer.best_model()
+        if model is None:
             stats.update(status="STOPPED" if stopped else "DONE", published_version=None,
                          note="stopped before the first epoch finished: nothing published")
             self.store.write_stats(stats)
             return stats
-        model = copy.deepcopy(context.network).cpu()
-        model.load_state_dict(best_state)
-        meta = {"metric": best_score, "best_metric_epoch": best_epoch, "epochs": stats["epoch"],
+        meta = {"metric": trainer.best_score, "best_metric_epoch": trainer.best_epoch, "epochs": stats["epoch"],
                 "train_images": n_train, "val_images": n_val, "val_on_training_set": val_on_train,
                 "run_id": context.run_id, "metrics": stats.get("metrics"), "params": _public(req)}
         version = self.store.publish(model.eval(), meta)
         stats.update(status="STOPPED" if stopped else "DONE", published_version=version)
         self.store.write_stats(stats)
-        print(f"[hybrid_ct] published model {version} (best metric {best_score:.4f}, epoch {best_epoch})", flush=True)
+        print(f"[hybrid_ct] published model {version} (best metric {trainer.best_score:.4f}, epoch "
+              f"{trainer.best_epoch})", flush=True)
         return stats
 
 
@@ -395,5 +374,5 @@ def _flat_metrics(ev: dict) -> dict:
 
 
 def _public(req: dict) -> dict:
-    keys = list(PARAMS) + list(BOOLS)
+    keys = list(PARAMS) + list(BOOLS) + [f"lambda_{head}" for head in DEFAULTS.lambdas]
     return {k: req[k] for k in keys if k in req}
