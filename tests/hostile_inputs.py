@@ -12,6 +12,7 @@ import io
 import json
 import struct
 import tarfile
+import uuid
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,10 +117,13 @@ def _zip_bomb() -> bytes:
     return buf.getvalue()
 
 
+ESCAPE = f"hybrid_ct_escape_{uuid.uuid4().hex[:12]}"  # files the session tar would write if it could
+
+
 def _tar_escape() -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as t:
-        for name in ("../../hybrid_ct_escape.txt", "/tmp/hybrid_ct_escape_abs.txt"):
+        for name in (f"../../{ESCAPE}.txt", f"/tmp/{ESCAPE}_abs.txt"):
             data = b"written through a crafted tar"
             info = tarfile.TarInfo(name)
             info.size = len(data)
@@ -249,7 +253,7 @@ IMAGES = [
     Case("more data than the header claims", put_image("trailing", "ct.nii.gz", _trailing_data), 422,
          ("more data",)),
     Case("zip member escaping with ../", put_image("zip escape", "s.zip",
-                                                   _zip({"../../hybrid_ct_zip_escape.dcm": b"DICM" * 10})), 422),
+                                                   _zip({f"../../{ESCAPE}_zip.dcm": b"DICM" * 10})), 422),
     Case("zip bomb (600 MiB of zeros)", put_image("zip bomb", "s.zip", lambda t: _zip_bomb()), 422, ("unpacks to",)),
     Case("random bytes as .nii.gz", put_image("garbage", "g.nii.gz", np.random.default_rng(0).bytes(4000)), 422,
          ("cannot read",)),

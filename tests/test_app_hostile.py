@@ -9,8 +9,8 @@ import hashlib
 from pathlib import Path
 
 import pytest
-from hostile_inputs import CORPUS, _header_bomb, put_image
-from server_fixture import http, phantom_files, server, studies_digest, wait_training_idle  # noqa: F401
+from hostile_inputs import CORPUS, ESCAPE, _header_bomb, put_image
+from server_fixture import http, phantom_files, server, studies_digest, wait_training_idle  # noqa: F401 (fixture)
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
@@ -46,7 +46,9 @@ def test_hostile_input_is_refused_cleanly(server, tmp_path, case):
     assert studies_digest(server.studies) == studies, f"{case.kind}: the studies folder changed"
     assert _digest(server.model_dir) == model, f"{case.kind}: the model folder changed"
     assert _leftovers(server) == [], f"{case.kind}: temporary files left: {_leftovers(server)}"
-    assert not list(Path("/").glob("hybrid_ct_*escape*")) and not list(Path("/tmp").glob("hybrid_ct_*escape*"))
+    escaped = [p for folder in (Path("/"), Path("/tmp"), server.workdir.parent) for p in folder.glob(f"{ESCAPE}*")] \
+        if case.kind.startswith(("session", "zip member")) else []
+    assert escaped == [], f"{case.kind}: files written outside the studies folder: {escaped}"
     assert server.alive()
 
 

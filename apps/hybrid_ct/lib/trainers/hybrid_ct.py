@@ -61,6 +61,9 @@ PARAMS = {  # name: (type, minimum, maximum) of the numeric train params a clien
     "max_iters_per_epoch": (int, 0, 10**9),
     "seed": (int, 0, 2**31 - 1),
     "num_workers": (int, 0, 64),
+    "lambda_cls": (float, 1e-6, 1e3),  # loss weights of the three heads
+    "lambda_lung": (float, 1e-6, 1e3),
+    "lambda_infection": (float, 1e-6, 1e3),
 }
 BOOLS = ("pretrained", "augment", "multi_gpu")
 
@@ -374,5 +377,5 @@ def _flat_metrics(ev: dict) -> dict:
 
 
 def _public(req: dict) -> dict:
-    keys = list(PARAMS) + list(BOOLS) + [f"lambda_{head}" for head in DEFAULTS.lambdas]
+    keys = list(PARAMS) + list(BOOLS)
     return {k: req[k] for k in keys if k in req}
