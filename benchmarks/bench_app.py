@@ -11,7 +11,7 @@
 
 The server is started like the tests do (``tests/server_fixture.py``: real ``monailabel start_server``
 on 127.0.0.1, everything in a temp folder). Model: ``--model`` (default: the shipped
-``apps/hybrid_ct/model/pretrained.pt``); without one, the production ``NetConfig()`` architecture is
+``hybrid_ct/models/pretrained.pt`` in the package, or ``$HYBRID_CT_MODEL``); without one, the production ``NetConfig()`` architecture is
 trained here for ``--init-iters`` iterations on phantoms -- latency depends on the architecture, not
 on how well it is trained, and the output says which weights were used.
 
@@ -36,7 +36,16 @@ sys.path.insert(0, str(REPO / "tests"))
 
 import server_fixture as sf  # noqa: E402
 
-SHIPPED = REPO / "apps" / "hybrid_ct" / "model" / "pretrained.pt"
+
+def _shipped_model() -> Path | None:
+    from hybrid_ct.errors import ModelNotReadyError
+    from hybrid_ct.model_files import default_model_path
+
+    try:
+        path = default_model_path()
+    except ModelNotReadyError:
+        return None
+    return path if path.is_file() else None
 
 
 def build_model(path: Path, iters: int, net_overrides: dict) -> str:
@@ -90,7 +99,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", type=int, nargs=3, default=(150, 512, 512), metavar=("D", "H", "W"))
     ap.add_argument("--repeats", type=int, default=3, help="inference requests after the first (default 3)")
-    ap.add_argument("--model", type=Path, default=SHIPPED if SHIPPED.is_file() else None)
+    ap.add_argument("--model", type=Path, default=_shipped_model())
     ap.add_argument("--init-iters", type=int, default=3, help="iterations for the architecture-only model")
     ap.add_argument("--net", default="{}", help="JSON NetConfig overrides for the architecture-only model")
     ap.add_argument("--train", default='{"max_epochs": 1, "max_iters_per_epoch": 5}',

@@ -3,7 +3,7 @@
 For each k: the trained CNN twin converted with ``model.from_twin`` (k), BatchNorm statistics re-estimated
 (``training.recalibrate_batchnorm``), scored on the recipe's validation curve slices, then fine-tuned for
 one epoch of the recipe (200 iterations, the recipe's fine-tuning lr) and scored again. Firing rate and
-E_hybrid / E_conv come from ``cli.energy_on_slices`` (the first 96 curve slices, as in the recipe's pick).
+E_hybrid / E_conv come from ``evaluation.energy_on_slices`` (the first 96 curve slices, as in the recipe's pick).
 Same data and split as ``hybrid-ct train --recipe shipped``.
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_conversion.py runs/twin.pt 2 3
@@ -11,13 +11,14 @@ Same data and split as ``hybrid-ct train --recipe shipped``.
 import sys, time, logging
 from dataclasses import replace
 import numpy as np, torch
-from hybrid_ct.cli import RECIPES, energy_on_slices, recipe_slices
+from hybrid_ct.evaluation import energy_on_slices
+from hybrid_ct.recipes import load_recipe, recipe_slices
 from hybrid_ct.datasets import data_root
 from hybrid_ct.model import NetConfig, from_twin
 from hybrid_ct.checkpoint import load_checkpoint
 from hybrid_ct.training import TrainConfig, recalibrate_batchnorm, evaluate, fit
 torch.set_num_threads(2); logging.basicConfig(level=logging.WARNING)
-r = RECIPES["shipped"]
+r = load_recipe("shipped")
 _, _, _, _, train, _, cv = recipe_slices(r, data_root(None), progress=False)
 tcfg = TrainConfig(**{k: v for k, v in r["train"].items() if k in TrainConfig.__dataclass_fields__})
 conv = r["train"]["from_twin"]; cfg = NetConfig(**r["net"])

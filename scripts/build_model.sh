@@ -17,7 +17,7 @@ bash scripts/setup.sh
 THREADS=${THREADS:-$(nproc)}
 export OMP_NUM_THREADS=$THREADS
 HC=".venv/bin/hybrid-ct --threads $THREADS"
-MODEL=${MODEL_OUT:-apps/hybrid_ct/model/pretrained.pt}
+MODEL=${MODEL_OUT:-lib/hybrid_ct/models/pretrained.pt}
 TWIN=${TWIN_OUT:-runs/twin.pt}
 start=$(date +%s)
 $HC train --recipe shipped --out "$MODEL" --twin-out "$TWIN" --model-card docs/model_card.md "$@"

@@ -21,10 +21,10 @@ import SimpleITK as sitk
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "slicer_extension"))
 
-from hybrid_ct.cli import SHIPPED_MODEL  # noqa: E402
 from hybrid_ct.datasets import data_root  # noqa: E402
 from hybrid_ct.inference import Predictor  # noqa: E402
 from hybrid_ct.io import read_image  # noqa: E402
+from hybrid_ct.model_files import default_model_path  # noqa: E402
 from hybrid_ct.plots import results_view  # noqa: E402
 from hybrid_ct.preprocess import WINDOW_HU  # noqa: E402
 from hybrid_ct.report import jsonable  # noqa: E402
@@ -55,13 +55,13 @@ def render(predictor: Predictor, case: Path, out: Path) -> Path:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=str(SHIPPED_MODEL))
+    ap.add_argument("--model", default=None, help="checkpoint (default: $HYBRID_CT_MODEL, else the shipped model)")
     ap.add_argument("--case", action="append", help="DICOM folder or volume (repeatable)")
     ap.add_argument("--out", default=str(REPO / "docs" / "images"))
     args = ap.parse_args(argv)
     cases = [Path(c) for c in args.case] if args.case else [
         data_root(None) / "volumes_covid_ct_md" / n for n in ("P001", "normal001")]
-    predictor = Predictor.from_checkpoint(args.model)
+    predictor = Predictor.from_checkpoint(args.model or default_model_path())
     out = Path(args.out)
     for case in cases:
         print(render(predictor, case, out))

@@ -181,7 +181,7 @@ def test_train_quick_then_evaluate(shared_data, tmp_path):
 
 
 def test_oversampling_can_repeat_only_the_negatives_of_a_source():
-    from hybrid_ct.cli import _oversampled
+    from hybrid_ct.recipes import _oversampled
     from hybrid_ct.datasets import SourceSet
     from hybrid_ct.training import SliceSet
 
@@ -195,7 +195,7 @@ def test_oversampling_can_repeat_only_the_negatives_of_a_source():
 
 
 def test_group_cap_keeps_every_group_and_at_most_cap_slices_of_each():
-    from hybrid_ct.cli import _capped
+    from hybrid_ct.recipes import _capped
     from hybrid_ct.datasets import SourceSet
     from hybrid_ct.training import SliceSet
 
@@ -215,8 +215,9 @@ def test_group_cap_keeps_every_group_and_at_most_cap_slices_of_each():
 
 def test_evaluate_reports_false_infection_on_normal_slices(model_path, tmp_path):
     from hybrid_ct.checkpoint import load_checkpoint
-    from hybrid_ct.cli import _metrics_card, evaluate_sets
+    from hybrid_ct.evaluation import evaluate_sets
     from hybrid_ct.datasets import SourceSet
+    from hybrid_ct.reporting import metrics_card
     from hybrid_ct.training import MISSING, SliceSet
 
     model, _ = load_checkpoint(model_path)
@@ -231,14 +232,14 @@ def test_evaluate_reports_false_infection_on_normal_slices(model_path, tmp_path)
     assert res["cls"]["cls2d"]["n"] == 3
     # and per collection (the group-id prefix)
     assert res["cls"]["cls2d/mosmed"]["n"] == 2 and res["cls"]["cls2d/ucsd"]["n"] == 1
-    card = _metrics_card({"hybrid": res}, tmp_path / "results.md", tmp_path / "card.md")
+    card = metrics_card({"hybrid": res}, tmp_path / "results.md", tmp_path / "card.md")
     assert f"| normal slices (cls2d, CT-0) with predicted infection | {v['with_infection']} / 3 | n/a | |" in card
 
 
 def test_scan_check_alignment_on_a_phantom(model_path, tmp_path, monkeypatch):
     """The per-slice calls are compared with labels by SimpleITK slice index (the P001 CSV convention)."""
     import hybrid_ct.datasets as D
-    from hybrid_ct.cli import scan_check
+    from hybrid_ct.evaluation import scan_check
     from hybrid_ct.phantom import make_phantom
 
     img, lab, _ = make_phantom(7, shape=(8, 48, 48), positive=True)
@@ -285,3 +286,40 @@ def test_slicer_pictures_script_renders_a_case(model_path, phantom_nifti, tmp_pa
     params = json.loads(next(tmp_path.glob("slicer_results_*.json")).read_text())
     assert len(pngs) == 1 and pngs[0].stat().st_size > 10_000
     assert params["classification"]["label"] in ("positive", "negative") and "energy" in params
+
+
+def test_recipes_are_package_data_without_their_notes():
+    from hybrid_ct.recipes import ENERGY_RATIO_TARGET, load_recipe, recipe_names, resolve_recipe
+
+    assert recipe_names() == ["quick", "shipped"]
+    quick = load_recipe("quick")
+    assert quick["train"]["from_twin"]["energy_target"] == ENERGY_RATIO_TARGET
+    assert "energy_target" not in load_recipe("shipped")["train"]["from_twin"]
+    assert not any(k.startswith("_") for part in quick.values() for k in part)  # "_comment" notes dropped
+    r = resolve_recipe("quick", epochs=3, limit=0, sources="medseg,majun", no_weak_lung=True)
+    assert r["train"]["epochs"] == 3 and r["data"]["limit"] is None and r["data"]["sources"] == ["medseg", "majun"]
+    assert r["data"]["weak_lung"] is False and r["name"] == "quick" and list(r)[-1] == "name"
+
+
+def test_default_model_is_the_env_then_the_package_file(model_path, shared_data, tmp_path, monkeypatch):
+    import hybrid_ct.model_files as mf
+    from hybrid_ct.errors import ModelNotReadyError
+
+    monkeypatch.setattr(mf, "PACKAGED_MODEL", tmp_path / "none" / "pretrained.pt")
+    monkeypatch.delenv(mf.MODEL_ENV, raising=False)
+    with pytest.raises(ModelNotReadyError, match="HYBRID_CT_MODEL"):
+        mf.default_model_path()
+    monkeypatch.setenv(mf.MODEL_ENV, str(model_path))
+    assert mf.default_model_path() == model_path
+    jpg = shared_data / "seg2d_medseg" / "images" / "0.jpg"
+    assert main(["-q", "predict", str(jpg), "--out", str(tmp_path / "o")]) == 0  # no --model: $HYBRID_CT_MODEL
+    assert json.loads((tmp_path / "o" / "0.json").read_text())["model_version"] == "tiny-test"
+
+
+def test_template_lines_of_empty_blocks_disappear(tmp_path, monkeypatch):
+    import hybrid_ct.reporting as rp
+
+    (tmp_path / "t.md").write_text("# T\n\n{a}\n\n{b}\n- one\n{c}\n- two {d}\n")
+    monkeypatch.setattr(rp, "TEMPLATE_DIR", tmp_path)
+    assert rp._render("t", a="", b=None, c="", d=1) == "# T\n\n- one\n- two 1"
+    assert rp._render("t", a="A", b="B", c="C", d=1) == "# T\n\nA\n\nB\n- one\nC\n- two 1"

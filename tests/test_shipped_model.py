@@ -9,19 +9,23 @@ import SimpleITK as sitk
 from server_fixture import http, start_server, stop_server
 
 from hybrid_ct.checkpoint import load_checkpoint
-from hybrid_ct.cli import MAX_CHECKPOINT_MB, RECIPES, SHIPPED_MODEL
 from hybrid_ct.io import read_image
+from hybrid_ct.model_files import MAX_CHECKPOINT_MB, MODEL_ENV, PACKAGED_MODEL, default_model_path
+from hybrid_ct.recipes import load_recipe
 
 CASES = ("P001", "normal001")
 
 
-def test_shipped_checkpoint_is_complete_and_small():
-    assert SHIPPED_MODEL.is_file(), "apps/hybrid_ct/model/pretrained.pt is missing: run scripts/build_model.sh"
-    assert SHIPPED_MODEL.stat().st_size <= MAX_CHECKPOINT_MB * 2**20
-    model, meta = load_checkpoint(SHIPPED_MODEL)
+def test_shipped_checkpoint_is_complete_and_small(monkeypatch):
+    assert PACKAGED_MODEL.is_file(), "lib/hybrid_ct/models/pretrained.pt is missing: run scripts/build_model.sh"
+    monkeypatch.delenv(MODEL_ENV, raising=False)
+    assert default_model_path() == PACKAGED_MODEL  # package data: no repository path needed
+    assert PACKAGED_MODEL.stat().st_size <= MAX_CHECKPOINT_MB * 2**20
+    model, meta = load_checkpoint(PACKAGED_MODEL)
     assert meta["complete"] is True and meta["kind"] == "hybrid"
-    assert meta["net"]["time_steps"] == RECIPES["shipped"]["net"]["time_steps"]
-    assert model.cfg.spiking and model.cfg.in_size == RECIPES["shipped"]["net"]["in_size"]
+    shipped = load_recipe("shipped")
+    assert meta["net"]["time_steps"] == shipped["net"]["time_steps"]
+    assert model.cfg.spiking and model.cfg.in_size == shipped["net"]["in_size"]
     assert meta["val_groups"] and meta["command"].startswith("hybrid-ct ")
 
 
@@ -36,7 +40,7 @@ def real_server(shared_data, tmp_path_factory):
         for c in CASES:
             sitk.WriteImage(read_image(str(series / c)), str(folder / f"{c}.nii.gz"), True)
 
-    live = start_server(tmp_path_factory.mktemp("shipped_server"), model=SHIPPED_MODEL, studies_writer=studies)
+    live = start_server(tmp_path_factory.mktemp("shipped_server"), model=PACKAGED_MODEL, studies_writer=studies)
     yield live
     stop_server(live)
 

@@ -1,0 +1,241 @@
+"""Evaluation behind ``hybrid-ct evaluate``: per-source validation metrics and energy (``evaluate_sets``),
+the COVID-CT-MD scan-level check (``scan_check``), both run for a model and its twin by
+``evaluate_checkpoints``; ``run_on_slices`` / ``energy_on_slices`` run the product's slice path.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .batch import display_slices
+from .errors import InputError
+from .recipes import load_recipe, load_recipe_data
+
+log = logging.getLogger("hybrid_ct")
+
+NORMAL_FP_FRACTION = 0.001  # a normal slice "has predicted infection" from 0.1 % of its pixels up
+
+
+def _true_label(s, i: int) -> np.ndarray:
+    from .training import MISSING
+
+    t = np.zeros(s.images.shape[1:], np.uint8)
+    if s.lung[i, 0, 0] != MISSING:
+        t[s.lung[i] == 1] = 1
+    if s.infection[i, 0, 0] != MISSING:
+        t[s.infection[i] == 1] = 2
+    return t
+
+
+def run_on_slices(predictor, s, meter=None):
+    """Outputs of ``predictor`` (the product's slice path) for a SliceSet."""
+    x = s.images.astype(np.float32)[:, None] / 255.0
+    return predictor.run_slices(x, meter)
+
+
+
+def energy_on_slices(model, s, n: int = 96):
+    """EnergyReport of ``model`` (its inference copy, as served) on the first ``n`` slices of SliceSet ``s``."""
+    from .energy import EnergyMeter
+    from .inference import Predictor
+
+    predictor = Predictor(model, progress=False)
+    with EnergyMeter(predictor.model) as meter:
+        run_on_slices(predictor, s.subset(np.arange(min(n, len(s)))), meter)
+    return meter.report()
+
+
+def evaluate_sets(model, val_sets: list, batch_size: int = 16, progress: bool = True) -> dict:
+    """Per-source segmentation and classification metrics + the energy of the whole validation run."""
+    from tqdm import tqdm
+
+    from .datasets import collection
+    from .energy import EnergyMeter
+    from .inference import Predictor, _mask_label
+    from .metrics import SegmentationMeter, classification_metrics
+    from .training import MISSING
+
+    res = {"seg": {}, "cls": {}, "n": {}}
+    pooled_cls = {"real": ([], [], []), "all": ([], [], [])}
+    seg_pools = {}
+    t0 = time.perf_counter()
+    n_slices = 0
+    predictor = Predictor(model, batch_size=batch_size)  # inference copy (BatchNorm folded)
+    with EnergyMeter(predictor.model) as meter:
+        for s in tqdm([v for v in val_sets if len(v)], desc="evaluate", unit="source", disable=not progress, leave=False):
+            sl = s.slices
+            so = run_on_slices(predictor, sl, meter)
+            n_slices += len(sl)
+            res["n"][s.name] = {"slices": len(sl), "groups": len(set(sl.group))}
+            pred = _mask_label(so.lung[:, 0], so.infection[:, 0])
+            normal = {i for i in range(len(sl)) if sl.lung[i, 0, 0] == MISSING and sl.infection[i, 0, 0] != MISSING
+                      and not sl.infection[i].any()}  # slices of normal studies: derived empty infection mask
+            if normal:
+                frac = (pred[sorted(normal)] == 2).mean(axis=(1, 2))
+                res.setdefault("normal", {})[s.name] = {
+                    "slices": len(normal), "with_infection": int((frac >= NORMAL_FP_FRACTION).sum()),
+                    "mean_infection_pct": float(100 * frac.mean())}
+            for head, classes in (("lung", {"lung": (1, 2)}), ("infection", {"infection": (2,)})):
+                arr = sl.lung if head == "lung" else sl.infection
+                idx = [i for i in range(len(sl)) if arr[i, 0, 0] != MISSING and not (head == "infection" and i in normal)]
+                if not idx:
+                    continue
+                key = f"{head}/{s.name}" + ("/weak" if head == "lung" and s.weak_lung else "")
+                m = SegmentationMeter(classes)
+                pools = [f"{head}/all-expert"] if not (head == "lung" and s.weak_lung) else []
+                if s.name != "phantoms" and pools:
+                    pools.append(f"{head}/real-expert")
+                for p in pools:
+                    seg_pools.setdefault(p, SegmentationMeter(classes))
+                for i in idx:
+                    t = _true_label(sl, i)
+                    m.update(pred[i], t)
+                    for p in pools:
+                        seg_pools[p].update(pred[i], t)
+                res["seg"][key] = dict(m.compute()[head], slices=len(idx))
+            known = sl.cls >= 0
+            if known.any():
+                y, sc, yp = sl.cls[known].astype(int), so.positive_prob[known], so.predicted[known]
+                res["cls"][s.name] = classification_metrics(y, sc, y_pred=yp)
+                colls = np.array([collection(g) for g in np.asarray(sl.group)[known]])
+                names = np.unique(colls)
+                if len(names) > 1:  # per collection too (cls2d: UCSD, MosMed, Ma Jun)
+                    for c in names:
+                        k = colls == c
+                        res["cls"][f"{s.name}/{c}"] = classification_metrics(y[k], sc[k], y_pred=yp[k])
+                for pool in ("all",) + (("real",) if s.name != "phantoms" else ()):
+                    pooled_cls[pool][0].extend(y.tolist())
+                    pooled_cls[pool][1].extend(sc.tolist())
+                    pooled_cls[pool][2].extend(yp.tolist())
+    for name, m in seg_pools.items():
+        res["seg"][name] = m.compute()[name.split("/")[0]]
+    for pool, (y, sc, yp) in pooled_cls.items():
+        if y:
+            res["cls"][pool] = classification_metrics(y, sc, y_pred=yp)
+    rep = meter.report()
+    res["energy"] = {"ratio": rep.ratio, "mean_firing_rate": rep.mean_firing_rate,
+                     "e_hybrid_uj": rep.e_hybrid_pj * 1e-6, "e_conv_uj": rep.e_conv_pj * 1e-6,
+                     "firing_rates": rep.firing_rates, "time_steps": rep.time_steps}
+    res["seconds_per_slice"] = (time.perf_counter() - t0) / max(n_slices, 1)
+    return res
+
+
+def scan_check(model, meta: dict, root, min_mm2: float = 50.0, progress: bool = True, img_dir: Path | None = None,
+               tag: str = "hybrid") -> dict:
+    """COVID-CT-MD P001 / normal001: scan call, burden and per-slice infection calls vs the radiologist."""
+    import SimpleITK as sitk
+    from sklearn.metrics import cohen_kappa_score
+
+    from .datasets import read_slice_labels, scan_check_cases
+    from .inference import Predictor
+    from .io import read_image
+    from .plots import overlay_panels
+    from .preprocess import make_context
+
+    out = {}
+    predictor = Predictor(model, meta, progress=progress)
+    for name, case in scan_check_cases(root).items():
+        img = read_image(case["path"])
+        label, report = predictor.predict(img)
+        lab = sitk.GetArrayFromImage(label)  # [z, y, x], z = SimpleITK slice index
+        sp = label.GetSpacing()
+        inf_mm2 = (lab == 2).reshape(len(lab), -1).sum(1) * sp[0] * sp[1]
+        has_lung = (lab > 0).reshape(len(lab), -1).any(1)
+        seg_call = (inf_mm2 >= min_mm2).astype(int)
+        ctx = make_context(img, model.cfg.in_size)
+        cls_call = None
+        if ctx.perm[0] == 0:  # axial stack: canonical slice order is the index order, maybe reversed
+            c = np.asarray(report["classification"]["slice_positive"], int)
+            cls_call = (c[::-1] if 0 in ctx.flips else c) & has_lung
+        truth = read_slice_labels(case["slice_labels"]) if case["slice_labels"] else {z: 0 for z in range(len(lab))}
+        zs = [z for z in range(len(lab)) if z in truth]
+        y = np.array([truth[z] for z in zs])
+        agree = {}
+        for method, call in (("segmentation", seg_call), ("classifier", cls_call)):
+            if call is None:
+                continue
+            p = np.asarray(call)[zs]
+            tp, tn = int(((p == 1) & (y == 1)).sum()), int(((p == 0) & (y == 0)).sum())
+            fp, fn = int(((p == 1) & (y == 0)).sum()), int(((p == 0) & (y == 1)).sum())
+            both = len(np.unique(np.concatenate([p, y]))) > 1
+            agree[method] = {"n": len(zs), "truth_positive": int(y.sum()), "called_positive": int(p.sum()),
+                             "accuracy": (tp + tn) / max(len(zs), 1),
+                             "sensitivity": tp / (tp + fn) if tp + fn else float("nan"),
+                             "specificity": tn / (tn + fp) if tn + fp else float("nan"),
+                             "kappa": float(cohen_kappa_score(y, p)) if both and len(np.unique(y)) > 1 else float("nan")}
+        c = report["classification"]
+        out[name] = {"truth": "positive" if case["positive"] else "negative", "call": c["label"],
+                     "probability": c["probability"], "burden": report["burden"], "grade": report["grade"],
+                     "energy_ratio": report["energy"]["ratio"], "slices": int(len(lab)), "agreement": agree,
+                     "latency_s": report["latency_s"]}
+        if img_dir is not None:
+            panels = []
+            for s, lz, z in display_slices(img, label, 3):
+                # display_slices works in LPS order: map back to the SimpleITK index for the title
+                zi = z if ctx.perm[0] != 0 or 0 not in ctx.flips else len(lab) - 1 - z
+                panels.append((s, lz, f"{name} z={zi} radiologist: {'inf' if truth.get(zi) else 'clear'}"))
+            out[name]["overlay"] = str(overlay_panels(panels, Path(img_dir) / f"scan_{name}_{tag}.png"))
+    return out
+
+
+def _load(path):
+    from .checkpoint import load_checkpoint
+
+    model, meta = load_checkpoint(path)
+    return model, meta
+
+
+
+def evaluate_checkpoints(model, twin=None, data=None, limit=None, skip_scan_check: bool = False,
+                         min_lesion_mm2: float = 50.0, img_dir=None, progress: bool = True) -> tuple:
+    """Validation metrics (+ the scan-level check, overlays into ``img_dir``) of checkpoint ``model`` and,
+    when given, its CNN ``twin``, on the validation groups stored in the model (else its recipe's split).
+    ``limit`` overrides the recipe's slices per source (0: all). -> (results by "hybrid"/"twin", recipe,
+    data root, weak-lung-mask agreement by expert set (``datasets.weak_mask_agreement``, {} without data))."""
+    from .datasets import data_root, split_sets, val_groups_for, weak_mask_agreement
+    from .model import count_parameters
+
+    if img_dir is not None:
+        Path(img_dir).mkdir(parents=True, exist_ok=True)
+    models = {"hybrid": (model, *_load(model))}
+    if twin:
+        models["twin"] = (twin, *_load(twin))
+    _, hmodel, hmeta = models["hybrid"]
+    recipe = copy.deepcopy(hmeta.get("recipe") or load_recipe("shipped"))
+    if limit is not None:
+        recipe["data"]["limit"] = limit or None
+    root = data_root(data or None)
+    if not (root / "MANIFEST.csv").is_file() and hmeta.get("data_root"):
+        root = Path(hmeta["data_root"])
+    data_cache, results = {}, {}
+    for tag, (path, net, meta) in models.items():
+        size = net.cfg.in_size
+        if size not in data_cache:
+            data_cache[size] = load_recipe_data(recipe, root, size, progress=progress)
+        sets = data_cache[size]
+        vg = hmeta.get("val_groups") or sorted(val_groups_for(sets, recipe["data"]["val_fraction"], recipe["data"]["split_seed"]))
+        _, val_sets = split_sets(sets, vg)
+        log.info("evaluating %s on %d validation slices", tag, sum(len(v) for v in val_sets))
+        r = evaluate_sets(net, val_sets, progress=progress)
+        r["path"] = str(path)
+        r["meta"] = {k: meta.get(k) for k in ("version", "kind", "iterations", "s_per_iter", "train_seconds",
+                                              "command", "git_commit", "finished", "split", "history", "device")}
+        r["parameters"] = count_parameters(net)
+        r["size_mb"] = Path(path).stat().st_size / 2**20
+        r["net"] = net.cfg.to_dict()
+        if not skip_scan_check:
+            try:
+                r["scan"] = scan_check(net, meta, root, min_lesion_mm2, progress=progress, img_dir=img_dir, tag=tag)
+            except InputError as e:
+                log.warning("scan-level check skipped: %s", e)
+                r["scan"] = {}
+        results[tag] = r
+    try:
+        weak = weak_mask_agreement(root)
+    except InputError:
+        weak = {}
+    return results, recipe, root, weak
