@@ -7,8 +7,9 @@
 #   bash scripts/serve.sh --conf auto_train_after 10        # extra arguments go to monailabel start_server
 #
 # Environment: STUDIES (default ./sample_studies, generated on first run: SAMPLE_N chest phantoms,
-# final labels for all but SAMPLE_UNLABELLED of them), HOST (0.0.0.0), PORT (8000), MODEL_DIR
-# (default apps/hybrid_ct/model: the shipped checkpoint pretrained.pt, trained versions, current pointer),
+# final labels for all but SAMPLE_UNLABELLED of them), HOST (127.0.0.1: this machine only; 0.0.0.0 for
+# a LAN, with a warning), PORT (8000), MODEL_DIR (default apps/hybrid_ct/model: trained versions, current
+# pointer; the shipped checkpoint is the one inside the hybrid_ct package unless MODEL_DIR has a pretrained.pt),
 # SKIP_SETUP=1 (do not run scripts/setup.sh first).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,7 +19,7 @@ if [ "${SKIP_SETUP:-0}" != "1" ]; then
 fi
 
 STUDIES=${STUDIES:-sample_studies}
-HOST=${HOST:-0.0.0.0}
+HOST=${HOST:-127.0.0.1}
 PORT=${PORT:-8000}
 SAMPLE_N=${SAMPLE_N:-10}
 SAMPLE_UNLABELLED=${SAMPLE_UNLABELLED:-4}
@@ -48,11 +49,16 @@ if [ -n "${MODEL_DIR:-}" ]; then
   CONF+=(--conf model_dir "$MODEL_DIR")
 fi
 MODEL_PATH=${MODEL_DIR:-apps/hybrid_ct/model}
-if [ ! -f "$MODEL_PATH/pretrained.pt" ] && [ ! -f "$MODEL_PATH/current" ] && [ -z "$(ls "$MODEL_PATH"/versions/*.pt 2>/dev/null)" ]; then
+if [ ! -f "$MODEL_PATH/pretrained.pt" ] && [ ! -f "$MODEL_PATH/current" ] && [ -z "$(ls "$MODEL_PATH"/versions/*.pt 2>/dev/null)" ] \
+   && ! "$PY" -c "from hybrid_ct.model_files import default_model_path; default_model_path()" 2>/dev/null; then
   echo "[serve] no trained model in $MODEL_PATH yet: inference answers 'no trained model yet' (HTTP 503)"
   echo "[serve] until you train one: press Train in Slicer, or  curl -X POST http://127.0.0.1:$PORT/train/hybrid_ct"
 fi
 
+if [ "$HOST" != "127.0.0.1" ] && [ "$HOST" != "localhost" ]; then
+  echo "[serve] WARNING: listening on $HOST: anyone who can reach this machine can upload, infer and train" \
+       "(there is no authentication); keep it on a trusted network" >&2
+fi
 echo "[serve] MONAI Label app apps/hybrid_ct on http://$HOST:$PORT, studies: $STUDIES"
 exec "$PY" -m monailabel.main start_server --app apps/hybrid_ct --studies "$STUDIES" \
   --host "$HOST" --port "$PORT" "${CONF[@]}" "$@"

@@ -175,6 +175,8 @@ def start_server(workdir: Path, conf: dict | None = None, model=True, studies_wr
         train_tiny_model(model_dir / "pretrained.pt")
     elif model:
         shutil.copyfile(model, model_dir / "pretrained.pt")
+    else:  # no model at all: not even the one shipped inside the hybrid_ct package
+        conf = {"shipped_model": "none", **(conf or {})}
     return launch_server(workdir, conf, startup_timeout_s)
 
 

@@ -16,35 +16,12 @@ train``'s.
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime as _dt
-import json
 import logging
 import os
 from pathlib import Path
 
 log = logging.getLogger("hybrid_ct.train")
-
-
-def _recipe_tools():
-    """(load_recipe(name or path) -> recipe, recipe_slices): from hybrid_ct.recipes / hybrid_ct.pipeline
-    where they exist, else from the CLI."""
-    try:
-        from .pipeline import recipe_slices
-        from .recipes import load_recipe
-        return load_recipe, recipe_slices
-    except ImportError:
-        from .cli import RECIPES, recipe_slices
-
-    def load_recipe(name: str) -> dict:
-        if name in RECIPES:
-            return dict(copy.deepcopy(RECIPES[name]), name=name)
-        path = Path(name)
-        if not path.is_file():
-            raise SystemExit(f"--recipe: {name!r} is neither a recipe ({', '.join(sorted(RECIPES))}) nor a file")
-        return dict(json.loads(path.read_text()), name=path.stem)
-
-    return load_recipe, recipe_slices
 
 
 def parse_args(argv=None):
@@ -86,7 +63,8 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet or rank else logging.INFO,
                         format=f"%(levelname)s [rank {rank}] %(name)s: %(message)s", force=True)
 
-    load_recipe, recipe_slices = _recipe_tools()
+    from .recipes import load_recipe, recipe_slices
+
     recipe = load_recipe(args.recipe)
     t = recipe["train"]
     for key, value in (("epochs", args.epochs), ("max_iters_per_epoch", args.max_iters),
@@ -107,7 +85,7 @@ def main(argv=None) -> int:
         history = trainer.fit()
         divergence = trainer.replica_divergence()
         if rank == 0:
-            meta = {"version": f"hybrid-ct-{recipe.get('name', 'recipe')}-{_dt.date.today().isoformat()}",
+            meta = {"version": f"hybrid-ct-{Path(args.recipe).stem}-{_dt.date.today().isoformat()}",
                     "kind": args.kind, "recipe": recipe, "net": cfg.to_dict(), "world_size": world,
                     "history": history, "best_metric": trainer.best_score, "best_metric_epoch": trainer.best_epoch,
                     "replica_max_abs_diff": divergence, "complete": True}

@@ -2,7 +2,8 @@
 
 Layout of the model folder (``apps/hybrid_ct/model`` unless ``--conf model_dir`` says otherwise)::
 
-    pretrained.pt          the shipped checkpoint (optional, read-only); version name "shipped"
+    pretrained.pt          the shipped checkpoint (optional, read-only; by default the one inside the hybrid_ct
+                           package when this folder has none); version name "shipped"
     versions/v0001.pt     every published version is kept
     versions/v0001.json   its metadata (created, metric, training summary)
     current               one line: the version being served; replaced with os.replace (atomic)
@@ -68,11 +69,12 @@ def read_json(path: Path, default=None):
 
 
 class ModelStore:
-    def __init__(self, model_dir, shipped_name: str = "pretrained.pt"):
+    def __init__(self, model_dir, shipped="pretrained.pt"):
+        """``shipped``: the shipped checkpoint, a path (relative to ``model_dir``) or None for none."""
         self.dir = Path(model_dir)
         self.versions_dir = self.dir / "versions"
         self.pointer = self.dir / "current"
-        self.shipped = self.dir / shipped_name
+        self.shipped = None if shipped is None else self.dir / shipped
         self.stats_path = self.dir / "train_stats.json"
         self._shipped_meta_cache: tuple = (None, {})
 
@@ -81,8 +83,13 @@ class ModelStore:
         self.dir.mkdir(parents=True, exist_ok=True)
         return FileLock(str(self.dir / ".store.lock"), timeout=120)
 
+    def has_shipped(self) -> bool:
+        return self.shipped is not None and self.shipped.is_file()
+
     def path(self, version: str) -> Path:
         if version == SHIPPED:
+            if self.shipped is None:
+                raise UnknownVersionError("this server has no shipped model")
             return self.shipped
         if not isinstance(version, str) or not VERSION_RE.match(version):
             raise UnknownVersionError(f"unknown model version {version!r}: versions look like 'v0001' or 'shipped'")
@@ -135,7 +142,7 @@ class ModelStore:
     def versions(self) -> list:
         """Every servable version, oldest first (the shipped checkpoint first)."""
         out = []
-        if self.shipped.is_file():
+        if self.has_shipped():
             out.append(self.entry(SHIPPED))
         for n in self._numbers():
             try:
@@ -160,7 +167,7 @@ class ModelStore:
         nums = self._numbers()
         if nums:
             return f"v{nums[-1]:04d}"
-        return SHIPPED if self.shipped.is_file() else None
+        return SHIPPED if self.has_shipped() else None
 
     def resolve(self) -> tuple:
         """-> (version, path, key) of the served model; ``key`` changes whenever the served file does."""

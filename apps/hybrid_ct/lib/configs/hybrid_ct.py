@@ -5,7 +5,7 @@ Conf keys (``--conf key value``; all optional):
 | key | default | meaning |
 |---|---|---|
 | ``model_dir`` | ``<app>/model`` (env ``HYBRID_CT_MODEL_DIR``) | versions, current pointer, shipped checkpoint, train_stats |
-| ``shipped_model`` | ``pretrained.pt`` | file name of the shipped checkpoint in ``model_dir`` |
+| ``shipped_model`` | ``pretrained.pt`` | the shipped checkpoint: a file in ``model_dir`` or an absolute path; when the default is absent, the model inside the ``hybrid_ct`` package; ``none``: no shipped model |
 | ``net`` | ``{}`` | JSON ``NetConfig`` overrides for a network trained from scratch (no served model yet) |
 | ``device`` | ``auto`` | inference device (``cuda`` when available) |
 | ``infer_batch_size`` | ``8`` | slices per forward pass at inference |
@@ -20,6 +20,9 @@ import os
 
 from hybrid_ct.contract import COLORS, FOREGROUND
 from monailabel.interfaces.config import TaskConfig
+
+from hybrid_ct.errors import ModelNotReadyError
+from hybrid_ct.model_files import default_model_path
 
 from ..activelearning import SpikeUncertainty, SpikeUncertaintyScoring
 from ..infers import HybridCTInfer, ModelServer
@@ -46,12 +49,25 @@ def _json_conf(conf: dict, key: str) -> dict:
     return value
 
 
+def shipped_model(model_dir: str, value) -> str | None:
+    """The shipped checkpoint (see the conf table): None for ``none``."""
+    value = str(value or "pretrained.pt")
+    if value.lower() == "none":
+        return None
+    if value != "pretrained.pt" or os.path.isfile(os.path.join(model_dir, value)):
+        return value
+    try:
+        return str(default_model_path())  # the package's model: a pip-installed server has one too
+    except ModelNotReadyError:
+        return value
+
+
 class HybridCT(TaskConfig):
     def init(self, name: str, model_dir: str, conf: dict, planner=None, **kwargs):
         super().init(name, model_dir, conf, planner, **kwargs)
         self.labels = dict(LABELS)
         self.label_colors = dict(COLORS)
-        self.store = ModelStore(model_dir, shipped_name=conf.get("shipped_model", "pretrained.pt"))
+        self.store = ModelStore(model_dir, shipped=shipped_model(model_dir, conf.get("shipped_model")))
         self.path = str(self.store.shipped)
         self.server = ModelServer(self.store, device=conf.get("device"),
                                   batch_size=int(conf.get("infer_batch_size", 8)))
