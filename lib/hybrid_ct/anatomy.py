@@ -1,0 +1,133 @@
+"""Anatomically plausible lungs in 3D: what the network outlines as lung is kept only where a lung can be.
+
+The network reads one slice at a time, so gas in the stomach or colon under the diaphragm, air under
+the patient's back or in front of the neck all look like lung to it. In 3D they are told apart by
+where they lie: the lungs are the large air-filled organs of the thorax, each reaching from the
+apex down to the diaphragm. So, on a whole volume:
+
+- the **main lung** is the largest connected component (both lungs when they touch);
+- another large component is the **other lung** if it reaches into the upper half of the main lung's
+  cranio-caudal extent (a lung reaches the apex; gas under a diaphragm dome does not);
+- any other component (at least ``min_fraction`` of the main lung) is kept only if it lies within
+  ``gap_mm`` of those lungs: a piece of lung cut off by thresholding touches them, while gas under the
+  diaphragm is separated from the lung by the diaphragm and the organs below it (>= 5 mm);
+- everything else is dropped, infection inside it included (infection exists only inside lung).
+
+Directions come from the image geometry (``superior`` is +z in DICOM LPS), so any orientation works.
+"""
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+GAP_MM = 3.0  # a lung fragment touches the lungs within this distance; the diaphragm is thicker
+ERODE_MM = 4.0  # breaks false bridges of predicted lung through the diaphragm (thinner than 8 mm)
+GRID_MM = 3.0  # in-plane grid of the rule
+AIR_HU = -400.0  # aerated lung is below this; the diaphragm, liver and bowel wall are above
+BODY_TRUSTED = 0.95  # a body mask holding 95 % of the lung outlines the whole chest
+MIN_GAS_FRACTION = 0.002  # gas components smaller than this share of the main lung are left alone
+
+
+def superior_extent(slices, spacing_xyz, direction, origin) -> tuple:
+    """(min, max) of the physical superior coordinate (LPS z, mm) over a bounding box ``slices`` of an
+    array in SimpleITK's [z, y, x] layout."""
+    d = np.asarray(direction, float).reshape(3, 3)
+    corners = np.array([[s.start, s.stop - 1] for s in slices])  # per array axis (z, y, x)
+    zs = []
+    for iz in corners[0]:
+        for iy in corners[1]:
+            for ix in corners[2]:
+                idx = np.array([ix, iy, iz], float) * np.asarray(spacing_xyz, float)
+                zs.append(origin[2] + d[2] @ idx)
+    return min(zs), max(zs)
+
+
+def plausible_lungs(label: np.ndarray, hu: np.ndarray, spacing_xyz, direction=(1, 0, 0, 0, 1, 0, 0, 0, 1),
+                    origin=(0, 0, 0), body: np.ndarray | None = None, min_fraction: float = 0.05,
+                    gap_mm: float = GAP_MM) -> np.ndarray:
+    """``label`` [z, y, x] (0 background, 1 lung, 2 infection) of one whole volume -> the same map with
+    what cannot be lung set to background (see the module docstring).
+
+    The network's lung often reaches gas under the diaphragm through a thin false bridge, so the rule
+    works on the lung eroded by ``ERODE_MM`` (which breaks such bridges), on a grid of about
+    ``GRID_MM`` in-plane (cheap: the anatomy needs no sub-millimetre detail); the kept components are
+    grown back by the erosion plus ``gap_mm``; predicted lung outside them is dropped unless it is thin
+    aerated lung (< ``AIR_HU``, no core of its own) joined to the kept lung through aerated lung: the
+    thin lung at the bases and along the chest wall, which erosion removes. Gas under the diaphragm is
+    thick (it has a core of its own, which was not kept) and a false bridge through the diaphragm is
+    soft tissue, not air.
+    ``hu`` is the image in Hounsfield units, same [z, y, x] array layout as ``label``.
+    """
+    lung = label > 0
+    if lung.shape[0] < 2 or not lung.any():
+        return label
+    s = max(1, int(round(GRID_MM / float(spacing_xyz[0]))))
+    grid = (float(spacing_xyz[0]) * s, float(spacing_xyz[1]) * s, float(spacing_xyz[2]))
+    air = lung & (hu < AIR_HU)
+    core = ndimage.binary_erosion(air[:, ::s, ::s], structure=_ball(grid, ERODE_MM))
+    comp, n = ndimage.label(core)
+    if n < 2:
+        return label
+    idx = np.arange(1, n + 1)
+    sizes = ndimage.sum_labels(core, comp, index=idx)
+    boxes = ndimage.find_objects(comp)
+    main = int(np.argmax(sizes))
+    lo, hi = superior_extent(boxes[main], grid, direction, origin)
+    upper_half = lo + 0.5 * (hi - lo)
+    keep = np.zeros(n, bool)
+    keep[main] = True
+    for i in np.flatnonzero(sizes >= min_fraction * sizes[main]):
+        if i != main and superior_extent(boxes[i], grid, direction, origin)[1] >= upper_half:
+            keep[i] = True  # the other lung: it reaches up towards the apex
+    lungs = np.isin(comp, idx[keep])
+    sup, axis = _superior(comp.shape, grid, direction, origin)
+    gas = _below_the_lungs(comp, idx, lungs, sup, axis) & ~keep & (sizes >= MIN_GAS_FRACTION * sizes[main])
+    grow = _ball(grid, ERODE_MM + gap_mm)
+    region = _full(ndimage.binary_dilation(lungs, structure=grow), s, lung.shape)
+    drop = np.zeros_like(lung)
+    if gas.any():
+        # lung joined to the kept lung stays (thin aerated lung at the bases, dense infection, small
+        # pieces), unless it lies at an air component under the lungs (gas under the diaphragm) or beyond
+        rejected = _full(ndimage.binary_dilation(np.isin(comp, idx[gas]), structure=grow), s, lung.shape)
+        drop |= lung & rejected & ~region
+        parts, _ = ndimage.label(lung & ~rejected)
+        joined = np.unique(parts[region & ~rejected & lung])
+        drop |= lung & ~rejected & ~np.isin(parts, joined[joined > 0])
+    if body is not None and body.shape == lung.shape and lung[body].sum() >= BODY_TRUSTED * lung.sum():
+        drop |= lung & ~body  # outside the patient: the table, blankets, air under the back
+    if not drop.any():
+        return label
+    out = label.copy()
+    out[drop] = 0
+    return out
+
+
+def _superior(shape, grid, direction, origin):
+    """(physical superior coordinate of every voxel of a [z, y, x] grid, broadcastable; the array axis
+    most aligned with the superior direction)."""
+    d = np.asarray(direction, float).reshape(3, 3)
+    axis = 2 - int(np.argmax(np.abs(d[2])))
+    sup = origin[2] + sum(np.arange(shape[a]).reshape([-1 if b == a else 1 for b in range(3)])
+                          * grid[2 - a] * d[2, 2 - a] for a in range(3))
+    return np.broadcast_to(sup, shape), axis
+
+
+def _below_the_lungs(comp, idx, lungs, sup, axis) -> np.ndarray:
+    """Per component: do most of its voxels lie below the lowest lung voxel of their own cranio-caudal
+    column (under the diaphragm)?"""
+    floor = np.where(lungs, sup, np.inf).min(axis=axis, keepdims=True)
+    below = (sup < floor) & np.isfinite(floor)
+    return np.asarray(ndimage.mean(below, comp, index=idx)) >= 0.5
+
+
+def _full(coarse: np.ndarray, s: int, shape) -> np.ndarray:
+    """A mask of the coarse grid (in-plane stride ``s``) back on the full grid of ``shape``."""
+    return coarse.repeat(s, axis=1).repeat(s, axis=2)[:, : shape[1], : shape[2]]
+
+
+def _ball(spacing_xyz, radius_mm: float) -> np.ndarray:
+    """Ellipsoidal structuring element of ``radius_mm`` on a grid of ``spacing_xyz`` ([z, y, x] order)."""
+    r = [max(1, int(np.floor(radius_mm / sp))) for sp in (spacing_xyz[2], spacing_xyz[1], spacing_xyz[0])]
+    zz, yy, xx = np.ogrid[-r[0]:r[0] + 1, -r[1]:r[1] + 1, -r[2]:r[2] + 1]
+    return (zz * spacing_xyz[2]) ** 2 + (yy * spacing_xyz[1]) ** 2 + (xx * spacing_xyz[0]) ** 2 <= \
+        max(radius_mm, max(spacing_xyz)) ** 2
