@@ -100,7 +100,7 @@ class EnergyMeter:
             ops = float(dense_ops(module, inp, output))
             steps = max(1, inp.shape[0] // self._batch)
             if _is_spike(inp):
-                rate = float(inp.float().mean())
+                rate = float(inp.detach().float().mean())
                 self.layers.append(LayerEnergy(name, "ac", ops, steps, rate, ops * rate * E_AC_PJ))
             else:
                 self.layers.append(LayerEnergy(name, "mac", ops, steps, 1.0, ops * E_MAC_PJ))
