@@ -6,6 +6,7 @@ Each measurement runs in a fresh subprocess so its peak RSS is its own. Prints a
     .venv/bin/python benchmarks/bench_core.py                       # per-slice inference + training
     .venv/bin/python benchmarks/bench_core.py --volume              # + a 512x512x150 phantom volume
     .venv/bin/python benchmarks/bench_core.py --configs cnn,t4 --train-configs t4,t4-ckpt
+    .venv/bin/python benchmarks/bench_core.py --lif --threads 1     # fused inference LIF vs spikingjelly's
 """
 from __future__ import annotations
 
@@ -28,7 +29,42 @@ CONFIGS = {  # name -> NetConfig overrides (5 levels, base 16 channels, 256x256:
     "t4-ckpt": dict(time_steps=4, grad_checkpoint=True),
     "cnn-fold": dict(spiking=False),  # "-fold": BatchNorm folded into the convs (inference only)
     "t4-fold": dict(time_steps=4),
+    "t4-sjlif": dict(time_steps=4),  # "-sjlif": spikingjelly's own multi-step LIF at inference, not the fused one
 }
+LIF_SHAPES = {  # [T, B, C, H, W] of a first-level LIF layer, batch 8
+    "shipped 128², base 8": (4, 8, 8, 128, 128),
+    "seed 256², base 16": (4, 8, 16, 256, 256),
+}
+
+
+def bench_lif(args) -> list:
+    """Median time of one multi-step LIF call at inference (no autograd), fused vs spikingjelly, same input,
+    the two interleaved so that a busy neighbour slows both alike."""
+    import numpy as np
+    import torch
+    from spikingjelly.activation_based import functional, neuron
+
+    from hybrid_ct.model import lif_inference
+
+    torch.set_num_threads(args.threads)
+    sj = neuron.LIFNode(tau=2.0, v_threshold=1.0, v_reset=0.0, detach_reset=True, step_mode="m").eval()
+    rows = []
+    for name, shape in LIF_SHAPES.items():
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 1.5 + 0.8
+        runs = {"fused": lambda: lif_inference(x, 2.0, 1.0), "spikingjelly": lambda: sj(x)}
+        times = {k: [] for k in runs}
+        with torch.no_grad():
+            assert torch.equal(runs["fused"](), runs["spikingjelly"]())
+            for _ in range(args.repeats):
+                for k, fn in runs.items():
+                    functional.reset_net(sj)
+                    t0 = time.perf_counter()
+                    fn()
+                    times[k].append(time.perf_counter() - t0)
+        med = {k: float(np.median(v)) for k, v in times.items()}
+        rows.append({"shape": name, "elements": int(np.prod(shape)), **{f"{k}_ms": 1e3 * v for k, v in med.items()},
+                     "speedup": med["spikingjelly"] / med["fused"]})
+    return rows
 
 
 def _child(kind: str, name: str, args) -> dict:
@@ -41,6 +77,12 @@ def _child(kind: str, name: str, args) -> dict:
     torch.manual_seed(0)
     cfg = NetConfig(**CONFIGS[name])
     model = HybridMultiTaskNet(cfg)
+    if name.endswith("-sjlif"):
+        from spikingjelly.activation_based import neuron
+
+        from hybrid_ct.model import LIF
+
+        LIF.multi_step_forward = neuron.LIFNode.multi_step_forward
     if name.endswith("-fold"):
         model = fold_batchnorm(model.eval())
     if args.compile:
@@ -108,11 +150,24 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--compile", action="store_true", help="torch.compile the network first")
+    ap.add_argument("--lif", action="store_true", help="only the fused-vs-spikingjelly LIF micro-benchmark")
     ap.add_argument("--json")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
         print(json.dumps(_child(args.child[0], args.child[1], args)))
+        return
+    if args.lif:
+        rows = bench_lif(args)
+        print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+              f"torch threads {args.threads}, median of {args.repeats}\n")
+        print("| LIF layer [T, B, C, H, W] | elements | fused ms | spikingjelly ms | spikingjelly / fused |")
+        print("|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['shape']} | {r['elements']:,} | {r['fused_ms']:.1f} | {r['spikingjelly_ms']:.1f} | {r['speedup']:.2f} |")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=1)
         return
     from tqdm import tqdm
 

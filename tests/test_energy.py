@@ -1,4 +1,6 @@
-"""Energy meter: a tiny network computed by hand, then the real network."""
+"""Energy meter: a tiny network computed by hand, the real network, and spikingjelly's op_counter."""
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn as nn
@@ -73,3 +75,85 @@ def test_meter_accumulates_over_calls_per_input(nets):
     assert both.e_conv_pj == pytest.approx(single.e_conv_pj)
     assert both.e_hybrid_pj == pytest.approx(single.e_hybrid_pj, rel=1e-5)
     hybrid.train()
+
+
+def _weight_uses(module: nn.Module, spikes: torch.Tensor) -> int:
+    """Synaptic operations of ``module`` on a spike input counted from first principles: every spike times
+    C_out times the kernel taps that land inside the output (fewer at the borders, where padding is)."""
+    if isinstance(module, nn.Linear):
+        return int(spikes.sum()) * module.out_features
+    tr = isinstance(module, nn.ConvTranspose2d)
+    per_dim = []
+    for d in range(2):
+        n, k, s, p = spikes.shape[2 + d], module.kernel_size[d], module.stride[d], module.padding[d]
+        n_out = (n - 1) * s - 2 * p + k + module.output_padding[d] if tr else (n + 2 * p - k) // s + 1
+        taps = []
+        for i in range(n):
+            outs = [i * s - p + kk for kk in range(k)] if tr else \
+                   [(i + p - kk) // s for kk in range(k) if (i + p - kk) % s == 0]
+            taps.append(sum(0 <= o < n_out for o in outs))
+        per_dim.append(torch.tensor(taps, dtype=torch.float64))
+    return int(torch.einsum("bchw,h,w->", spikes.double(), *per_dim)) * module.out_channels
+
+
+def test_energy_meter_agrees_with_spikingjelly_op_counter():
+    """The shipped network on a phantom slice, counted by EnergyMeter and by spikingjelly's op_counter
+    (MACCounter + SynOpCounter, BatchNorm ignored: the meter assumes it folded):
+    - MACs: equal, layer by layer (the first layer, once; the classifier's FC on the real-valued F);
+    - spike-driven operations: the meter prices each input spike at C_out x k x k (#FP x R_fire, border
+      effects ignored, as the SPEC's formula does), op_counter counts the taps that land inside the
+      output; the difference is exactly the taps that fall on padding, computed here by hand. Equal for
+      1x1 convs and linear layers, whose SynOps / C_out also give the upstream spike counts;
+    - E_conv: 4.6 pJ x the MACs op_counter counts on the CNN twin (ReLU, T = 1)."""
+    import numpy as np
+    from spikingjelly.activation_based.op_counter import DispatchCounterMode, MACCounter, SynOpCounter
+
+    from hybrid_ct.checkpoint import load_checkpoint
+    from hybrid_ct.model_files import PACKAGED_MODEL
+
+    model, _ = load_checkpoint(PACKAGED_MODEL)
+    x = torch.from_numpy(np.load(Path(__file__).parent / "data" / "shipped_model_reference.npz")["x"][1:2])
+    bns = [nn.BatchNorm1d, nn.BatchNorm2d]
+    mac, syn = MACCounter(extra_ignore_modules=bns), SynOpCounter(extra_ignore_modules=bns)
+    spike_inputs, hooks = {}, []
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+            hooks.append(m.register_forward_hook(lambda m, i, o, name=name: spike_inputs.update({name: (m, i[0])})))
+    with torch.no_grad(), EnergyMeter(model) as meter, DispatchCounterMode([mac, syn]):
+        model(x)
+    for h in hooks:
+        h.remove()
+    r = meter.report()
+    assert 0.01 < r.mean_firing_rate < 0.5 and len(r.layers) == len(spike_inputs)
+
+    def scope(counter, name):
+        return sum(counter.get_counts().get(f"HybridMultiTaskNet.{name}", {}).values())
+
+    border_taps = 0
+    for la in r.layers:
+        module, inp = spike_inputs[la.name]
+        if la.kind == "mac":
+            assert scope(mac, la.name) == la.dense_ops and scope(syn, la.name) == 0, la.name
+            continue
+        assert scope(mac, la.name) == 0, la.name
+        exact = _weight_uses(module, inp)
+        assert scope(syn, la.name) == exact, la.name
+        k = 1 if isinstance(module, nn.Linear) else module.kernel_size[0] * module.kernel_size[1]
+        cout = module.out_features if isinstance(module, nn.Linear) else module.out_channels
+        assert la.dense_ops * la.input_rate == pytest.approx(int(inp.sum()) * cout * k, rel=1e-6), la.name
+        if k == 1:
+            assert exact == pytest.approx(la.dense_ops * la.input_rate, rel=1e-6), la.name
+        border_taps += la.dense_ops * la.input_rate - exact
+    assert mac.get_total() == sum(la.dense_ops for la in r.layers if la.kind == "mac")
+    assert 0 < border_taps < 0.1 * syn.get_total()  # the padding taps: a few % of the spike-driven work
+    assert r.e_hybrid_pj == pytest.approx(E_MAC_PJ * mac.get_total() + E_AC_PJ * (syn.get_total() + border_taps))
+    # spike counts: SynOps of the 1x1 output convs / C_out = spikes of the last decoder layer, as the meter saw them
+    for head in ("lung", "infection"):
+        fired = r.firing_rates[f"seg.{head}.blocks.3.1.act"] * spike_inputs[f"seg.{head}.out"][1].numel()
+        assert scope(syn, f"seg.{head}.out") == pytest.approx(fired)
+
+    twin = HybridMultiTaskNet(cnn_twin(model.cfg)).eval()
+    twin_mac = MACCounter(extra_ignore_modules=bns)
+    with torch.no_grad(), DispatchCounterMode([twin_mac]):
+        twin(x)
+    assert r.e_conv_pj == pytest.approx(E_MAC_PJ * twin_mac.get_total(), rel=1e-9)

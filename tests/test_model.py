@@ -1,9 +1,17 @@
-"""The hybrid network: shapes, configuration, state reset, static-input reuse, CNN twin, gradients."""
+"""The hybrid network: shapes, configuration, state reset, static-input reuse, CNN twin, gradients,
+and the shipped checkpoint against outputs stored from the original (pre-spikingjelly-containers) code."""
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 from spikingjelly.activation_based import neuron
 
 from hybrid_ct.model import HybridMultiTaskNet, NetConfig, cnn_twin
+
+# Outputs of the shipped checkpoint on three phantom slices, written by the model code of commit 5707d00
+# (hand-written [T*B] <-> [T, B] reshapes): `PYTHONPATH=<checkout of 5707d00>/lib python tests/test_model.py`.
+REFERENCE = Path(__file__).parent / "data" / "shipped_model_reference.npz"
 
 
 def tiny(**kw):
@@ -245,3 +253,39 @@ def test_from_twin_copies_weights_and_scales_batchnorm(x):
         from_twin(snn, tiny(), 3.0)  # a spiking network is not a twin
     with pytest.raises(ValueError):
         from_twin(twin, cnn_twin(tiny()), 3.0)  # nor is the target a twin
+
+
+def _phantom_slices() -> np.ndarray:
+    """Three 128 x 128 model slices of a synthetic positive phantom: little, much and no infection."""
+    from hybrid_ct.phantom import make_phantom
+    from hybrid_ct.preprocess import to_model_slices
+
+    img, _, _ = make_phantom(7, shape=(16, 128, 128), positive=True)
+    return to_model_slices(img, 128)[0][[4, 7, 13]]
+
+
+def _shipped_outputs(x: np.ndarray) -> dict:
+    from hybrid_ct.checkpoint import load_checkpoint
+    from hybrid_ct.model_files import PACKAGED_MODEL
+
+    model, _ = load_checkpoint(PACKAGED_MODEL)  # strict load_state_dict: the same keys as shipped
+    with torch.no_grad():
+        out = model(torch.from_numpy(x))
+    return {"lung": torch.sigmoid(out["lung"]).numpy(), "infection": torch.sigmoid(out["infection"]).numpy(),
+            "prob": model.positive_probability(out).numpy(), "cls_rates": out["cls_rates"].numpy()}
+
+
+def test_shipped_checkpoint_gives_the_original_outputs():
+    ref = np.load(REFERENCE)
+    out = _shipped_outputs(ref["x"])  # the stored input: independent of later preprocessing changes
+    assert ref["lung"].max() > 0.5 and ref["infection"].max() > 0.5  # the reference is not trivial
+    for k in ("lung", "infection", "prob"):
+        np.testing.assert_allclose(out[k], ref[k], rtol=0, atol=1e-5, err_msg=k)
+    np.testing.assert_array_equal(out["cls_rates"], ref["cls_rates"])
+
+
+if __name__ == "__main__":
+    x = _phantom_slices()
+    REFERENCE.parent.mkdir(exist_ok=True)
+    np.savez_compressed(REFERENCE, x=x, **_shipped_outputs(x))
+    print(REFERENCE, REFERENCE.stat().st_size, "bytes")
