@@ -71,7 +71,21 @@ class SitkToTensord(MapTransform):
         return d
 
 
-class OrientToCanonicald(MapTransform, InvertibleTransform):
+class _Invertible(MapTransform, InvertibleTransform):
+    """``inverse``: pops this transform's record from each key and applies ``undo`` to the array."""
+
+    def inverse(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            x = d[key]
+            d[key] = _like(self.undo(_np(x), self.pop_transform(x)[TraceKeys.EXTRA_INFO]), x)
+        return d
+
+    def undo(self, arr: np.ndarray, info: dict) -> np.ndarray:
+        raise NotImplementedError
+
+
+class OrientToCanonicald(_Invertible):
     """Reorient to LPS axial slices (``preprocess.orientation``; oblique is snapped to the nearest axes).
     Every key takes the orientation of ``ref_key`` (a label follows its image). Custom rather than
     ``Orientationd``: that works on MONAI's RAS affine of [C, x, y, z] arrays and settles oblique axes its
@@ -97,37 +111,43 @@ class OrientToCanonicald(MapTransform, InvertibleTransform):
             d[key] = out
         return d
 
-    def inverse(self, data):
+    def undo(self, arr, info):
+        return from_canonical(arr, info["perm"], info["flips"])
+
+
+class _Derived(MapTransform):
+    """Writes ``derive`` of its key's value under ``out_key`` (the key itself is kept)."""
+
+    def __init__(self, keys, out_key: str):
+        super().__init__(keys)
+        self.out_key = out_key
+
+    def __call__(self, data):
         d = dict(data)
         for key in self.key_iterator(d):
-            x = d[key]
-            info = self.pop_transform(x)[TraceKeys.EXTRA_INFO]
-            d[key] = _like(from_canonical(_np(x), info["perm"], info["flips"]), x)
+            d[self.out_key] = self.derive(d[key])
         return d
 
+    def derive(self, x):
+        raise NotImplementedError
 
-class BodyMaskd(MapTransform):
-    """The patient's body in the canonical frame -> ``body_key`` (bool [1, D, H, W]), for the body rule of
+
+class BodyMaskd(_Derived):
+    """The patient's body in the canonical frame -> ``out_key`` (bool [1, D, H, W]), for the body rule of
     ``KeepLungComponentsd``. Custom: ``io.body_mask`` (largest region above -500 HU, holes filled), on the
     already canonical HU volume (so its own LPS reorientation is a no-op); it takes this key's applied
     operations, so ``Invertd`` brings it back to the input's layout with the image's own reorientation."""
 
-    def __init__(self, keys="image", body_key: str = "body"):
-        super().__init__(keys)
-        self.body_key = body_key
+    def __init__(self, keys="image", out_key: str = "body"):
+        super().__init__(keys, out_key)
 
-    def __call__(self, data):
+    def derive(self, x):
         from .io import body_mask  # io imports preprocess, which this module builds on
 
-        d = dict(data)
-        for key in self.key_iterator(d):
-            x = d[key]
-            canon = sitk.GetImageFromArray(_np(x)[0])  # identity direction: LPS
-            canon.SetSpacing(tuple(reversed(x.meta["canon_spacing"])))
-            body = MetaTensor(torch.from_numpy(body_mask(canon)[None]), meta=deepcopy(x.meta),
-                              applied_operations=deepcopy(x.applied_operations))
-            d[self.body_key] = body
-        return d
+        canon = sitk.GetImageFromArray(_np(x)[0])  # identity direction: LPS
+        canon.SetSpacing(tuple(reversed(x.meta["canon_spacing"])))
+        return MetaTensor(torch.from_numpy(body_mask(canon)[None]), meta=deepcopy(x.meta),
+                          applied_operations=deepcopy(x.applied_operations))
 
 
 class LungWindowd(ScaleIntensityRanged):
@@ -138,7 +158,7 @@ class LungWindowd(ScaleIntensityRanged):
         super().__init__(keys, a_min=WINDOW_HU[0], a_max=WINDOW_HU[1], b_min=0.0, b_max=1.0, clip=True)
 
 
-class ToSliceGridd(MapTransform, InvertibleTransform):
+class ToSliceGridd(_Invertible):
     """Canonical [1, D, H, W] -> axial slices [D, 1, size, size]: padded with 0 (the window minimum,
     background for labels) to a square field of view of ``ref_key`` (``preprocess.square_pad``), then
     resized, "bilinear" (antialiased when shrinking, clipped to ``value_range``) or "nearest". The inverse
@@ -171,33 +191,24 @@ class ToSliceGridd(MapTransform, InvertibleTransform):
             d[key] = out
         return d
 
-    def inverse(self, data):
-        d = dict(data)
-        for key in self.key_iterator(d):
-            x = d[key]
-            info = self.pop_transform(x)[TraceKeys.EXTRA_INFO]
-            mode = "nearest" if info["mode"] == "nearest" else "bilinear"
-            d[key] = _like(grid_to_canon(_np(x), info["pad"], tuple(info["canon_shape"]), info["size"], mode), x)
-        return d
+    def undo(self, arr, info):
+        mode = "nearest" if info["mode"] == "nearest" else "bilinear"
+        return grid_to_canon(arr, info["pad"], tuple(info["canon_shape"]), info["size"], mode)
 
 
-class ProbsToLabeld(MapTransform):
-    """Probabilities [2, z, y, x] (lung, infection) -> uint8 label [z, y, x] under ``label_key``: 1 lung,
+class ProbsToLabeld(_Derived):
+    """Probabilities [2, z, y, x] (lung, infection) -> uint8 label [z, y, x] under ``out_key``: 1 lung,
     2 infection inside the lung. Custom: the rule is ``inference._mask_label`` (a threshold at 0.5 each and
     infection only inside lung), not an argmax over classes."""
 
-    def __init__(self, keys="pred", label_key: str = "label"):
-        super().__init__(keys)
-        self.label_key = label_key
+    def __init__(self, keys="pred", out_key: str = "label"):
+        super().__init__(keys, out_key)
 
-    def __call__(self, data):
+    def derive(self, x):
         from .inference import _mask_label  # inference imports this module
 
-        d = dict(data)
-        for key in self.key_iterator(d):
-            p = _np(d[key])
-            d[self.label_key] = _mask_label(p[0], p[1])
-        return d
+        p = _np(x)
+        return _mask_label(p[0], p[1])
 
 
 class KeepLungComponentsd(MapTransform):
