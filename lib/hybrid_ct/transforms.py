@@ -15,6 +15,13 @@ of MONAI's ITK reader, so arrays and SimpleITK images convert without a transpos
 in ``meta`` (``spacing`` / ``origin`` / ``direction``, SimpleITK order). After ``ToSliceGridd`` the image
 is [D, 1, S, S]: the axial slices are the batch of the 2D network. The arithmetic of every step is in
 ``hybrid_ct.preprocess`` (the array-level functions there use the same functions).
+
+Precision: the chain gives training and inference the same float32 slices, but training then stores
+them as uint8 (``training.SliceSet``, x * 255 rounded) and the network trains on that 8-bit copy, while
+inference feeds float32. Measured with the shipped model (pretrained.pt), float32 vs the 8-bit copy:
+COVID-CT-MD P001 0.31 % of voxels differ (burden 1.49 vs 1.43 %, grade CT-1 both, 6 of 148 slice
+calls, scan probability 0.993 both); the MedSeg picture 0.jpg 2.9 % (burden 48.8 vs 48.2 %, grade and
+slice call equal). Inference stays float32 (the shipped model's outputs are unchanged).
 """
 from __future__ import annotations
 
