@@ -1,7 +1,9 @@
 """Whole-volume inference: CT image -> label map in the image's own geometry + a diagnostic report.
 
-One path for the CLI, the MONAI Label app and evaluation: ``check_ct`` -> ``to_model_slices`` ->
-the network slice by slice (inside the energy meter) -> ``from_model_slices`` -> label + report.
+One path for the CLI, the MONAI Label app and evaluation: ``check_ct`` -> ``transforms.pre_transforms``
+(reorientation, body mask, lung window, slice grid) -> the network slice by slice (inside the energy
+meter) -> ``transforms.post_transforms`` (inverted back to the input's grid, label, lung components) ->
+label + report.
 """
 from __future__ import annotations
 
@@ -16,10 +18,11 @@ from tqdm import tqdm
 from . import LABELS
 from .checkpoint import load_checkpoint
 from .energy import EnergyMeter
-from .io import body_mask, check_ct
+from .io import check_ct
 from .model import HybridMultiTaskNet, fold_batchnorm
-from .preprocess import array_to_image, from_model_slices, to_model_slices
+from .preprocess import array_to_image, check_size
 from .report import infection_burden, severity_grade
+from .transforms import post_transforms, pre_transforms, run
 
 TOP_K_SLICES = 3  # the scan's positive probability: mean of its 3 most positive lung slices
 BODY_TRUSTED = 0.95  # a body mask that holds 95 % of the predicted lung outlines a whole chest (not a crop)
@@ -147,12 +150,12 @@ class Predictor:
         """-> (label image, uint8 in the input's geometry; report dict, see docs/CONTRACTS.md)."""
         t0 = time.perf_counter()
         check_ct(image, require_chest=self.require_chest)
-        x, ctx = to_model_slices(image, size or self.model.cfg.in_size)
+        pre = pre_transforms(check_size(size or self.model.cfg.in_size))
+        data = run(pre, {"image": image})
         with EnergyMeter(self.model) as meter:
-            so = self.run_slices(x, meter)
-        probs = from_model_slices(np.concatenate([so.lung, so.infection], axis=1), ctx)
-        label_arr = keep_lung_components(_mask_label(probs[0], probs[1]), body=body_mask(image))
-        label = array_to_image(label_arr, image)
+            so = self.run_slices(data["image"].as_tensor().numpy(), meter)
+        data["pred"] = np.concatenate([so.lung, so.infection], axis=1)
+        label = array_to_image(run(post_transforms(pre), data)["label"], image)
         report = self._report(label, so, meter, time.perf_counter() - t0)
         return label, report
 

@@ -1,10 +1,12 @@
-"""The one pre-processing path shared by the CLI, the MONAI Label app and the trainer.
+"""The numbers of the one pre-processing path shared by the CLI, the MONAI Label app and the trainer.
 
 A CT volume goes to the model as a stack of axial slices: reoriented to LPS (rows anterior to
 posterior, columns patient right to left, slice 0 inferior -- the usual radiological display),
 windowed to [0, 1] with the lung window, padded to a square field of view with the window minimum and
-resized to ``size`` x ``size``. ``from_model_slices`` undoes every step so the model's output lands
-on the original voxel grid.
+resized to ``size`` x ``size``. The steps are run as MONAI dictionary transforms
+(``hybrid_ct.transforms.pre_transforms``, inverted by ``post_transforms``); this module holds the
+arithmetic they share (orientation, square padding, slice resizing) and the array-level entry points
+``to_model_slices`` / ``label_to_model_slices`` / ``from_model_slices`` used by the dataset builders.
 """
 
 from __future__ import annotations
@@ -44,9 +46,11 @@ class SliceContext:
     direction: tuple
 
 
-def _orientation(img: sitk.Image):
-    """Axis permutation and flips that bring the image array to LPS (nearest axes; oblique is snapped)."""
-    d = np.array(img.GetDirection(), dtype=float).reshape(3, 3)  # column i: physical direction of index axis i
+def orientation(direction):
+    """Axis permutation and flips that bring an image array of this SimpleITK ``direction`` to LPS (nearest
+    axes; oblique is snapped): ``perm``, the numpy axes (z, y, x) of the array that give the canonical
+    (z, y, x) axes, and ``flips``, the canonical axes flipped after the permutation."""
+    d = np.array(direction, dtype=float).reshape(3, 3)  # column i: physical direction of index axis i
     best = max(itertools.permutations(range(3)), key=lambda p: sum(abs(d[k, p[k]]) for k in range(3)))
     # best[k] = index axis (SimpleITK order) running along physical axis k (x, y, z)
     perm = tuple(2 - best[k] for k in (2, 1, 0))  # numpy axes are (z, y, x) = index axes (2, 1, 0)
@@ -54,40 +58,51 @@ def _orientation(img: sitk.Image):
     return perm, flips
 
 
-def _to_canonical(arr: np.ndarray, perm, flips) -> np.ndarray:
-    out = np.transpose(arr, perm)
-    return np.flip(out, axis=flips) if flips else out
+def to_canonical(arr: np.ndarray, perm, flips) -> np.ndarray:
+    """Reorient the last three axes (leading axes are kept); a view."""
+    lead = arr.ndim - 3
+    out = np.transpose(arr, tuple(range(lead)) + tuple(lead + p for p in perm))
+    return np.flip(out, axis=tuple(lead + f for f in flips)) if flips else out
 
 
-def _from_canonical(arr: np.ndarray, perm, flips) -> np.ndarray:
-    """Inverse of ``_to_canonical`` on the last three axes (leading axes are kept)."""
+def from_canonical(arr: np.ndarray, perm, flips) -> np.ndarray:
+    """Inverse of ``to_canonical`` on the last three axes (leading axes are kept); a view."""
     lead = arr.ndim - 3
     if flips:
         arr = np.flip(arr, axis=tuple(lead + f for f in flips))
     inv = np.argsort(perm)
-    return np.transpose(arr, tuple(range(lead)) + tuple(lead + i for i in inv))
+    return np.transpose(arr, tuple(range(lead)) + tuple(lead + int(i) for i in inv))
+
+
+def square_pad(canon_shape, canon_spacing) -> tuple:
+    """(top, bottom, left, right) pixels that make the axial field of view square (keeps the aspect)."""
+    _, h, w = canon_shape
+    _, sy, sx = canon_spacing
+    fov = max(h * sy, w * sx)
+    hp = max(h, int(round(fov / sy)))
+    wp = max(w, int(round(fov / sx)))
+    top, left = (hp - h) // 2, (wp - w) // 2
+    return (top, hp - h - top, left, wp - w - left)
+
+
+def check_size(size) -> int:
+    if int(size) < 8:
+        raise InputError(f"model slice size must be at least 8, got {size}")
+    return int(size)
 
 
 def make_context(img: sitk.Image, size: int = 256) -> SliceContext:
-    """The geometry part of ``to_model_slices`` (no pixels touched)."""
+    """The geometry of ``to_model_slices`` (no pixels touched)."""
     if not isinstance(img, sitk.Image) or img.GetDimension() != 3:
         raise InputError("expected a 3D SimpleITK image")
-    if int(size) < 8:
-        raise InputError(f"model slice size must be at least 8, got {size}")
-    perm, flips = _orientation(img)
+    size = check_size(size)
+    perm, flips = orientation(img.GetDirection())
     orig_shape = tuple(reversed(img.GetSize()))
     canon_shape = tuple(orig_shape[p] for p in perm)
     sp_zyx = tuple(reversed(img.GetSpacing()))
     canon_spacing = tuple(float(sp_zyx[p]) for p in perm)
-    _, h, w = canon_shape
-    _, sy, sx = canon_spacing
-    fov = max(h * sy, w * sx)  # square physical field of view keeps the in-plane aspect
-    hp = max(h, int(round(fov / sy)))
-    wp = max(w, int(round(fov / sx)))
-    top, left = (hp - h) // 2, (wp - w) // 2
-    pad = (top, hp - h - top, left, wp - w - left)
-    return SliceContext(int(size), orig_shape, perm, flips, canon_shape, canon_spacing, pad,
-                        img.GetSpacing(), img.GetOrigin(), img.GetDirection())
+    return SliceContext(size, orig_shape, perm, flips, canon_shape, canon_spacing,
+                        square_pad(canon_shape, canon_spacing), img.GetSpacing(), img.GetOrigin(), img.GetDirection())
 
 
 def _resize(t, hw, mode):
@@ -101,28 +116,50 @@ def _resize(t, hw, mode):
     return F.interpolate(t, size=hw, mode="bilinear", align_corners=False, antialias=shrink)
 
 
-def _canon_to_slices(canon: np.ndarray, ctx: SliceContext, fill: float, mode: str, chunk: int = 32):
+def canon_to_grid(canon: np.ndarray, pad, size: int, fill: float, mode: str, chunk: int = 32) -> np.ndarray:
+    """Canonical [D, H, W] -> float32 [D, 1, size, size]: padded with ``fill`` to ``pad``, then resized
+    (``mode`` "bilinear", antialiased when shrinking, or "nearest")."""
     import torch
 
-    top, bottom, left, right = ctx.pad
-    out = np.empty((canon.shape[0], 1, ctx.size, ctx.size), dtype=np.float32)
+    top, bottom, left, right = pad
+    out = np.empty((canon.shape[0], 1, size, size), dtype=np.float32)
     for z0 in range(0, canon.shape[0], chunk):
         part = np.pad(canon[z0:z0 + chunk], ((0, 0), (top, bottom), (left, right)), constant_values=fill)
         t = torch.from_numpy(np.ascontiguousarray(part, dtype=np.float32))[:, None]
-        out[z0:z0 + chunk] = _resize(t, (ctx.size, ctx.size), mode).numpy()
+        out[z0:z0 + chunk] = _resize(t, (size, size), mode).numpy()
     return out
 
 
+def grid_to_canon(p: np.ndarray, pad, canon_shape, size: int, mode: str = "bilinear", chunk: int = 16) -> np.ndarray:
+    """Inverse of ``canon_to_grid`` for model outputs [D, C, size, size] -> float32 [C, D, H, W]."""
+    import torch
+
+    d, h, w = canon_shape
+    if p.ndim != 4 or p.shape[0] != d or p.shape[2:] != (size, size):
+        raise InputError(f"model output shape {p.shape} does not match [D={d}, C, {size}, {size}]")
+    top, bottom, left, right = pad
+    hp, wp = h + top + bottom, w + left + right
+    canon = np.empty((p.shape[1], d, h, w), dtype=np.float32)
+    for z0 in range(0, d, chunk):
+        t = torch.from_numpy(np.ascontiguousarray(p[z0:z0 + chunk], dtype=np.float32))
+        big = _resize(t, (hp, wp), mode).numpy()
+        canon[:, z0:z0 + chunk] = big[:, :, top:top + h, left:left + w].transpose(1, 0, 2, 3)
+    return canon
+
+
 def to_model_slices(img: sitk.Image, size: int = 256):
-    """Return ``(x, ctx)``: x is float32 [D, 1, size, size] in [0, 1] (axial LPS slices, lung window)."""
+    """Return ``(x, ctx)``: x is float32 [D, 1, size, size] in [0, 1] (axial LPS slices, lung window),
+    from ``transforms.pre_transforms``; ``ctx`` its geometry."""
+    from .transforms import pre_transforms, run  # the transforms are built on this module
+
     ctx = make_context(img, size)
-    canon = _to_canonical(sitk.GetArrayViewFromImage(img), ctx.perm, ctx.flips)
-    x = _canon_to_slices(window(canon), ctx, fill=0.0, mode="bilinear")
-    return np.clip(x, 0.0, 1.0, out=x), ctx
+    x = run(pre_transforms(ctx.size, body=False), {"image": img})["image"]
+    return x.as_tensor().numpy(), ctx
 
 
 def label_to_model_slices(label_img: sitk.Image, ctx_or_size=256) -> np.ndarray:
-    """Resample a label map like ``to_model_slices`` (nearest neighbour); uint8 [D, size, size]."""
+    """Resample a label map like ``to_model_slices`` (nearest neighbour; a ``SliceContext`` puts it on
+    that image's grid); uint8 [D, size, size]."""
     if isinstance(ctx_or_size, SliceContext):
         ctx = ctx_or_size
         if tuple(reversed(label_img.GetSize())) != tuple(ctx.orig_shape):
@@ -130,30 +167,18 @@ def label_to_model_slices(label_img: sitk.Image, ctx_or_size=256) -> np.ndarray:
                              f"{tuple(reversed(ctx.orig_shape))}")
     else:
         ctx = make_context(label_img, int(ctx_or_size))
-    canon = _to_canonical(sitk.GetArrayViewFromImage(label_img), ctx.perm, ctx.flips)
-    out = _canon_to_slices(canon, ctx, fill=0.0, mode="nearest")
+    canon = to_canonical(sitk.GetArrayViewFromImage(label_img), ctx.perm, ctx.flips)
+    out = canon_to_grid(canon, ctx.pad, ctx.size, fill=0.0, mode="nearest")
     return np.rint(out[:, 0]).astype(np.uint8)
 
 
-def from_model_slices(prob, ctx: SliceContext, chunk: int = 16) -> np.ndarray:
+def from_model_slices(prob, ctx: SliceContext) -> np.ndarray:
     """Bring model outputs [D, C, S, S] (or [D, S, S]) back to float32 [C, z, y, x] on the original grid."""
-    import torch
-
     p = prob.detach().cpu().numpy() if hasattr(prob, "detach") else np.asarray(prob)
     if p.ndim == 3:
         p = p[:, None]
-    d = ctx.canon_shape[0]
-    if p.ndim != 4 or p.shape[0] != d or p.shape[2:] != (ctx.size, ctx.size):
-        raise InputError(f"model output shape {p.shape} does not match [D={d}, C, {ctx.size}, {ctx.size}]")
-    top, bottom, left, right = ctx.pad
-    _, h, w = ctx.canon_shape
-    hp, wp = h + top + bottom, w + left + right
-    canon = np.empty((p.shape[1], d, h, w), dtype=np.float32)
-    for z0 in range(0, d, chunk):
-        t = torch.from_numpy(np.ascontiguousarray(p[z0:z0 + chunk], dtype=np.float32))
-        big = _resize(t, (hp, wp), "bilinear").numpy()
-        canon[:, z0:z0 + chunk] = big[:, :, top:top + h, left:left + w].transpose(1, 0, 2, 3)
-    return np.ascontiguousarray(_from_canonical(canon, ctx.perm, ctx.flips))
+    canon = grid_to_canon(p, ctx.pad, ctx.canon_shape, ctx.size)
+    return np.ascontiguousarray(from_canonical(canon, ctx.perm, ctx.flips))
 
 
 def array_to_image(arr_zyx, ref_img: sitk.Image) -> sitk.Image:

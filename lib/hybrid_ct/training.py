@@ -23,7 +23,7 @@ from tqdm import tqdm
 from . import LABELS
 from .metrics import SegmentationMeter, classification_metrics
 from .model import HybridMultiTaskNet, batchnorms
-from .preprocess import label_to_model_slices, to_model_slices
+from .transforms import model_slices
 
 MISSING = 255  # mask value for "no target for this slice"
 
@@ -78,8 +78,7 @@ def slices_from_arrays(x: np.ndarray, label: np.ndarray | None, group: str, diag
 
 def slices_from_volume(image: sitk.Image, label: sitk.Image | None, group: str, size: int = 256,
                        diagnosis: int | None = None) -> SliceSet:
-    x, ctx = to_model_slices(image, size)
-    lab = label_to_model_slices(label, ctx) if label is not None else None
+    x, lab = model_slices(image, label, size)  # transforms.pre_transforms, as at inference
     return slices_from_arrays(x, lab, group, diagnosis)
 
 

@@ -1,9 +1,11 @@
 """Whole-volume inference: one label map (lung 1, infection 2) in the image's own geometry + the report.
 
-The core ``hybrid_ct.inference.Predictor`` owns every step (CT check, slicing, network, geometry back,
-burden, grade, energy), so this task has no MONAI transform chain of its own: it is a plain
-``InferTask`` (declared ``segmentation``, so Slicer lists it) that reads the volume, asks the served
-predictor, and writes the label as .nii.gz or, when the client asks (``result_extension``), .nrrd.
+The core ``hybrid_ct.inference.Predictor`` owns every step (CT check, the MONAI transform chain of
+``hybrid_ct.transforms``, network, geometry back, burden, grade, energy), so this task runs no chain
+of its own: it is a plain ``InferTask`` (declared ``segmentation``, so Slicer lists it) that reads the
+volume, asks the served predictor, and writes the label as .nii.gz or, when the client asks
+(``result_extension``), .nrrd. ``pre_transforms`` / ``inverse_transforms`` / ``post_transforms`` list
+that chain the way MONAI Label's ``BasicInferTask`` does (the same objects the predictor builds).
 
 Model hot swap: :class:`ModelServer` checks the store's current version when a request RUNS (a stat of
 one small file), not when it arrives: requests queue on one run lock (the predictor holds spiking state
@@ -29,7 +31,9 @@ from monailabel.utils.others.generic import device_list
 from hybrid_ct.errors import InputError
 from hybrid_ct.inference import Predictor
 from hybrid_ct.io import read_image
+from hybrid_ct.model import NetConfig
 from hybrid_ct.report import jsonable
+from hybrid_ct.transforms import post_transforms, pre_transforms
 
 from ..store import ModelStore
 
@@ -123,6 +127,23 @@ class HybridCTInfer(InferTask):
         out = super().info()
         out["model"] = self.server.store.summary()
         return out
+
+    def _size(self) -> int:
+        served = self.server.peek()
+        return int(served.predictor.model.cfg.in_size if served else NetConfig().in_size)
+
+    def pre_transforms(self, data=None):
+        """CT -> model slices, as ``Predictor.predict`` runs them (``hybrid_ct.transforms.pre_transforms``)."""
+        return pre_transforms(self._size()).transforms
+
+    def inverse_transforms(self, data=None):
+        """[]: every invertible pre-transform (reorientation, slice grid), as in BasicInferTask."""
+        return []
+
+    def post_transforms(self, data=None):
+        """Probabilities -> label in the input's geometry (``hybrid_ct.transforms.post_transforms``; its
+        ``Invertd`` runs the inverses of ``pre_transforms``)."""
+        return post_transforms(pre_transforms(self._size())).transforms
 
     def get_path(self, validate=True):
         try:

@@ -41,9 +41,9 @@ from hybrid_ct.checkpoint import load_checkpoint
 from hybrid_ct.errors import InputError, ModelNotReadyError
 from hybrid_ct.io import read_image
 from hybrid_ct.model import HybridMultiTaskNet, NetConfig
-from hybrid_ct.preprocess import label_to_model_slices, to_model_slices
 from hybrid_ct.trainer import Trainer, build_loss, build_optimizer, init_distributed
 from hybrid_ct.training import SliceSet, TrainConfig, augmentations, slices_from_arrays
+from hybrid_ct.transforms import model_slices
 
 from ..store import ModelStore
 from ..validation import BadRequest, canonicalise_label, normalise_diagnosis
@@ -114,8 +114,7 @@ def slices_for_case(case: dict, size: int) -> SliceSet:
     """One datastore case -> model-space slices with targets (label remapped by its label_info names)."""
     img = read_image(case["image"])
     label_img, _, _ = canonicalise_label(case["label"], case["image"], case.get("label_info", {}).get("label_info"))
-    x, ctx = to_model_slices(img, size)
-    lab = label_to_model_slices(label_img, ctx)
+    x, lab = model_slices(img, label_img, size)  # transforms.pre_transforms, as at inference
     diagnosis = normalise_diagnosis(case.get("image_info", {}).get("diagnosis"))
     has_infection = bool((lab == 2).any())
     if diagnosis == "positive" and not has_infection:
