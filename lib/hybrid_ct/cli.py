@@ -123,6 +123,18 @@ def cmd_phantoms(args) -> int:
     return 0
 
 
+def cmd_scan_check(args) -> int:
+    from .scan_check import run_scan_check
+
+    res = run_scan_check(_model_arg(args.model), args.out, args.data, args.phantoms, args.write_calibration,
+                         command=_command(args))
+    for r in res["held_out"]:
+        print(f"{r['name']}: {r['label']} (P {r['probability']:.3f}, score {r['score']:.3f}), "
+              f"infection {r['infection_ml']:.1f} mL -> {'found' if r['infection_found'] else 'none'}")
+    print(f"wrote {args.out}" + (" and the calibration beside the model" if args.write_calibration else ""))
+    return 0
+
+
 def cmd_download(args) -> int:
     from .download import REGISTRY, download
 
@@ -198,6 +210,16 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--min-lesion-mm2", type=float, default=50.0, help="per-slice infection call threshold")
     ev.add_argument("--model-card", default=None, help="model card to fill (e.g. docs/model_card.md)")
     ev.set_defaults(func=cmd_evaluate)
+
+    sc = sub.add_parser("scan-check", help="whole-scan call leave-one-scan-out on phantoms + real HU scans; "
+                                           "calibration, noise floor, reliability plot")
+    sc.add_argument("--model", default=None, help="checkpoint (default: the shipped model)")
+    sc.add_argument("--data", default=None, help="data root (default ../shared/data)")
+    sc.add_argument("--out", default="docs/scan_call.md", help="Markdown table; the plot goes beside it (.png)")
+    sc.add_argument("--phantoms", type=int, default=24, help="validation phantoms (unseen seeds)")
+    sc.add_argument("--write-calibration", action="store_true",
+                    help="write <model>.calibration.json (fitted on all validation scans) beside the model")
+    sc.set_defaults(func=cmd_scan_check)
 
     ph = sub.add_parser("phantoms", help="write synthetic chest-CT phantoms (MONAI Label datastore layout)")
     ph.add_argument("--out", required=True)

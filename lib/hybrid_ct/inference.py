@@ -16,7 +16,9 @@ import torch
 from tqdm import tqdm
 
 from . import LABELS
+from .anatomy import plausible_lungs
 from .checkpoint import load_checkpoint
+from .diagnosis import Calibration, decide, load_calibration, scan_features
 from .energy import EnergyMeter
 from .io import check_ct
 from .model import HybridMultiTaskNet, fold_batchnorm
@@ -24,9 +26,9 @@ from .preprocess import array_to_image, check_size
 from .report import infection_burden, severity_grade
 from .transforms import post_transforms, pre_transforms, run
 
-TOP_K_SLICES = 3  # the scan's positive probability: mean of its 3 most positive lung slices
 BODY_TRUSTED = 0.95  # a body mask that holds 95 % of the predicted lung outlines a whole chest (not a crop)
 LUNG_MIN_COMPONENT = 0.05  # lung components below 5 % of the largest are dropped (volume path only)
+MIN_3D_SLICES = 8  # from this many slices on, a volume gets the 3D anatomy rules
 
 
 @dataclass
@@ -110,17 +112,20 @@ class Predictor:
     only if each thread has its own Predictor (spiking neurons keep per-call state)."""
 
     def __init__(self, model: HybridMultiTaskNet, meta: dict | None = None, device: str = "cpu",
-                 batch_size: int = 8, require_chest: bool = True, progress: bool = False):
+                 batch_size: int = 8, require_chest: bool = True, progress: bool = False,
+                 calibration: Calibration | None = None):
         self.model = fold_batchnorm(model.to(device).eval())  # same output, one pass less per layer
         self.meta = dict(meta or {})
         self.device = device
         self.batch_size = batch_size
         self.require_chest = require_chest
         self.progress = progress
+        self.calibration = calibration or Calibration()
 
     @classmethod
     def from_checkpoint(cls, path, device: str = "cpu", **kw) -> "Predictor":
         model, meta = load_checkpoint(path, device)
+        kw.setdefault("calibration", load_calibration(path))
         return cls(model, meta, device=device, **kw)
 
     @property
@@ -155,28 +160,32 @@ class Predictor:
         with EnergyMeter(self.model) as meter:
             so = self.run_slices(data["image"].as_tensor().numpy(), meter)
         data["pred"] = np.concatenate([so.lung, so.infection], axis=1)
-        label = array_to_image(run(post_transforms(pre), data)["label"], image)
-        report = self._report(label, so, meter, time.perf_counter() - t0)
+        out = run(post_transforms(pre), data)
+        label_arr = out["label"]
+        if label_arr.shape[0] >= MIN_3D_SLICES:  # a whole volume: the 3D anatomy rules (hybrid_ct.anatomy)
+            body = out.get("body")
+            body = np.asarray(body)[0].astype(bool) if body is not None else None
+            label_arr = plausible_lungs(label_arr, sitk.GetArrayViewFromImage(image), image.GetSpacing(),
+                                        image.GetDirection(), image.GetOrigin(), body=body)
+        label = array_to_image(label_arr, image)
+        report = self._report(label, label_arr, so, meter, time.perf_counter() - t0)
         return label, report
 
-    def _report(self, label: sitk.Image, so: SliceOutputs, meter: EnergyMeter, latency: float) -> dict:
-        lung_area = (so.lung[:, 0] > 0.5).sum(axis=(1, 2))
-        has_lung = lung_area > 0
-        probs = so.positive_prob[has_lung] if has_lung.any() else so.positive_prob
-        top = np.sort(probs)[-TOP_K_SLICES:] if len(probs) else np.array([0.0])
-        p_pos = float(top.mean())
+    def _report(self, label: sitk.Image, label_arr: np.ndarray, so: SliceOutputs, meter: EnergyMeter,
+                latency: float) -> dict:
+        features = scan_features(label_arr, label.GetSpacing(), so.positive_prob, (so.lung[:, 0] > 0.5).sum(axis=(1, 2)))
+        call = decide(features, self.calibration)
         burden = infection_burden(label)
         energy = meter.report()
         return {
             "classification": {
-                "label": "positive" if p_pos >= 0.5 else "negative",
-                "probability": p_pos,
+                **call,
                 "firing_rates": so.rates.mean(0).tolist() if len(so.rates) else [0.0, 0.0],
                 "slice_positive": so.predicted.astype(int).tolist(),
                 "slice_probability": [round(float(p), 4) for p in so.positive_prob],
             },
             "burden": burden,
-            "grade": severity_grade(burden["total_pct"]),
+            "grade": severity_grade(burden["total_pct"]) if call["infection_found"] else "CT-0",
             "energy": energy.summary(),
             "latency_s": latency,
             "model_version": self.version,

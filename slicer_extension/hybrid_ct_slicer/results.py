@@ -16,7 +16,7 @@ NA = "n/a"
 # Report keys and grades: the project's contract (contract.json, see segments.py).
 _REPORT = CONTRACT["report"]
 CLASSIFICATION, BURDEN, GRADE, ENERGY, LATENCY_S, MODEL_VERSION, _LABEL_NAMES = _REPORT["keys"]
-LABEL, PROBABILITY, _FIRING_RATES = _REPORT["classification"]
+LABEL, PROBABILITY, _FIRING_RATES, CALIBRATED, INFECTION_FOUND, FINDING = _REPORT["classification"]
 TOTAL_PCT, LEFT_PCT, RIGHT_PCT = _REPORT["burden"]
 E_HYBRID_UJ, E_CONV_UJ, RATIO, MEAN_FIRING_RATE = _REPORT["energy"]
 GRADE_TEXT = {grade: f"{grade} ({meaning})" for grade, meaning in _REPORT["grades"].items()}
@@ -76,8 +76,9 @@ def format_classification(report: Mapping) -> str:
     text = label.capitalize()
     if prob is not None:
         prob = min(max(prob, 0.0), 1.0)
-        # probability is that of the POSITIVE class (CONTRACTS.md); show it as such
-        text += f" (P(positive) = {prob:.2f})"
+        # probability is that of the POSITIVE class (CONTRACTS.md); an uncalibrated one is only a score
+        text += f" (P(positive) = {prob:.2f})" if cls.get(CALIBRATED, True) is not False else \
+            f" (score {prob:.2f}, not calibrated)"
     return text
 
 
@@ -89,6 +90,8 @@ def format_burden(report: Mapping) -> str:
     text = f"{_pct(total)} of lung"
     if left is not None or right is not None:
         text += f" (left {_pct(left)}, right {_pct(right)})"
+    if _dict(report.get(CLASSIFICATION)).get(INFECTION_FOUND) is False:  # below the noise floor
+        text += " - no infection found"
     return text
 
 
