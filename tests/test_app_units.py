@@ -189,8 +189,8 @@ def test_promotion_decision():
 def test_a_retrain_is_made_current_only_when_not_worse(tmp_path):
     """Real one-process runs of the trainer on phantoms with a ModelStore in a temp folder. The served
     model is a tiny network trained for a few epochs (it marks about every pixel as lung: lung Dice ~0.2);
-    a retrain that learnt nothing from an initialisation that marks no lung (seed 1, learning rate 1e-8)
-    is worse: kept (not current), then forced current; a retrain that learns is promoted over it."""
+    fine-tuning it with a learning rate of 10 wrecks it (no lung at all): kept, not current; then forced
+    current; a fresh network trained with a sane learning rate is promoted over that wreck."""
     from lib.datastore import HybridCTDatastore
     from lib.trainers.hybrid_ct import HybridCTTrain
     from server_fixture import PHANTOM_SHAPE, TINY_NET, train_tiny_model
@@ -214,8 +214,8 @@ def test_a_retrain_is_made_current_only_when_not_worse(tmp_path):
         assert promotion["new"]["score"] == round(stats["best_metric"], 5), "not the run's validation slices"
         return stats, promotion
 
-    learnt_nothing = dict(pretrained=False, learning_rate=1e-8, seed=1)
-    stats, promotion = retrain(**learnt_nothing)
+    wrecked = dict(learning_rate=10.0)
+    stats, promotion = retrain(**wrecked)
     assert promotion["decision"] == "kept", promotion
     assert promotion["new"]["score"] < promotion["served"]["score"]
     assert (promotion["served_version"], promotion["metrics"], promotion["tolerance"]) == (SHIPPED, ["score"], 0.0)
@@ -223,7 +223,7 @@ def test_a_retrain_is_made_current_only_when_not_worse(tmp_path):
     assert stats["published_version"] == "v0001" and store.current() == SHIPPED == stats["current_version"]
     assert set(promotion["new"]) == set(promotion["served"]) <= set(PROMOTE_METRICS)
 
-    stats, promotion = retrain(**learnt_nothing, force_promote=True)
+    stats, promotion = retrain(**wrecked, force_promote=True)
     assert promotion["decision"] == "forced" and promotion["new"]["score"] < promotion["served"]["score"]
     assert "force_promote" in promotion["reason"] and promotion["force_promote"] is True
     assert store.current() == "v0002" == stats["published_version"]
