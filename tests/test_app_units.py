@@ -64,6 +64,10 @@ def test_versions_publish_roll_back_and_no_model(tmp_path):
     assert store.current() == SHIPPED
     assert not [p for p in store.dir.rglob("*") if p.name.endswith(".tmp")], "temporary files left behind"
 
+    store.write_stats({"loss": float("nan"), "history": [{"loss": float("inf"), "score": 0.5}]})
+    assert "NaN" not in store.stats_path.read_text() and "Infinity" not in store.stats_path.read_text()
+    assert store.read_stats() == {"loss": None, "history": [{"loss": None, "score": 0.5}]}
+
 
 def test_a_claimed_version_number_is_never_overwritten(tmp_path):
     store = ModelStore(tmp_path)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import tempfile
@@ -61,6 +62,17 @@ def write_atomic(path: Path, text: str) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def json_safe(obj):
+    """``obj`` with NaN / infinite floats as None: strict JSON (``/info/`` answers 500 on a NaN)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
 
 
 def read_json(path: Path, default=None):
@@ -248,7 +260,8 @@ class ModelStore:
 
     # ------------------------------------------------------------------ training stats
     def write_stats(self, stats: dict) -> None:
-        write_atomic(self.stats_path, json.dumps(stats, indent=2, default=str))
+        # a stop at the start of an epoch leaves it without a loss (NaN)
+        write_atomic(self.stats_path, json.dumps(json_safe(stats), indent=2, default=str))
 
     def read_stats(self) -> dict:
         return read_json(self.stats_path, {}) or {}
