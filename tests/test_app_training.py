@@ -1,7 +1,8 @@
 """Training through the real server: a run in MONAI Label's background task, 409 for a second one,
 graceful stop, a new model version published and served without restart (requests in flight survive
-the swap), roll back, a synchronous short run, automatic retraining after N new labels; and at the
-end of the session, that the server never tried to download anything."""
+the swap), roll back, a synchronous short run, automatic retraining after N new labels, a retrain that
+is worse than the served model kept but not served (and forced); and at the end of the session, that
+the server never tried to download anything."""
 from __future__ import annotations
 
 import json
@@ -44,7 +45,8 @@ def test_train_conflict_stop_publish_serve_and_roll_back(server):
     served_before = _served_version(server)
     assert served_before == before["current"]
 
-    r = s.post(f"{server.url}/train/hybrid_ct", json={"max_epochs": 5000, "train_batch_size": 4}, timeout=60)
+    r = s.post(f"{server.url}/train/hybrid_ct", json={"max_epochs": 5000, "train_batch_size": 4, "force_promote": True},
+               timeout=60)
     assert r.status_code == 200, r.text
     task_id = r.json()["id"]
     second = s.post(f"{server.url}/train/hybrid_ct", json={"max_epochs": 1}, timeout=60)
@@ -63,6 +65,7 @@ def test_train_conflict_stop_publish_serve_and_roll_back(server):
     assert stats["status"] == "STOPPED" and stats["published_version"]
     assert 0.0 <= stats["best_metric"] <= 1.0 and stats["best_metric_epoch"] >= 1
     assert stats["train"]["images"] >= 1
+    assert stats["promotion"]["decision"] in ("promoted", "forced")
 
     after = _versions(server)
     new = stats["published_version"]
@@ -90,7 +93,7 @@ def test_short_synchronous_run_and_requests_in_flight_survive_model_swaps(server
     s = http()
     _wait_idle(server)
     r = s.post(f"{server.url}/train/hybrid_ct", params={"run_sync": "true"},
-               json={"max_epochs": 1, "pretrained": True}, timeout=900)
+               json={"max_epochs": 1, "pretrained": True, "force_promote": True}, timeout=900)
     assert r.status_code == 200, r.text
     res = r.json()
     assert res["status"] == "DONE" and 0.0 <= res["best_metric"] <= 1.0
@@ -154,8 +157,59 @@ def test_retraining_starts_by_itself_after_n_new_labels(server, tmp_path):
     assert last["task"] == http().get(f"{server.url}/train/", timeout=30).json()["id"]
     _wait_idle(server)
     stats = _stats(server)
-    assert stats["status"] == "DONE" and stats["published_version"] == _versions(server)["current"] != before
     assert stats["total_epochs"] == 1  # --conf auto_train_params {"max_epochs": 1}
+    # made current only if not worse than the model served before (the conf's params do not force it)
+    promotion, new = stats["promotion"], stats["published_version"]
+    assert stats["status"] == "DONE" and new == _versions(server)["versions"][-1]["version"] != before
+    assert promotion["served_version"] == before and not promotion["force_promote"]
+    not_worse = promotion["new"]["score"] >= promotion["served"]["score"]
+    assert promotion["decision"] == ("promoted" if not_worse else "kept"), promotion
+    assert stats["current_version"] == _versions(server)["current"] == (new if not_worse else before)
+
+
+def test_a_worse_retrain_is_kept_not_served_unless_forced(server):
+    """Fine-tuning the shipped tiny model (it marks lung) with a learning rate of 10 wrecks it (no lung):
+    the run is published, scored against the served model on the same slices, and kept; the same with
+    force_promote is served. Both scores and the decision in GET /hybrid_ct/versions and /info/
+    train_stats. (Never ``pretrained: false`` here: that trains the full-size default network.)"""
+    s = http()
+    _wait_idle(server)
+    served_before = _versions(server)["current"]
+    assert s.post(f"{server.url}/hybrid_ct/rollback", params={"version": "shipped"}, timeout=60).status_code == 200
+    wrecked = {"max_epochs": 1, "learning_rate": 10.0, "promote_metrics": "score,lung_dice"}
+    try:
+        r = s.post(f"{server.url}/train/hybrid_ct", params={"run_sync": "true"}, json=wrecked, timeout=900)
+        assert r.status_code == 200, r.text
+        kept = r.json()["published_version"]
+        stats, listing = _stats(server), _versions(server)
+        promotion = stats["promotion"]
+        assert promotion["decision"] == "kept", promotion
+        assert promotion["served_version"] == "shipped" and promotion["metrics"] == ["score", "lung_dice"]
+        assert promotion["new"]["score"] < promotion["served"]["score"], promotion
+        assert promotion["val_on_training_set"] == stats["val"]["on_training_set"]
+        assert promotion["val_images"] == (stats["train"] if promotion["val_on_training_set"] else stats["val"])["images"]
+        assert ("training images" in promotion["reason"]) == promotion["val_on_training_set"]
+        assert stats["published_version"] == kept and stats["current_version"] == "shipped" == listing["current"]
+        entry = listing["versions"][-1]
+        assert entry["version"] == kept and entry["promotion"] == promotion
+        assert _served_version(server) == "shipped", "a kept version must not be served"
+
+        r = s.post(f"{server.url}/train/hybrid_ct", params={"run_sync": "true"},
+                   json=dict(wrecked, force_promote=True), timeout=900)
+        assert r.status_code == 200, r.text
+        forced = r.json()["published_version"]
+        stats, listing = _stats(server), _versions(server)
+        assert stats["promotion"]["decision"] == "forced" and stats["promotion"]["force_promote"] is True
+        assert stats["promotion"]["new"]["score"] < stats["promotion"]["served"]["score"]
+        assert stats["current_version"] == forced == listing["current"] != kept
+        assert [v["promotion"]["decision"] for v in listing["versions"][-2:]] == ["kept", "forced"]
+        assert _served_version(server) == forced
+        for bad in ({"promote_metrics": "accuracy"}, {"promote_metrics": ["score", 1]}, {"promote_tolerance": -1},
+                    {"force_promote": "maybe"}):
+            r = s.post(f"{server.url}/train/hybrid_ct", json=bad, timeout=60)
+            assert r.status_code == 400 and "train parameter" in r.json()["detail"], (bad, r.text)
+    finally:
+        s.post(f"{server.url}/hybrid_ct/rollback", params={"version": served_before}, timeout=60)
 
 
 def test_nothing_was_downloaded(server):

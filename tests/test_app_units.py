@@ -17,7 +17,8 @@ if str(APP_DIR) not in sys.path:
     sys.path.insert(0, str(APP_DIR))
 
 from lib.store import SHIPPED, ModelStore, UnknownVersionError  # noqa: E402
-from lib.trainers.hybrid_ct import is_validation_image, validate_params  # noqa: E402
+from lib.trainers.hybrid_ct import (PROMOTE_METRICS, is_validation_image, promotion_decision,  # noqa: E402
+                                    validate_params)
 from lib.validation import (BadRequest, canonical_name, canonicalise_label, check_id, check_tag,  # noqa: E402
                             parse_label_info)
 
@@ -63,6 +64,10 @@ def test_versions_publish_roll_back_and_no_model(tmp_path):
     assert store.current() == SHIPPED
     assert not [p for p in store.dir.rglob("*") if p.name.endswith(".tmp")], "temporary files left behind"
 
+    store.write_stats({"loss": float("nan"), "history": [{"loss": float("inf"), "score": 0.5}]})
+    assert "NaN" not in store.stats_path.read_text() and "Infinity" not in store.stats_path.read_text()
+    assert store.read_stats() == {"loss": None, "history": [{"loss": None, "score": 0.5}]}
+
 
 def test_a_claimed_version_number_is_never_overwritten(tmp_path):
     store = ModelStore(tmp_path)
@@ -71,6 +76,21 @@ def test_a_claimed_version_number_is_never_overwritten(tmp_path):
     v = store.publish(_net(2), {})
     assert v == "v0003" and (store.versions_dir / "v0002.pt").read_bytes() == b"someone else's"
     assert store.current() == v and v1 == "v0001"
+
+
+def test_a_version_published_without_make_current_is_kept_not_served(tmp_path):
+    store = ModelStore(tmp_path)
+    save_checkpoint(store.shipped, _net(0), {"metric": 0.5})
+    assert not store.pointer.exists() and store.current() == SHIPPED
+    kept = store.publish(_net(1), {"metric": 0.4, "promotion": {"decision": "kept"}}, make_current=False)
+    assert store.current() == SHIPPED, "the newest-version fallback must not serve a kept version"
+    assert store.entry(kept)["promotion"] == {"decision": "kept"} and store.entry(kept)["parent"] == SHIPPED
+    assert store.versions()[-1]["version"] == kept
+    assert store.rollback(kept)["current"] == kept  # a kept version can still be served by hand
+
+    empty = ModelStore(tmp_path / "empty", shipped=None)
+    only = empty.publish(_net(2), {}, make_current=False)
+    assert empty.current() == only, "with no model at all the new version is the only one to serve"
 
 
 def test_ids_and_tags():
@@ -132,9 +152,99 @@ def test_train_params_are_type_checked():
     assert validate_params({"max_epochs": "3", "pretrained": "false", "learning_rate": 0.01}) == \
         {"max_epochs": 3, "pretrained": False, "learning_rate": 0.01}
     for bad in ({"max_epochs": 0}, {"max_epochs": 2.5}, {"max_epochs": True}, {"val_split": 0.95},
-                {"negative_fraction": float("nan")}, {"augment": "maybe"}, {"learning_rate": []}, {"gpus": "0;x"}):
+                {"negative_fraction": float("nan")}, {"augment": "maybe"}, {"learning_rate": []}, {"gpus": "0;x"},
+                {"promote_tolerance": -0.1}, {"promote_tolerance": 2}, {"force_promote": "perhaps"}):
         with pytest.raises(BadRequest):
             validate_params(bad)
+
+
+def test_promote_params_are_checked():
+    assert validate_params({"promote_metrics": "score", "force_promote": "true", "promote_tolerance": "0.02"}) == \
+        {"promote_metrics": ["score"], "force_promote": True, "promote_tolerance": 0.02}
+    assert validate_params({"promote_metrics": " lung_dice, cls_auc ,lung_dice"})["promote_metrics"] == \
+        ["lung_dice", "cls_auc"]
+    assert validate_params({"promote_metrics": ["infection_dice"]})["promote_metrics"] == ["infection_dice"]
+    for bad in ("dice", "", [], ["score", 3], {"score": 1}, 5, "score,accuracy"):
+        with pytest.raises(BadRequest, match="promote_metrics must name one or more of") as e:
+            validate_params({"promote_metrics": bad})
+        assert all(name in str(e.value) for name in PROMOTE_METRICS)
+
+
+def test_promotion_decision():
+    served = {"score": 0.6, "lung_dice": 0.8, "infection_dice": 0.4}
+    assert promotion_decision({"score": 0.5}, None, ["score"])[0] == "promoted"
+    assert promotion_decision({"score": 0.5}, None, ["score"])[1] == "no served model"
+    assert promotion_decision({"score": 0.6}, served, ["score"])[0] == "promoted"  # equal is not worse
+    assert promotion_decision({"score": 0.59999}, served, ["score"])[0] == "kept"
+    assert promotion_decision({"score": 0.59}, served, ["score"], tolerance=0.01)[0] == "promoted"
+    assert promotion_decision({"score": 0.58}, served, ["score"], tolerance=0.01)[0] == "kept"
+    decision, reason = promotion_decision({"score": 0.7, "lung_dice": 0.7, "infection_dice": 0.5}, served,
+                                          ["score", "lung_dice"], force=True)
+    assert decision == "forced" and "lung_dice (0.7 < 0.8 - 0.0)" in reason and "score (" not in reason
+    assert promotion_decision({"score": 0.7, "lung_dice": 0.7}, served, ["score"], force=True)[0] == "promoted"
+    # a metric these slices cannot measure (no served value) is not compared; none at all -> the score
+    decision, reason = promotion_decision({"score": 0.7}, served, ["cls_auc", "lung_dice"])
+    assert decision == "kept" and "cls_auc not measurable" in reason
+    decision, reason = promotion_decision({"score": 0.7}, served, ["cls_auc"])
+    assert decision == "promoted" and "score 0.7 vs 0.6" in reason and "cls_auc not measurable" in reason
+    assert promotion_decision({"score": 0.7}, served, ["infection_dice"])[0] == "kept"  # the new one lacks it
+
+
+def test_a_retrain_is_made_current_only_when_not_worse(tmp_path):
+    """Real one-process runs of the trainer on phantoms with a ModelStore in a temp folder. The served
+    model is a tiny network trained for a few epochs (it marks about every pixel as lung: lung Dice ~0.2);
+    fine-tuning it with a learning rate of 10 wrecks it (no lung at all): kept, not current; then forced
+    current; a fresh network trained with a sane learning rate is promoted over that wreck."""
+    from lib.datastore import HybridCTDatastore
+    from lib.trainers.hybrid_ct import HybridCTTrain
+    from server_fixture import PHANTOM_SHAPE, TINY_NET, train_tiny_model
+
+    from hybrid_ct.phantom import write_phantom_set
+
+    write_phantom_set(tmp_path / "studies", n=5, seed=3, shape=PHANTOM_SHAPE)  # phantom_003 is validation
+    store = ModelStore(tmp_path / "model")
+    train_tiny_model(store.shipped)
+    task = HybridCTTrain(store, net_config=TINY_NET)
+    datalist = task.pre_process({}, HybridCTDatastore(str(tmp_path / "studies"), auto_reload=False))
+
+    def retrain(**params):
+        req = dict(task.config(), max_epochs=1, train_batch_size=8, augment=False, multi_gpu=False, device="cpu",
+                   run_id="promote-test", model="hybrid_ct")
+        stats = task.train(0, 1, dict(req, **params), datalist)
+        assert stats == {k: v for k, v in store.read_stats().items() if k != "history"}
+        promotion = stats["promotion"]
+        assert store.entry(stats["published_version"])["promotion"] == promotion
+        assert stats["current_version"] == store.current()
+        assert promotion["new"]["score"] == round(stats["best_metric"], 5), "not the run's validation slices"
+        return stats, promotion
+
+    wrecked = dict(learning_rate=10.0)
+    stats, promotion = retrain(**wrecked)
+    assert promotion["decision"] == "kept", promotion
+    assert promotion["new"]["score"] < promotion["served"]["score"]
+    assert (promotion["served_version"], promotion["metrics"], promotion["tolerance"]) == (SHIPPED, ["score"], 0.0)
+    assert (promotion["val_images"], promotion["val_on_training_set"]) == (1, False)
+    assert stats["published_version"] == "v0001" and store.current() == SHIPPED == stats["current_version"]
+    assert set(promotion["new"]) == set(promotion["served"]) <= set(PROMOTE_METRICS)
+
+    stats, promotion = retrain(**wrecked, force_promote=True)
+    assert promotion["decision"] == "forced" and promotion["new"]["score"] < promotion["served"]["score"]
+    assert "force_promote" in promotion["reason"] and promotion["force_promote"] is True
+    assert store.current() == "v0002" == stats["published_version"]
+
+    stats, promotion = retrain(pretrained=False, max_epochs=2, learning_rate=3e-3)
+    assert promotion["decision"] == "promoted" and promotion["served_version"] == "v0002"
+    assert promotion["new"]["score"] >= promotion["served"]["score"]
+    assert store.current() == "v0003" == stats["current_version"]
+
+    # no validation image: both are scored on the training images, and the decision says so
+    stats, promotion = retrain(val_split=0.0, promote_metrics="lung_dice,infection_dice", promote_tolerance=0.05)
+    assert promotion["val_on_training_set"] and promotion["val_images"] == 5
+    assert "training images" in promotion["reason"] and promotion["served_version"] == "v0003"
+    not_worse = all(promotion["new"][m] >= promotion["served"][m] - 0.05 for m in ("lung_dice", "infection_dice"))
+    assert promotion["decision"] == ("promoted" if not_worse else "kept")
+    assert store.current() == ("v0004" if not_worse else "v0003")
+    assert [v["version"] for v in store.versions()] == [SHIPPED, "v0001", "v0002", "v0003", "v0004"]
 
 
 @pytest.mark.slow

@@ -119,7 +119,8 @@ def test_radiologist_flow(workflow, tmp_path):
 
     # --- Train (synchronously here: a short run), status, metric, new version
     current_before, entries_before, _ = workflow.versions()
-    client.train_start(info.default_trainer(model), {"max_epochs": 1}, run_sync=True)
+    # force_promote: a 1-epoch retrain may score below the served model and would then be kept, not served
+    client.train_start(info.default_trainer(model), {"max_epochs": 1, "force_promote": True}, run_sync=True)
     status = workflow.training_status(model)
     assert status.running is False
     assert status.best_metric is not None and 0.0 <= status.best_metric <= 1.0, status.stats

@@ -46,7 +46,7 @@ from hybrid_ct.io import write_image
 
 from .lifecycle import TrainingLock
 from .store import UnknownVersionError
-from .trainers.hybrid_ct import BOOLS, PARAMS, validate_params
+from .trainers.hybrid_ct import BOOLS, LISTS, PARAMS, validate_params
 from .validation import (LABEL_EXT, MIN_SLICES, STORED_EXT, UPLOAD_EXT, BadRequest, Conflict, NotFound,
                          canonicalise_label, check_id, check_tag, check_upload_file, file_extension, load_upload,
                          normalise_diagnosis, parse_json_param, scrub, upload_name)
@@ -341,7 +341,7 @@ def check_param_names(params: dict) -> None:
     """A key the trainer does not know is a typo (``epochs`` for ``max_epochs``): 400, never a default run."""
     if not isinstance(params, dict):
         raise BadRequest(f"train params must be a JSON object, got {type(params).__name__}")
-    known = set(PARAMS) | set(BOOLS) | {"device", "gpus"}
+    known = set(PARAMS) | set(BOOLS) | set(LISTS) | {"device", "gpus"}
     unknown = sorted(set(params) - known)
     if unknown:
         raise BadRequest(f"unknown train parameter(s) {unknown}: accepted are {sorted(known)}")

@@ -5,7 +5,8 @@ Layout of the model folder (``apps/hybrid_ct/model`` unless ``--conf model_dir``
     pretrained.pt          the shipped checkpoint (optional, read-only; by default the one inside the hybrid_ct
                            package when this folder has none); version name "shipped"
     versions/v0001.pt     every published version is kept
-    versions/v0001.json   its metadata (created, metric, training summary)
+    versions/v0001.json   its metadata (created, metric, training summary, ``promotion``: the retrain's
+                          comparison with the model served when it started, and whether it was made current)
     current               one line: the version being served; replaced with os.replace (atomic)
     train_stats.json      progress and metrics of the last training run (MONAI Label train_stats)
 
@@ -13,11 +14,14 @@ Readers never see a half-written file: checkpoints and metadata are written to a
 same folder and renamed; a new version number is claimed with ``os.link`` (fails if it exists), so
 two publishers can never overwrite each other. Without a ``current`` pointer the newest version is
 served, else the shipped checkpoint; with neither, :class:`ModelNotReadyError` ("no trained model yet").
+A version published with ``make_current=False`` (a retrain that was worse than the served model) is kept
+but not served: the pointer is written with the version served before, so that fallback never picks it.
 """
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import tempfile
@@ -58,6 +62,17 @@ def write_atomic(path: Path, text: str) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def json_safe(obj):
+    """``obj`` with NaN / infinite floats as None: strict JSON (``/info/`` answers 500 on a NaN)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
 
 
 def read_json(path: Path, default=None):
@@ -137,7 +152,8 @@ class ModelStore:
         meta = read_json(path.with_suffix(".json"), {}) or {}
         return {"version": version, "created": meta.get("created") or _iso(path.stat().st_mtime),
                 "metric": meta.get("metric"), "parent": meta.get("parent"), "epochs": meta.get("epochs"),
-                "train_images": meta.get("train_images"), "val_images": meta.get("val_images")}
+                "train_images": meta.get("train_images"), "val_images": meta.get("val_images"),
+                "promotion": meta.get("promotion")}
 
     def versions(self) -> list:
         """Every servable version, oldest first (the shipped checkpoint first)."""
@@ -195,7 +211,10 @@ class ModelStore:
         write_atomic(self.pointer, version + "\n")
 
     def publish(self, model, meta: dict | None = None, make_current: bool = True) -> str:
-        """Save ``model`` as the next version (atomic), make it current; returns the version name."""
+        """Save ``model`` as the next version (atomic); returns the version name.
+
+        ``make_current``: serve it now; False keeps serving the version served before (pinned in the
+        pointer file), unless there is none, when the new version is the only model and is served."""
         meta = dict(meta or {})
         self.versions_dir.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.versions_dir, prefix=".publish.", suffix=".tmp")
@@ -215,13 +234,15 @@ class ModelStore:
                         n += 1
                 side = {k: v for k, v in meta.items() if k not in ("history",)}
                 write_atomic(self.path(version).with_suffix(".json"), json.dumps(side, indent=2, default=str))
-                if make_current:
+                if make_current or previous is None:
                     self.set_current(version)
+                else:
+                    self.set_current(previous)  # without a pointer the newest version would be served
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
         logger.info("published model %s (metric %s)%s", version, meta.get("metric"),
-                    " and made it current" if make_current else "")
+                    " and made it current" if make_current or previous is None else f"; {previous} stays current")
         return version
 
     def rollback(self, version: str) -> dict:
@@ -239,7 +260,8 @@ class ModelStore:
 
     # ------------------------------------------------------------------ training stats
     def write_stats(self, stats: dict) -> None:
-        write_atomic(self.stats_path, json.dumps(stats, indent=2, default=str))
+        # a stop at the start of an epoch leaves it without a loss (NaN)
+        write_atomic(self.stats_path, json.dumps(json_safe(stats), indent=2, default=str))
 
     def read_stats(self) -> dict:
         return read_json(self.stats_path, {}) or {}

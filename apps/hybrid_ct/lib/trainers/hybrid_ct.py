@@ -17,7 +17,10 @@ Data rules (docs/app.md):
   an image between training and validation);
 - negative slices are subsampled afresh each epoch (``negative_fraction``, seed 002: 20 %).
 The best epoch (validation score in [0, 1]) is published as a new model version at the end of the
-run, or when the run is stopped through ``DELETE /train/`` (graceful stop file).
+run, or when the run is stopped through ``DELETE /train/`` (graceful stop file). It is made current only
+if it is not worse than the model served when the run started (``promote``): both are scored on the same
+fixed validation slices, on the ``promote_metrics`` (default ``score``) within ``promote_tolerance``;
+``force_promote`` makes it current regardless. A kept version can still be served with a roll back.
 """
 from __future__ import annotations
 
@@ -42,10 +45,10 @@ from hybrid_ct.errors import InputError, ModelNotReadyError
 from hybrid_ct.io import read_image
 from hybrid_ct.model import HybridMultiTaskNet, NetConfig
 from hybrid_ct.trainer import Trainer, build_loss, build_optimizer, init_distributed
-from hybrid_ct.training import SliceSet, TrainConfig, augmentations, slices_from_arrays
+from hybrid_ct.training import SliceSet, TrainConfig, augmentations, evaluate, slices_from_arrays
 from hybrid_ct.transforms import model_slices
 
-from ..store import ModelStore
+from ..store import ModelStore, UnknownVersionError
 from ..validation import BadRequest, canonicalise_label, normalise_diagnosis
 
 logger = logging.getLogger(__name__)
@@ -64,8 +67,13 @@ PARAMS = {  # name: (type, minimum, maximum) of the numeric train params a clien
     "lambda_cls": (float, 1e-6, 1e3),  # loss weights of the three heads
     "lambda_lung": (float, 1e-6, 1e3),
     "lambda_infection": (float, 1e-6, 1e3),
+    "promote_tolerance": (float, 0.0, 1.0),  # a retrain is "not worse" when new >= served - tolerance
 }
-BOOLS = ("pretrained", "augment", "multi_gpu")
+BOOLS = ("pretrained", "augment", "multi_gpu", "force_promote")
+LISTS = ("promote_metrics",)  # names, as a JSON list or one comma-separated string
+# what a retrain may be compared on: the validation score and the metrics train_stats shows per epoch
+PROMOTE_METRICS = ("score", "lung_dice", "lung_iou", "infection_dice", "infection_iou",
+                   "cls_auc", "cls_accuracy", "cls_sensitivity", "cls_specificity")
 
 
 def _bool(v, name):
@@ -98,10 +106,26 @@ def validate_params(params: dict) -> dict:
     for name in BOOLS:
         if name in out and out[name] is not None:
             out[name] = _bool(out[name], name)
+    if out.get("promote_metrics") is not None:
+        out["promote_metrics"] = metric_names(out["promote_metrics"])
     gpus = out.get("gpus")
     if gpus is not None and not (isinstance(gpus, str) and re.match(r"^(all|\d+(,\d+)*)$", gpus.strip())):
         raise BadRequest(f"train parameter gpus must be 'all' or GPU indices like '0,1', got {gpus!r}")
     return out
+
+
+def metric_names(value) -> list:
+    """``promote_metrics`` -> a list of known metric names (BadRequest naming the accepted ones)."""
+    if isinstance(value, str):
+        names = [n.strip() for n in value.split(",") if n.strip()]
+    elif isinstance(value, (list, tuple)) and all(isinstance(n, str) for n in value):
+        names = [n.strip() for n in value]
+    else:
+        names = None
+    if not names or any(n not in PROMOTE_METRICS for n in names):
+        raise BadRequest(f"train parameter promote_metrics must name one or more of {list(PROMOTE_METRICS)} "
+                         f"(a list or a comma-separated string), got {value!r}")
+    return list(dict.fromkeys(names))
 
 
 def is_validation_image(image_id: str, val_split: float) -> bool:
@@ -127,6 +151,20 @@ def slices_for_case(case: dict, size: int) -> SliceSet:
     return s
 
 
+def slices_of(cases: list, size: int) -> tuple:
+    """Cases -> (one SliceSet of all their slices, the cases used, the ones skipped with the reason)."""
+    out, used, skipped = SliceSet.empty(size), [], []
+    for case in cases:
+        try:
+            s = slices_for_case(case, size)
+        except InputError as e:
+            skipped.append({"id": case["id"], "reason": str(e)})
+            logger.warning("training skips %s: %s", case["id"], e)
+            continue
+        out, used = out.extend(s), used + [case]
+    return out, used, skipped
+
+
 class StopFlag:
     """Graceful stop: a file the server touches on ``DELETE /train/`` (the Trainer all-reduces it across
     DDP ranks, so every rank stops at the same step)."""
@@ -146,6 +184,36 @@ REQUEST_TO_CONFIG = {"max_epochs": "epochs", "train_batch_size": "batch_size", "
                      "learning_rate": "lr", "weight_decay": "weight_decay", "negative_fraction": "negative_fraction",
                      "augment": "augment", "max_iters_per_epoch": "max_iters_per_epoch", "seed": "seed",
                      "num_workers": "num_workers"}
+
+
+def promotion_scores(model, data: SliceSet, device, batch_size: int) -> dict:
+    """``evaluate`` on ``data`` -> the ``PROMOTE_METRICS`` these slices can measure (rounded as in train_stats)."""
+    ev = evaluate(model.to(device), data, batch_size, device)
+    return {"score": round(float(ev["score"]), 5), **_flat_metrics(ev)}
+
+
+def promotion_decision(new: dict, served: dict | None, metrics: list, tolerance: float = 0.0,
+                       force: bool = False) -> tuple:
+    """-> (decision, reason). "promoted": ``new`` is not worse than ``served`` on any of ``metrics``
+    (new >= served - tolerance), or there is no served model; else "forced" with ``force``, else "kept".
+    A metric without a served value (these slices cannot measure it) is not compared; when none of
+    ``metrics`` can be, the validation ``score`` is."""
+    if served is None:
+        return "promoted", "no served model"
+    compared = [m for m in metrics if served.get(m) is not None]
+    skipped = [m for m in metrics if m not in compared]
+    if not compared:
+        compared = ["score"]
+    note = f" ({', '.join(skipped)} not measurable on these slices)" if skipped else ""
+    worse = [m for m in compared if new.get(m) is None or round(served[m] - new[m], 6) > tolerance]
+    if not worse:
+        return "promoted", "not worse than the served model: " + ", ".join(
+            f"{m} {new[m]} vs {served[m]}" for m in compared) + f" (tolerance {tolerance}){note}"
+    why = "worse than the served model on " + ", ".join(f"{m} ({new.get(m)} < {served[m]} - {tolerance})"
+                                                         for m in worse) + note
+    if force:
+        return "forced", why + "; made current by force_promote"
+    return "kept", why + "; the served model stays current"
 
 
 def train_config(req: dict, device) -> TrainConfig:
@@ -187,6 +255,9 @@ class HybridCTTrain(BasicTrainTask):
             "seed": d.seed,
             "num_workers": d.num_workers,
             **{f"lambda_{head}": v for head, v in d.lambdas.items()},
+            "promote_metrics": "score",  # comma-separated PROMOTE_METRICS
+            "promote_tolerance": 0.0,
+            "force_promote": False,
             "device": device_list(),
             "multi_gpu": True,
             "gpus": "all",
@@ -291,21 +362,15 @@ class HybridCTTrain(BasicTrainTask):
         context.train_config = cfg = train_config(req, device)
         torch.manual_seed(cfg.seed + rank)
 
+        served_version = self.store.current() if lead else None  # what a retrain must not be worse than
         context.network = self.network(context)
+        served_version = getattr(context, "parent_version", None) or served_version
         size = context.network.cfg.in_size
-        train_set, val_set, skipped = SliceSet.empty(size), SliceSet.empty(size), []
-        n_train = n_val = 0
-        for case in datalist:
-            try:
-                s = slices_for_case(case, size)
-            except InputError as e:
-                skipped.append({"id": case["id"], "reason": str(e)})
-                logger.warning("training skips %s: %s", case["id"], e)
-                continue
-            if is_validation_image(case["id"], req["val_split"]):
-                val_set, n_val = val_set.extend(s), n_val + 1
-            else:
-                train_set, n_train = train_set.extend(s), n_train + 1
+        is_val = [is_validation_image(case["id"], req["val_split"]) for case in datalist]
+        train_set, train_cases, skipped = slices_of([c for c, v in zip(datalist, is_val) if not v], size)
+        val_set, val_cases, skipped_val = slices_of([c for c, v in zip(datalist, is_val) if v], size)
+        skipped += skipped_val
+        n_train, n_val = len(train_cases), len(val_cases)
         if n_train == 0:
             raise InputError(f"nothing to train on: {len(datalist)} labelled image(s), none usable for training"
                              + (f" ({len(skipped)} skipped)" if skipped else "") + "; submit final labels first")
@@ -353,12 +418,41 @@ class HybridCTTrain(BasicTrainTask):
         meta = {"metric": trainer.best_score, "best_metric_epoch": trainer.best_epoch, "epochs": stats["epoch"],
                 "train_images": n_train, "val_images": n_val, "val_on_training_set": val_on_train,
                 "run_id": context.run_id, "metrics": stats.get("metrics"), "params": _public(req)}
-        version = self.store.publish(model.eval(), meta)
-        stats.update(status="STOPPED" if stopped else "DONE", published_version=version)
+        scored_on = (train_set, train_cases) if val_on_train else (val_set, val_cases)
+        version, promotion = self._publish(model.eval(), meta, served_version, *scored_on, val_on_train, req, device)
+        stats.update(status="STOPPED" if stopped else "DONE", published_version=version, promotion=promotion,
+                     current_version=self.store.current())
         self.store.write_stats(stats)
         print(f"[hybrid_ct] published model {version} (best metric {trainer.best_score:.4f}, epoch "
-              f"{trainer.best_epoch})", flush=True)
+              f"{trainer.best_epoch}): {promotion['decision']}, {promotion['reason']}", flush=True)
         return stats
+
+    def _publish(self, model, meta: dict, served_version, data: SliceSet, cases: list, on_train: bool,
+                 req: dict, device) -> tuple:
+        """Score ``model`` and the served model on the same slices, publish ``model`` as a version, made
+        current unless it is worse (``promotion_decision``) -> (version, the ``promotion`` block)."""
+        metrics = req.get("promote_metrics") or ["score"]
+        tolerance, force = float(req.get("promote_tolerance") or 0.0), bool(req.get("force_promote"))
+        batch_size = req.get("val_batch_size") or req["train_batch_size"]
+        new, served, failed = promotion_scores(model, data, device, batch_size), None, ""
+        if served_version is not None:
+            try:
+                old, _ = load_checkpoint(self.store.path(served_version), "cpu")
+                same = old.cfg.in_size == model.cfg.in_size
+                served = promotion_scores(old, data if same else slices_of(cases, old.cfg.in_size)[0], device,
+                                          batch_size)
+                del old
+            except (ModelNotReadyError, UnknownVersionError) as e:  # unservable anyway: nothing to compare
+                failed = f"the served model {served_version} does not load ({e}); "
+        decision, reason = promotion_decision(new, served, metrics, tolerance, force)
+        if on_train:
+            reason += "; scored on the training images (no validation image yet)"
+        promotion = {"decision": decision, "reason": failed + reason, "new": new, "served": served,
+                     "served_version": served_version, "metrics": metrics, "tolerance": tolerance,
+                     "force_promote": force, "val_images": len(cases), "val_slices": len(data),
+                     "val_on_training_set": on_train}
+        model.cpu()
+        return self.store.publish(model, dict(meta, promotion=promotion), make_current=decision != "kept"), promotion
 
 
 def _flat_metrics(ev: dict) -> dict:
@@ -376,5 +470,5 @@ def _flat_metrics(ev: dict) -> dict:
 
 
 def _public(req: dict) -> dict:
-    keys = list(PARAMS) + list(BOOLS)
+    keys = list(PARAMS) + list(BOOLS) + list(LISTS)
     return {k: req[k] for k in keys if k in req}
