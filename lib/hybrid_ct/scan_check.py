@@ -140,16 +140,24 @@ def render(loso: list, phantoms: list, cal: Calibration, plot_name: str, command
     lines = [f"Command: `{command}`", "",
              f"Calibration written beside the model: P = sigmoid({cal.a:.3f} logit(score) + {cal.b:.3f}), "
              f"noise floor {cal.noise_floor_ml:.1f} mL, fitted on {len(cal.fitted_on)} scans.", "",
-             "| scan | truth COVID-19 / infection | score (mean slice P) | call (held out) | P (held out) | infection mL "
-             "| floor mL (held out) | found | lung Dice 3D | false lung mL |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| scan | truth COVID-19 / infection | score (mean slice P) | raw call (score >= 0.5) | calibrated call "
+             "(held out) | P (held out) | infection mL | floor mL (held out) | found | lung Dice 3D | false lung mL |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in loso:
         truth = "?" if r["covid"] is None else f"{'pos' if r['covid'] else 'neg'} / {'yes' if r['infection'] else 'no'}"
         dice = f"{r['lung_dice']:.3f}" if "lung_dice" in r else ""
         false = f"{r['false_lung_ml']:.0f}" if "false_lung_ml" in r else ""
-        lines.append(f"| {r['name']} | {truth} | {r['score']:.3f} | {r['label']} | {r['probability']:.3f} | "
+        raw = "positive" if r["score"] >= 0.5 else "negative"
+        lines.append(f"| {r['name']} | {truth} | {r['score']:.3f} | {raw} | {r['label']} | {r['probability']:.3f} | "
                      f"{r['infection_ml']:.1f} | {r['noise_floor_ml']:.1f} | {'yes' if r['infection_found'] else 'no'} "
                      f"| {dice} | {false} |")
     acc = np.mean([(p["probability"] >= 0.5) == bool(p["covid"]) for p in phantoms]) if phantoms else float("nan")
+    real = [r for r in loso if r["covid"] is not None]
+    if real:
+        right_cal = sum((r["probability"] >= 0.5) == bool(r["covid"]) for r in real)
+        right_raw = sum((r["score"] >= 0.5) == bool(r["covid"]) for r in real)
+        lines += ["", f"Real scans with scan-level truth (n = {len(real)}): calibrated call (held out) right on "
+                  f"{right_cal}, raw call (score >= 0.5) right on {right_raw}."]
     neg_ml = [p["infection_ml"] for p in phantoms if not p["infection"]]
     lines += ["", f"Phantoms (n = {len(phantoms)}, 4 folds held out): call accuracy {acc:.3f}; infection outlined on "
               f"the {len(neg_ml)} negative phantoms: max {max(neg_ml, default=0):.2f} mL.", "",
