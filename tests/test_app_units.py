@@ -17,8 +17,9 @@ if str(APP_DIR) not in sys.path:
     sys.path.insert(0, str(APP_DIR))
 
 from lib.store import SHIPPED, ModelStore, UnknownVersionError  # noqa: E402
-from lib.trainers.hybrid_ct import (PROMOTE_METRICS, is_validation_image, promotion_decision,  # noqa: E402
-                                    validate_params)
+from lib.trainers.data import is_validation_image  # noqa: E402
+from lib.trainers.params import PROMOTE_METRICS, validate_params  # noqa: E402
+from lib.trainers.promotion import promotion_decision  # noqa: E402
 from lib.validation import (BadRequest, canonical_name, canonicalise_label, check_id, check_tag,  # noqa: E402
                             parse_label_info)
 

@@ -236,7 +236,8 @@ def test_the_app_builds_its_train_config_with_the_same_defaults_and_loss_weights
     if app_dir not in sys.path:
         sys.path.insert(0, app_dir)
     from lib.store import ModelStore
-    from lib.trainers.hybrid_ct import HybridCTTrain, train_config
+    from lib.trainers.hybrid_ct import HybridCTTrain
+    from lib.trainers.params import train_config
     from lib.validation import BadRequest
 
     req = HybridCTTrain(ModelStore(tmp_path)).config()

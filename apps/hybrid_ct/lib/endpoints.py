@@ -46,7 +46,7 @@ from hybrid_ct.io import write_image
 
 from .lifecycle import TrainingLock
 from .store import UnknownVersionError
-from .trainers.hybrid_ct import BOOLS, LISTS, PARAMS, validate_params
+from .trainers.params import BOOLS, LISTS, PARAMS, validate_params
 from .validation import (LABEL_EXT, MIN_SLICES, STORED_EXT, UPLOAD_EXT, BadRequest, Conflict, NotFound,
                          canonicalise_label, check_id, check_tag, check_upload_file, file_extension, load_upload,
                          normalise_diagnosis, parse_json_param, scrub, upload_name)
@@ -237,9 +237,12 @@ def download_image(image: str, check_only: bool = False, check_sum: Optional[str
     if not os.path.isfile(uri):
         raise NotFound(f"image {image!r} is a DICOM series folder on the server: it cannot be downloaded as one file")
     if check_only:
-        if check_sum:
+        if check_sum:  # "SHA256:<hex>" (or a bare hex digest): does the server hold exactly this file?
             algo, _, digest = check_sum.rpartition(":")
-            if digest != file_checksum(uri, algo=algo or "SHA256"):
+            algo = (algo or "SHA256").upper()
+            if algo not in ("SHA256", "SHA512", "MD5"):
+                raise BadRequest(f"check_sum {check_sum[:80]!r}: use SHA256:<hex> (or SHA512 / MD5)")
+            if file_checksum(uri, algo=algo) != f"{algo}:{digest.strip().lower()}":
                 raise NotFound(f"image {image!r} has other content (checksum differs)")
         return {}
     return FileResponse(uri, media_type=get_mime_type(uri), filename=os.path.basename(uri))

@@ -24,12 +24,9 @@ fixed validation slices, on the ``promote_metrics`` (default ``score``) within `
 """
 from __future__ import annotations
 
-import hashlib
 import logging
-import math
 import os
 import random
-import re
 import time
 from datetime import timedelta
 
@@ -42,128 +39,16 @@ from monailabel.utils.others.generic import device_list
 
 from hybrid_ct.checkpoint import load_checkpoint
 from hybrid_ct.errors import InputError, ModelNotReadyError
-from hybrid_ct.io import read_image
 from hybrid_ct.model import HybridMultiTaskNet, NetConfig
 from hybrid_ct.trainer import Trainer, build_loss, build_optimizer, init_distributed
-from hybrid_ct.training import SliceSet, TrainConfig, augmentations, evaluate, slices_from_arrays
-from hybrid_ct.transforms import model_slices
+from hybrid_ct.training import SliceSet, augmentations
 
 from ..store import ModelStore, UnknownVersionError
-from ..validation import BadRequest, canonicalise_label, normalise_diagnosis
+from .data import is_validation_image, slices_of
+from .params import DEFAULTS, public_params, train_config, validate_params
+from .promotion import flat_metrics, promotion_decision, promotion_scores
 
 logger = logging.getLogger(__name__)
-
-PARAMS = {  # name: (type, minimum, maximum) of the numeric train params a client may send
-    "max_epochs": (int, 1, 100000),
-    "train_batch_size": (int, 1, 1024),
-    "val_batch_size": (int, 1, 1024),
-    "learning_rate": (float, 1e-8, 10.0),
-    "weight_decay": (float, 0.0, 1.0),
-    "negative_fraction": (float, 0.0, 1.0),
-    "val_split": (float, 0.0, 0.9),
-    "max_iters_per_epoch": (int, 0, 10**9),
-    "seed": (int, 0, 2**31 - 1),
-    "num_workers": (int, 0, 64),
-    "lambda_cls": (float, 1e-6, 1e3),  # loss weights of the three heads
-    "lambda_lung": (float, 1e-6, 1e3),
-    "lambda_infection": (float, 1e-6, 1e3),
-    "promote_tolerance": (float, 0.0, 1.0),  # a retrain is "not worse" when new >= served - tolerance
-}
-BOOLS = ("pretrained", "augment", "multi_gpu", "force_promote")
-LISTS = ("promote_metrics",)  # names, as a JSON list or one comma-separated string
-# what a retrain may be compared on: the validation score and the metrics train_stats shows per epoch
-PROMOTE_METRICS = ("score", "lung_dice", "lung_iou", "infection_dice", "infection_iou",
-                   "cls_auc", "cls_accuracy", "cls_sensitivity", "cls_specificity")
-
-
-def _bool(v, name):
-    if isinstance(v, bool):
-        return v
-    if isinstance(v, (int, float)) and v in (0, 1):
-        return bool(v)
-    if isinstance(v, str) and v.strip().lower() in ("true", "1", "yes", "false", "0", "no"):
-        return v.strip().lower() in ("true", "1", "yes")
-    raise BadRequest(f"train parameter {name} must be true or false, got {v!r}")
-
-
-def validate_params(params: dict) -> dict:
-    """Type-check the train params a client sent (BadRequest -> HTTP 400); returns them coerced."""
-    out = dict(params or {})
-    for name, (typ, lo, hi) in PARAMS.items():
-        if name not in out or out[name] is None:
-            continue
-        v = out[name]
-        if isinstance(v, bool) or not isinstance(v, (int, float, str)):
-            raise BadRequest(f"train parameter {name} must be a number, got {v!r}")
-        try:
-            num = float(v)
-        except ValueError:
-            raise BadRequest(f"train parameter {name} must be a number, got {v!r}") from None
-        if math.isnan(num) or num < lo or num > hi or (typ is int and num != int(num)):
-            raise BadRequest(f"train parameter {name} must be {'an integer' if typ is int else 'a number'} "
-                             f"in [{lo}, {hi}], got {v!r}")
-        out[name] = typ(num)
-    for name in BOOLS:
-        if name in out and out[name] is not None:
-            out[name] = _bool(out[name], name)
-    if out.get("promote_metrics") is not None:
-        out["promote_metrics"] = metric_names(out["promote_metrics"])
-    gpus = out.get("gpus")
-    if gpus is not None and not (isinstance(gpus, str) and re.match(r"^(all|\d+(,\d+)*)$", gpus.strip())):
-        raise BadRequest(f"train parameter gpus must be 'all' or GPU indices like '0,1', got {gpus!r}")
-    return out
-
-
-def metric_names(value) -> list:
-    """``promote_metrics`` -> a list of known metric names (BadRequest naming the accepted ones)."""
-    if isinstance(value, str):
-        names = [n.strip() for n in value.split(",") if n.strip()]
-    elif isinstance(value, (list, tuple)) and all(isinstance(n, str) for n in value):
-        names = [n.strip() for n in value]
-    else:
-        names = None
-    if not names or any(n not in PROMOTE_METRICS for n in names):
-        raise BadRequest(f"train parameter promote_metrics must name one or more of {list(PROMOTE_METRICS)} "
-                         f"(a list or a comma-separated string), got {value!r}")
-    return list(dict.fromkeys(names))
-
-
-def is_validation_image(image_id: str, val_split: float) -> bool:
-    """Fixed per image: the same id always lands on the same side for a given ``val_split``."""
-    h = int(hashlib.sha256(image_id.encode("utf-8")).hexdigest()[:8], 16) / 0xFFFFFFFF
-    return h < val_split
-
-
-def slices_for_case(case: dict, size: int) -> SliceSet:
-    """One datastore case -> model-space slices with targets (label remapped by its label_info names)."""
-    img = read_image(case["image"])
-    label_img, _, _ = canonicalise_label(case["label"], case["image"], case.get("label_info", {}).get("label_info"))
-    x, lab = model_slices(img, label_img, size)  # transforms.pre_transforms, as at inference
-    diagnosis = normalise_diagnosis(case.get("image_info", {}).get("diagnosis"))
-    has_infection = bool((lab == 2).any())
-    if diagnosis == "positive" and not has_infection:
-        # a positive scan whose label shows no infection: the infection was not drawn -> no infection
-        # or class target for its slices; the lung mask still trains
-        return slices_from_arrays(x, lab, case["id"], diagnosis=1, infection_known=False)
-    s = slices_from_arrays(x, lab, case["id"])
-    if diagnosis == "negative":
-        s.cls[:] = 0  # the clinical diagnosis wins over the drawing
-    return s
-
-
-def slices_of(cases: list, size: int) -> tuple:
-    """Cases -> (one SliceSet of all their slices, the cases used, the ones skipped with the reason)."""
-    out, used, skipped = SliceSet.empty(size), [], []
-    for case in cases:
-        try:
-            s = slices_for_case(case, size)
-        except InputError as e:
-            skipped.append({"id": case["id"], "reason": str(e)})
-            logger.warning("training skips %s: %s", case["id"], e)
-            continue
-        out, used = out.extend(s), used + [case]
-    return out, used, skipped
-
 
 class StopFlag:
     """Graceful stop: a file the server touches on ``DELETE /train/`` (the Trainer all-reduces it across
@@ -177,59 +62,6 @@ class StopFlag:
             return os.path.getmtime(self.path) >= self.started - 1.0
         except OSError:
             return False
-
-
-DEFAULTS = TrainConfig()  # the one set of training defaults (the CLI recipes' too)
-REQUEST_TO_CONFIG = {"max_epochs": "epochs", "train_batch_size": "batch_size", "val_batch_size": "val_batch_size",
-                     "learning_rate": "lr", "weight_decay": "weight_decay", "negative_fraction": "negative_fraction",
-                     "augment": "augment", "max_iters_per_epoch": "max_iters_per_epoch", "seed": "seed",
-                     "num_workers": "num_workers"}
-
-
-def promotion_scores(model, data: SliceSet, device, batch_size: int) -> dict:
-    """``evaluate`` on ``data`` -> the ``PROMOTE_METRICS`` these slices can measure (rounded as in train_stats)."""
-    ev = evaluate(model.to(device), data, batch_size, device)
-    return {"score": round(float(ev["score"]), 5), **_flat_metrics(ev)}
-
-
-def promotion_decision(new: dict, served: dict | None, metrics: list, tolerance: float = 0.0,
-                       force: bool = False) -> tuple:
-    """-> (decision, reason). "promoted": ``new`` is not worse than ``served`` on any of ``metrics``
-    (new >= served - tolerance), or there is no served model; else "forced" with ``force``, else "kept".
-    A metric without a served value (these slices cannot measure it) is not compared; when none of
-    ``metrics`` can be, the validation ``score`` is."""
-    if served is None:
-        return "promoted", "no served model"
-    compared = [m for m in metrics if served.get(m) is not None]
-    skipped = [m for m in metrics if m not in compared]
-    if not compared:
-        compared = ["score"]
-    note = f" ({', '.join(skipped)} not measurable on these slices)" if skipped else ""
-    worse = [m for m in compared if new.get(m) is None or round(served[m] - new[m], 6) > tolerance]
-    if not worse:
-        return "promoted", "not worse than the served model: " + ", ".join(
-            f"{m} {new[m]} vs {served[m]}" for m in compared) + f" (tolerance {tolerance}){note}"
-    why = "worse than the served model on " + ", ".join(f"{m} ({new.get(m)} < {served[m]} - {tolerance})"
-                                                         for m in worse) + note
-    if force:
-        return "forced", why + "; made current by force_promote"
-    return "kept", why + "; the served model stays current"
-
-
-def train_config(req: dict, device) -> TrainConfig:
-    """A validated request -> the core's TrainConfig; absent params keep TrainConfig's defaults."""
-    lambdas = {}
-    for head, default in DEFAULTS.lambdas.items():
-        v = req.get(f"lambda_{head}", default)
-        try:
-            lambdas[head] = float(v) if not isinstance(v, bool) else float("nan")
-        except (TypeError, ValueError):
-            lambdas[head] = float("nan")
-        if not 0.0 < lambdas[head] < float("inf"):
-            raise BadRequest(f"train parameter lambda_{head} must be a number > 0, got {v!r}")
-    given = {field: req[key] for key, field in REQUEST_TO_CONFIG.items() if req.get(key) is not None}
-    given["max_iters_per_epoch"] = given.get("max_iters_per_epoch") or None  # 0: the whole epoch
-    return TrainConfig(**given, lambdas=lambdas, device=str(device))
 
 
 class HybridCTTrain(BasicTrainTask):
@@ -391,11 +223,11 @@ class HybridCTTrain(BasicTrainTask):
             best, best_epoch = trainer.best_score, trainer.best_epoch
             entry = {"epoch": epoch, "loss": round(float(st["loss"].get("total", float("nan"))), 5),
                      "score": round(score, 5), "seconds": round(time.perf_counter() - clock["t0"], 2),
-                     "train_slices": st["train_slices"], **_flat_metrics(ev)}
+                     "train_slices": st["train_slices"], **flat_metrics(ev)}
             clock["t0"] = time.perf_counter()
             stats["history"].append(entry)
             stats.update(epoch=epoch, best_metric=best, best_metric_epoch=best_epoch, loss=entry["loss"],
-                         metrics=_flat_metrics(ev), current_time=str(timedelta(seconds=int(time.time() - start))))
+                         metrics=flat_metrics(ev), current_time=str(timedelta(seconds=int(time.time() - start))))
             self.store.write_stats(stats)
             print(f"[hybrid_ct] epoch {epoch}/{cfg.epochs} loss {entry['loss']:.4f} "
                   f"score {score:.4f} best {best:.4f} (epoch {best_epoch})", flush=True)
@@ -417,7 +249,7 @@ class HybridCTTrain(BasicTrainTask):
             return stats
         meta = {"metric": trainer.best_score, "best_metric_epoch": trainer.best_epoch, "epochs": stats["epoch"],
                 "train_images": n_train, "val_images": n_val, "val_on_training_set": val_on_train,
-                "run_id": context.run_id, "metrics": stats.get("metrics"), "params": _public(req)}
+                "run_id": context.run_id, "metrics": stats.get("metrics"), "params": public_params(req)}
         scored_on = (train_set, train_cases) if val_on_train else (val_set, val_cases)
         version, promotion = self._publish(model.eval(), meta, served_version, *scored_on, val_on_train, req, device)
         stats.update(status="STOPPED" if stopped else "DONE", published_version=version, promotion=promotion,
@@ -455,20 +287,3 @@ class HybridCTTrain(BasicTrainTask):
         return self.store.publish(model, dict(meta, promotion=promotion), make_current=decision != "kept"), promotion
 
 
-def _flat_metrics(ev: dict) -> dict:
-    out = {}
-    for name, m in (ev.get("seg") or {}).items():
-        if isinstance(m, dict) and m.get("n_cases"):
-            for k in ("dice", "iou"):
-                if k in m and m[k] == m[k]:
-                    out[f"{name}_{k}"] = round(float(m[k]), 5)
-    for k in ("accuracy", "auc", "sensitivity", "specificity"):
-        v = (ev.get("cls") or {}).get(k)
-        if isinstance(v, (int, float)) and v == v:
-            out[f"cls_{k}"] = round(float(v), 5)
-    return out
-
-
-def _public(req: dict) -> dict:
-    keys = list(PARAMS) + list(BOOLS) + list(LISTS)
-    return {k: req[k] for k in keys if k in req}

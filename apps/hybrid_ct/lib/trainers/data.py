@@ -1,0 +1,53 @@
+"""Training data from the datastore: the fixed validation split and one case's model slices."""
+from __future__ import annotations
+
+import hashlib
+import logging
+
+from hybrid_ct.errors import InputError
+from hybrid_ct.io import read_image
+from hybrid_ct.training import SliceSet, slices_from_arrays
+from hybrid_ct.transforms import model_slices
+
+from ..validation import canonicalise_label, normalise_diagnosis
+
+logger = logging.getLogger(__name__)
+
+
+def is_validation_image(image_id: str, val_split: float) -> bool:
+    """Fixed per image: the same id always lands on the same side for a given ``val_split``."""
+    h = int(hashlib.sha256(image_id.encode("utf-8")).hexdigest()[:8], 16) / 0xFFFFFFFF
+    return h < val_split
+
+
+def slices_for_case(case: dict, size: int) -> SliceSet:
+    """One datastore case -> model-space slices with targets (label remapped by its label_info names)."""
+    img = read_image(case["image"])
+    label_img, _, _ = canonicalise_label(case["label"], case["image"], case.get("label_info", {}).get("label_info"))
+    x, lab = model_slices(img, label_img, size)  # transforms.pre_transforms, as at inference
+    diagnosis = normalise_diagnosis(case.get("image_info", {}).get("diagnosis"))
+    has_infection = bool((lab == 2).any())
+    if diagnosis == "positive" and not has_infection:
+        # a positive scan whose label shows no infection: the infection was not drawn -> no infection
+        # or class target for its slices; the lung mask still trains
+        return slices_from_arrays(x, lab, case["id"], diagnosis=1, infection_known=False)
+    s = slices_from_arrays(x, lab, case["id"])
+    if diagnosis == "negative":
+        s.cls[:] = 0  # the clinical diagnosis wins over the drawing
+    return s
+
+
+def slices_of(cases: list, size: int) -> tuple:
+    """Cases -> (one SliceSet of all their slices, the cases used, the ones skipped with the reason)."""
+    out, used, skipped = SliceSet.empty(size), [], []
+    for case in cases:
+        try:
+            s = slices_for_case(case, size)
+        except InputError as e:
+            skipped.append({"id": case["id"], "reason": str(e)})
+            logger.warning("training skips %s: %s", case["id"], e)
+            continue
+        out, used = out.extend(s), used + [case]
+    return out, used, skipped
+
+

@@ -1,0 +1,48 @@
+"""Is a retrain not worse than the served model? Both scored on the same fixed validation slices."""
+from __future__ import annotations
+
+from hybrid_ct.training import SliceSet, evaluate
+
+
+def promotion_scores(model, data: SliceSet, device, batch_size: int) -> dict:
+    """``evaluate`` on ``data`` -> the ``PROMOTE_METRICS`` these slices can measure (rounded as in train_stats)."""
+    ev = evaluate(model.to(device), data, batch_size, device)
+    return {"score": round(float(ev["score"]), 5), **flat_metrics(ev)}
+
+
+def promotion_decision(new: dict, served: dict | None, metrics: list, tolerance: float = 0.0,
+                       force: bool = False) -> tuple:
+    """-> (decision, reason). "promoted": ``new`` is not worse than ``served`` on any of ``metrics``
+    (new >= served - tolerance), or there is no served model; else "forced" with ``force``, else "kept".
+    A metric without a served value (these slices cannot measure it) is not compared; when none of
+    ``metrics`` can be, the validation ``score`` is."""
+    if served is None:
+        return "promoted", "no served model"
+    compared = [m for m in metrics if served.get(m) is not None]
+    skipped = [m for m in metrics if m not in compared]
+    if not compared:
+        compared = ["score"]
+    note = f" ({', '.join(skipped)} not measurable on these slices)" if skipped else ""
+    worse = [m for m in compared if new.get(m) is None or round(served[m] - new[m], 6) > tolerance]
+    if not worse:
+        return "promoted", "not worse than the served model: " + ", ".join(
+            f"{m} {new[m]} vs {served[m]}" for m in compared) + f" (tolerance {tolerance}){note}"
+    why = "worse than the served model on " + ", ".join(f"{m} ({new.get(m)} < {served[m]} - {tolerance})"
+                                                         for m in worse) + note
+    if force:
+        return "forced", why + "; made current by force_promote"
+    return "kept", why + "; the served model stays current"
+
+
+def flat_metrics(ev: dict) -> dict:
+    out = {}
+    for name, m in (ev.get("seg") or {}).items():
+        if isinstance(m, dict) and m.get("n_cases"):
+            for k in ("dice", "iou"):
+                if k in m and m[k] == m[k]:
+                    out[f"{name}_{k}"] = round(float(m[k]), 5)
+    for k in ("accuracy", "auc", "sensitivity", "specificity"):
+        v = (ev.get("cls") or {}).get(k)
+        if isinstance(v, (int, float)) and v == v:
+            out[f"cls_{k}"] = round(float(v), 5)
+    return out
