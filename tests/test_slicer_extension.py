@@ -119,7 +119,8 @@ class Block:
 sys.meta_path.insert(0, Block())
 for m in ("hybrid_ct_slicer", "hybrid_ct_slicer.client", "hybrid_ct_slicer.segments", "hybrid_ct_slicer.results",
           "hybrid_ct_slicer.settings", "hybrid_ct_slicer.imageio", "hybrid_ct_slicer.workflow",
-          "hybrid_ct_slicer.testdata"):
+          "hybrid_ct_slicer.testdata", "hybrid_ct_slicer.identity", "hybrid_ct_slicer.jobs",
+          "hybrid_ct_slicer.policy", "hybrid_ct_slicer.mockserver"):
     importlib.import_module(m)
 print("ok")
 """
