@@ -147,6 +147,9 @@ class MockServer(http.server.ThreadingHTTPServer):
         self.url = f"http://127.0.0.1:{self.server_address[1]}"
         self._thread = threading.Thread(target=self.serve_forever, name="HybridCT mock server", daemon=True)
 
+    def handle_error(self, request, client_address):  # a client that hung up (cancel): not an error here
+        pass
+
     def __enter__(self) -> "MockServer":
         self._thread.start()
         return self
