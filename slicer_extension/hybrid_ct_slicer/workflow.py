@@ -10,6 +10,7 @@ next sample -> train / stop / status -> model versions / roll back.
 from __future__ import annotations
 
 import tempfile
+import uuid
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
@@ -220,7 +221,8 @@ class Workflow:
         resp: InferResponse = self.client.infer(model, image_id, request)
         self.check_cancelled()
         self.progress(90, "Reading the result ...")
-        label_path = resp.save_label(self.work_dir, stem=f"HybridCT_{image_id}_{model}_label")
+        # a unique name: a cancelled run's late file must never be confused with the next run's
+        label_path = resp.save_label(self.work_dir, stem=f"HybridCT_{image_id}_{model}_{uuid.uuid4().hex[:8]}_label")
         if label_path is None:
             raise ServerError("The server returned no label map for this image.", kind="protocol")
         display = format_results(resp.params)
