@@ -74,15 +74,20 @@ def test_stamp_trusted_only_for_unchanged_voxels(scene, ct):
     assert mrml.volume_identity(v).image_id.startswith("ct-")
 
 
+def _run_on_a(scene, ct, server, work, names):
+    """The module's Run on volume A (through ModuleLogic and the mock server); B has other voxels."""
+    array, _label, geometry = ct
+    logic = ModuleLogic(scene, workDir=str(work))
+    logic.connect(server.url)
+    a = mrml.add_volume(scene, array, geometry, names[0])
+    b = mrml.add_volume(scene, array + 5, geometry, names[1])
+    identity, result = logic.runVolume(mrml.volume_snapshot(a), "hybrid_ct")
+    return logic, a, b, identity, logic.showResult(result, a, identity=identity, show3D=False)
+
+
 def test_submit_of_a_segmentation_on_another_volume_is_refused(scene, ct, tmp_path):
-    array, label, geometry = ct
     with MockServer() as server:
-        logic = ModuleLogic(scene, workDir=str(tmp_path / "work"))
-        logic.connect(server.url)
-        a = mrml.add_volume(scene, array, geometry, "2: CT Chest")
-        b = mrml.add_volume(scene, array + 5, geometry, "2: CT Chest")
-        identity, result = logic.runVolume(mrml.volume_snapshot(a), "hybrid_ct")
-        seg = logic.showResult(result, a, identity=identity, show3D=False)
+        logic, a, b, identity, seg = _run_on_a(scene, ct, server, tmp_path / "work", ("2: CT Chest", "2: CT Chest"))
         assert seg.GetAttribute(ID_ATTRIBUTE) == identity.image_id
         assert seg.GetAttribute(CONTENT_ATTRIBUTE) == identity.content_hash
         attrs = mrml.get_attributes(seg, (ID_ATTRIBUTE, CONTENT_ATTRIBUTE))
@@ -101,14 +106,9 @@ def test_submit_of_a_segmentation_on_another_volume_is_refused(scene, ct, tmp_pa
 
 
 def test_run_again_asks_before_replacing_edits(scene, ct, tmp_path):
-    array, _label, geometry = ct
+    array = ct[0]
     with MockServer() as server:
-        logic = ModuleLogic(scene, workDir=str(tmp_path / "work"))
-        logic.connect(server.url)
-        a = mrml.add_volume(scene, array, geometry, "A")
-        b = mrml.add_volume(scene, array + 3, geometry, "B")
-        identity, result = logic.runVolume(mrml.volume_snapshot(a), "hybrid_ct")
-        seg = logic.showResult(result, a, identity=identity, show3D=False)
+        logic, a, b, identity, seg = _run_on_a(scene, ct, server, tmp_path / "work", ("A", "B"))
         assert logic.replaceDecision(seg, a) == "replace"  # unedited result of the same scan
         assert logic.replaceDecision(seg, b) == "new"  # another scan: a new segmentation
         infection = seg.GetSegmentation().GetSegmentIdBySegmentName("Infection")

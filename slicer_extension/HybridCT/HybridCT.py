@@ -58,7 +58,6 @@ from hybrid_ct_slicer.segments import SegmentError, SegmentWarning  # noqa: E402
 from hybrid_ct_slicer.settings import (DEFAULT_SERVER_URL, SETTINGS_KEY_MODEL, SETTINGS_KEY_SERVER_URL,  # noqa: E402
                                        SETTINGS_KEY_STRATEGY, normalise_server_url)
 
-IMAGE_ID_ATTRIBUTE = ID_ATTRIBUTE
 DELIVER_MS = 50  # results and progress reach the GUI thread this often
 GIL_YIELD_S = 0.005  # per tick while jobs run: worker threads get the GIL even if Slicer holds it when idle
 TRAIN_POLL_S = 5.0
@@ -71,9 +70,7 @@ IDLE_POLL_S = 30.0
 
 
 class HybridCT(ScriptedLoadableModule):
-    """Uses ScriptedLoadableModule base class, available at:
-    https://github.com/Slicer/Slicer/blob/main/Base/Python/slicer/ScriptedLoadableModule.py
-    """
+    """The module's description (ScriptedLoadableModule)."""
 
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
@@ -332,7 +329,7 @@ class HybridCTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _consentToUpload(self):
         """Ask once per non-local server before patient images leave this computer; warn on plain http."""
         settings = qt.QSettings()
-        approved = [a for a in str(settings.value(SETTINGS_KEY_APPROVED_SERVERS, "") or "").split("\n") if a]
+        approved = str(settings.value(SETTINGS_KEY_APPROVED_SERVERS, "") or "").split("\n")
         consent = upload_consent(self.logic.client.server_url, approved)
         if consent.ask:
             if not slicer.util.confirmOkCancelDisplay(consent.question, windowTitle="Hybrid CT: send images?"):
@@ -603,20 +600,13 @@ class HybridCTTest(ScriptedLoadableModuleTest):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
-        self.setUp()
-        self.test_SegmentRoundTrip()
-        self.setUp()
-        self.test_ResultsPanelStrings()
-        self.setUp()
-        self.test_MockServerFlow()
-        self.setUp()
-        self.test_ServerConnection()
+        for test in (self.test_SegmentRoundTrip, self.test_ResultsPanelStrings, self.test_MockServerFlow,
+                     self.test_ServerConnection):
+            self.setUp()
+            test()
 
     def makeLogic(self, **kwargs):
         return HybridCTLogic(**kwargs)
-
-    def _phantom(self, logic, offset=0):
-        return selftest.phantom(logic, offset)
 
     def test_SegmentRoundTrip(self):
         selftest.segment_round_trip(self)
@@ -628,16 +618,4 @@ class HybridCTTest(ScriptedLoadableModuleTest):
         selftest.mock_server_flow(self)
 
     def test_ServerConnection(self):
-        url = os.environ.get("HYBRID_CT_SERVER_URL")
-        if not url:
-            self.delayDisplay("HYBRID_CT_SERVER_URL not set: the live server check is skipped "
-                              "(the mock server test covers the flow)")
-            return
-        self.delayDisplay(f"Connecting to {url}")
-        logic = HybridCTLogic()
-        try:
-            info = logic.connect(url)
-        except ServerError as exc:
-            self.fail(f"Connection check failed: {exc}")
-        self.assertTrue(info.models, "the server offers no model")
-        self.delayDisplay(info.summary())
+        selftest.server_connection(self)

@@ -106,3 +106,21 @@ def mock_server_flow(test):
         test.assertEqual(os.listdir(workDir), [])
     test.delayDisplay("Mock server flow passed")
 
+
+
+def server_connection(test):
+    """Only with HYBRID_CT_SERVER_URL set: connect to that real server and list its models."""
+    from .client import ServerError
+
+    url = os.environ.get("HYBRID_CT_SERVER_URL")
+    if not url:
+        test.delayDisplay("HYBRID_CT_SERVER_URL not set: the live server check is skipped "
+                          "(the mock server test covers the flow)")
+        return
+    test.delayDisplay(f"Connecting to {url}")
+    try:
+        info = test.makeLogic().connect(url)
+    except ServerError as exc:
+        test.fail(f"Connection check failed: {exc}")
+    test.assertTrue(info.models, "the server offers no model")
+    test.delayDisplay(info.summary())
