@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import re
 import socket
 import threading
 import warnings
@@ -249,13 +250,16 @@ def test_detail_extraction():
     assert _detail_from_body(b"", "fallback") == "fallback"
 
 
-def test_image_ids_made_from_volume_names():
-    from hybrid_ct_slicer.workflow import make_image_id
-    assert make_image_id("CT chest 1") == "CT chest 1"
-    assert make_image_id("../../etc/passwd") == "_.._etc_passwd"
-    assert make_image_id("a/b?c#d:é") == "a_b_c_d__"
-    assert make_image_id("  ...  ") == "volume"
-    assert len(make_image_id("x" * 500)) == 128
+def test_image_ids_never_come_from_volume_names():
+    """Issue 17: ids come from DICOM UIDs or the content; they are valid server ids (no path parts)."""
+    from hybrid_ct_slicer import workflow
+    from hybrid_ct_slicer.identity import derive_image_id
+
+    assert not hasattr(workflow, "make_image_id")
+    content = "ab" * 32
+    for image_id in (derive_image_id(content), derive_image_id(content, series_uid="1.2.840.1"),
+                     derive_image_id(content, instance_uids="1.2.3 1.2.4")):
+        assert re.fullmatch(r"(ct|dcm)-[0-9a-f-]+", image_id) and len(image_id) <= 64
 
 
 def test_ids_are_quoted():

@@ -18,9 +18,11 @@ PACKAGE = EXT / "hybrid_ct_slicer"
 
 def test_extension_cmake_metadata():
     text = (EXT / "CMakeLists.txt").read_text()
-    for key in ("EXTENSION_HOMEPAGE", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION", "EXTENSION_ICONURL",
-                "EXTENSION_SCREENSHOTURLS"):
+    for key in ("EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION"):
         assert re.search(rf'set\({key} "[^"]+"\)', text), key
+    for key in ("EXTENSION_HOMEPAGE", "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS"):
+        assert re.search(rf'set\({key} "[^"]*"\)', text), key
+    assert "hybrid-ct/hybrid-ct" not in text and "example" not in text  # real URLs or none, no placeholders
     assert 'set(EXTENSION_CATEGORY "Segmentation")' in text
     assert 'set(EXTENSION_DEPENDS "NA")' in text
     assert "find_package(Slicer REQUIRED)" in text and "include(${Slicer_USE_FILE})" in text
@@ -91,7 +93,7 @@ def test_module_file_structure():
     bases = {node.name: [ast.unparse(b) for b in node.bases] for node in tree.body if isinstance(node, ast.ClassDef)}
     assert bases["HybridCT"] == ["ScriptedLoadableModule"]
     assert bases["HybridCTWidget"][0] == "ScriptedLoadableModuleWidget"
-    assert bases["HybridCTLogic"] == ["ScriptedLoadableModuleLogic"]
+    assert bases["HybridCTLogic"][0] == "ScriptedLoadableModuleLogic"  # + the package's ModuleLogic
     assert bases["HybridCTTest"] == ["ScriptedLoadableModuleTest"]
     source = (MODULE / "HybridCT.py").read_text()
     assert 'slicer.util.loadUI(self.resourcePath("UI/HybridCT.ui"))' in source
@@ -119,9 +121,41 @@ class Block:
 sys.meta_path.insert(0, Block())
 for m in ("hybrid_ct_slicer", "hybrid_ct_slicer.client", "hybrid_ct_slicer.segments", "hybrid_ct_slicer.results",
           "hybrid_ct_slicer.settings", "hybrid_ct_slicer.imageio", "hybrid_ct_slicer.workflow",
-          "hybrid_ct_slicer.testdata"):
+          "hybrid_ct_slicer.testdata", "hybrid_ct_slicer.identity", "hybrid_ct_slicer.jobs",
+          "hybrid_ct_slicer.policy", "hybrid_ct_slicer.mockserver"):
     importlib.import_module(m)
 print("ok")
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(EXT), timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_extension_folder_is_a_repository_root():
+    """Issue 17 packaging: README and Apache-2.0 LICENSE in the extension folder, module dependencies,
+    a parameter node, and the export script makes the folder the root of its own repository."""
+    assert "Apache License" in (EXT / "LICENSE").read_text() and "Version 2.0" in (EXT / "LICENSE").read_text()
+    readme = (EXT / "README.md").read_text()
+    assert "Hybrid CT" in readme and "LICENSE" in readme
+    source = (MODULE / "HybridCT.py").read_text()
+    assert 'self.parent.dependencies = ["Segmentations", "SegmentEditor"]' in source
+    assert "saveSelection" in source and "getParameterNode" in (PACKAGE / "logic.py").read_text()
+
+
+def test_export_script_makes_a_standalone_repository(tmp_path):
+    import shutil
+
+    if shutil.which("git") is None:
+        import pytest
+        pytest.skip("git is not installed")
+    target = tmp_path / "SlicerHybridCT"
+    out = subprocess.run(["bash", str(ROOT / "scripts" / "export_slicer_extension.sh"), str(target)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    for rel in ("CMakeLists.txt", "README.md", "LICENSE", "HybridCT.png", "HybridCT/HybridCT.py",
+                "HybridCT/Resources/UI/HybridCT.ui", "hybrid_ct_slicer/contract.json", ".git"):
+        assert (target / rel).exists(), rel
+    log = subprocess.run(["git", "-C", str(target), "log", "--oneline"], capture_output=True, text=True)
+    assert log.returncode == 0 and log.stdout.strip()
+    status = subprocess.run(["git", "-C", str(target), "status", "--porcelain"], capture_output=True, text=True)
+    assert status.stdout.strip() == "", "files left out of the exported repository"
+    assert not list(target.rglob("__pycache__"))

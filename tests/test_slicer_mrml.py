@@ -252,15 +252,17 @@ def test_module_self_test_runs_headless(hybridct_module):
 def test_module_logic_round_trip(hybridct_module, phantom, tmp_path):
     sitk = pytest.importorskip("SimpleITK")
     ct, label, geometry = phantom
-    logic = hybridct_module.HybridCTLogic()
+    logic = hybridct_module.HybridCTLogic(workDir=str(tmp_path / "work"))
     volume = mrml.add_volume(logic.scene, ct, geometry, "case 7/a")
-    image_id, path = logic.prepareUpload(volume)
-    assert image_id == "case 7_a" and path.endswith("case_7_a.nii.gz")
-    img = sitk.ReadImage(path)
+    identity = mrml.volume_identity(volume)
+    assert identity.image_id.startswith("ct-") and identity.source == "content"  # never from the node name
+    snapshot = mrml.volume_snapshot(volume)
+    assert np.array_equal(snapshot["array"], ct) and snapshot["geometry"].almost_equal(geometry)
+    path = str(tmp_path / "written.nii.gz")
+    from hybrid_ct_slicer.imageio import write_image
+    img = sitk.ReadImage(write_image(path, snapshot["array"], snapshot["geometry"]))
     assert np.array_equal(sitk.GetArrayFromImage(img), ct)
     assert np.allclose(img.GetDirection(), geometry.direction, atol=1e-5)
-    volume.SetAttribute(hybridct_module.IMAGE_ID_ATTRIBUTE, "datastore-id")
-    assert logic.imageIdForVolume(volume) == "datastore-id"
 
     seg_node = logic.showLabelmap(label, volume)
     display = seg_node.GetDisplayNode()

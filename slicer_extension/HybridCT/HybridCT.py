@@ -8,15 +8,14 @@ behind the buttons) and in ``hybrid_ct_slicer.mrml`` (MRML helpers that also run
 import logging
 import os
 import sys
-import tempfile
-import threading
+import time
 import traceback
 import warnings
 
 import ctk  # noqa: F401  (imported like every Slicer module; used by the .ui)
 import qt
 import slicer
-import vtk  # noqa: F401
+import vtk
 from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
 from slicer.util import VTKObservationMixin
@@ -47,19 +46,22 @@ def _add_package_path():
 
 _add_package_path()
 
-from hybrid_ct_slicer import mrml  # noqa: E402
-from hybrid_ct_slicer.client import HybridCTClient, ServerError  # noqa: E402
-from hybrid_ct_slicer.imageio import write_image  # noqa: E402
-from hybrid_ct_slicer.results import NA, format_results  # noqa: E402
-from hybrid_ct_slicer.segments import LABEL_INFO, SegmentError, SegmentWarning  # noqa: E402
+from hybrid_ct_slicer import mrml, selftest  # noqa: E402
+from hybrid_ct_slicer.client import ServerError  # noqa: E402
+from hybrid_ct_slicer.identity import CONTENT_ATTRIBUTE, ID_ATTRIBUTE, volume_stamp  # noqa: E402
+from hybrid_ct_slicer.jobs import JobRunner, Poller  # noqa: E402
+from hybrid_ct_slicer.logic import ModuleLogic  # noqa: E402
+from hybrid_ct_slicer.policy import (SETTINGS_KEY_APPROVED_SERVERS, choose_volume, remember_approval,  # noqa: E402
+                                     remove_quietly, upload_consent)
+from hybrid_ct_slicer.results import NA  # noqa: E402
+from hybrid_ct_slicer.segments import SegmentError, SegmentWarning  # noqa: E402
 from hybrid_ct_slicer.settings import (DEFAULT_SERVER_URL, SETTINGS_KEY_MODEL, SETTINGS_KEY_SERVER_URL,  # noqa: E402
                                        SETTINGS_KEY_STRATEGY, normalise_server_url)
-from hybrid_ct_slicer.testdata import make_chest_volume  # noqa: E402
-from hybrid_ct_slicer.workflow import Workflow, make_image_id  # noqa: E402
 
-IMAGE_ID_ATTRIBUTE = "HybridCT.ImageId"
-RESULT_ATTRIBUTE_PREFIX = "HybridCT."
-TRAIN_POLL_MS = 5000
+DELIVER_MS = 50  # results and progress reach the GUI thread this often
+GIL_YIELD_S = 0.005  # per tick while jobs run: worker threads get the GIL even if Slicer holds it when idle
+TRAIN_POLL_S = 5.0
+IDLE_POLL_S = 30.0
 
 
 #
@@ -68,15 +70,13 @@ TRAIN_POLL_MS = 5000
 
 
 class HybridCT(ScriptedLoadableModule):
-    """Uses ScriptedLoadableModule base class, available at:
-    https://github.com/Slicer/Slicer/blob/main/Base/Python/slicer/ScriptedLoadableModule.py
-    """
+    """The module's description (ScriptedLoadableModule)."""
 
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
         self.parent.title = _("Hybrid CT")
         self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
-        self.parent.dependencies = []
+        self.parent.dependencies = ["Segmentations", "SegmentEditor"]
         self.parent.contributors = ["Hybrid CT project contributors"]
         self.parent.helpText = _(
             "Outlines the lungs and the infected regions of a chest CT, classifies the scan "
@@ -95,86 +95,174 @@ class HybridCT(ScriptedLoadableModule):
 
 
 class HybridCTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """Uses ScriptedLoadableModuleWidget base class, available at:
-    https://github.com/Slicer/Slicer/blob/main/Base/Python/slicer/ScriptedLoadableModule.py
-    """
+    """The panel. Every server call is a background job (``hybrid_ct_slicer.jobs``); a QTimer on the GUI
+    thread delivers progress and results. MRML is touched only on the GUI thread."""
 
     def __init__(self, parent=None):
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
         self.logic = None
-        self._busy = False
-        self._timers = []
+        self.jobs = JobRunner()
+        self._timer = None
+        self._poller = None
         self._versionEntries = []
-        self._trainTimer = None
+        self._sceneGeneration = 0
+        self._pickedVolumeId = None
+        self._viewVolumeId = None
+        self._settingVolume = False
+        self._trainingActive = False
 
     # ------------------------------------------------------------------ set-up
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
-
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/HybridCT.ui"))
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
-
         self.logic = HybridCTLogic()
 
-        settings = qt.QSettings()
-        self.ui.serverUrlLineEdit.text = settings.value(SETTINGS_KEY_SERVER_URL, DEFAULT_SERVER_URL)
+        self.ui.serverUrlLineEdit.text = qt.QSettings().value(SETTINGS_KEY_SERVER_URL, DEFAULT_SERVER_URL)
         self.ui.progressBar.setValue(0)
-        self.ui.stopButton.enabled = False
+        for signal, widget, slot in (
+                ("clicked(bool)", self.ui.connectButton, self.onConnect),
+                ("returnPressed()", self.ui.serverUrlLineEdit, self.onConnect),
+                ("clicked(bool)", self.ui.runButton, self.onRun),
+                ("clicked(bool)", self.ui.cancelButton, self.onCancel),
+                ("clicked(bool)", self.ui.editSegmentsButton, self.onEditSegments),
+                ("clicked(bool)", self.ui.submitButton, self.onSubmit),
+                ("clicked(bool)", self.ui.nextSampleButton, self.onNextSample),
+                ("clicked(bool)", self.ui.trainButton, self.onTrain),
+                ("clicked(bool)", self.ui.stopButton, self.onStop),
+                ("clicked(bool)", self.ui.refreshVersionsButton, self.onRefreshVersions),
+                ("clicked(bool)", self.ui.rollbackButton, self.onRollback),
+                ("currentIndexChanged(int)", self.ui.modelComboBox, self._rememberChoices),
+                ("currentIndexChanged(int)", self.ui.strategyComboBox, self._rememberChoices),
+                ("currentNodeChanged(vtkMRMLNode*)", self.ui.inputVolumeSelector, self._onVolumePicked),
+                ("currentNodeChanged(vtkMRMLNode*)", self.ui.segmentationSelector, self._onSelectionChanged)):
+            widget.connect(signal, slot)
 
-        self.ui.connectButton.connect("clicked(bool)", self.onConnect)
-        self.ui.serverUrlLineEdit.connect("returnPressed()", self.onConnect)
-        self.ui.runButton.connect("clicked(bool)", self.onRun)
-        self.ui.editSegmentsButton.connect("clicked(bool)", self.onEditSegments)
-        self.ui.submitButton.connect("clicked(bool)", self.onSubmit)
-        self.ui.nextSampleButton.connect("clicked(bool)", self.onNextSample)
-        self.ui.trainButton.connect("clicked(bool)", self.onTrain)
-        self.ui.stopButton.connect("clicked(bool)", self.onStop)
-        self.ui.refreshVersionsButton.connect("clicked(bool)", self.onRefreshVersions)
-        self.ui.rollbackButton.connect("clicked(bool)", self.onRollback)
-        self.ui.modelComboBox.connect("currentIndexChanged(int)", self._rememberChoices)
-        self.ui.strategyComboBox.connect("currentIndexChanged(int)", self._rememberChoices)
-        self.ui.inputVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self._updateButtons)
-        self.ui.segmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self._updateButtons)
+        self._timer = qt.QTimer()
+        self._timer.setInterval(DELIVER_MS)
+        self._timer.connect("timeout()", self._tick)
+        self._timer.start()
+        self._poller = Poller(self.jobs, "Training status", self._statusWork, TRAIN_POLL_S,
+                              on_result=self._showTrainStatus, on_error=self._trainStatusFailed)
 
-        self._trainTimer = qt.QTimer()
-        self._trainTimer.setInterval(TRAIN_POLL_MS)
-        self._trainTimer.connect("timeout()", self._pollTraining)
-
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
-        self._selectVolumeInView()
+        self._observeRedView()
         self._clearResults()
-        self._updateButtons()
+        self._followView()
 
     def cleanup(self):
         self.removeObservers()
-        if self._trainTimer:
-            self._trainTimer.stop()
-        for timer in self._timers:
-            timer.stop()
-        self._timers = []
+        if self._timer:
+            self._timer.stop()
+        self.jobs.shutdown()
 
     def enter(self):
-        self._selectVolumeInView()
+        self._observeRedView()
+        self._followView()
+
+    def onSceneStartClose(self, caller, event):
+        # results of jobs started on the closing scene would be built against removed nodes: drop them
+        if self.jobs.drop_tag(self._sceneGeneration):
+            self._setStatus("Scene closed: the running job was cancelled.")
+        self._sceneGeneration += 1
+        self._pickedVolumeId = None
 
     def onSceneEndClose(self, caller, event):
         self._clearResults()
+        self._observeRedView()
+        self._followView()
+
+    # ------------------------------------------------------------------ jobs
+    def _tick(self):
+        self.jobs.deliver()
+        if self._poller is not None:
+            self._poller.tick()
+        if self.jobs.running:
+            time.sleep(GIL_YIELD_S)  # let worker threads run even while Slicer's GUI thread holds the GIL
+        self._updateButtons()
+
+    def _start(self, what, work, onDone, *, onDiscard=None, exclusive=True):
+        """Run ``work(job)`` (network and files, no MRML) in a thread; ``onDone(result)`` later on the GUI thread."""
+        job = self.jobs.start(what, work, exclusive=exclusive, tag=self._sceneGeneration,
+                              on_done=lambda result: self._finished(what, onDone, result),
+                              on_error=lambda exc: self._error(exc, what),
+                              on_progress=self._progress if exclusive else None, on_discard=onDiscard)
+        if job is None:
+            self._setStatus(f"Busy with {self.jobs.exclusive.name}: wait or press Cancel.", error=True)
+            return None
+        if exclusive:
+            self._setStatus(f"{what} ...")
+            self._progress(0, what)
+        self._updateButtons()
+        return job
+
+    def _finished(self, what, onDone, result):
+        self.ui.progressBar.setFormat("%p%")
+        try:
+            onDone(result)
+        except Exception as exc:  # noqa: BLE001
+            self._error(exc, what)
+
+    def _progress(self, percent, message):
+        self.ui.progressBar.setValue(percent)
+        self.ui.progressBar.setFormat(f"{message} %p%")
+
+    def onCancel(self):
+        job = self.jobs.exclusive
+        if job is not None and self.jobs.cancel(job):
+            self.ui.progressBar.setValue(0)
+            self.ui.progressBar.setFormat("%p%")
+            self._setStatus(f"{job.name} cancelled.")
 
     # ------------------------------------------------------------------ helpers
-    def _selectVolumeInView(self):
-        if self.ui.inputVolumeSelector.currentNode():
-            return
+    def _observeRedView(self):
+        composite = self._redComposite()
+        if composite is not None and not self.hasObserver(composite, vtk.vtkCommand.ModifiedEvent, self._onViewChanged):
+            self.addObserver(composite, vtk.vtkCommand.ModifiedEvent, self._onViewChanged)
+
+    @staticmethod
+    def _redComposite():
         layoutManager = slicer.app.layoutManager()
-        if layoutManager is None:
-            return
-        sliceWidget = layoutManager.sliceWidget("Red")
-        if sliceWidget is None:
-            return
-        volumeId = sliceWidget.sliceLogic().GetSliceCompositeNode().GetBackgroundVolumeID()
-        if volumeId:
-            self.ui.inputVolumeSelector.setCurrentNode(slicer.mrmlScene.GetNodeByID(volumeId))
+        sliceWidget = layoutManager.sliceWidget("Red") if layoutManager else None
+        return sliceWidget.sliceLogic().GetSliceCompositeNode() if sliceWidget else None
+
+    def _onViewChanged(self, caller=None, event=None):
+        composite = self._redComposite()
+        viewId = composite.GetBackgroundVolumeID() if composite else None
+        if viewId != self._viewVolumeId:
+            self._viewVolumeId = viewId
+            self._pickedVolumeId = None  # a new volume in view: follow it again
+            self._followView()
+
+    def _onVolumePicked(self, node):
+        if not self._settingVolume:
+            self._pickedVolumeId = node.GetID() if node else None
+        self._followView()
+
+    def _followView(self):
+        """Select the volume Run/Submit use (``policy.choose_volume``) and say which in the panel."""
+        composite = self._redComposite()
+        self._viewVolumeId = composite.GetBackgroundVolumeID() if composite else None
+        existing = [n.GetID() for n in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")]
+        choice = choose_volume(self._viewVolumeId, self._pickedVolumeId, existing)
+        node = slicer.mrmlScene.GetNodeByID(choice.volume_id) if choice.volume_id else None
+        if node is not self.ui.inputVolumeSelector.currentNode():
+            self._settingVolume = True
+            try:
+                self.ui.inputVolumeSelector.setCurrentNode(node)
+            finally:
+                self._settingVolume = False
+        self.ui.volumeInUseLabel.text = (f"Volume in use: {node.GetName()} ({choice.reason})" if node
+                                         else f"Volume in use: {choice.reason}")
+        self._onSelectionChanged()
+
+    def _onSelectionChanged(self, *_args):
+        self.logic.saveSelection(self.ui.inputVolumeSelector.currentNode(), self.ui.segmentationSelector.currentNode())
+        self._updateButtons()
 
     def _setStatus(self, text, error=False):
         self.ui.statusLabel.text = text
@@ -183,17 +271,20 @@ class HybridCTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _updateButtons(self, *_args):
         connected = self.logic is not None and self.logic.info is not None
-        idle = not self._busy
+        idle = not self.jobs.busy
         hasVolume = self.ui.inputVolumeSelector.currentNode() is not None
         hasSegmentation = self.ui.segmentationSelector.currentNode() is not None
         self.ui.connectButton.enabled = idle
+        self.ui.serverUrlLineEdit.enabled = idle
+        self.ui.cancelButton.enabled = not idle
         self.ui.runButton.enabled = idle and connected and hasVolume and self.ui.modelComboBox.count > 0
         self.ui.submitButton.enabled = idle and connected and hasVolume and hasSegmentation
         self.ui.editSegmentsButton.enabled = hasSegmentation
         self.ui.nextSampleButton.enabled = idle and connected and self.ui.strategyComboBox.count > 0
         self.ui.trainButton.enabled = idle and connected
+        self.ui.stopButton.enabled = connected and self._trainingActive  # works during another job too
         self.ui.rollbackButton.enabled = idle and connected and self.ui.versionComboBox.count > 0
-        self.ui.refreshVersionsButton.enabled = idle and connected
+        self.ui.refreshVersionsButton.enabled = connected
 
     def _rememberChoices(self, *_args):
         settings = qt.QSettings()
@@ -202,7 +293,8 @@ class HybridCTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self.ui.strategyComboBox.currentText:
             settings.setValue(SETTINGS_KEY_STRATEGY, self.ui.strategyComboBox.currentText)
 
-    def _fillCombo(self, combo, items, preferred=None):
+    @staticmethod
+    def _fillCombo(combo, items, preferred=None):
         wasBlocked = combo.blockSignals(True)
         combo.clear()
         for item in items:
@@ -217,12 +309,9 @@ class HybridCTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.progressBar.setValue(0)
 
     def _showResults(self, display):
-        self.ui.classificationValueLabel.text = display["classification"]
-        self.ui.burdenValueLabel.text = display["burden"]
-        self.ui.gradeValueLabel.text = display["grade"]
-        self.ui.energyValueLabel.text = display["energy"]
-        self.ui.modelVersionValueLabel.text = display["model_version"]
-        self.ui.latencyValueLabel.text = display["latency"]
+        for key, name in (("classification", "classification"), ("burden", "burden"), ("grade", "grade"),
+                          ("energy", "energy"), ("modelVersion", "model_version"), ("latency", "latency")):
+            getattr(self.ui, f"{key}ValueLabel").text = display[name]
         positive = display["classification"].lower().startswith("positive")
         self.ui.classificationValueLabel.setStyleSheet("font-weight: bold; color: #c0392b" if positive else
                                                        "font-weight: bold")
@@ -233,63 +322,29 @@ class HybridCTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         else:
             message = f"{exc.__class__.__name__}: {exc}"
             logging.error(traceback.format_exc())
+        self.ui.progressBar.setFormat("%p%")
         self._setStatus(f"{what} failed: {message}", error=True)
         slicer.util.errorDisplay(f"{what} failed.\n\n{message}", windowTitle="Hybrid CT")
 
-    def _runInBackground(self, what, work, onDone):
-        """Run ``work(progress)`` (network only, no MRML) in a thread; ``onDone(result)`` back in the GUI."""
-        if self._busy:
-            return
-        self._busy = True
-        self._updateButtons()
-        self._setStatus(f"{what} ...")
-        state = {"done": False, "result": None, "error": None, "progress": (0, what)}
-
-        def progress(percent, message):
-            state["progress"] = (int(percent), str(message))
-
-        def target():
-            try:
-                state["result"] = work(progress)
-            except Exception as exc:  # noqa: BLE001 - reported in the GUI thread
-                state["error"] = exc
-                state["trace"] = traceback.format_exc()
-            finally:
-                state["done"] = True
-
-        thread = threading.Thread(target=target, name=f"HybridCT {what}", daemon=True)
-        timer = qt.QTimer()
-        timer.setInterval(150)
-
-        def poll():
-            percent, message = state["progress"]
-            self.ui.progressBar.setValue(percent)
-            self.ui.progressBar.setFormat(f"{message} %p%")
-            if not state["done"]:
-                return
-            timer.stop()
-            if timer in self._timers:
-                self._timers.remove(timer)
-            self._busy = False
-            self.ui.progressBar.setFormat("%p%")
-            try:
-                if state["error"] is not None:
-                    logging.debug(state.get("trace", ""))
-                    self._error(state["error"], what)
-                else:
-                    onDone(state["result"])
-            except Exception as exc:  # noqa: BLE001
-                self._error(exc, what)
-            finally:
-                self._updateButtons()
-
-        timer.connect("timeout()", poll)
-        self._timers.append(timer)
-        thread.start()
-        timer.start()
+    def _consentToUpload(self):
+        """Ask once per non-local server before patient images leave this computer; warn on plain http."""
+        settings = qt.QSettings()
+        approved = str(settings.value(SETTINGS_KEY_APPROVED_SERVERS, "") or "").split("\n")
+        consent = upload_consent(self.logic.client.server_url, approved)
+        if consent.ask:
+            if not slicer.util.confirmOkCancelDisplay(consent.question, windowTitle="Hybrid CT: send images?"):
+                self._setStatus("Nothing was sent: the upload to this server was not confirmed.", error=True)
+                return False
+            settings.setValue(SETTINGS_KEY_APPROVED_SERVERS, "\n".join(remember_approval(approved, consent.server)))
+        elif consent.warning:
+            logging.warning(consent.warning)
+        return True
 
     # ------------------------------------------------------------------ server
     def onConnect(self):
+        if self.jobs.busy:
+            self._setStatus(f"Busy with {self.jobs.exclusive.name}: press Cancel before reconnecting.", error=True)
+            return
         try:
             url = normalise_server_url(self.ui.serverUrlLineEdit.text)
         except ValueError as exc:
@@ -298,18 +353,18 @@ class HybridCTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.serverUrlLineEdit.text = url
         qt.QSettings().setValue(SETTINGS_KEY_SERVER_URL, url)
         self.logic.setServer(url)
+        self._poller.stop()
 
         def done(info):
             settings = qt.QSettings()
-            self._fillCombo(self.ui.modelComboBox, info.models,
-                            settings.value(SETTINGS_KEY_MODEL, info.default_model()))
+            self._fillCombo(self.ui.modelComboBox, info.models, settings.value(SETTINGS_KEY_MODEL, info.default_model()))
             self._fillCombo(self.ui.strategyComboBox, info.strategies, settings.value(SETTINGS_KEY_STRATEGY, ""))
             self.ui.serverStatusLabel.text = info.summary()
             self._setStatus(info.summary())
             self.onRefreshVersions()
-            self._pollTraining()
+            self._poller.start()
 
-        self._runInBackground("Connect", lambda progress: self.logic.connect(), done)
+        self._start("Connect", lambda job: self.logic.connect(job=job), done)
 
     # ------------------------------------------------------------------ run
     def onRun(self):
@@ -317,29 +372,56 @@ class HybridCTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if volumeNode is None:
             self._setStatus("Choose a CT volume first.", error=True)
             return
-        model = self.ui.modelComboBox.currentText
-        try:
-            imageId, imageFile = self.logic.prepareUpload(volumeNode)
-        except Exception as exc:  # noqa: BLE001
-            self._error(exc, "Preparing the volume")
+        if not self._consentToUpload():
             return
+        target = self._targetSegmentation(volumeNode)
+        if target is False:
+            return
+        model = self.ui.modelComboBox.currentText
+        with slicer.util.WaitCursor():
+            snapshot = mrml.volume_snapshot(volumeNode)
         self._clearResults()
 
-        def work(progress):
-            return self.logic.runModel(imageId, imageFile, model, progress)
-
-        def done(result):
-            # reuse the segmentation only when it holds an earlier result for the same scan
-            previous = self.ui.segmentationSelector.currentNode()
-            if previous is not None and previous.GetAttribute(IMAGE_ID_ATTRIBUTE) != str(result.image_id):
-                previous = None
-            segNode = self.logic.showResult(result, volumeNode, previous)
+        def done(outcome):
+            identity, result = outcome
+            if slicer.mrmlScene.GetNodeByID(snapshot["node_id"]) is not volumeNode:
+                self.logic.discardResult(outcome)
+                self._setStatus("The volume was removed while the model ran: result dropped.", error=True)
+                return
+            with slicer.util.WaitCursor():  # building the 3D surface stays on the GUI thread
+                segNode = self.logic.showResult(result, volumeNode, target, identity=identity)
             self.ui.segmentationSelector.setCurrentNode(segNode)
             self._showResults(result.display)
             note = " (volume uploaded)" if result.uploaded else ""
-            self._setStatus(f"{result.model} finished on {result.image_id}{note}: {result.display['classification']}")
+            self._setStatus(f"{result.model} finished on {volumeNode.GetName()} = {identity.describe()}{note}: "
+                            f"{result.display['classification']}")
 
-        self._runInBackground("Run model", work, done)
+        self._start("Run model", lambda job: self.logic.runVolume(snapshot, model, job=job), done,
+                    onDiscard=self.logic.discardResult)
+
+    def _targetSegmentation(self, volumeNode):
+        """The segmentation Run fills: the previous result for this scan, or None (a new one); asks before
+        replacing edited segments. False: the user cancelled."""
+        previous = self.ui.segmentationSelector.currentNode()
+        decision = self.logic.replaceDecision(previous, volumeNode)
+        if decision == "new":
+            return None
+        if decision == "replace":
+            return previous
+        box = qt.QMessageBox(qt.QMessageBox.Question, "Hybrid CT",
+                             f"'{previous.GetName()}' has been edited since the model made it.\n\nReplace the "
+                             f"edited segments with a new result, or keep them and add a new segmentation?",
+                             qt.QMessageBox.NoButton, slicer.util.mainWindow())
+        replace = box.addButton("Replace", qt.QMessageBox.DestructiveRole)
+        keep = box.addButton("Keep edits, add new", qt.QMessageBox.AcceptRole)
+        box.addButton(qt.QMessageBox.Cancel)
+        box.setDefaultButton(keep)
+        box.exec_()
+        if box.clickedButton() == replace:
+            return previous
+        if box.clickedButton() == keep:
+            return None
+        return False
 
     # ------------------------------------------------------------------ correction
     def onEditSegments(self):
@@ -362,54 +444,55 @@ class HybridCTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if volumeNode is None or segNode is None:
             self._setStatus("Choose the CT volume and its segmentation first.", error=True)
             return
+        if not self._consentToUpload():
+            return
         try:
-            with warnings.catch_warnings(record=True) as caught:
+            with slicer.util.WaitCursor(), warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", SegmentWarning)
                 labelmap, _labelInfo, geometry = self.logic.exportSegmentation(
                     segNode, volumeNode, ignoreExtra=self.ui.ignoreExtraSegmentsCheckBox.checked)
+                snapshot = mrml.volume_snapshot(volumeNode)
             notes = [str(w.message) for w in caught if issubclass(w.category, SegmentWarning)]
-            imageId, imageFile = self.logic.prepareUpload(volumeNode)
         except Exception as exc:  # noqa: BLE001
             self._error(exc, "Submit correction")
             return
+        segAttributes = mrml.get_attributes(segNode, (ID_ATTRIBUTE, CONTENT_ATTRIBUTE))
+        names = {"seg_name": f"Segmentation '{segNode.GetName()}'", "volume_name": f"volume '{volumeNode.GetName()}'"}
 
-        def work(progress):
-            return self.logic.submitLabelmap(imageId, imageFile, labelmap, geometry, progress)
+        def work(job):
+            return self.logic.submitCorrection(snapshot, segAttributes, labelmap, geometry, job=job, **names)
 
-        def done(response):
-            text = f"Correction for {imageId} saved on the server as the final label."
-            if notes:
-                text += " " + " ".join(notes)
-            self._setStatus(text)
+        def done(outcome):
+            identity, _answer, fileSha, note = outcome
+            if slicer.mrmlScene.GetNodeByID(snapshot["node_id"]) is volumeNode:
+                mrml.set_attributes(volumeNode, volume_stamp(identity, fileSha))
+            text = f"Correction for {identity.describe()} saved on the server as the final label."
+            self._setStatus(" ".join([text] + notes + ([note] if note else [])))
 
-        self._runInBackground("Submit correction", work, done)
+        self._start("Submit correction", work, done)
 
     # ------------------------------------------------------------------ active learning
     def onNextSample(self):
         strategy = self.ui.strategyComboBox.currentText
 
-        def work(progress):
-            progress(10, f"Asking the server ({strategy}) ...")
-            sample = self.logic.workflow.next_sample(strategy)
-            if not sample:
-                return None, None
-            progress(40, f"Downloading {sample['id']} ...")
-            return sample, self.logic.workflow.fetch_image(sample["id"])
-
-        def done(result):
-            sample, path = result
+        def done(outcome):
+            sample, path, fileSha = outcome
             if not sample:
                 self._setStatus("The server has no unlabelled image left for this strategy.")
                 return
-            volumeNode = slicer.util.loadVolume(path)
-            volumeNode.SetName(str(sample["id"]))
-            volumeNode.SetAttribute(IMAGE_ID_ATTRIBUTE, str(sample["id"]))
-            self.ui.inputVolumeSelector.setCurrentNode(volumeNode)
-            slicer.util.setSliceViewerLayers(background=volumeNode, fit=True)
+            try:
+                with slicer.util.WaitCursor():
+                    volumeNode = slicer.util.loadVolume(path)
+                    volumeNode.SetName(str(sample["id"]))
+                    self.logic.stampDownloaded(volumeNode, str(sample["id"]), fileSha)
+            finally:
+                remove_quietly(path)
+            slicer.util.setSliceViewerLayers(background=volumeNode, fit=True)  # followed by the selector
             self._clearResults()
             self._setStatus(f"Loaded next sample {sample['id']}: press 'Run model on volume'.")
 
-        self._runInBackground("Next sample", work, done)
+        self._start("Next sample", lambda job: self.logic.fetchSample(strategy, job=job), done,
+                    onDiscard=lambda outcome: remove_quietly(outcome[1]))
 
     # ------------------------------------------------------------------ training
     def onTrain(self):
@@ -417,73 +500,70 @@ class HybridCTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         def done(result):
             self._setStatus("Training started on the server.")
-            self.ui.stopButton.enabled = True
-            self._trainTimer.start()
-            self._pollTraining()
+            self._trainingActive = True
+            self._poller.start()
 
-        self._runInBackground("Start training", lambda progress: self.logic.workflow.start_training(model), done)
+        self._start("Start training", lambda job: self.logic.newWorkflow(job).start_training(model), done)
 
     def onStop(self):
         def done(result):
             self._setStatus("Training stopped." if result else "No training was running.")
-            self._pollTraining()
+            self._poller.start()
 
-        self._runInBackground("Stop training", lambda progress: self.logic.workflow.stop_training(), done)
+        # not exclusive: Stop works while another job (an upload, a run) is in progress
+        self._start("Stop training", lambda job: self.logic.newWorkflow(job).stop_training(), done, exclusive=False)
 
-    def _pollTraining(self):
-        if self.logic is None or self.logic.quickWorkflow is None:
-            return
-        if self._busy:
-            return
-        model = self.ui.modelComboBox.currentText or None
-        try:
-            status = self.logic.quickWorkflow.training_status(model)
-        except ServerError as exc:
-            self.ui.trainStatusLabel.text = f"Training status unavailable: {exc}"
-            self._trainTimer.stop()
-            return
+    def _statusWork(self, job):
+        return self.logic.newWorkflow(job, quick=True).training_status(self.ui.modelComboBox.currentText or None)
+
+    def _showTrainStatus(self, status):
+        wasActive = self._trainingActive
+        self._trainingActive = status.active
         self.ui.trainStatusLabel.text = status.status_text
         self.ui.metricLabel.text = status.metric_text
-        self.ui.stopButton.enabled = status.active
-        if status.active and not self._trainTimer.isActive():
-            self._trainTimer.start()
-        elif not status.active and self._trainTimer.isActive():
-            self._trainTimer.stop()
+        self._poller.interval_s = TRAIN_POLL_S if status.active else IDLE_POLL_S
+        if wasActive and not status.active:
             self.onRefreshVersions()
+
+    def _trainStatusFailed(self, exc):
+        # keep polling: one timeout (a busy server) must not stop the status for good
+        self.ui.trainStatusLabel.text = f"Training status unavailable (retrying): {exc}"
 
     # ------------------------------------------------------------------ versions
     def onRefreshVersions(self):
-        if self.logic is None or self.logic.quickWorkflow is None:
+        if self.logic is None or self.logic.client is None:
             return
-        try:
-            current, entries, labels = self.logic.quickWorkflow.versions()
-        except ServerError as exc:
+
+        def done(outcome):
+            current, entries, labels = outcome
+            self._versionEntries = entries
+            self._fillCombo(self.ui.versionComboBox, labels)
+            for i, entry in enumerate(entries):
+                if str(entry.get("version")) == str(current):
+                    self.ui.versionComboBox.setCurrentIndex(i)
+            self._updateButtons()
+
+        def failed(exc):
             self.ui.versionComboBox.clear()
             self._versionEntries = []
             self.ui.versionComboBox.toolTip = f"Model versions unavailable: {exc}"
-            self._updateButtons()
-            return
-        self._versionEntries = entries
-        self._fillCombo(self.ui.versionComboBox, labels)
-        for i, entry in enumerate(entries):
-            if str(entry.get("version")) == str(current):
-                self.ui.versionComboBox.setCurrentIndex(i)
-        self._updateButtons()
+
+        self.jobs.start("Model versions", lambda job: self.logic.newWorkflow(job, quick=True).versions(),
+                        exclusive=False, tag=self._sceneGeneration, on_done=done, on_error=failed)
 
     def onRollback(self):
         index = self.ui.versionComboBox.currentIndex
         if index < 0 or index >= len(self._versionEntries):
             return
         version = str(self._versionEntries[index].get("version"))
-        if not slicer.util.confirmOkCancelDisplay(
-                f"Serve model version {version} from now on?", windowTitle="Hybrid CT"):
+        if not slicer.util.confirmOkCancelDisplay(f"Serve model version {version} from now on?", windowTitle="Hybrid CT"):
             return
 
         def done(result):
             self._setStatus(f"The server now serves model version {version}.")
             self.onRefreshVersions()
 
-        self._runInBackground("Roll back", lambda progress: self.logic.workflow.rollback(version), done)
+        self._start("Roll back", lambda job: self.logic.newWorkflow(job).rollback(version), done)
 
 
 #
@@ -491,101 +571,15 @@ class HybridCTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 #
 
 
-class HybridCTLogic(ScriptedLoadableModuleLogic):
-    """MRML side of the module; network flows are delegated to ``hybrid_ct_slicer.workflow``.
+class HybridCTLogic(ScriptedLoadableModuleLogic, ModuleLogic):
+    """``hybrid_ct_slicer.logic.ModuleLogic`` on ``slicer.mrmlScene`` (or the scene a test passes), with
+    Slicer's temp folder as the only place patient images are written (and removed after use)."""
 
-    Works on ``slicer.mrmlScene`` by default; the tests may pass a headless scene.
-    """
-
-    def __init__(self, scene=None, segmentationsLogic=None):
+    def __init__(self, scene=None, segmentationsLogic=None, workDir=None):
         ScriptedLoadableModuleLogic.__init__(self)
-        self.scene = scene if scene is not None else slicer.mrmlScene
-        self.segmentationsLogic = segmentationsLogic or mrml.segmentations_logic(self.scene)
-        self.workDir = tempfile.mkdtemp(prefix="HybridCT_")
-        self.client = None
-        self.workflow = None
-        self.quickWorkflow = None
-        self.info = None
-
-    # ---------------------------------------------------------------- server
-    def setServer(self, url, timeout=30.0, pollTimeout=5.0):
-        self.client = HybridCTClient(url, timeout)
-        self.workflow = Workflow(self.client, work_dir=self.workDir)
-        # status polls run in the GUI thread: a short timeout keeps Slicer responsive
-        self.quickWorkflow = Workflow(HybridCTClient(url, pollTimeout), work_dir=self.workDir)
-        self.info = None
-
-    def connect(self, url=None):
-        if url is not None:
-            self.setServer(url)
-        if self.workflow is None:
-            raise ServerError("No server URL is set.", kind="protocol")
-        self.info = self.workflow.connect()
-        return self.info
-
-    # ---------------------------------------------------------------- volumes
-    @staticmethod
-    def imageIdForVolume(volumeNode):
-        """Datastore id of a volume: the id it was loaded with (Next sample), else made from its name."""
-        imageId = volumeNode.GetAttribute(IMAGE_ID_ATTRIBUTE)
-        return imageId if imageId else make_image_id(volumeNode.GetName())
-
-    def prepareUpload(self, volumeNode):
-        """(image id, path of a .nii.gz copy of the volume) - read in the GUI thread, sent later."""
-        imageId = self.imageIdForVolume(volumeNode)
-        safe = "".join(c if (c.isalnum() or c in "-_.") else "_" for c in imageId) or "volume"
-        path = os.path.join(self.workDir, f"{safe}.nii.gz")
-        write_image(path, mrml.array_from_volume(volumeNode), mrml.node_geometry(volumeNode))
-        return imageId, path
-
-    # ---------------------------------------------------------------- network (thread-safe: no MRML)
-    def runModel(self, imageId, imageFile, model=None, progress=None):
-        if progress is not None:
-            self.workflow.progress = progress
-        return self.workflow.run_model(imageId, imageFile, model=model or None)
-
-    def submitLabelmap(self, imageId, imageFile, labelmap, geometry, progress=None):
-        if progress is not None:
-            self.workflow.progress = progress
-        self.workflow.ensure_image(imageId, imageFile)
-        return self.workflow.submit_labelmap(imageId, labelmap, geometry)
-
-    # ---------------------------------------------------------------- segmentation
-    def showLabelmap(self, labelmap, volumeNode, segmentationNode=None, show3D=True):
-        """Label map array (on the volume's grid) -> "Lung"/"Infection" segments shown in 2D and 3D."""
-        segNode = mrml.labelmap_to_segmentation(self.scene, labelmap, volumeNode, segmentation_node=segmentationNode,
-                                                name=f"{volumeNode.GetName()} Hybrid CT",
-                                                logic=self.segmentationsLogic, show_3d=show3D)
-        self._styleDisplay(segNode)
-        return segNode
-
-    def showResult(self, result, volumeNode, segmentationNode=None, show3D=True):
-        """Load the server's label file as segments and keep the results as node attributes."""
-        segNode = mrml.label_file_to_segmentation(self.scene, result.label_path, volumeNode,
-                                                  segmentation_node=segmentationNode,
-                                                  name=f"{volumeNode.GetName()} Hybrid CT",
-                                                  logic=self.segmentationsLogic, show_3d=show3D)
-        self._styleDisplay(segNode)
-        for key, value in format_results(result.params).items():
-            segNode.SetAttribute(RESULT_ATTRIBUTE_PREFIX + key, value)
-        segNode.SetAttribute(IMAGE_ID_ATTRIBUTE, str(result.image_id))
-        return segNode
-
-    @staticmethod
-    def _styleDisplay(segNode):
-        display = segNode.GetDisplayNode()
-        if display is None:
-            return
-        segmentation = segNode.GetSegmentation()
-        for info in LABEL_INFO:
-            segId = segmentation.GetSegmentIdBySegmentName(info["name"])
-            if segId and info["name"] == "Lung":
-                display.SetSegmentOpacity3D(segId, 0.3)  # see the infection inside the lung in 3D
-
-    def exportSegmentation(self, segmentationNode, volumeNode, ignoreExtra=False):
-        """(uint8 label map, label_info, geometry): segments matched by NAME, whatever their order."""
-        return mrml.export_labelmap(self.scene, segmentationNode, volumeNode, ignore_extra=ignoreExtra,
-                                    logic=self.segmentationsLogic)
+        if workDir is None and hasattr(slicer, "app"):
+            workDir = os.path.join(slicer.app.temporaryPath, "HybridCT")
+        ModuleLogic.__init__(self, scene if scene is not None else slicer.mrmlScene, segmentationsLogic, workDir)
 
 
 #
@@ -597,80 +591,31 @@ class HybridCTTest(ScriptedLoadableModuleTest):
     """Run with "Reload and Test" (developer mode) or ``slicer.util.selfTest``.
 
     Offline: a phantom-like chest volume built with numpy, label map -> named segments -> label map
-    with the segments reordered and an extra segment, .seg.nrrd round trip. Online (only when a server
-    URL is remembered in the module or set in HYBRID_CT_SERVER_URL): the connection check.
+    with the segments reordered and an extra segment, .seg.nrrd round trip; Run and Submit against a
+    mock server the test starts on 127.0.0.1. Online (only when HYBRID_CT_SERVER_URL is set): the
+    connection check of a real server.
     """
 
     def setUp(self):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
-        self.setUp()
-        self.test_SegmentRoundTrip()
-        self.setUp()
-        self.test_ResultsPanelStrings()
-        self.setUp()
-        self.test_ServerConnection()
+        for test in (self.test_SegmentRoundTrip, self.test_ResultsPanelStrings, self.test_MockServerFlow,
+                     self.test_ServerConnection):
+            self.setUp()
+            test()
 
-    def _phantom(self, logic):
-        ct, label, geometry = make_chest_volume(shape=(16, 48, 48))
-        volume = mrml.add_volume(logic.scene, ct, geometry, "HybridCTPhantom")
-        return volume, label, geometry
+    def makeLogic(self, **kwargs):
+        return HybridCTLogic(**kwargs)
 
     def test_SegmentRoundTrip(self):
-        import numpy as np
-
-        self.delayDisplay("Segment import/export round trip")
-        logic = HybridCTLogic()
-        volume, label, geometry = self._phantom(logic)
-        segNode = logic.showLabelmap(label, volume)
-        segmentation = segNode.GetSegmentation()
-        self.assertEqual(mrml.segment_names(segNode), ["Lung", "Infection"])
-
-        # reorder: Infection first; add a segment the model does not know
-        segmentation.SetSegmentIndex(segmentation.GetSegmentIdBySegmentName("Infection"), 0)
-        segmentation.AddEmptySegment("Heart", "Heart")
-        with self.assertRaises(SegmentError):
-            logic.exportSegmentation(segNode, volume)
-        with warnings.catch_warnings(record=True):
-            warnings.simplefilter("always")
-            labelmap, labelInfo, exportGeometry = logic.exportSegmentation(segNode, volume, ignoreExtra=True)
-        self.assertTrue(np.array_equal(labelmap, label))
-        self.assertTrue(exportGeometry.almost_equal(geometry))
-        self.assertEqual(labelInfo, [{"name": "lung", "idx": 1}, {"name": "infection", "idx": 2}])
-
-        # .seg.nrrd keeps names and content
-        path = os.path.join(logic.workDir, "phantom.seg.nrrd")
-        mrml.write_segmentation(logic.scene, segNode, path)
-        reread = mrml.read_segmentation(logic.scene, path)
-        self.assertEqual(sorted(mrml.segment_names(reread)), ["Heart", "Infection", "Lung"])
-        if hasattr(slicer, "app"):  # show the phantom with its segments when run inside Slicer
-            volume.CreateDefaultDisplayNodes()
-            slicer.util.setSliceViewerLayers(background=volume, fit=True)
-        self.delayDisplay("Segment round trip passed")
+        selftest.segment_round_trip(self)
 
     def test_ResultsPanelStrings(self):
-        self.delayDisplay("Results panel strings")
-        display = format_results({
-            "classification": {"label": "positive", "probability": 0.91, "firing_rates": [0.1, 0.6]},
-            "burden": {"total_pct": 12.5, "left_pct": 10.0, "right_pct": 15.0}, "grade": "CT-1",
-            "energy": {"e_hybrid_uj": 1.0, "e_conv_uj": 6.0, "ratio": 0.1667, "mean_firing_rate": 0.05},
-            "latency_s": 3.2, "model_version": "v3"})
-        self.assertTrue(display["classification"].startswith("Positive"))
-        self.assertIn("12.5 %", display["burden"])
-        self.assertEqual(format_results({})["grade"], NA)
-        self.delayDisplay("Results panel strings passed")
+        selftest.results_panel_strings(self)
+
+    def test_MockServerFlow(self):
+        selftest.mock_server_flow(self)
 
     def test_ServerConnection(self):
-        url = os.environ.get("HYBRID_CT_SERVER_URL") or qt.QSettings().value(SETTINGS_KEY_SERVER_URL, "")
-        if not url:
-            self.delayDisplay("No server URL set: connection check skipped")
-            return
-        self.delayDisplay(f"Connecting to {url}")
-        logic = HybridCTLogic()
-        try:
-            info = logic.connect(url)
-        except ServerError as exc:
-            self.fail(f"Connection check failed: {exc}")
-        self.assertTrue(info.models, "the server offers no model")
-        self.delayDisplay(info.summary())
+        selftest.server_connection(self)

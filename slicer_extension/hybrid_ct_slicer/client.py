@@ -17,11 +17,13 @@ import json
 import os
 import socket
 import ssl
+import tempfile
+import uuid
 from dataclasses import dataclass, field
 from email.message import Message
 from email.parser import BytesParser
 from email.policy import HTTP
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 from urllib.parse import quote, urlencode
 
 import requests
@@ -43,13 +45,16 @@ APP_VERSIONS = "/hybrid_ct/versions"  # GET -> {"current": str, "versions": [{"v
 APP_ROLLBACK = "/hybrid_ct/rollback"  # POST ?version=<v>
 
 DEFAULT_TIMEOUT_S = 30.0
+#: bytes per read/write of an upload or download: few Python steps per MB (see download_image_to)
+TRANSFER_CHUNK = 1 << 22
+Progress = Callable[[int, str], None]
 DEFAULT_LONG_TIMEOUT_S = 900.0  # whole-volume inference on a CPU server takes minutes
 
 
 class ServerError(RuntimeError):
     """A failed exchange with the server; ``str(err)`` is a message for the user.
 
-    ``kind`` is one of ``"unreachable"``, ``"timeout"``, ``"http"``, ``"protocol"``;
+    ``kind`` is one of ``"unreachable"``, ``"timeout"``, ``"http"``, ``"protocol"``, ``"cancelled"``;
     ``status`` is the HTTP status for ``"http"`` errors, ``detail`` the server's own text.
     """
 
@@ -90,6 +95,55 @@ def _causes(exc: BaseException) -> Iterator[BaseException]:
         seen.add(id(e))
         yield e
         todo += [getattr(e, "reason", None), e.__cause__, e.__context__, *e.args]
+
+
+class _Cancelled(OSError):
+    """Raised from inside a streamed upload body when the job was cancelled."""
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+class _MultipartBody:
+    """A multipart/form-data body read in big chunks, with progress and a cancel check between chunks."""
+
+    def __init__(self, fields: Mapping[str, str], file_field: str, filename: str, data: bytes, *,
+                 progress: Progress | None = None, cancelled: Callable[[], bool] | None = None):
+        boundary = uuid.uuid4().hex
+        self.content_type = f"multipart/form-data; boundary={boundary}"
+        head = b"".join(f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
+                        for k, v in fields.items())
+        head += (f'--{boundary}\r\nContent-Disposition: form-data; name="{file_field}"; filename="{filename}"\r\n'
+                 f"Content-Type: application/octet-stream\r\n\r\n").encode()
+        self._parts = [head, memoryview(data), f"\r\n--{boundary}--\r\n".encode()]
+        self._len = sum(len(p) for p in self._parts)
+        self._sent = 0
+        self._progress, self._cancelled = progress, cancelled
+
+    def __len__(self) -> int:
+        return self._len
+
+    def read(self, size: int = -1) -> bytes:
+        if self._cancelled is not None and self._cancelled():
+            raise _Cancelled("cancelled")
+        size = self._len if size is None or size < 0 else max(size, TRANSFER_CHUNK)
+        out = bytearray()
+        while self._parts and len(out) < size:
+            part = self._parts[0]
+            take = part[: size - len(out)]
+            out += take
+            if len(take) == len(part):
+                self._parts.pop(0)
+            else:
+                self._parts[0] = part[len(take):]
+        self._sent += len(out)
+        if self._progress is not None and out:
+            self._progress(int(100 * self._sent / self._len), f"Uploading {self._sent / 1e6:.0f}/{self._len / 1e6:.0f} MB")
+        return bytes(out)
 
 
 @dataclass
@@ -194,9 +248,14 @@ class HybridCTClient:
         timeout = self.timeout if timeout is None else timeout
         url = self._url(path, query)
         where = f"{method} {path}"
+        headers = {"Accept": "application/json, multipart/form-data, */*"}
+        headers.update(kwargs.pop("headers", None) or {})
         try:
             resp = self.session.request(method, url, timeout=timeout, allow_redirects=method != "HEAD",
-                                        headers={"Accept": "application/json, multipart/form-data, */*"}, **kwargs)
+                                        headers=headers, **kwargs)
+        except _Cancelled:
+            raise ServerError("The upload was cancelled.", kind="cancelled", method=method, path=path,
+                              url=url) from None
         except (requests.RequestException, OSError, http.client.HTTPException) as e:
             raise self._transport_error(e, method, path, url, timeout) from None
         if resp.status_code in ok:
@@ -204,6 +263,7 @@ class HybridCTClient:
         detail = _detail_from_body(resp.content, resp.reason or "no detail")
         hint = " (an unhandled error: the server log has the details)" \
             if resp.status_code >= 500 and detail.strip().lower() == "internal server error" else ""
+        resp.close()
         raise ServerError(
             f"The server at {self.server_url} answered HTTP {resp.status_code} to {where}: {detail}{hint}",
             kind="http", status=resp.status_code, detail=detail, method=method, path=path, url=url)
@@ -275,10 +335,46 @@ class HybridCTClient:
         """``GET /datastore/?output=stats``: ``{"total", "completed", "label_tags"}``."""
         return self._json(self.request("GET", API_DATASTORE, query={"output": "stats"}), "GET /datastore/") or {}
 
-    def has_image(self, image_id: str) -> bool:
-        """``HEAD /datastore/image?image=<id>``: True when the server's datastore holds the image."""
-        resp = self.request("HEAD", API_DATASTORE_IMAGE, query={"image": image_id}, ok=(200, 404))
+    def has_image(self, image_id: str, check_sum: str | None = None) -> bool:
+        """``HEAD /datastore/image?image=<id>[&check_sum=SHA256:<hex>]``: True when the server's datastore
+        holds the image (with ``check_sum``: holds exactly that file content)."""
+        query = {"image": image_id}
+        if check_sum:
+            query["check_sum"] = check_sum if ":" in check_sum else f"SHA256:{check_sum}"
+        resp = self.request("HEAD", API_DATASTORE_IMAGE, query=query, ok=(200, 404))
         return resp.status_code == 200
+
+    def download_image_to(self, image_id: str, folder: str, *, progress: Progress | None = None,
+                          cancelled: Callable[[], bool] | None = None) -> str:
+        """Stream ``GET /datastore/image?image=<id>`` into a new file in ``folder`` (named after the
+        server's file name); returns its path. Big chunks straight to disk: full speed even when the
+        GUI thread holds the GIL most of the time. A cancelled or failed download leaves no file."""
+        resp = self.request("GET", API_DATASTORE_IMAGE, query={"image": image_id}, timeout=self.long_timeout,
+                            stream=True)
+        name = _filename(resp.headers, f"{image_id}.nii.gz")
+        ext = file_extension(name) or ".nii.gz"
+        total = int(resp.headers.get("Content-Length") or 0)
+        os.makedirs(folder, exist_ok=True)
+        fd, path = tempfile.mkstemp(prefix="HybridCT_download_", suffix=ext, dir=folder)
+        done = 0
+        try:
+            with os.fdopen(fd, "wb") as f:
+                for block in resp.iter_content(chunk_size=TRANSFER_CHUNK):
+                    if cancelled is not None and cancelled():
+                        raise ServerError("The download was cancelled.", kind="cancelled")
+                    f.write(block)
+                    done += len(block)
+                    if progress is not None and total:
+                        progress(int(100 * done / total), f"Downloading {done / 1e6:.0f}/{total / 1e6:.0f} MB")
+        except (requests.RequestException, OSError, http.client.HTTPException) as e:
+            _remove(path)
+            raise self._transport_error(e, "GET", API_DATASTORE_IMAGE, resp.url, self.long_timeout) from None
+        except BaseException:
+            _remove(path)
+            raise
+        finally:
+            resp.close()
+        return path
 
     def download_image(self, image_id: str) -> tuple[bytes, str]:
         """``GET /datastore/image?image=<id>`` -> (file bytes, file name with its extension)."""
@@ -286,13 +382,23 @@ class HybridCTClient:
         return resp.content, _filename(resp.headers, f"{image_id}.nii.gz")
 
     def upload_image(self, file: str | bytes, image_id: str, *, filename: str | None = None,
-                     params: dict | None = None) -> dict:
+                     params: dict | None = None, progress: Progress | None = None,
+                     cancelled: Callable[[], bool] | None = None) -> dict:
         """``PUT /datastore/?image=<id>`` with multipart fields ``file`` and ``params``.
 
         The file name's extension tells the server the format (``.nii.gz``, ``.nrrd``, ...).
         """
-        files = {"params": (None, json.dumps(self._with_client_id(params))), "file": self._file_payload(file, filename)}
-        resp = self.request("PUT", API_DATASTORE, query={"image": image_id}, files=files, timeout=self.long_timeout)
+        if progress is None and cancelled is None:
+            files = {"params": (None, json.dumps(self._with_client_id(params))),
+                     "file": self._file_payload(file, filename)}
+            resp = self.request("PUT", API_DATASTORE, query={"image": image_id}, files=files,
+                                timeout=self.long_timeout)
+            return self._json(resp, "PUT /datastore/") or {}
+        name, data = self._file_payload(file, filename)
+        body = _MultipartBody({"params": json.dumps(self._with_client_id(params))}, "file", name, data,
+                              progress=progress, cancelled=cancelled)
+        resp = self.request("PUT", API_DATASTORE, query={"image": image_id}, data=body,
+                            headers={"Content-Type": body.content_type}, timeout=self.long_timeout)
         return self._json(resp, "PUT /datastore/") or {}
 
     def infer(self, model: str, image_id: str, params: dict | None = None, *, output: str = "all") -> InferResponse:

@@ -9,8 +9,8 @@ next sample -> train / stop / status -> model versions / roll back.
 
 from __future__ import annotations
 
-import os
 import tempfile
+import uuid
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
@@ -18,7 +18,10 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from .client import HybridCTClient, InferResponse, ServerError
+from .identity import ImageIdentity, file_sha256
 from .imageio import Geometry, write_image
+from .jobs import Cancelled
+from .policy import temp_path
 from .results import format_results, format_train_status, format_version_entry
 from .segments import SegmentWarning, export_labelmap_by_name, server_label_info
 
@@ -27,17 +30,6 @@ Progress = Callable[[int, str], None]
 PREFERRED_MODEL = "hybrid_ct"
 #: Infer params sent with every run: a uint8 NRRD label (Slicer's native format) in the image geometry.
 DEFAULT_INFER_PARAMS = {"result_extension": ".nrrd", "result_dtype": "uint8"}
-
-
-def make_image_id(name: str, fallback: str = "volume") -> str:
-    """A datastore id for a volume WE upload, from its Slicer name: letters, digits, ' ', '.', '_', '-'
-    kept, anything else (path separators, '?', '#', ...) -> '_', no leading dots or blanks.
-
-    Ids that come FROM the server (next sample) are used unchanged and only URL-quoted.
-    """
-    safe = "".join(c if (c.isalnum() and c.isascii()) or c in " ._-" else "_" for c in str(name or ""))
-    safe = safe.strip().lstrip(".").strip()
-    return safe[:128] or fallback
 
 
 def _names(value: Any) -> list[str]:
@@ -103,6 +95,7 @@ class InferResult:
     params: dict
     display: dict
     uploaded: bool
+    file_sha256: str | None = None
 
 
 @dataclass
@@ -132,14 +125,24 @@ def _noop(_p: int, _m: str) -> None:
     pass
 
 
+def _never() -> bool:
+    return False
+
+
 class Workflow:
     """One radiologist's session with one server."""
 
-    def __init__(self, client: HybridCTClient, work_dir: str | None = None, progress: Progress | None = None):
+    def __init__(self, client: HybridCTClient, work_dir: str | None = None, progress: Progress | None = None,
+                 cancelled: Callable[[], bool] | None = None):
         self.client = client
         self.work_dir = work_dir or tempfile.mkdtemp(prefix="hybrid_ct_slicer_")
         self.progress = progress or _noop
+        self.cancelled = cancelled or _never
         self.info: ServerInfo | None = None
+
+    def check_cancelled(self) -> None:
+        if self.cancelled():
+            raise Cancelled("cancelled")
 
     # ------------------------------------------------------------------ connect
     def connect(self) -> ServerInfo:
@@ -157,35 +160,69 @@ class Workflow:
         return m
 
     # ------------------------------------------------------------------ run model
-    def ensure_image(self, image_id: str, image_file: str | None = None, *, force_upload: bool = False) -> bool:
-        """Upload ``image_file`` as ``image_id`` unless the server already has it. Returns True if uploaded."""
-        if not force_upload and self.client.has_image(image_id):
+    def ensure_image(self, image_id: str, image_file: str | None = None, *, check_sum: str | None = None,
+                     force_upload: bool = False) -> bool:
+        """Upload ``image_file`` as ``image_id`` unless the server holds EXACTLY that file (sha256 checked
+        by the server; ``check_sum`` defaults to the file's). Returns True if the image was uploaded."""
+        if image_file and not check_sum:
+            check_sum = file_sha256(image_file)
+        self.progress(5, f"Checking whether the server has {image_id} ...")
+        if not force_upload and self.client.has_image(image_id, check_sum):
             return False
         if not image_file:
             raise ServerError(f"The server does not have image {image_id!r} and no file was given to upload.",
                               kind="protocol")
-        self.client.upload_image(image_file, image_id)
-        return True
+        self.check_cancelled()
+        self.progress(10, "Uploading the volume ...")
+        answer = self.client.upload_image(image_file, image_id, progress=self._upload_progress,
+                                          cancelled=self.cancelled)
+        return not (isinstance(answer, Mapping) and answer.get("unchanged"))
+
+    def _upload_progress(self, percent: int, message: str) -> None:
+        self.progress(10 + percent * 20 // 100, message)
+
+    def upload_volume(self, identity: ImageIdentity, array: np.ndarray, geometry: Geometry) -> tuple[bool, str]:
+        """Make sure the server holds ``identity``'s image: (uploaded?, sha256 of the server's file).
+
+        A volume stamped with the sha256 of the file the server holds is only checked (no file written);
+        otherwise a .nii.gz copy is written in the work folder, checked, uploaded if needed and removed."""
+        if identity.file_sha256 and self.client.has_image(identity.image_id, identity.file_sha256):
+            return False, identity.file_sha256
+        self.check_cancelled()
+        self.progress(3, "Writing the volume ...")
+        with temp_path(self.work_dir, ".nii.gz") as path:
+            write_image(path, array, geometry)
+            sha = file_sha256(path)
+            return self.ensure_image(identity.image_id, path, check_sum=sha), sha
 
     def run_model(self, image_id: str, image_file: str | None = None, *, model: str | None = None,
                   params: dict | None = None, force_upload: bool = False) -> InferResult:
-        """Upload (when needed), infer, save the label file and format the results."""
+        """Upload (when the server lacks this exact file), infer, save the label file and format the results."""
         model = self._model(model)
-        self.progress(5, f"Checking whether the server has {image_id} ...")
-        uploaded = False
-        if force_upload or not self.client.has_image(image_id):
-            if not image_file:
-                raise ServerError(f"The server does not have image {image_id!r} and no file was given.",
-                                  kind="protocol")
-            self.progress(10, "Uploading the volume ...")
-            self.client.upload_image(image_file, image_id)
-            uploaded = True
+        uploaded = self.ensure_image(image_id, image_file, force_upload=force_upload) if image_file else False
+        if not image_file and not self.client.has_image(image_id):
+            raise ServerError(f"The server does not have image {image_id!r} and no file was given.", kind="protocol")
+        return self._infer(image_id, model, params, uploaded)
+
+    def run_volume(self, identity: ImageIdentity, array: np.ndarray, geometry: Geometry, *,
+                   model: str | None = None, params: dict | None = None) -> InferResult:
+        """Run the model on a volume (the module's Run): upload by identity, infer; temp files removed."""
+        model = self._model(model)
+        uploaded, sha = self.upload_volume(identity, array, geometry)
+        result = self._infer(identity.image_id, model, params, uploaded)
+        result.file_sha256 = sha
+        return result
+
+    def _infer(self, image_id: str, model: str, params: dict | None, uploaded: bool) -> InferResult:
+        self.check_cancelled()
         self.progress(30, f"Running {model} on {image_id} (this can take minutes on a CPU server) ...")
         request = dict(DEFAULT_INFER_PARAMS)
         request.update(params or {})
         resp: InferResponse = self.client.infer(model, image_id, request)
+        self.check_cancelled()
         self.progress(90, "Reading the result ...")
-        label_path = resp.save_label(self.work_dir, stem=f"{image_id}_{model}_label")
+        # a unique name: a cancelled run's late file must never be confused with the next run's
+        label_path = resp.save_label(self.work_dir, stem=f"HybridCT_{image_id}_{model}_{uuid.uuid4().hex[:8]}_label")
         if label_path is None:
             raise ServerError("The server returned no label map for this image.", kind="protocol")
         display = format_results(resp.params)
@@ -195,10 +232,20 @@ class Workflow:
     # ------------------------------------------------------------------ corrections
     def submit_labelmap(self, image_id: str, labelmap: np.ndarray, geometry: Geometry, *,
                         tag: str = "final", file_ext: str = ".nii.gz", params: dict | None = None) -> dict:
-        path = os.path.join(self.work_dir, f"correction{file_ext}")
-        write_image(path, np.asarray(labelmap, dtype=np.uint8), geometry)
-        return self.client.save_label(image_id, path, server_label_info(), filename=f"label{file_ext}", tag=tag,
-                                      params=params)
+        with temp_path(self.work_dir, file_ext, prefix="HybridCT_correction_") as path:
+            write_image(path, np.asarray(labelmap, dtype=np.uint8), geometry)
+            self.check_cancelled()
+            return self.client.save_label(image_id, path, server_label_info(), filename=f"label{file_ext}",
+                                          tag=tag, params=params)
+
+    def submit_volume_correction(self, identity: ImageIdentity, array: np.ndarray, geometry: Geometry,
+                                 labelmap: np.ndarray, label_geometry: Geometry) -> tuple[dict, str]:
+        """The module's Submit: make sure the server holds this exact image, then save the label."""
+        _uploaded, sha = self.upload_volume(identity, array, geometry)
+        self.progress(60, "Sending the correction ...")
+        answer = self.submit_labelmap(identity.image_id, labelmap, label_geometry)
+        self.progress(100, "Correction saved")
+        return answer, sha
 
     def submit_correction(self, image_id: str, segment_arrays: Mapping[str, np.ndarray], geometry: Geometry, *,
                           ignore_extra: bool = False, tag: str = "final", file_ext: str = ".nii.gz") -> dict:
@@ -222,15 +269,10 @@ class Workflow:
         return self.client.next_sample(strategy)
 
     def fetch_image(self, image_id: str) -> str:
-        """Download an image of the datastore into the work folder; returns the local path."""
-        data, name = self.client.download_image(image_id)
-        ext = next((e for e in (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd") if name.lower().endswith(e)),
-                   os.path.splitext(name)[1] or ".nii.gz")
-        safe = "".join(c if (c.isalnum() or c in "-_.") else "_" for c in str(image_id)) or "image"
-        path = os.path.join(self.work_dir, f"{safe}{ext}")
-        with open(path, "wb") as f:
-            f.write(data)
-        return path
+        """Download an image of the datastore into the work folder (streamed); returns the local path,
+        which the caller removes once loaded."""
+        return self.client.download_image_to(image_id, self.work_dir, progress=self.progress,
+                                             cancelled=self.cancelled)
 
     # ------------------------------------------------------------------ training
     def start_training(self, model: str | None = None, params: dict | None = None) -> dict:
