@@ -52,7 +52,7 @@ from tqdm import tqdm
 from . import LABELS
 from .errors import InputError
 from .io import otsu_threshold, read_image
-from .preprocess import WINDOW_HU, array_to_image, label_to_model_slices, to_model_slices, window
+from .preprocess import array_to_image, label_to_model_slices, to_model_slices, window
 from .training import MISSING, SliceSet, slices_from_arrays, split_by_group
 
 log = logging.getLogger(__name__)
@@ -566,13 +566,10 @@ def scan_check_cases(root=None) -> dict:
     """COVID-CT-MD cases for the scan-level check: name -> {"path", "positive", "slice_labels"}."""
     root = require_data_root(root)
     base = root / "volumes_covid_ct_md"
-    out = {}
-    if (base / "P001").is_dir():
-        out["P001"] = {"path": base / "P001", "positive": True,
-                       "slice_labels": base / "P001_slice_labels.csv" if (base / "P001_slice_labels.csv").is_file() else None}
-    if (base / "normal001").is_dir():
-        out["normal001"] = {"path": base / "normal001", "positive": False, "slice_labels": None}
-    return out
+    labels = base / "P001_slice_labels.csv"
+    cases = {"P001": (True, labels if labels.is_file() else None), "normal001": (False, None)}
+    return {name: {"path": base / name, "positive": pos, "slice_labels": lab}
+            for name, (pos, lab) in cases.items() if (base / name).is_dir()}
 
 
 def read_slice_labels(path) -> dict:
@@ -601,7 +598,3 @@ def weak_mask_agreement(root=None) -> dict:
     return {k: {"n": len(v), "dice_mean": float(np.mean(v)) if v else float("nan"),
                 "dice_median": float(np.median(v)) if v else float("nan")} for k, v in scores.items()}
 
-
-__all__ = ["SOURCES", "SourceSet", "data_root", "canonical_group", "collection", "weak_lung_mask", "load_medseg", "load_cls2d",
-           "load_imlab", "load_majun", "load_phantoms", "load_prepared", "load_sources", "val_groups_for",
-           "split_sets", "combine", "scan_check_cases", "read_slice_labels", "weak_mask_agreement", "WINDOW_HU"]
