@@ -113,13 +113,10 @@ def start_orthanc(workdir: Path, timeout_s: float = 60) -> Orthanc:
 
 
 def stop_orthanc(o: Orthanc) -> None:
+    from server_fixture import end_process
+
     if o.proc.poll() is None:
-        o.proc.terminate()
-        try:
-            o.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            o.proc.kill()
-            o.proc.wait(timeout=10)
+        end_process(o.proc)
 
 
 @pytest.fixture(scope="module")

@@ -240,6 +240,16 @@ def launch_server(workdir: Path, conf: dict | None = None, startup_timeout_s: fl
         time.sleep(0.5)
 
 
+def end_process(proc: subprocess.Popen, grace_s: float = 20) -> None:
+    """Terminate ``proc`` (SIGTERM), kill it after ``grace_s`` seconds, and reap it."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
 def stop_server(server: LiveServer) -> None:
     """Stop the server and any training / scoring subprocess it started."""
     import psutil
@@ -249,12 +259,7 @@ def stop_server(server: LiveServer) -> None:
             children = psutil.Process(server.proc.pid).children(recursive=True)
         except psutil.Error:
             children = []
-        server.proc.terminate()
-        try:
-            server.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.proc.kill()
-            server.proc.wait(timeout=10)
+        end_process(server.proc)
         for child in children:
             try:
                 child.kill()
