@@ -7,6 +7,24 @@ if [ ! -x .venv/bin/python ]; then
   echo "[setup] creating .venv with $($PY --version)"
   "$PY" -m venv .venv
 fi
+# System packages for the PACS tests and DICOM-SEG checks: Orthanc + its DICOMweb plugin, dicom3tools
+# (dciodvfy). Skipped when the binaries exist; needs root (CI) or sudo, else the Orthanc tests skip.
+if [ ! -x /usr/sbin/Orthanc ] || [ ! -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] \
+   || ! command -v dciodvfy >/dev/null 2>&1; then
+  SUDO=""
+  if [ "$(id -u)" -ne 0 ]; then SUDO="sudo -n"; fi
+  if command -v apt-get >/dev/null 2>&1 && { [ -z "$SUDO" ] || sudo -n true 2>/dev/null; }; then
+    echo "[setup] installing orthanc, orthanc-dicomweb, dicom3tools (apt-get)"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
+      orthanc orthanc-dicomweb dicom3tools >/dev/null
+  else
+    echo "[setup] cannot apt-get install orthanc orthanc-dicomweb dicom3tools (no apt-get or no root):" \
+         "the PACS tests and dciodvfy checks will be skipped"
+  fi
+else
+  echo "[setup] orthanc, orthanc-dicomweb and dicom3tools are installed"
+fi
 stamp=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
 if [ -f .venv/.setup-stamp ] && [ "$(cat .venv/.setup-stamp)" = "$stamp" ]; then
   echo "[setup] .venv is up to date"

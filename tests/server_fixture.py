@@ -161,11 +161,12 @@ def _log_config(path: Path, log_file: Path) -> Path:
 
 
 def start_server(workdir: Path, conf: dict | None = None, model=True, studies_writer=None,
-                 startup_timeout_s: float = STARTUP_TIMEOUT_S) -> LiveServer:
+                 startup_timeout_s: float = STARTUP_TIMEOUT_S, studies_url: str | None = None) -> LiveServer:
     """Start the server in ``workdir`` (studies/, model/, sessions/, server.log) and wait for /info/.
 
     ``model``: True -> a tiny network trained here; a path -> that checkpoint is the shipped model;
     False -> no model at all. ``studies_writer(path)`` fills the studies folder (default: 6 phantoms).
+    ``studies_url``: serve this DICOMweb URL (a PACS) as ``--studies`` instead of the studies folder.
     """
     workdir.mkdir(parents=True, exist_ok=True)
     studies, model_dir = workdir / "studies", workdir / "model"
@@ -177,10 +178,11 @@ def start_server(workdir: Path, conf: dict | None = None, model=True, studies_wr
         shutil.copyfile(model, model_dir / "pretrained.pt")
     else:  # no model at all: not even the one shipped inside the hybrid_ct package
         conf = {"shipped_model": "none", **(conf or {})}
-    return launch_server(workdir, conf, startup_timeout_s)
+    return launch_server(workdir, conf, startup_timeout_s, studies_url)
 
 
-def launch_server(workdir: Path, conf: dict | None = None, startup_timeout_s: float = STARTUP_TIMEOUT_S) -> LiveServer:
+def launch_server(workdir: Path, conf: dict | None = None, startup_timeout_s: float = STARTUP_TIMEOUT_S,
+                  studies_url: str | None = None) -> LiveServer:
     """Start the server on ``workdir``'s existing studies and model folder (a first start or a restart)."""
     import requests
 
@@ -211,7 +213,7 @@ def launch_server(workdir: Path, conf: dict | None = None, startup_timeout_s: fl
             "auto_train_after": "3", "auto_train_params": json.dumps({"max_epochs": 1}),
             "stop_grace_s": "60", **(conf or {})}
     cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(app_dir),
-           "--studies", str(studies), "--host", "127.0.0.1", "--port", str(port),
+           "--studies", studies_url or str(studies), "--host", "127.0.0.1", "--port", str(port),
            "--log_config", str(_log_config(workdir / "logging.json", log_path))]
     for k, v in conf.items():
         cmd += ["--conf", k, str(v)]
@@ -238,6 +240,16 @@ def launch_server(workdir: Path, conf: dict | None = None, startup_timeout_s: fl
         time.sleep(0.5)
 
 
+def end_process(proc: subprocess.Popen, grace_s: float = 20) -> None:
+    """Terminate ``proc`` (SIGTERM), kill it after ``grace_s`` seconds, and reap it."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
 def stop_server(server: LiveServer) -> None:
     """Stop the server and any training / scoring subprocess it started."""
     import psutil
@@ -247,12 +259,7 @@ def stop_server(server: LiveServer) -> None:
             children = psutil.Process(server.proc.pid).children(recursive=True)
         except psutil.Error:
             children = []
-        server.proc.terminate()
-        try:
-            server.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.proc.kill()
-            server.proc.wait(timeout=10)
+        end_process(server.proc)
         for child in children:
             try:
                 child.kill()

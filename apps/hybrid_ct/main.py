@@ -106,7 +106,12 @@ class HybridCTApp(MONAILabelApp):
     # ------------------------------------------------------------------ tasks
     def init_datastore(self) -> Datastore:
         if self.studies.startswith(("http://", "https://")):
-            return self.init_remote_datastore()  # DICOMweb / XNAT / DSA as in MONAI Label
+            if settings.MONAI_LABEL_DATASTORE.lower() in ("xnat", "dsa"):
+                return self.init_remote_datastore()  # as in MONAI Label
+            from lib.dicomweb import dicomweb_datastore
+
+            # a PACS over DICOMweb: final labels go back as DICOM-SEG (pydicom-seg, no dcmqi), see lib/dicomweb.py
+            return dicomweb_datastore(self.studies, self.conf)
         logger.info("Init Hybrid CT datastore for: %s", self.studies)
         return HybridCTDatastore(self.studies, auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
                                  read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,

@@ -145,8 +145,24 @@ def _write_2d_label(arr2d: np.ndarray, path: Path) -> None:
         Image.fromarray(arr2d.astype(np.uint8), mode="L").save(path)
 
 
-def predict_case(predictor, case: Case, out_dir: Path, intensity: str = "auto", overlays: int = 3) -> dict:
-    """Run one case; write label, JSON report and overlay; return the summary row."""
+def _write_dicom_seg(case: Case, label, report: dict, out_dir: Path) -> tuple:
+    """``<case>_seg.dcm`` beside the NIfTI label for a DICOM input -> (file name or None, note)."""
+    from .dicom_seg import write_dicom_seg
+
+    if case.kind != "dicom":
+        return None, "not written: the input is not a DICOM series"
+    try:
+        path = write_dicom_seg(label, case.path, out_dir / f"{case.name}_seg.dcm",
+                               model_version=str(report.get("model_version") or "") or None)
+    except InputError as e:
+        return None, f"not written: {' '.join(str(e).split())}"
+    return path.name, ""
+
+
+def predict_case(predictor, case: Case, out_dir: Path, intensity: str = "auto", overlays: int = 3,
+                 formats=("nifti",)) -> dict:
+    """Run one case; write label, JSON report and overlay; return the summary row. ``formats`` with
+    "dicom-seg": a DICOM input also gets ``<case>_seg.dcm`` (DICOM-SEG referencing its series)."""
     import SimpleITK as sitk
 
     from .io import read_image, write_image
@@ -163,6 +179,9 @@ def predict_case(predictor, case: Case, out_dir: Path, intensity: str = "auto", 
     else:
         label_path = out_dir / f"{case.name}_label.nii.gz"
         write_image(label, label_path)
+    seg_name, seg_note = _write_dicom_seg(case, label, report, out_dir) if "dicom-seg" in formats else (None, "")
+    if seg_note:
+        log.warning("%s: DICOM-SEG %s", case.name, seg_note)
     overlay_path = None
     if overlays:
         panels = [(s, lab, f"{case.name}  slice {z}") for s, lab, z in display_slices(img, label, overlays)]
@@ -171,6 +190,8 @@ def predict_case(predictor, case: Case, out_dir: Path, intensity: str = "auto", 
     report.update({"case": case.name, "input": str(case.path), "kind": case.kind, "intensity": inten,
                    "size": list(img.GetSize()), "spacing": list(img.GetSpacing()),
                    "outputs": {"label": label_path.name, "overlay": overlay_path.name if overlay_path else None}})
+    if "dicom-seg" in formats:
+        report["outputs"].update(dicom_seg=seg_name, dicom_seg_note=seg_note)
     with open(out_dir / f"{case.name}.json", "w") as f:
         json.dump(jsonable(report), f, indent=2)
     c, b, e = report["classification"], report["burden"], report["energy"]
@@ -188,7 +209,7 @@ SUMMARY_FIELDS = ["case", "input", "kind", "status", "error", "class", "probabil
 
 
 def predict_batch(predictor, inputs, out_dir, intensity: str = "auto", overlays: int = 3, progress: bool = True,
-                  on_error=None) -> list:
+                  on_error=None, formats=("nifti",)) -> list:
     """Predict every case of ``inputs`` (see ``expand_inputs``) into ``out_dir``; one bad case does not stop
     the batch. Writes ``summary.csv`` and returns its rows (``status`` "ok" or "error"). ``on_error(message)``
     is told about each failed input (default: logged)."""
@@ -203,7 +224,7 @@ def predict_batch(predictor, inputs, out_dir, intensity: str = "auto", overlays:
         on_error(msg)
     for case in tqdm(cases, desc="predict", unit="case", disable=not progress or len(cases) < 2):
         try:
-            row = predict_case(predictor, case, out_dir, intensity, overlays)
+            row = predict_case(predictor, case, out_dir, intensity, overlays, formats)
             log.info("%s: %s p=%.3f burden %.2f %% %s", case.name, row["class"], row["probability"],
                      row["burden_total_pct"], row["grade"])
         except InputError as e:

@@ -71,7 +71,7 @@ def cmd_predict(args) -> int:
     predictor = Predictor.from_checkpoint(_model_arg(args.model), device=_device(args.device),
                                           batch_size=args.batch_size, require_chest=not args.no_chest_check)
     rows = predict_batch(predictor, args.inputs, out_dir, args.intensity, args.overlays, progress=not args.quiet,
-                         on_error=_error)
+                         on_error=_error, formats=("nifti", args.format))
     ok = sum(r["status"] == "ok" for r in rows)
     print(f"{ok}/{len(rows)} case(s) predicted; summary: {out_dir / 'summary.csv'}")
     if not rows:
@@ -174,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "pictures of unknown window, calibrated on their own lung and soft-tissue levels; "
                          "auto (default): 8bit-auto for PNG/JPG and uint8 NPY, hu otherwise")
     pr.add_argument("--overlays", type=int, default=3, help="overlay slices per case (0: none)")
+    pr.add_argument("--format", choices=("nifti", "dicom-seg"), default="nifti",
+                    help="dicom-seg: a DICOM input also gets <case>_seg.dcm, a DICOM-SEG referencing its series, "
+                         "beside the NIfTI label (other inputs: NIfTI only)")
     pr.add_argument("--no-chest-check", action="store_true", help="skip the 'is this a chest CT' check")
     pr.add_argument("--batch-size", type=int, default=8)
     pr.add_argument("--device", default="auto")

@@ -268,8 +268,8 @@ def run_inference(background_tasks: BackgroundTasks, model: str, image: str, ses
     p = parse_json_param(params)
     if p.get("label_tag") not in (None, DefaultLabelTag.ORIGINAL.value):
         raise BadRequest("inference results can only be saved as 'original' labels")
-    if output == ResultType.dicom_seg:
-        raise BadRequest("output=dicom_seg is not offered by this app: use 'image', 'json' or 'all'")
+    seg_source = dicom_seg_source(instance.datastore(), image, file, session_id) \
+        if output == ResultType.dicom_seg else None
     request = {"model": model}
     request.update(instance.info().get("config", {}).get("infer", {}))
     request.update(p)
@@ -307,7 +307,42 @@ def run_inference(background_tasks: BackgroundTasks, model: str, image: str, ses
         raise
     if result is None:
         raise HTTPException(500, "inference returned nothing")
+    if seg_source:
+        result["dicom_seg"] = _dicom_seg_of(result, seg_source, background_tasks)
     return send_response(instance.datastore(), result, output, background_tasks)
+
+
+def dicom_seg_source(ds, image: str, file, session_id: str) -> str:
+    """The DICOM series folder that ``output=dicom_seg`` references (400 when the image has none)."""
+    from .dicomweb import dicom_source_dir
+
+    if (file is not None and file.filename) or session_id or not image:
+        raise BadRequest("output=dicom_seg needs an image of the datastore that came from DICOM (a PACS series, "
+                         "or a DICOM folder of the studies folder): uploads and sessions get 'image', 'json' or 'all'")
+    _existing_image(ds, image)
+    folder = dicom_source_dir(ds, image)
+    if not folder:
+        raise BadRequest(f"output=dicom_seg: image {image!r} did not come from a DICOM series, so a DICOM-SEG "
+                         "cannot reference it: use 'image', 'json' or 'all'")
+    return folder
+
+
+def _dicom_seg_of(result: dict, source: str, background_tasks: BackgroundTasks) -> str:
+    from hybrid_ct.dicom_seg import write_dicom_seg
+
+    label = result.get("file") or result.get("label")
+    fd, path = tempfile.mkstemp(prefix="hybrid_ct_seg_", suffix=".dcm")
+    os.close(fd)
+    try:
+        write_dicom_seg(sitk.ReadImage(label), source, path,
+                        model_version=str((result.get("params") or {}).get("model_version") or "") or None)
+    except BaseException:
+        remove_file(path)
+        if label and os.path.isfile(label):
+            remove_file(label)
+        raise
+    background_tasks.add_task(remove_file, path)
+    return path
 
 
 # ------------------------------------------------------------------------------------ scoring

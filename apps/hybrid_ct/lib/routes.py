@@ -14,7 +14,9 @@ routes. CORS: no header at all unless ``cors_origins`` lists origins; never cred
 """
 from __future__ import annotations
 
+import hmac
 import logging
+import os
 import re
 from typing import Optional
 
@@ -277,8 +279,10 @@ def install(fastapi_app, conf: dict | None = None) -> list:
             raise RuntimeError(f"Hybrid CT: {method} {template} would be served unguarded: refusing to start")
     fastapi_app.router.routes[:] = routes
     fastapi_app.openapi_schema = None
-    middleware = [m for m in fastapi_app.user_middleware if m.cls not in (CORSMiddleware, AllowlistMiddleware)]
+    middleware = [m for m in fastapi_app.user_middleware
+                  if m.cls not in (CORSMiddleware, AllowlistMiddleware, TokenMiddleware)]
     middleware.append(Middleware(AllowlistMiddleware, allowed=allowed))
+    middleware += token_middleware(conf or {})
     fastapi_app.user_middleware = cors_middleware((conf or {}).get("cors_origins", "")) + middleware
     # the stack was built when the server started: rebuild it, later requests go through the new one
     fastapi_app.middleware_stack = fastapi_app.build_middleware_stack()
@@ -297,3 +301,67 @@ def cors_middleware(origins_conf) -> list:
     wildcard = "*" in origins
     return [Middleware(CORSMiddleware, allow_origins=["*"] if wildcard else origins, allow_credentials=not wildcard,
                        allow_methods=["GET", "POST", "PUT", "DELETE", "HEAD"], allow_headers=["*"])]
+
+
+# ------------------------------------------------------------------------------ API token
+TOKEN_ENV = "HYBRID_CT_API_TOKEN"
+OPEN_POSTS = ("/activelearning/", "/login/")  # POSTs that only read (next sample) or log in
+
+
+def api_token(conf: dict) -> Optional[str]:
+    """The API token: the first line of ``--conf api_token_file <path>``, else $HYBRID_CT_API_TOKEN, else None
+    (no token: the server is open to whoever reaches it). A named file that is unreadable or empty stops
+    the start-up."""
+    path = str((conf or {}).get("api_token_file") or "")
+    if path:
+        try:
+            with open(path, encoding="utf-8") as f:
+                token = f.readline().strip()
+        except OSError as e:
+            raise ValueError(f"--conf api_token_file {path}: cannot read it ({e.strerror})") from None
+        if not token:
+            raise ValueError(f"--conf api_token_file {path} holds no token")
+        return token
+    return os.environ.get(TOKEN_ENV, "").strip() or None
+
+
+def needs_token(method: str, path: str) -> bool:
+    """Every write (PUT, DELETE; POST: infer, train, scoring, rollback) needs the token; reads do not."""
+    if method in ("PUT", "DELETE", "PATCH"):
+        return True
+    return method == "POST" and not path.startswith(OPEN_POSTS)
+
+
+class TokenMiddleware:
+    """Pure ASGI: a request that ``needs_token`` without ``Authorization: Bearer <token>`` is answered 401.
+    The token is compared in constant time and never logged or echoed."""
+
+    def __init__(self, app, token: str):
+        self.app = app
+        self._token = token.encode("utf-8")
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and needs_token(scope["method"], _route_path(scope)):
+            auth = dict(scope.get("headers") or []).get(b"authorization", b"")
+            scheme, _, given = auth.partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(), self._token):
+                detail = ("this server requires an API token for writes and inference: send the header "
+                          "'Authorization: Bearer <token>'" + (" (the token given is not valid)" if auth else ""))
+                return await JSONResponse({"detail": detail}, status_code=401,
+                                          headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+def token_middleware(conf: dict) -> list:
+    """[TokenMiddleware] when a token is configured (see ``api_token``), else []."""
+    token = api_token(conf)
+    if not token:
+        logger.warning("Hybrid CT: no API token (--conf api_token_file or $%s): anyone who reaches this server "
+                       "can infer, upload, train and roll back", TOKEN_ENV)
+        return []
+    if settings.MONAI_LABEL_AUTH_ENABLE:
+        raise ValueError("the API token and MONAI Label's own authentication both use the Authorization header: "
+                         "turn one of them off")
+    source = "--conf api_token_file" if (conf or {}).get("api_token_file") else f"${TOKEN_ENV}"
+    logger.info("Hybrid CT: an API token (from %s) is required on writes and inference", source)
+    return [Middleware(TokenMiddleware, token=token)]

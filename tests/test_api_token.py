@@ -1,0 +1,110 @@
+"""Closed by default, part 2: with an API token (``--conf api_token_file`` or $HYBRID_CT_API_TOKEN) every
+write and inference needs ``Authorization: Bearer <token>`` (401 without it, 200 with it); reads stay
+open; the token never reaches the logs."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from server_fixture import UNLABELLED, http, phantom_files, start_server, stop_server
+
+APP_DIR = str(Path(__file__).resolve().parents[1] / "apps" / "hybrid_ct")
+if APP_DIR not in sys.path:
+    sys.path.insert(0, APP_DIR)
+
+TOKEN = "s3cret-token-for-tests-7f1c"
+
+
+@pytest.fixture(scope="module")
+def closed(tmp_path_factory):
+    from hybrid_ct.model_files import default_model_path
+
+    work = tmp_path_factory.mktemp("token_server")
+    token_file = work / "api_token"
+    token_file.write_text(TOKEN + "\n")
+    token_file.chmod(0o600)
+    server = start_server(work, model=default_model_path(), conf={"api_token_file": str(token_file)})
+    yield server
+    stop_server(server)
+
+
+def _auth(token=TOKEN):
+    return {"Authorization": f"Bearer {token}"}
+
+
+def _calls(tmp_path):
+    """(name, method, path, kwargs factory): every write route and infer, in an order that works with a token."""
+    img, lab, _, _ = phantom_files(tmp_path, seed=11)
+    label = {"label": ("l.nii.gz", lab.read_bytes()), "params": (None, "{}")}
+    return [
+        ("infer", "POST", "/infer/hybrid_ct", lambda: dict(params={"image": UNLABELLED[0], "output": "json"},
+                                                            files={"params": (None, "{}")})),
+        ("upload image", "PUT", "/datastore/image", lambda: dict(params={"image": "tok_case"},
+                                                                  files={"file": ("c.nii.gz", img.read_bytes())})),
+        ("image info", "PUT", "/datastore/image/info", lambda: dict(params={"image": "tok_case"},
+                                                                     data={"info": json.dumps({"diagnosis": "negative"})})),
+        ("save label", "PUT", "/datastore/label", lambda: dict(params={"image": "tok_case", "tag": "final"},
+                                                                files=dict(label))),
+        ("delete label", "DELETE", "/datastore/label", lambda: dict(params={"id": "tok_case", "tag": "final"})),
+        ("delete image", "DELETE", "/datastore/image", lambda: dict(params={"id": "tok_case"})),
+        ("train", "POST", "/train/hybrid_ct", lambda: dict(json={"max_epochs": 1})),
+        ("stop training", "DELETE", "/train/", lambda: {}),
+    ]
+
+
+def test_writes_and_infer_need_the_token(closed, tmp_path):
+    s, url = http(), closed.url
+    for name, method, path, kw in _calls(tmp_path):
+        for headers in ({}, _auth("wrong"), {"Authorization": f"Basic {TOKEN}"}):
+            r = s.request(method, url + path, headers=headers, timeout=60, **kw())
+            assert r.status_code == 401, (name, headers, r.status_code, r.text)
+            assert r.headers.get("WWW-Authenticate") == "Bearer" and TOKEN not in r.text
+        r = s.request(method, url + path, headers=_auth(), timeout=600, **kw())
+        assert r.status_code == 200, (name, r.status_code, r.text)
+
+
+def test_rollback_needs_the_token(closed):
+    s, url = http(), closed.url
+    assert s.post(url + "/hybrid_ct/rollback", params={"version": "x"}, timeout=60).status_code == 401
+    # with the token the request reaches the app (an unknown version is its 404, not the token's 401)
+    assert s.post(url + "/hybrid_ct/rollback", params={"version": "x"}, headers=_auth(), timeout=60).status_code == 404
+
+
+def test_reads_stay_open(closed):
+    s, url = http(), closed.url
+    assert s.get(url + "/info/", timeout=60).status_code == 200
+    assert s.get(url + "/datastore/", params={"output": "all"}, timeout=60).status_code == 200
+    assert s.get(url + "/hybrid_ct/versions", timeout=60).status_code == 200
+    assert s.post(url + "/activelearning/first", json={}, timeout=60).status_code == 200
+    assert s.get(url + "/no/such/path", headers=_auth(), timeout=60).status_code == 404  # the allowlist still rules
+
+
+def test_token_never_logged(closed):
+    text = closed.log_path.read_text(errors="replace") + (closed.workdir / "server.stdout").read_text(errors="replace")
+    assert "API token (from --conf api_token_file) is required" in text
+    assert TOKEN not in text
+
+
+def test_token_sources(tmp_path, monkeypatch):
+    from lib.routes import TOKEN_ENV, api_token, needs_token
+
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    assert api_token({}) is None
+    monkeypatch.setenv(TOKEN_ENV, " from-env ")
+    assert api_token({}) == "from-env"
+    f = tmp_path / "t"
+    f.write_text("from-file\n")
+    assert api_token({"api_token_file": str(f)}) == "from-file"  # the file wins over the environment
+    f.write_text("\n")
+    with pytest.raises(ValueError, match="holds no token"):
+        api_token({"api_token_file": str(f)})
+    with pytest.raises(ValueError, match="cannot read"):
+        api_token({"api_token_file": str(tmp_path / "missing")})
+    assert needs_token("POST", "/infer/hybrid_ct") and needs_token("DELETE", "/train/")
+    assert not needs_token("GET", "/info/") and not needs_token("POST", "/activelearning/random")
+
+
+def test_unreadable_token_file_stops_the_start(tmp_path):
+    with pytest.raises(RuntimeError, match="exited"):
+        start_server(tmp_path / "srv", model=False, conf={"api_token_file": str(tmp_path / "missing")},
+                     startup_timeout_s=120)
