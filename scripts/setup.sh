@@ -15,9 +15,11 @@ if [ ! -x /usr/sbin/Orthanc ] || [ ! -f /usr/share/orthanc/plugins/libOrthancDic
   if [ "$(id -u)" -ne 0 ]; then SUDO="sudo -n"; fi
   if command -v apt-get >/dev/null 2>&1 && { [ -z "$SUDO" ] || sudo -n true 2>/dev/null; }; then
     echo "[setup] installing orthanc, orthanc-dicomweb, dicom3tools (apt-get)"
-    $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
-      orthanc orthanc-dicomweb dicom3tools >/dev/null
+    # not fatal: without them the PACS tests skip with a reason, everything else still runs
+    if ! { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq \
+           --no-install-recommends orthanc orthanc-dicomweb dicom3tools >/dev/null; }; then
+      echo "[setup] WARNING: apt-get could not install orthanc / dicom3tools: the PACS tests will be skipped"
+    fi
   else
     echo "[setup] cannot apt-get install orthanc orthanc-dicomweb dicom3tools (no apt-get or no root):" \
          "the PACS tests and dciodvfy checks will be skipped"

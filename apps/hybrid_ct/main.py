@@ -120,7 +120,7 @@ class HybridCTApp(MONAILabelApp):
     def _download_dcmqi_tools(self):
         # MONAI Label downloads dcmqi for DICOM-SEG output with a DICOMweb datastore; this app never
         # downloads anything: put itkimage2segimage on PATH yourself if you need DICOM SEG.
-        logger.info("dcmqi tools are not downloaded by this app (DICOM SEG output needs them on PATH)")
+        logger.info("dcmqi tools are not downloaded by this app: it writes DICOM-SEG with pydicom-seg")
 
     def init_infers(self) -> Dict[str, InferTask]:
         infers: Dict[str, InferTask] = {}
