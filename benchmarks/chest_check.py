@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
 
 ABDOMEN_NIFTI_LUNG_BASE = 104  # first LPS z (inferior first) of example_ct.nii.gz whose slice shows lung bases
 NON_CT_SEED = 19
+SBU_ABDOMEN = ("A027284",)  # its two "axial" NY-SBU slices show kidneys and bowel, no lung (seen on the slices)
 
 
 def _window_u8(hu: np.ndarray) -> np.ndarray:
@@ -117,9 +118,12 @@ def collect(data: Path, tmp: Path) -> list:
             add(f"cls2d/{label} {src}", "chest", paths)
     add("lung2d_majun (3 HU NPY, 1 uint8 NPY)", "chest", sorted((data / "lung2d_majun").glob("*image*.npy")))
     sbu = data / "dicom_misc" / "covid19_ny_sbu_slices"
-    add("dicom_misc single axial DICOM (NY-SBU, LIDC, pydicom CT_small)", "chest",
-        sorted(sbu.glob("*/axial/*.dcm")) + sorted((data / "dicom_misc" / "lidc_slice").glob("*.dcm"))
-        + [data / "dicom_misc" / "pydicom_ct_small" / "CT_small.dcm"])
+    axial = sorted(sbu.glob("*/axial/*.dcm"))
+    add("dicom_misc single axial chest DICOM (NY-SBU, LIDC, pydicom CT_small)", "chest",
+        [p for p in axial if p.parent.parent.name not in SBU_ABDOMEN]
+        + sorted((data / "dicom_misc" / "lidc_slice").glob("*.dcm")) + [data / "dicom_misc" / "pydicom_ct_small" / "CT_small.dcm"])
+    add("dicom_misc NY-SBU axial slices at kidney level (abdomen)", "refuse",
+        [p for p in axial if p.parent.parent.name in SBU_ABDOMEN])
     add("dicom_misc single coronal/sagittal DICOM (NY-SBU)", "refuse",
         sorted(sbu.glob("*/coronal/*.dcm")) + sorted(sbu.glob("*/sagittal/*.dcm")))
     vols = [data / "volumes_covid_ct_md" / "P001", data / "volumes_covid_ct_md" / "normal001",
