@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
+sys.path.append(str(Path(__file__).resolve().parents[1] / "lib"))  # after $PYTHONPATH: an older lib can be measured
 
 ABDOMEN_NIFTI_LUNG_BASE = 104  # first LPS z (inferior first) of example_ct.nii.gz whose slice shows lung bases
 NON_CT_SEED = 19

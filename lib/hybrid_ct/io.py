@@ -54,8 +54,8 @@ MIN_LUNG_AIR_FRACTION = 0.05
 #   largest     0.0098 (0.059) the same lung base     0.005       abdominal slices, gas specks (6)
 # Margins are thin on sharpness (0.137 vs 0.115) and dominance (0.345 vs 0.322). Not separated: a single
 # slice at the lung bases and an upper-abdominal slice with bowel gas (air 0.036 vs up to 0.075): keeping
-# every real chest slice lets 144 of 248 abdominal single slices and 4 of 22 textures through; a whole
-# abdominal volume is still refused by the 3D rule above.
+# every real chest slice lets 144 of 248 abdominal single slices, both NY-SBU kidney-level slices and 4 of
+# 22 textures through; a whole abdominal volume is still refused by the 3D rule above.
 SLICE_RULE = {"contrast": 50.0, "extent": 0.15, "sharpness": 0.12, "dominance": 0.30, "air": 0.025,
               "largest": 0.005}
 MIN_PLANE_PIXELS = 16  # an axial plane narrower than this is a coronal/sagittal slice or a 1-pixel-thick volume
