@@ -102,11 +102,33 @@ def test_predict_folder_of_slices(model_path, shared_data, tmp_path):
     assert not list(out.glob("*overlay*"))
 
 
-def test_cropped_slice_failing_the_chest_check_gets_a_hint(model_path, shared_data, tmp_path, capsys):
-    # MedSeg slice 2 is cropped to the lungs: io.check_ct finds too little body-enclosed air
-    assert _predict(model_path, tmp_path, shared_data / "seg2d_medseg" / "images" / "2.jpg") == 1
-    err = capsys.readouterr().err
-    assert "not a chest" in err and "--no-chest-check" in err
+def test_refused_inputs_are_listed_and_the_batch_goes_on(model_path, shared_data, tmp_path, capsys):
+    import time
+
+    from PIL import Image
+
+    # MedSeg slice 2 is cropped to the lungs (refused by the old body-enclosed air rule): now a chest
+    blank = tmp_path / "blank.png"
+    Image.fromarray(np.full((128, 128), 90, np.uint8)).save(blank)
+    coronal = next((shared_data / "dicom_misc" / "covid19_ny_sbu_slices").glob("*/coronal/*.dcm"))
+    t0 = time.perf_counter()
+    rc = _predict(model_path, tmp_path / "out", shared_data / "seg2d_medseg" / "images" / "2.jpg", blank, coronal,
+                  extra=["--overlays", "0"])
+    assert rc == 3  # some inputs refused, the others ran
+    assert time.perf_counter() - t0 < 60  # the coronal slice is refused, not run as 512 one-pixel slices
+    rows = _summary(tmp_path / "out")
+    assert rows["2"]["status"] == "ok"
+    assert rows["blank"]["status"] == "refused" and "not a chest" in rows["blank"]["error"]
+    assert "--no-chest-check" in rows["blank"]["error"]
+    assert rows[coronal.stem]["status"] == "refused" and "coronal slice" in rows[coronal.stem]["error"]
+    assert sum(ln.startswith("error:") for ln in capsys.readouterr().err.splitlines()) == 2
+
+
+def test_predict_help_documents_the_exit_codes(capsys):
+    with pytest.raises(SystemExit):
+        main(["predict", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "exit status: 0 every input ran; 3 some inputs were refused" in out
 
 
 def test_bad_inputs_do_not_stop_the_batch(model_path, phantom_nifti, shared_data, tmp_path, capsys):
@@ -118,10 +140,10 @@ def test_bad_inputs_do_not_stop_the_batch(model_path, phantom_nifti, shared_data
     out = tmp_path / "out"
     rc = _predict(model_path, out, bad / "empty.nii.gz", bad / "text.png", tmp_path / "missing.nii.gz", abdomen,
                   phantom_nifti[0])
-    assert rc == 1
+    assert rc == 3
     rows = _summary(out)
     assert rows["chest_phantom"]["status"] == "ok"
-    errors = {k: r["error"] for k, r in rows.items() if r["status"] == "error"}
+    errors = {k: r["error"] for k, r in rows.items() if r["status"] == "refused"}
     assert len(errors) == 4
     assert "empty" in errors["empty"] and "not a chest" in errors["example_ct"]
     err_lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
@@ -130,7 +152,7 @@ def test_bad_inputs_do_not_stop_the_batch(model_path, phantom_nifti, shared_data
 
 def test_intensity_hu_on_a_picture_and_missing_model(model_path, shared_data, tmp_path, capsys):
     jpg = shared_data / "seg2d_medseg" / "images" / "3.jpg"
-    assert _predict(model_path, tmp_path / "a", jpg, extra=["--intensity", "hu"]) == 1
+    assert _predict(model_path, tmp_path / "a", jpg, extra=["--intensity", "hu"]) == 3
     assert "8bit" in _summary(tmp_path / "a")["3"]["error"]
     assert _predict(tmp_path / "none.pt", tmp_path / "b", jpg) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -325,3 +325,75 @@ def test_8bit_auto_puts_a_mosmed_picture_on_the_hu_scale(shared_data):
     assert abs(anatomy_levels(auto)[0] - HU_LUNG) < 5
     lung, tissue = anatomy_levels(fixed)  # without calibration: denser lungs, soft tissue read as fat-and-air
     assert lung > HU_LUNG + 100 and tissue < HU_TISSUE - 200
+
+
+# --- chest check of single axial slices (pictures) and non-axial inputs ---------------------------
+
+@pytest.mark.parametrize("folder", ["seg2d_medseg/images", "lung2d_majun"])
+def test_every_real_chest_picture_passes_the_chest_check(shared_data, folder):
+    from hybrid_ct.batch import Case, _intensity_for
+
+    paths = sorted(p for p in (shared_data / folder).iterdir() if "mask" not in p.name)
+    for p in paths:  # MedSeg crops (32 of 50 refused by the body-enclosed air rule) and a lung-base slice
+        check_ct(read_image(p, intensity=_intensity_for(Case(p.stem, p, "2d"), "auto")))
+
+
+def _non_ct_pictures():
+    from PIL import ImageDraw
+    from scipy import ndimage as ndi
+
+    rng = np.random.default_rng(0)
+    blank = np.full((256, 256), 120, np.uint8)
+    noise = ndi.gaussian_filter(rng.normal(size=(256, 256)), 1.5)
+    smooth = ndi.gaussian_filter(rng.normal(size=(256, 256)), 24)
+    page = Image.new("L", (256, 256), 255)
+    for y in range(4, 250, 14):
+        ImageDraw.Draw(page).text((4, y), "Hybrid CT outlines lungs and infection " * 2, fill=0)
+    to8 = lambda a: np.round((a - a.min()) / np.ptp(a) * 255).astype(np.uint8)  # noqa: E731
+    return {"blank": blank, "noise": to8(noise), "smooth": to8(smooth), "text": np.asarray(page)}
+
+
+@pytest.mark.parametrize("name", ["blank", "noise", "smooth", "text"])
+def test_non_ct_pictures_are_refused(tmp_path, name):
+    path = tmp_path / f"{name}.png"
+    Image.fromarray(_non_ct_pictures()[name]).save(path)
+    with pytest.raises(InputError, match="not a chest CT slice"):
+        check_ct(read_image(path, intensity="8bit-auto"))
+
+
+def test_single_pelvic_hu_slice_is_refused(shared_data):
+    img = sitk.DICOMOrient(read_image(shared_data / "dicom_misc" / "abdomen_nifti_not_chest" / "example_ct.nii.gz"),
+                           "LPS")
+    one = img[:, :, 20:21]  # the pelvis (upper-abdominal slices with bowel gas pass: docs/pictures.md)
+    with pytest.raises(InputError, match="not a chest CT slice"):
+        check_ct(one)
+
+
+@pytest.mark.parametrize("plane", ["coronal", "sagittal"])
+def test_single_coronal_or_sagittal_dicom_is_refused_at_once(shared_data, plane):
+    import time
+
+    files = sorted((shared_data / "dicom_misc" / "covid19_ny_sbu_slices").glob(f"*/{plane}/*.dcm"))
+    assert len(files) == 10
+    for f in files:
+        t0 = time.perf_counter()
+        with pytest.raises(InputError, match=f"not axial: a {plane} slice"):
+            check_ct(read_image(f), require_chest=False)  # refused whatever the chest check says
+        assert time.perf_counter() - t0 < 1.0  # it used to run for > 10 minutes as 512 thin axial slices
+
+
+@pytest.mark.parametrize("shape,match", [((300, 1, 200), "coronal slice"), ((300, 200, 1), "sagittal slice"),
+                                         ((40, 5, 200), "coronal slab"), ((300, 1, 1), "line of pixels")])
+def test_one_pixel_thin_axial_plane_is_refused(shape, match):
+    img = sitk.GetImageFromArray(np.full(shape, -800, np.float32))  # [z, y, x]: axial direction
+    with pytest.raises(InputError, match=f"not axial: a {match}"):
+        check_ct(img, require_chest=False)
+
+
+def test_a_volume_stored_coronally_is_still_axial_enough(small_phantom):
+    img, _, _ = small_phantom
+    arr = sitk.GetArrayFromImage(img)  # [z, y, x]
+    cor = sitk.GetImageFromArray(np.ascontiguousarray(arr.transpose(1, 0, 2)))  # index axes: x, z, y
+    cor.SetDirection((1, 0, 0, 0, 0, 1, 0, 1, 0))
+    cor.SetSpacing(tuple(img.GetSpacing()[i] for i in (0, 2, 1)))
+    check_ct(cor, min_slices=3)  # a many-slice coronal stack is a volume: reoriented, not refused

@@ -211,15 +211,16 @@ SUMMARY_FIELDS = ["case", "input", "kind", "status", "error", "class", "probabil
 def predict_batch(predictor, inputs, out_dir, intensity: str = "auto", overlays: int = 3, progress: bool = True,
                   on_error=None, formats=("nifti",)) -> list:
     """Predict every case of ``inputs`` (see ``expand_inputs``) into ``out_dir``; one bad case does not stop
-    the batch. Writes ``summary.csv`` and returns its rows (``status`` "ok" or "error"). ``on_error(message)``
-    is told about each failed input (default: logged)."""
+    the batch. Writes ``summary.csv`` and returns its rows: ``status`` "ok", "refused" (the input cannot be
+    read as a chest CT: ``io.read_image`` / ``io.check_ct`` raised InputError; ``error`` says why) or
+    "error" (an unexpected failure). ``on_error(message)`` is told about each such input (default: logged)."""
     from tqdm import tqdm
 
     on_error = on_error or log.error
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cases, problems = expand_inputs(inputs)
-    rows = [{"case": Path(p).name, "input": p, "status": "error", "error": msg} for p, msg in problems]
+    rows = [{"case": Path(p).name, "input": p, "status": "refused", "error": msg} for p, msg in problems]
     for p, msg in problems:
         on_error(msg)
     for case in tqdm(cases, desc="predict", unit="case", disable=not progress or len(cases) < 2):
@@ -227,12 +228,12 @@ def predict_batch(predictor, inputs, out_dir, intensity: str = "auto", overlays:
             row = predict_case(predictor, case, out_dir, intensity, overlays, formats)
             log.info("%s: %s p=%.3f burden %.2f %% %s", case.name, row["class"], row["probability"],
                      row["burden_total_pct"], row["grade"])
-        except InputError as e:
+        except InputError as e:  # the input's problem (unreadable, not a chest, not axial...): refused
             msg = " ".join(str(e).split())
-            if case.kind == "2d" and "not a chest" in msg:
-                msg += " (a 2D slice cropped to the lungs can fail this check: --no-chest-check skips it)"
+            if "not a chest" in msg:
+                msg += " (--no-chest-check skips this check)"
             on_error(f"{case.path}: {msg}")
-            row = {"case": case.name, "input": str(case.path), "kind": case.kind, "status": "error", "error": msg}
+            row = {"case": case.name, "input": str(case.path), "kind": case.kind, "status": "refused", "error": msg}
         except Exception as e:  # noqa: BLE001 - one bad case must not stop the batch
             msg = f"{e.__class__.__name__}: {' '.join(str(e).split())}"
             log.debug("traceback", exc_info=True)

@@ -11,8 +11,9 @@ Each command is a thin layer over one library call: ``batch.predict_batch``, ``p
 ``download.download``. The default model is ``model_files.default_model_path()`` ($HYBRID_CT_MODEL, else
 the checkpoint shipped in the package); relative default paths are relative to the current folder.
 
-Exit status: 0 success; 1 some inputs of a batch failed (the others were processed); 2 bad usage,
-no model, or a failed command.
+Exit status: 0 success; 3 ``predict`` refused some inputs (not readable as a chest CT: listed in
+summary.csv with status "refused" and the reason) and ran the others; 1 some inputs failed unexpectedly
+(status "error"); 2 bad usage, no input, no model, or a failed command.
 """
 from __future__ import annotations
 
@@ -72,11 +73,11 @@ def cmd_predict(args) -> int:
                                           batch_size=args.batch_size, require_chest=not args.no_chest_check)
     rows = predict_batch(predictor, args.inputs, out_dir, args.intensity, args.overlays, progress=not args.quiet,
                          on_error=_error, formats=("nifti", args.format))
-    ok = sum(r["status"] == "ok" for r in rows)
-    print(f"{ok}/{len(rows)} case(s) predicted; summary: {out_dir / 'summary.csv'}")
+    ok, refused = (sum(r["status"] == s for r in rows) for s in ("ok", "refused"))
+    print(f"{ok}/{len(rows)} case(s) predicted, {refused} refused; summary: {out_dir / 'summary.csv'}")
     if not rows:
         return 2
-    return 0 if ok == len(rows) else 1
+    return 0 if ok == len(rows) else 1 if ok + refused < len(rows) else 3
 
 
 def cmd_train(args) -> int:
@@ -164,7 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "1 is faster on a machine shared with other jobs)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    pr = sub.add_parser("predict", help="segment + classify NIfTI / DICOM / 2D PNG-JPG-NPY inputs")
+    pr = sub.add_parser("predict", help="segment + classify NIfTI / DICOM / 2D PNG-JPG-NPY inputs",
+                        epilog="exit status: 0 every input ran; 3 some inputs were refused (summary.csv: status "
+                               "'refused' and why), the others ran; 1 some inputs failed unexpectedly; 2 bad "
+                               "usage, no input or no model")
     pr.add_argument("inputs", nargs="+", metavar="INPUT", help="NIfTI file, DICOM folder or file, PNG/JPG/NPY slice, "
                     "or a folder of such files (each file is one case)")
     pr.add_argument("--model", default=None, help="checkpoint (default: $HYBRID_CT_MODEL, else the shipped model)")

@@ -138,8 +138,9 @@ def held_out_phantoms(rows: list, folds: int = 4) -> list:
 
 def render(loso: list, phantoms: list, cal: Calibration, plot_name: str, command: str) -> str:
     lines = [f"Command: `{command}`", "",
-             f"Calibration written beside the model: P = sigmoid({cal.a:.3f} logit(score) + {cal.b:.3f}), "
-             f"noise floor {cal.noise_floor_ml:.1f} mL, fitted on {len(cal.fitted_on)} scans.", "",
+             f"Calibration fitted on all {len(cal.fitted_on)} validation scans (written beside the model only with "
+             f"`--write-calibration`): P = sigmoid({cal.a:.3f} logit(score) + {cal.b:.3f}), noise floor "
+             f"{cal.noise_floor_ml:.1f} mL.", "",
              "| scan | truth COVID-19 / infection | score (mean slice P) | raw call (score >= 0.5) | calibrated call "
              "(held out) | P (held out) | infection mL | floor mL (held out) | found | lung Dice 3D | false lung mL |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
