@@ -24,6 +24,7 @@ PORT=${PORT:-8000}
 SAMPLE_N=${SAMPLE_N:-10}
 SAMPLE_UNLABELLED=${SAMPLE_UNLABELLED:-4}
 PY=.venv/bin/python
+export PYTHONUTF8=1  # UTF-8 text files whatever the machine's locale
 
 if [ "$STUDIES" = "sample_studies" ] && [ ! -f sample_studies/phantoms.csv ]; then
   echo "[serve] generating $SAMPLE_N sample chest phantoms in ./sample_studies (first run only)"

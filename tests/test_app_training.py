@@ -199,10 +199,13 @@ def test_a_worse_retrain_is_kept_not_served_unless_forced(server):
         assert r.status_code == 200, r.text
         forced = r.json()["published_version"]
         stats, listing = _stats(server), _versions(server)
-        assert stats["promotion"]["decision"] == "forced" and stats["promotion"]["force_promote"] is True
-        assert stats["promotion"]["new"]["score"] < stats["promotion"]["served"]["score"]
+        promotion = stats["promotion"]
+        # a wrecking run is almost always worse ("forced"); when its sampling happens not to be, it is
+        # recorded as "promoted": either way force_promote serves it
+        worse = promotion["new"]["score"] < promotion["served"]["score"]
+        assert promotion["decision"] == ("forced" if worse else "promoted") and promotion["force_promote"] is True
         assert stats["current_version"] == forced == listing["current"] != kept
-        assert [v["promotion"]["decision"] for v in listing["versions"][-2:]] == ["kept", "forced"]
+        assert [v["promotion"]["decision"] for v in listing["versions"][-2:]] == ["kept", promotion["decision"]]
         assert _served_version(server) == forced
         for bad in ({"promote_metrics": "accuracy"}, {"promote_metrics": ["score", 1]}, {"promote_tolerance": -1},
                     {"force_promote": "maybe"}):

@@ -17,7 +17,7 @@ PACKAGE = EXT / "hybrid_ct_slicer"
 
 
 def test_extension_cmake_metadata():
-    text = (EXT / "CMakeLists.txt").read_text()
+    text = (EXT / "CMakeLists.txt").read_text(encoding="utf-8")
     for key in ("EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION"):
         assert re.search(rf'set\({key} "[^"]+"\)', text), key
     for key in ("EXTENSION_HOMEPAGE", "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS"):
@@ -32,7 +32,7 @@ def test_extension_cmake_metadata():
 
 
 def test_module_cmake_lists_every_file():
-    text = (MODULE / "CMakeLists.txt").read_text()
+    text = (MODULE / "CMakeLists.txt").read_text(encoding="utf-8")
     assert "slicerMacroBuildScriptedModule(" in text
     assert "${MODULE_NAME}.py" in text and "set(MODULE_NAME HybridCT)" in text
     listed = set(re.search(r"set\(HYBRID_CT_SLICER_PACKAGE_FILES(.*?)\)", text, re.S).group(1).split())
@@ -81,7 +81,7 @@ def test_ui_has_the_controls_the_module_uses():
     }
     for name, cls in required.items():
         assert widgets.get(name) == cls, name
-    used = set(re.findall(r"self\.ui\.(\w+)", (MODULE / "HybridCT.py").read_text()))
+    used = set(re.findall(r"self\.ui\.(\w+)", (MODULE / "HybridCT.py").read_text(encoding="utf-8")))
     dynamic = {f"{k}ValueLabel" for k in ("classification", "burden", "grade", "energy", "modelVersion", "latency")}
     assert dynamic <= set(widgets)
     missing = used - set(widgets)
@@ -89,13 +89,13 @@ def test_ui_has_the_controls_the_module_uses():
 
 
 def test_module_file_structure():
-    tree = ast.parse((MODULE / "HybridCT.py").read_text())
+    tree = ast.parse((MODULE / "HybridCT.py").read_text(encoding="utf-8"))
     bases = {node.name: [ast.unparse(b) for b in node.bases] for node in tree.body if isinstance(node, ast.ClassDef)}
     assert bases["HybridCT"] == ["ScriptedLoadableModule"]
     assert bases["HybridCTWidget"][0] == "ScriptedLoadableModuleWidget"
     assert bases["HybridCTLogic"][0] == "ScriptedLoadableModuleLogic"  # + the package's ModuleLogic
     assert bases["HybridCTTest"] == ["ScriptedLoadableModuleTest"]
-    source = (MODULE / "HybridCT.py").read_text()
+    source = (MODULE / "HybridCT.py").read_text(encoding="utf-8")
     assert 'slicer.util.loadUI(self.resourcePath("UI/HybridCT.ui"))' in source
     assert "qt.QSettings()" in source and "SETTINGS_KEY_SERVER_URL" in source
 
@@ -133,12 +133,12 @@ print("ok")
 def test_extension_folder_is_a_repository_root():
     """Issue 17 packaging: README and Apache-2.0 LICENSE in the extension folder, module dependencies,
     a parameter node, and the export script makes the folder the root of its own repository."""
-    assert "Apache License" in (EXT / "LICENSE").read_text() and "Version 2.0" in (EXT / "LICENSE").read_text()
-    readme = (EXT / "README.md").read_text()
+    assert "Apache License" in (EXT / "LICENSE").read_text(encoding="utf-8") and "Version 2.0" in (EXT / "LICENSE").read_text(encoding="utf-8")
+    readme = (EXT / "README.md").read_text(encoding="utf-8")
     assert "Hybrid CT" in readme and "LICENSE" in readme
-    source = (MODULE / "HybridCT.py").read_text()
+    source = (MODULE / "HybridCT.py").read_text(encoding="utf-8")
     assert 'self.parent.dependencies = ["Segmentations", "SegmentEditor"]' in source
-    assert "saveSelection" in source and "getParameterNode" in (PACKAGE / "logic.py").read_text()
+    assert "saveSelection" in source and "getParameterNode" in (PACKAGE / "logic.py").read_text(encoding="utf-8")
 
 
 def test_export_script_makes_a_standalone_repository(tmp_path):

@@ -35,7 +35,7 @@ CARD_MARK = "<!-- hybrid-ct:{name}:{end} -->"
 
 def _render(name: str, **values) -> str:
     """Template ``name`` (``templates/<name>.md``) filled with ``values`` (see the module's rules)."""
-    text = (TEMPLATE_DIR / f"{name}.md").read_text().rstrip("\n")
+    text = (TEMPLATE_DIR / f"{name}.md").read_text(encoding="utf-8").rstrip("\n")
     values = {k: _DROP if v is None or v == "" else v for k, v in values.items()}
     lines = [ln for ln in text.format(**values).split("\n") if ln != _DROP]
     return re.sub(r"\n{3,}", "\n\n", "\n".join(lines))
@@ -234,7 +234,7 @@ def write_results(results: dict, recipe: dict, weak: dict, out, img_dir, command
     figures = results_figures(results, img_dir)
     text = render_results(results, recipe, figures, weak, out, command, min_lesion_mm2)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    out.write_text(text, encoding="utf-8")
     return out
 
 
@@ -245,7 +245,7 @@ def update_model_card(path, section: str, text: str) -> None:
     """Replace the text between ``<!-- hybrid-ct:<section>:start/end -->`` (appended when missing)."""
     path = Path(path)
     start, end = CARD_MARK.format(name=section, end="start"), CARD_MARK.format(name=section, end="end")
-    body = path.read_text() if path.is_file() else "# Model card\n"
+    body = path.read_text(encoding="utf-8") if path.is_file() else "# Model card\n"
     block = f"{start}\n{text.strip()}\n{end}"
     if start in body and end in body:
         a, b = body.index(start), body.index(end) + len(end)
@@ -253,7 +253,7 @@ def update_model_card(path, section: str, text: str) -> None:
     else:
         body = body.rstrip() + "\n\n" + block + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(body)
+    path.write_text(body, encoding="utf-8")
 
 
 def training_card(results: dict, meta: dict, total_s: float, out: Path) -> str:

@@ -176,7 +176,7 @@ def run_scan_check(model, out_md, root=None, n_phantoms: int = 24, write_calibra
     out_md.parent.mkdir(parents=True, exist_ok=True)
     plot = out_md.with_suffix(".png")
     reliability_plot(loso + phantoms, plot)
-    out_md.write_text(render(loso, phantoms, cal, plot.name, command))
+    out_md.write_text(render(loso, phantoms, cal, plot.name, command), encoding="utf-8")
     (out_md.with_suffix(".json")).write_text(json.dumps({"rows": rows, "held_out": loso}, indent=1, default=float))
     if write_calibration:
         cal.save(calibration_path(model))
