@@ -108,3 +108,23 @@ def test_unreadable_token_file_stops_the_start(tmp_path):
     with pytest.raises(RuntimeError, match="exited"):
         start_server(tmp_path / "srv", model=False, conf={"api_token_file": str(tmp_path / "missing")},
                      startup_timeout_s=120)
+
+
+def test_the_slicer_client_sends_the_token(closed, monkeypatch):
+    """The extension's client: without the token an inference is refused with a message that says how to
+    set it; with $HYBRID_CT_API_TOKEN (or api_token=) it runs; reads work either way."""
+    ext = str(Path(__file__).resolve().parents[1] / "slicer_extension")
+    if ext not in sys.path:
+        sys.path.insert(0, ext)
+    from hybrid_ct_slicer.client import API_TOKEN_ENV, HybridCTClient, ServerError
+
+    monkeypatch.delenv(API_TOKEN_ENV, raising=False)
+    anonymous = HybridCTClient(closed.url)
+    assert anonymous.info()["name"]
+    with pytest.raises(ServerError) as refused:
+        anonymous.infer("hybrid_ct", UNLABELLED[0], output="json")
+    assert refused.value.status == 401 and API_TOKEN_ENV in str(refused.value)
+    monkeypatch.setenv(API_TOKEN_ENV, TOKEN)
+    res = HybridCTClient(closed.url).infer("hybrid_ct", UNLABELLED[0], output="json")
+    assert res.params["classification"]["label"] in ("positive", "negative")
+    assert HybridCTClient(closed.url, api_token="wrong").info()["name"]

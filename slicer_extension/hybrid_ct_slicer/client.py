@@ -213,6 +213,9 @@ def _params(data: bytes | None, what: str) -> dict:
     return params if isinstance(params, dict) else {"value": params}
 
 
+API_TOKEN_ENV = "HYBRID_CT_API_TOKEN"
+
+
 class HybridCTClient:
     """Client for the Hybrid CT MONAI Label app.
 
@@ -221,7 +224,8 @@ class HybridCTClient:
     """
 
     def __init__(self, server_url: str, timeout: float = DEFAULT_TIMEOUT_S, *, long_timeout: float | None = None,
-                 verify_tls: bool = True, client_id: str | None = None, use_env_proxy: bool = False):
+                 verify_tls: bool = True, client_id: str | None = None, use_env_proxy: bool = False,
+                 api_token: str | None = None):
         self.server_url = normalise_server_url(server_url)
         self.timeout = float(timeout)
         self.long_timeout = float(long_timeout) if long_timeout is not None else max(self.timeout,
@@ -232,6 +236,10 @@ class HybridCTClient:
         # http_proxy from the environment (a hospital proxy would not reach 127.0.0.1).
         self.session.trust_env = use_env_proxy
         self.session.verify = verify_tls
+        # the server's optional API token (docs/app.md): given, else $HYBRID_CT_API_TOKEN; never logged
+        token = api_token if api_token is not None else os.environ.get(API_TOKEN_ENV, "")
+        if token.strip():
+            self.session.headers["Authorization"] = f"Bearer {token.strip()}"
 
     # ---------------------------------------------------------------- transport
     def _url(self, path: str, query: dict | None = None) -> str:
@@ -263,6 +271,8 @@ class HybridCTClient:
         detail = _detail_from_body(resp.content, resp.reason or "no detail")
         hint = " (an unhandled error: the server log has the details)" \
             if resp.status_code >= 500 and detail.strip().lower() == "internal server error" else ""
+        if resp.status_code == 401:
+            hint = f" (this server needs its API token: set {API_TOKEN_ENV} before starting Slicer)"
         resp.close()
         raise ServerError(
             f"The server at {self.server_url} answered HTTP {resp.status_code} to {where}: {detail}{hint}",
