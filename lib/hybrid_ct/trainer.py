@@ -32,7 +32,7 @@ from .losses import MultiTaskLoss
 from .training import SliceDataset, SliceSet, TrainConfig, _to, epoch_indices, evaluate
 
 log = logging.getLogger(__name__)
-LOSS_KEYS = ("cls", "lung", "infection", "total")
+LOSS_KEYS = ("cls", "lung", "infection", "spike_rate", "total")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -144,6 +144,14 @@ def build_optimizer(model: nn.Module, loss_fn: nn.Module, cfg: TrainConfig) -> t
                              weight_decay=cfg.weight_decay)
 
 
+def spiking_neurons(model: nn.Module) -> list:
+    """The neurons that emit spikes (membrane read-outs excluded): what the firing-rate regulariser counts."""
+    from spikingjelly.activation_based import neuron
+
+    return [m for m in model.modules() if isinstance(m, neuron.BaseNode)
+            and not isinstance(m, getattr(neuron, "NonSpikingLIFNode", ()))]
+
+
 class Trainer:
     """``Trainer(model, cfg, train, val).fit() -> history`` (one dict per epoch: ``epoch``, ``loss``
     (mean per batch: ``cls`` / ``lung`` / ``infection`` / ``total``, over all ranks), ``train_slices``
@@ -172,6 +180,10 @@ class Trainer:
         self.stopped = False
         self.history: list = []
         self.best_score, self.best_epoch, self.best_state = -1.0, None, None
+        self._rates: list = []
+        if cfg.spike_rate_weight > 0:
+            for m in spiking_neurons(self.model):
+                m.register_forward_hook(lambda _m, _i, out: self._rates.append(out.float().mean()))
 
     # -- pieces
     def should_stop(self) -> bool:
@@ -209,7 +221,12 @@ class Trainer:
             if (max_iters and it >= max_iters) or self.should_stop():
                 break
             b = _to(batch, self.device)
+            self._rates.clear()
             loss, parts = self.loss_fn(net(b["image"]), b)
+            if self._rates:  # the firing-rate regulariser: fewer spikes, less energy (seed 002's E_hybrid)
+                rate = torch.stack(self._rates).mean()
+                loss = loss + self.cfg.spike_rate_weight * rate
+                parts["spike_rate"] = float(rate.detach())
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self._sync_loss_grads()

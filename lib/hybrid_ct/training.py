@@ -152,6 +152,7 @@ class TrainConfig:
     device: str = "cpu"
     num_workers: int = 0
     val_batch_size: int | None = None  # None: batch_size
+    spike_rate_weight: float = 0.0  # > 0: add weight x mean firing rate of the spiking layers (sparse spikes)
 
 
 def _to(batch: dict, device) -> dict:

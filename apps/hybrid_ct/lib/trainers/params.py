@@ -23,6 +23,7 @@ PARAMS = {  # name: (type, minimum, maximum) of the numeric train params a clien
     "lambda_cls": (float, 1e-6, 1e3),  # loss weights of the three heads
     "lambda_lung": (float, 1e-6, 1e3),
     "lambda_infection": (float, 1e-6, 1e3),
+    "spike_rate_weight": (float, 0.0, 100.0),  # the firing-rate regulariser (0: off)
     "promote_tolerance": (float, 0.0, 1.0),  # a retrain is "not worse" when new >= served - tolerance
 }
 BOOLS = ("pretrained", "augment", "multi_gpu", "force_promote")
@@ -88,7 +89,7 @@ DEFAULTS = TrainConfig()  # the one set of training defaults (the CLI recipes' t
 REQUEST_TO_CONFIG = {"max_epochs": "epochs", "train_batch_size": "batch_size", "val_batch_size": "val_batch_size",
                      "learning_rate": "lr", "weight_decay": "weight_decay", "negative_fraction": "negative_fraction",
                      "augment": "augment", "max_iters_per_epoch": "max_iters_per_epoch", "seed": "seed",
-                     "num_workers": "num_workers"}
+                     "num_workers": "num_workers", "spike_rate_weight": "spike_rate_weight"}
 
 
 def train_config(req: dict, device) -> TrainConfig:
