@@ -1,26 +1,30 @@
 """Anatomically plausible lungs in 3D: what the network outlines as lung is kept only where a lung can be.
 
-The network reads one slice at a time, so gas in the stomach or colon under the diaphragm, air under
-the patient's back or in front of the neck all look like lung to it. In 3D they are told apart by
-where they lie: the lungs are the large air-filled organs of the thorax, each reaching from the
-apex down to the diaphragm. So, on a whole volume:
+The network reads one slice at a time, so gas in the stomach or colon under the diaphragm and air under
+the patient's back look like lung to it. In 3D they are told apart by where they lie: the lungs are the
+large aerated organs of the thorax, each reaching from the apex down to the diaphragm. On a whole volume:
 
-- the **main lung** is the largest connected component (both lungs when they touch);
-- another large component is the **other lung** if it reaches into the upper half of the main lung's
-  cranio-caudal extent (a lung reaches the apex; gas under a diaphragm dome does not);
-- any other component (at least ``min_fraction`` of the main lung) is kept only if it lies within
-  ``gap_mm`` of those lungs: a piece of lung cut off by thresholding touches them, while gas under the
-  diaphragm is separated from the lung by the diaphragm and the organs below it (>= 5 mm);
-- everything else is dropped, infection inside it included (infection exists only inside lung).
-
-Directions come from the image geometry (``superior`` is +z in DICOM LPS), so any orientation works.
+- the predicted lung that is aerated (< ``AIR_HU``) is eroded by ``ERODE_MM`` on a ``GRID_MM`` grid: this
+  breaks the false bridges the network draws through the diaphragm, and leaves one core per organ;
+- the **main lung** is the largest core; another large core is the **other lung** if it reaches into the
+  upper half of the main lung's cranio-caudal extent (a lung reaches the apex, gas under a dome does not);
+- a core lying mostly **below the lungs' floor** in its own cranio-caudal columns is gas under the
+  diaphragm: it is dropped with the predicted lung around it (within ``ERODE_MM + gap_mm``) and whatever
+  joins the lung only through it; predicted lung joined to the lungs elsewhere stays (thin aerated lung
+  at the bases, dense infection, which has no aerated core);
+- with a trusted body mask, predicted lung outside the body (table, blankets) is dropped.
+Infection is dropped with the lung it sits in (infection exists only inside lung). Directions come from
+the image geometry (superior is +z in DICOM LPS), so any orientation works. Tried and withdrawn after
+looking at the whole scans (docs/model_card.md): dropping whatever lies above the aerated top of its
+column (it cut a posterior consolidation of P001) and plain erosion without the aerated re-join (it cut
+the thin lung at the bases).
 """
 from __future__ import annotations
 
 import numpy as np
 from scipy import ndimage
 
-GAP_MM = 3.0  # a lung fragment touches the lungs within this distance; the diaphragm is thicker
+GAP_MM = 3.0  # margin around the kept cores; the diaphragm and the organs below it are thicker
 ERODE_MM = 4.0  # breaks false bridges of predicted lung through the diaphragm (thinner than 8 mm)
 GRID_MM = 3.0  # in-plane grid of the rule
 AIR_HU = -400.0  # aerated lung is below this; the diaphragm, liver and bowel wall are above

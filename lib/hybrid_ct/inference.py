@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from . import LABELS
-from .anatomy import plausible_lungs
+from .anatomy import BODY_TRUSTED, plausible_lungs
 from .checkpoint import load_checkpoint
 from .diagnosis import Calibration, decide, load_calibration, scan_features
 from .energy import EnergyMeter
@@ -26,7 +26,6 @@ from .preprocess import array_to_image, check_size
 from .report import infection_burden, severity_grade
 from .transforms import post_transforms, pre_transforms, run
 
-BODY_TRUSTED = 0.95  # a body mask that holds 95 % of the predicted lung outlines a whole chest (not a crop)
 LUNG_MIN_COMPONENT = 0.05  # lung components below 5 % of the largest are dropped (volume path only)
 MIN_3D_SLICES = 8  # from this many slices on, a volume gets the 3D anatomy rules
 
