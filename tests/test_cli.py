@@ -2,6 +2,7 @@
 import csv
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -64,11 +65,19 @@ def test_predict_dicom_folder_and_file(model_path, shared_data, tmp_path):
     single = shared_data / "dicom_misc" / "lidc_slice" / "0.dcm"
     assert _predict(model_path, tmp_path, folder, single) == 0
     rows = _summary(tmp_path)
-    assert rows["axial"]["kind"] == "dicom" and rows["0"]["status"] == "ok"
+    assert rows["0"]["status"] == "ok" and rows["0"]["kind"] == "dicom"
     ref = sitk.ReadImage(str(single))
     lab = sitk.ReadImage(str(tmp_path / "0_label.nii.gz"))
     assert lab.GetSize()[:2] == ref.GetSize()[:2]
-    assert (tmp_path / "axial_label.nii.gz").is_file() and (tmp_path / "axial.json").is_file()
+    # the folder holds one slice of each of two series (two studies): each is listed, none picked silently
+    series = [r for r in rows.values() if r["input"] == str(folder)]
+    assert len(series) == 2 and len({r["series_uid"] for r in series}) == 2
+    assert all(r["status"] == "skipped" and r["error"].startswith("too few slices: 1") for r in series)
+    out = tmp_path / "one_slice_series"
+    assert _predict(model_path, out, folder, extra=["--min-slices", "1", "--overlays", "0"]) == 0
+    rows = _summary(out)
+    assert len(rows) == 2 and all(r["status"] == "ok" and r["case"].startswith("A002304_CT_") for r in rows.values())
+    assert all((out / f"{name}_label.nii.gz").is_file() and (out / f"{name}.json").is_file() for name in rows)
 
 
 def test_predict_2d_picture_and_npy(model_path, shared_data, tmp_path):
@@ -129,6 +138,8 @@ def test_predict_help_documents_the_exit_codes(capsys):
         main(["predict", "--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert "exit status: 0 every input ran; 3 some inputs were refused" in out
+    assert "every DICOM series found was skipped" in out and "patient/study/series" in out
+    assert "--min-slices N" in out
 
 
 def test_bad_inputs_do_not_stop_the_batch(model_path, phantom_nifti, shared_data, tmp_path, capsys):
@@ -297,7 +308,6 @@ def test_results_view_fills_segments_in_their_colours(tmp_path):
 
 def test_slicer_pictures_script_renders_a_case(model_path, phantom_nifti, tmp_path):
     import importlib.util
-    from pathlib import Path
 
     spec = importlib.util.spec_from_file_location(
         "slicer_pictures", Path(__file__).resolve().parents[1] / "scripts" / "slicer_pictures.py")
@@ -345,3 +355,152 @@ def test_template_lines_of_empty_blocks_disappear(tmp_path, monkeypatch):
     monkeypatch.setattr(rp, "TEMPLATE_DIR", tmp_path)
     assert rp._render("t", a="", b=None, c="", d=1) == "# T\n\n- one\n- two 1"
     assert rp._render("t", a="A", b="B", c="C", d=1) == "# T\n\nA\n\nB\n- one\nC\n- two 1"
+
+
+# ----------------------------------------------------------------------------------------------------
+# PACS export trees: every DICOM series by SeriesInstanceUID, one case each, the rest listed as skipped
+
+UID = "1.2.826.0.1.3680043.8.498"
+
+
+def _dicom(folder, uid, img=None, n=12, seed=1, modality="CT", description="", image_type="ORIGINAL\\PRIMARY\\AXIAL",
+           patient="PAT1", study="CHEST CT", number=1, prefix="", coronal=False):
+    """A synthetic DICOM series (phantom slices, int16 HU) with its own UIDs and header, written into
+    ``folder`` (files ``<prefix>NNNN.dcm``)."""
+    import tempfile
+    import zlib
+
+    import pydicom
+
+    from hybrid_ct.phantom import make_phantom
+    from server_fixture import write_dicom_series
+
+    if img is None:
+        img, _, _ = make_phantom(seed, shape=(n, 64, 64), positive=True)
+    if coronal:  # one coronal projection, as a scout
+        img.SetDirection((1, 0, 0, 0, 0, 1, 0, -1, 0))
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        files = sorted(write_dicom_series(img, Path(tmp) / "s").glob("*.dcm"))
+        for i, f in enumerate(files):
+            ds = pydicom.dcmread(f)
+            ds.SeriesInstanceUID, ds.SOPInstanceUID = uid, f"{uid}.{i + 1}"
+            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+            ds.StudyInstanceUID = f"{UID}.9.{zlib.crc32((patient + study).encode())}"
+            ds.Modality, ds.SeriesDescription, ds.ImageType = modality, description, image_type
+            ds.PatientID, ds.StudyDescription, ds.SeriesNumber = patient, study, number
+            if modality == "MR":
+                ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4"
+            ds.save_as(folder / f"{prefix}{f.name}")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def pacs_tree(tmp_path_factory):
+    """patient/study/{A: CT 12 slices, B: CT 10 slices, a 1-slice localizer, an MR series}, and a folder
+    mixing two CT series of another patient."""
+    from hybrid_ct.phantom import make_phantom
+
+    root = tmp_path_factory.mktemp("pacs")
+    study = root / "tree" / "PAT1" / "STUDY1"
+    _dicom(study / "SER1", f"{UID}.1.1", n=12, seed=1, description="Chest 1.25 mm", number=2)
+    _dicom(study / "SER2", f"{UID}.1.2", n=10, seed=2, description="Chest 5 mm", number=3)
+    scout, _, _ = make_phantom(3, shape=(1, 64, 64), positive=False)
+    _dicom(study / "SER3", f"{UID}.1.3", img=scout, description="Scout", number=1,
+           image_type="ORIGINAL\\PRIMARY\\LOCALIZER")
+    _dicom(study / "SER4", f"{UID}.1.4", n=6, seed=4, modality="MR", description="T1 axial", number=4)
+    (root / "tree" / "DICOMDIR").write_bytes(b"")  # the index of an exported CD: not a series
+    (root / "tree" / "README.txt").write_text("exported by a PACS")
+    mixed = root / "mixed"
+    _dicom(mixed, f"{UID}.2.1", n=12, seed=5, patient="PAT/2", study="THORAX", description="Lung*", prefix="a")
+    _dicom(mixed, f"{UID}.2.2", n=10, seed=6, patient="PAT/2", study="THORAX", description="Lung*", prefix="b")
+    return root / "tree", mixed
+
+
+def test_predict_runs_every_ct_series_of_a_pacs_tree_and_lists_what_it_skipped(model_path, pacs_tree, tmp_path):
+    import re
+
+    tree, mixed = pacs_tree
+    out = tmp_path / "out"
+    assert _predict(model_path, out, tree, mixed, extra=["--overlays", "0"]) == 0  # skipped series: not failures
+    rows = _summary(out)
+    ok = {r["series_uid"]: r for r in rows.values() if r["status"] == "ok"}
+    assert set(ok) == {f"{UID}.1.1", f"{UID}.1.2", f"{UID}.2.1", f"{UID}.2.2"}
+    skipped = {r["series_uid"]: r["error"] for r in rows.values() if r["status"] == "skipped"}
+    assert set(skipped) == {f"{UID}.1.3", f"{UID}.1.4"} and len(rows) == 6
+    assert "localizer" in skipped[f"{UID}.1.3"] and skipped[f"{UID}.1.4"] == "non-CT modality MR"
+    names = [r["case"] for r in rows.values()]
+    assert len(set(names)) == 6 and all(re.fullmatch(r"[A-Za-z0-9._-]+", n) for n in names)
+    assert ok[f"{UID}.1.1"]["case"] == "PAT1_CHEST_CT_Chest_1.25_mm_849811"  # patient_study_series_<UID suffix>
+    assert ok[f"{UID}.2.1"]["case"].startswith("PAT_2_THORAX_Lung_")
+    for uid, n in ((f"{UID}.1.1", 12), (f"{UID}.1.2", 10), (f"{UID}.2.1", 12), (f"{UID}.2.2", 10)):
+        name = ok[uid]["case"]
+        assert sitk.ReadImage(str(out / f"{name}_label.nii.gz")).GetSize() == (64, 64, n)
+        rep = json.loads((out / f"{name}.json").read_text())
+        assert rep["series_uid"] == uid and rep["files"] == n and rep["kind"] == "dicom"
+    assert ok[f"{UID}.2.1"]["input"] == ok[f"{UID}.2.2"]["input"] == str(mixed)  # one folder, two cases
+    # the DICOM-SEG of each series of the mixed folder references its own series (the tiny model's label is
+    # empty: a lung label on the series grid stands in for it)
+    import pydicom
+
+    from hybrid_ct.batch import _write_dicom_seg, expand_inputs
+    from hybrid_ct.io import read_image
+
+    for case in expand_inputs([mixed])[0]:
+        img = read_image(list(case.files))
+        label = sitk.Cast(sitk.BinaryThreshold(img, -950, -500, 1, 0), sitk.sitkUInt8)
+        name, note = _write_dicom_seg(case, label, {"model_version": "tiny-test"}, tmp_path)
+        assert note == "" and pydicom.dcmread(tmp_path / name).ReferencedSeriesSequence[0].SeriesInstanceUID \
+            == case.series_uid
+    assert _predict(model_path, tmp_path / "bad", tree, extra=["--min-slices", "0"]) == 2
+    # nothing but a localizer and an MR series: nothing ran, exit 3, both listed
+    assert _predict(model_path, tmp_path / "none", tree / "PAT1" / "STUDY1" / "SER3",
+                    tree / "PAT1" / "STUDY1" / "SER4") == 3
+    assert {r["status"] for r in _summary(tmp_path / "none").values()} == {"skipped"}
+
+
+def test_series_are_found_by_uid_not_by_folder(tmp_path):
+    from hybrid_ct.batch import expand_inputs
+
+    root = tmp_path / "export"
+    _dicom(root / "a", f"{UID}.3.1", n=12, seed=1, description="split")  # one series in two folders
+    for f in sorted((root / "a").glob("*.dcm"))[6:]:
+        (root / "b").mkdir(exist_ok=True)
+        f.rename(root / "b" / f.name)
+    shutil.copy(root / "a" / "0000.dcm", root / "b" / "copy_of_0000.dcm")  # the same instance twice
+    _dicom(root / "c", f"{UID}.3.2", n=2, seed=2, description="two slices")
+    (root / "d").mkdir()
+    (root / "d" / "IM0001").write_bytes(b"garbage, not DICOM")
+    cases, problems = expand_inputs([root])
+    assert not problems
+    by = {c.series_uid or c.name: c for c in cases}
+    split = by[f"{UID}.3.1"]
+    assert not split.skipped and len(split.files) == 12 and split.path == root
+    z = [sitk.ReadImage(str(f)).GetOrigin()[2] for f in split.files]
+    assert z == sorted(z)  # slice order, across the two folders
+    assert "too few slices: 2" in by[f"{UID}.3.2"].skipped and "--min-slices" in by[f"{UID}.3.2"].skipped
+    assert by["d_unreadable"].skipped.startswith("unreadable: 1 file(s) not readable as DICOM")
+    cases, _ = expand_inputs([root], min_slices=2)
+    assert not {c.series_uid: c for c in cases}[f"{UID}.3.2"].skipped
+
+
+@pytest.mark.slow
+def test_p001_through_the_tree_path(model_path, shared_data, tmp_path):
+    """The real P001 series, linked into a patient/study/series tree beside a synthetic scout."""
+    from hybrid_ct.phantom import make_phantom
+
+    series = tmp_path / "tree" / "P001" / "study" / "ct"
+    series.mkdir(parents=True)
+    for f in (shared_data / "volumes_covid_ct_md" / "P001").glob("*.dcm"):
+        (series / f.name).symlink_to(f)
+    scout, _, _ = make_phantom(3, shape=(1, 64, 64), positive=False)
+    _dicom(tmp_path / "tree" / "P001" / "study" / "scout", f"{UID}.4.1", img=scout, coronal=True)
+    out = tmp_path / "out"
+    assert _predict(model_path, out, tmp_path / "tree", extra=["--overlays", "0"]) == 0
+    rows = list(_summary(out).values())
+    assert sorted(r["status"] for r in rows) == ["ok", "skipped"]
+    ok = next(r for r in rows if r["status"] == "ok")
+    assert ok["case"].startswith("98C14734-ASSH_") and ok["series_uid"].endswith("12427")
+    assert "single coronal projection" in next(r for r in rows if r["status"] == "skipped")["error"]
+    lab = sitk.ReadImage(str(out / f"{ok['case']}_label.nii.gz"))
+    assert lab.GetSize()[2] == len(list(series.iterdir()))

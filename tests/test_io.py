@@ -66,12 +66,54 @@ def test_single_dicom_file(shared_data):
         check_ct(img, min_slices=8)
 
 
-def test_folder_with_several_series_takes_the_largest(shared_data, tmp_path):
+def test_folder_with_several_series_is_refused_naming_them(shared_data, tmp_path):
+    import pydicom
+
     abdomen = sorted((shared_data / "dicom_misc" / "abdomen_series_not_chest").iterdir())
     for f in abdomen[:5]:
         os.symlink(f, tmp_path / f.name)
     os.symlink(shared_data / "dicom_misc" / "lidc_slice" / "0.dcm", tmp_path / "other.dcm")
-    assert read_image(tmp_path).GetSize() == (512, 512, 5)
+    uids = {pydicom.dcmread(f, stop_before_pixels=True).SeriesInstanceUID for f in (abdomen[0], tmp_path / "other.dcm")}
+    with pytest.raises(InputError, match="holds 2 DICOM series, not one") as e:
+        read_image(tmp_path)  # it used to take the largest one silently
+    assert all(u in str(e.value) for u in uids) and "5 file(s)" in str(e.value)
+    assert read_image(abdomen[:5]).GetSize() == (512, 512, 5)  # the files of one series, read as one volume
+
+
+def test_mixed_synthetic_folder_names_both_series(small_phantom, tmp_path):
+    import pydicom
+    from server_fixture import write_dicom_series
+
+    img = small_phantom[0]
+    (tmp_path / "mixed").mkdir()
+    for k, desc in ((1, "Chest 1.25 mm"), (2, "Chest 5 mm")):
+        folder = write_dicom_series(img, tmp_path / f"s{k}")
+        for f in sorted(folder.glob("*.dcm")):
+            ds = pydicom.dcmread(f)
+            ds.SeriesInstanceUID = f"1.2.826.0.1.3680043.8.498.7.{k}"
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = f"{ds.SeriesInstanceUID}.{int(f.stem) + 1}"
+            ds.SeriesDescription = desc
+            ds.save_as(tmp_path / "mixed" / f"{k}_{f.name}")
+    with pytest.raises(InputError) as e:
+        read_image(tmp_path / "mixed")
+    msg = str(e.value)
+    assert "1.2.826.0.1.3680043.8.498.7.1" in msg and "1.2.826.0.1.3680043.8.498.7.2" in msg
+    assert '"Chest 1.25 mm"' in msg and '"Chest 5 mm"' in msg and "hybrid-ct predict" in msg
+    assert read_image(tmp_path / "s1").GetSize() == img.GetSize()  # one series per folder: read as before
+
+
+@pytest.mark.slow
+def test_series_files_in_scan_order_read_as_the_folder(shared_data):
+    from hybrid_ct.batch import _ordered, _read_header, expand_inputs
+
+    p001 = shared_data / "volumes_covid_ct_md" / "P001"
+    (case,), _ = expand_inputs([p001])
+    assert case.kind == "dicom" and not case.skipped and case.path == p001  # one series: the folder's case
+    files = sorted(p001.glob("*.dcm"))[::-1]  # any order in: the scan sorts by position along the normal
+    ordered = _ordered([(f, _read_header(f)) for f in files])
+    a, b = read_image(ordered), read_image(p001)
+    assert a.GetSize() == b.GetSize() and np.allclose(a.GetOrigin(), b.GetOrigin())
+    assert np.array_equal(sitk.GetArrayViewFromImage(a), sitk.GetArrayViewFromImage(b))
 
 
 def test_8bit_jpg_maps_onto_the_window(shared_data):

@@ -12,8 +12,10 @@ Each command is a thin layer over one library call: ``batch.predict_batch``, ``p
 the checkpoint shipped in the package); relative default paths are relative to the current folder.
 
 Exit status: 0 success; 3 ``predict`` refused some inputs (not readable as a chest CT: listed in
-summary.csv with status "refused" and the reason) and ran the others; 1 some inputs failed unexpectedly
-(status "error"); 2 bad usage, no input, no model, or a failed command.
+summary.csv with status "refused" and the reason) and ran the others, or ran nothing because every DICOM
+series it found was skipped; 1 some inputs failed unexpectedly (status "error"); 2 bad usage, no input,
+no model, or a failed command. DICOM series skipped in a folder (localizer, non-CT, too few slices,
+unreadable: status "skipped") do not change the exit status when something else ran.
 """
 from __future__ import annotations
 
@@ -67,17 +69,21 @@ def cmd_predict(args) -> int:
     from .batch import predict_batch
     from .inference import Predictor
 
+    if args.min_slices < 1:
+        raise InputError(f"--min-slices must be at least 1, got {args.min_slices}")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     predictor = Predictor.from_checkpoint(_model_arg(args.model), device=_device(args.device),
                                           batch_size=args.batch_size, require_chest=not args.no_chest_check)
     rows = predict_batch(predictor, args.inputs, out_dir, args.intensity, args.overlays, progress=not args.quiet,
-                         on_error=_error, formats=("nifti", args.format))
-    ok, refused = (sum(r["status"] == s for r in rows) for s in ("ok", "refused"))
-    print(f"{ok}/{len(rows)} case(s) predicted, {refused} refused; summary: {out_dir / 'summary.csv'}")
+                         on_error=_error, formats=("nifti", args.format), min_slices=args.min_slices)
+    ok, refused, skipped, failed = (sum(r["status"] == s for r in rows) for s in ("ok", "refused", "skipped", "error"))
+    print(f"{ok}/{len(rows) - skipped} case(s) predicted, {refused} refused, {skipped} DICOM series skipped; "
+          f"summary: {out_dir / 'summary.csv'}")
     if not rows:
         return 2
-    return 0 if ok == len(rows) else 1 if ok + refused < len(rows) else 3
+    # skipped series (localizers, non-CT...) are listed, not failures; but a run where nothing ran is not a success
+    return 1 if failed else 3 if refused or not ok else 0
 
 
 def cmd_train(args) -> int:
@@ -166,11 +172,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     pr = sub.add_parser("predict", help="segment + classify NIfTI / DICOM / 2D PNG-JPG-NPY inputs",
+                        description="Folders are walked, nested folders included (a PACS export: "
+                                    "patient/study/series), for DICOM series by SeriesInstanceUID: each CT series "
+                                    "is its own case, named patient_study_series_<UID suffix>, also when one folder "
+                                    "holds several series; localizers / scouts, non-CT series, secondary captures, "
+                                    "series with too few slices and unreadable files are listed in summary.csv as "
+                                    "'skipped' with the reason, never run. A folder holding one series is one case "
+                                    "named after the folder.",
                         epilog="exit status: 0 every input ran; 3 some inputs were refused (summary.csv: status "
-                               "'refused' and why), the others ran; 1 some inputs failed unexpectedly; 2 bad "
-                               "usage, no input or no model")
-    pr.add_argument("inputs", nargs="+", metavar="INPUT", help="NIfTI file, DICOM folder or file, PNG/JPG/NPY slice, "
-                    "or a folder of such files (each file is one case)")
+                               "'refused' and why), the others ran, or nothing ran because every DICOM series found "
+                               "was skipped; 1 some inputs failed unexpectedly; 2 bad usage, no input or no model. "
+                               "Skipped DICOM series (status 'skipped') do not count when something else ran")
+    pr.add_argument("inputs", nargs="+", metavar="INPUT", help="NIfTI file, DICOM file, DICOM folder or PACS export "
+                    "tree (one case per CT series), PNG/JPG/NPY slice, or a folder of such files (each file is "
+                    "one case)")
     pr.add_argument("--model", default=None, help="checkpoint (default: $HYBRID_CT_MODEL, else the shipped model)")
     pr.add_argument("--out", required=True, help="output folder")
     pr.add_argument("--intensity", choices=("auto", "hu", "8bit", "8bit-auto"), default="auto",
@@ -182,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="dicom-seg: a DICOM input also gets <case>_seg.dcm, a DICOM-SEG referencing its series, "
                          "beside the NIfTI label (other inputs: NIfTI only)")
     pr.add_argument("--no-chest-check", action="store_true", help="skip the 'is this a chest CT' check")
+    pr.add_argument("--min-slices", type=int, default=3, metavar="N",
+                    help="DICOM series found in a folder with fewer slices are skipped (default 3; 1 runs "
+                         "single-slice series too; a DICOM file given as input always runs)")
     pr.add_argument("--batch-size", type=int, default=8)
     pr.add_argument("--device", default="auto")
     pr.set_defaults(func=cmd_predict)

@@ -101,7 +101,27 @@ def _series_files(folder: str) -> list:
     if not ids:
         raise InputError(f"no DICOM series found in folder {folder}")
     series = [sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, i) for i in ids]
-    return max(series, key=len)  # several series: the one with most files
+    if len(series) > 1:  # never pick one silently: say which series the folder mixes
+        raise InputError(f"folder {folder} holds {len(series)} DICOM series, not one: "
+                         + "; ".join(f"{uid} ({_series_label(files[0])}, {len(files)} file(s))"
+                                     for uid, files in zip(ids, series))
+                         + ". Put each series in its own folder, or run `hybrid-ct predict` on the folder "
+                           "(one case per series)")
+    return series[0]
+
+
+def _series_label(path: str) -> str:
+    """'CT "Chest 1.25 mm" #3' from a DICOM header (for messages)."""
+    try:
+        import pydicom
+
+        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+    except Exception:  # noqa: BLE001 - only a label for a message
+        return "header unreadable"
+    parts = [str(ds.get("Modality", "") or "?"), f'"{ds.get("SeriesDescription", "") or ""}"']
+    if ds.get("SeriesNumber", None) not in (None, ""):
+        parts.append(f"#{ds.SeriesNumber}")
+    return " ".join(parts)
 
 
 def _check_modality(path: str) -> None:
@@ -118,7 +138,11 @@ def _check_modality(path: str) -> None:
 
 
 def _read_dicom_folder(folder: str) -> sitk.Image:
-    files = _series_files(folder)
+    return _read_dicom_files(_series_files(folder), folder)
+
+
+def _read_dicom_files(files: list, folder: str) -> sitk.Image:
+    """The files of one DICOM series, in slice order, as one volume."""
     _check_modality(files[0])
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
@@ -175,6 +199,9 @@ def _as_3d(img: sitk.Image, path: str) -> sitk.Image:
 def read_image(path, intensity: str = "hu") -> sitk.Image:
     """Read a CT as a 3D float32 image in HU (NIfTI, NRRD/MHA, DICOM folder or file, PNG/JPG/NPY slice).
 
+    A DICOM folder must hold one series (several: InputError naming them; ``hybrid-ct predict`` runs
+    each); a list of files is read as one DICOM series in the order given.
+
     ``intensity="8bit"`` is for pictures already windowed to 0..255 with the lung window: they are
     mapped linearly onto ``WINDOW_HU`` so that windowing gives back v / 255. ``"8bit-auto"`` is for
     pictures of unknown window (papers, other viewers): each slice is calibrated on its own anatomy
@@ -184,12 +211,17 @@ def read_image(path, intensity: str = "hu") -> sitk.Image:
     """
     if intensity not in INTENSITIES:
         raise InputError(f"intensity must be one of {INTENSITIES}, got {intensity!r}")
-    if not isinstance(path, (str, os.PathLike)):
+    files = [os.fspath(f) for f in path] if isinstance(path, (list, tuple)) and path else None
+    if files is not None:  # the files of one DICOM series, in slice order (hybrid_ct.batch: a case per series)
+        path = os.path.commonpath([os.path.dirname(f) or "." for f in files])
+    elif not isinstance(path, (str, os.PathLike)):
         raise InputError(f"expected a file or folder path, got {type(path).__name__}")
     path = os.fspath(path)
     if not os.path.exists(path):
         raise InputError(f"no such file or folder: {path}")
-    if os.path.isdir(path):
+    if files is not None:
+        img = _read_dicom_files(files, path)
+    elif os.path.isdir(path):
         img = _read_dicom_folder(path)
     else:
         if os.path.getsize(path) == 0:
