@@ -60,6 +60,14 @@ def test_predict_nifti_volume(model_path, phantom_nifti, tmp_path):
     assert row["status"] == "ok" and row["grade"].startswith("CT-")
 
 
+def test_predict_writes_the_one_page_report(model_path, phantom_nifti, tmp_path):
+    path, _ = phantom_nifti
+    assert _predict(model_path, tmp_path, path, extra=("--report", "--overlays", "0")) == 0
+    pdf = tmp_path / "chest_phantom_report.pdf"
+    assert pdf.read_bytes().startswith(b"%PDF") and (tmp_path / "chest_phantom_report.png").is_file()
+    assert json.loads((tmp_path / "chest_phantom.json").read_text())["outputs"]["report"] == pdf.name
+
+
 def test_predict_dicom_folder_and_file(model_path, shared_data, tmp_path):
     folder = shared_data / "dicom_misc" / "covid19_ny_sbu_slices" / "A002304" / "axial"
     single = shared_data / "dicom_misc" / "lidc_slice" / "0.dcm"

@@ -402,6 +402,11 @@ def predict_case(predictor, case: Case, out_dir: Path, intensity: str = "auto", 
         report.update(series_uid=case.series_uid, series=case.series, files=len(case.files) or None)
     if "dicom-seg" in formats:
         report["outputs"].update(dicom_seg=seg_name, dicom_seg_note=seg_note)
+    if "report" in formats:  # one page a clinician reads (hybrid_ct.scan_report)
+        from .scan_report import write_scan_report
+
+        pdf, _ = write_scan_report(display_slices(img, label, 3), report, case.name, out_dir / f"{case.name}_report.pdf")
+        report["outputs"]["report"] = pdf.name
     with open(out_dir / f"{case.name}.json", "w") as f:
         json.dump(jsonable(report), f, indent=2)
     c, b, e = report["classification"], report["burden"], report["energy"]

@@ -76,7 +76,8 @@ def cmd_predict(args) -> int:
     predictor = Predictor.from_checkpoint(_model_arg(args.model), device=_device(args.device),
                                           batch_size=args.batch_size, require_chest=not args.no_chest_check)
     rows = predict_batch(predictor, args.inputs, out_dir, args.intensity, args.overlays, progress=not args.quiet,
-                         on_error=_error, formats=("nifti", args.format), min_slices=args.min_slices)
+                         on_error=_error, formats=("nifti", args.format) + (("report",) if args.report else ()),
+                         min_slices=args.min_slices)
     ok, refused, skipped, failed = (sum(r["status"] == s for r in rows) for s in ("ok", "refused", "skipped", "error"))
     print(f"{ok}/{len(rows) - skipped} case(s) predicted, {refused} refused, {skipped} DICOM series skipped; "
           f"summary: {out_dir / 'summary.csv'}")
@@ -196,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--format", choices=("nifti", "dicom-seg"), default="nifti",
                     help="dicom-seg: a DICOM input also gets <case>_seg.dcm, a DICOM-SEG referencing its series, "
                          "beside the NIfTI label (other inputs: NIfTI only)")
+    pr.add_argument("--report", action="store_true",
+                    help="also write <case>_report.pdf: one page with the call, burden, grade and 3 slices (+ .png)")
     pr.add_argument("--no-chest-check", action="store_true", help="skip the 'is this a chest CT' check")
     pr.add_argument("--min-slices", type=int, default=3, metavar="N",
                     help="DICOM series found in a folder with fewer slices are skipped (default 3; 1 runs "

@@ -576,10 +576,8 @@ def write_image(img: sitk.Image, path) -> str:
 def read_label(path, ref_img: sitk.Image) -> sitk.Image:
     """Read a label map (0 background, 1 lung, 2 infection) matching ``ref_img``; uint8 with its geometry."""
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise InputError(f"no such label file: {path}")
-    if os.path.getsize(path) == 0:
-        raise InputError(f"empty label file (0 bytes): {path}")
+    if not os.path.isfile(path) or os.path.getsize(path) == 0:
+        raise InputError(f"no such label file, or an empty one (0 bytes): {path}")
     lab = _as_3d(_sitk_read(path, "label map"), path)
     _check_pixels(lab, path)
     if lab.GetSize() != ref_img.GetSize():
