@@ -135,6 +135,7 @@ def test_corrected_label_is_stored_in_the_pacs_as_dicom_seg(pacs, tmp_path):
                                                                  {"name": "infection", "idx": 2}]}))},
               timeout=300)
     assert r.status_code == 200, r.text
+    assert r.json()["pacs"] == {"state": "stored", "error": ""}, r.text  # the answer says the PACS took it
     info = s.get(f"{url}/datastore/label/info", params={"label": uid, "tag": "final"}, timeout=60).json()
     assert info["pacs"] == "stored", info
     # found again by a DICOMweb query, referencing the CT series

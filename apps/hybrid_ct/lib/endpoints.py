@@ -186,6 +186,13 @@ def save_label(image: str, params: str, tag: str, label: UploadFile, user: Optio
     res = instance.on_save_label(image, label_id) if tag == DefaultLabelTag.FINAL.value else None
     res = dict(res or {})
     res.update(image=image, label=label_id, tag=tag, label_info=canon_info, warnings=warnings)
+    if hasattr(ds, "pending"):  # a PACS datastore: say whether the PACS took the DICOM-SEG
+        state = ds.get_label_info(image, tag) if hasattr(ds, "get_label_info") else {}
+        res["pacs"] = {"state": state.get("pacs", "unknown"), "error": state.get("pacs_error", "")}
+        if res["pacs"]["state"] != "stored":
+            res["warnings"] = list(warnings) + [f"the PACS has not taken the corrected label yet "
+                                                f"({res['pacs']['error'] or res['pacs']['state']}): it is kept on the "
+                                                "server and sent again later"]
     return res
 
 
