@@ -262,6 +262,14 @@ def render(results: list, args, gpu_line: str, command: str) -> str:
                  " | ".join(f"{p:.2f}" for _, _, p in cols) + " |")
     lines.append("")
     lines.append(summary_line(cols))
+    noisy = [h for h, runs, _ in cols if len(runs) > 1 and
+             max(r["total"] for r in runs) > 1.5 * min(r["total"] for r in runs)]
+    if noisy:
+        lines.append("")
+        lines.append("Contention: the total varied by more than 1.5× between runs in " + ", ".join(noisy) +
+                     " (another process on the shared cores stalls the threads of the network); the "
+                     "minimum there shows what the configuration reaches on an idle machine, the median "
+                     "what it gets on this shared one.")
     return "\n".join(lines) + "\n"
 
 
@@ -306,6 +314,7 @@ def main(argv=None) -> None:
                     "--quick: 1)")
     ap.add_argument("--quick", action="store_true", help="smoke run: a 64-slice phantom only (< 1 min)")
     ap.add_argument("--out", type=Path, help="Markdown file whose bench_predict section is replaced (or appended)")
+    ap.add_argument("--json", type=Path, help="also write the raw per-run times as JSON")
     ap.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
@@ -335,6 +344,8 @@ def main(argv=None) -> None:
         a for a in (argv if argv is not None else sys.argv[1:]))
     section = render(results, args, gpu_line, command.strip())
     print(section)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1), encoding="utf-8")
     if args.out:
         write_section(args.out, section)
         print(f"written to {args.out} (between {START} and {END})")
