@@ -3,7 +3,8 @@
 One path for the CLI, the MONAI Label app and evaluation: ``check_ct`` -> ``transforms.pre_transforms``
 (reorientation, body mask, lung window, slice grid) -> the network slice by slice (inside the energy
 meter) -> ``transforms.post_transforms`` (inverted back to the input's grid, label, lung components) ->
-label + report.
+on a whole volume the 3D anatomy rules (``anatomy.plausible_lungs``) -> label + report, whose scan call,
+calibration and noise floor come from ``diagnosis``.
 """
 from __future__ import annotations
 
