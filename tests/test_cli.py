@@ -279,7 +279,7 @@ def test_evaluate_reports_false_infection_on_normal_slices(model_path, tmp_path)
 
 def test_scan_check_alignment_on_a_phantom(model_path, tmp_path, monkeypatch):
     """The per-slice calls are compared with labels by SimpleITK slice index (the P001 CSV convention)."""
-    import hybrid_ct.datasets as D
+    import hybrid_ct.evaluation as E
     from hybrid_ct.evaluation import scan_check
     from hybrid_ct.phantom import make_phantom
 
@@ -289,8 +289,9 @@ def test_scan_check_alignment_on_a_phantom(model_path, tmp_path, monkeypatch):
     inf = (sitk.GetArrayFromImage(lab) == 2).reshape(8, -1).any(1)
     csv_path = tmp_path / "labels.csv"
     csv_path.write_text("nifti_z_index,infection\n" + "".join(f"{z},{int(v)}\n" for z, v in enumerate(inf)))
-    monkeypatch.setattr(D, "scan_check_cases", lambda root=None: {
-        "P": {"path": tmp_path / "p.nii.gz", "positive": True, "slice_labels": csv_path}})
+    monkeypatch.setattr(E, "scan_cases", lambda root=None, meta=None: {
+        "P": {"path": tmp_path / "p.nii.gz", "positive": True, "infection": True, "slice_labels": csv_path,
+              "lung_ref": None, "trained_on": False}})
     model, meta = load_checkpoint(model_path)
     res = scan_check(model, meta, tmp_path, progress=False, img_dir=tmp_path)
     a = res["P"]["agreement"]
@@ -331,7 +332,7 @@ def test_slicer_pictures_script_renders_a_case(model_path, phantom_nifti, tmp_pa
 def test_recipes_are_package_data_without_their_notes():
     from hybrid_ct.recipes import ENERGY_RATIO_TARGET, load_recipe, recipe_names, resolve_recipe
 
-    assert recipe_names() == ["quick", "shipped"]
+    assert recipe_names() == ["quick", "shipped", "shipped_2026_12_01"]
     quick = load_recipe("quick")
     assert quick["train"]["from_twin"]["energy_target"] == ENERGY_RATIO_TARGET
     assert "energy_target" not in load_recipe("shipped")["train"]["from_twin"]

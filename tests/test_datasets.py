@@ -133,11 +133,33 @@ def test_split_by_group_is_disjoint_and_covers_sources(shared_data):
     assert len(D.combine(train, S)) == sum(len(t) for t in train)
 
 
-def test_scan_check_cases_and_labels(shared_data):
-    cases = D.scan_check_cases(shared_data)
-    assert set(cases) == {"P001", "normal001"}
+def test_scan_cases_and_labels(shared_data):
+    from hybrid_ct.evaluation import scan_cases
+
+    cases = scan_cases(shared_data, {"recipe": {"data": {"sources": ["wholescans"]}}})
+    assert {"P001", "normal001"} <= set(cases)
+    assert not cases["P001"]["trained_on"] and not cases["normal001"]["trained_on"]  # never trained on
     labels = D.read_slice_labels(cases["P001"]["slice_labels"])
     assert len(labels) == 148 and set(labels.values()) == {0, 1}
+    if "cap001" in cases:  # volumes_hu/: slice labels by z_index, a training scan of the wholescans source
+        assert cases["cap001"]["trained_on"] and set(D.read_slice_labels(cases["cap001"]["slice_labels"]).values()) == {0, 1}
+
+
+def test_whole_scans_are_negatives_never_in_validation(shared_data):
+    from hybrid_ct.wholescans import SCANS, load_wholescans
+
+    if not all((shared_data / rel).is_file() for rel, _, _ in SCANS.values()):
+        pytest.skip(f"whole HU scans {list(SCANS)} not in {shared_data / 'volumes_hu'}")
+    s = load_wholescans(shared_data, 64)
+    sl = s.slices
+    assert set(sl.group) == {"wholescan_nsclc_lung1_001", "wholescan_cap001"}
+    assert _known(sl.infection).all() and not (sl.infection == 1).any() and (sl.cls == 0).all()
+    lung1 = np.array([g.endswith("lung1_001") for g in sl.group])
+    assert _known(sl.lung[lung1]).all() and not _known(sl.lung[~lung1]).any()  # expert contours vs unknown
+    assert sl.lung[lung1].any(axis=(1, 2)).sum() > 40  # the contours reached the model grid
+    labels = D.read_slice_labels(shared_data / SCANS["cap001"][2])
+    assert (~lung1).sum() == sum(v == 0 for v in labels.values())  # only cap001's clean slices
+    assert not D.val_groups_for([s], 0.5, seed=0)  # judged by the scan-level check, never split
 
 
 @pytest.mark.parametrize("stem", ["majun20__coronacases_org_003", "majun20__radiopaedia_org_covid-19-pneumonia-4_"])

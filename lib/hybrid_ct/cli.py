@@ -20,6 +20,7 @@ unreadable: status "skipped") do not change the exit status when something else 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -108,7 +109,8 @@ def cmd_train(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from .evaluation import evaluate_checkpoints
-    from .reporting import metrics_card, smoke_note, update_model_card, write_results
+    from .report import jsonable
+    from .reporting import metrics_card, scan_extras, smoke_note, update_model_card, write_results
 
     out = Path(args.out)
     img_dir = Path(args.img_dir) if args.img_dir else out.parent / "img"
@@ -116,6 +118,11 @@ def cmd_evaluate(args) -> int:
         _model_arg(args.model), args.twin, data=args.data, limit=args.limit, skip_scan_check=args.skip_scan_check,
         min_lesion_mm2=args.min_lesion_mm2, img_dir=img_dir, progress=not args.quiet)
     write_results(results, recipe, weak, out, img_dir, _command(args), args.min_lesion_mm2)
+    extra = scan_extras(results, out, img_dir, Path(args.seeds) if args.seeds else None)
+    if extra:
+        out.write_text(out.read_text(encoding="utf-8").rstrip() + "\n\n" + extra, encoding="utf-8")
+    if args.json:
+        Path(args.json).write_text(json.dumps(jsonable(results), indent=1), encoding="utf-8")
     print(f"wrote {out}")
     if args.model_card:
         update_model_card(args.model_card, "metrics", metrics_card(results, out, Path(args.model_card),
@@ -237,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--skip-scan-check", action="store_true")
     ev.add_argument("--min-lesion-mm2", type=float, default=50.0, help="per-slice infection call threshold")
     ev.add_argument("--model-card", default=None, help="model card to fill (e.g. docs/model_card.md)")
+    ev.add_argument("--json", default=None, help="also write the numbers as JSON (python -m hybrid_ct.seeds reads it)")
+    ev.add_argument("--seeds", default=None, help="docs/seeds.md of the build: its spread table goes into results.md")
     ev.set_defaults(func=cmd_evaluate)
 
     sc = sub.add_parser("scan-check", help="whole-scan call leave-one-scan-out on phantoms + real HU scans; "

@@ -21,6 +21,7 @@ Sources (see ``SOURCES`` for labels and licenses):
 - ``majun``    4 slices of Ma Jun's 20-case set with expert lung masks (1 / 2 = the two lungs -> lung 1).
   The ``.npy`` slices are stored transposed (anterior on the left); they are transposed back. The
   coronacases slices are int16 HU, the radiopaedia slice is uint8 (read as 8-bit).
+- ``wholescans`` 2 whole HU scans as hard negatives (``hybrid_ct.wholescans``), never in validation.
 - ``phantoms`` the project's synthetic HU phantoms with exact lung and infection labels.
 - prepared downloads (``hybrid-ct download``): MONAI Label datastores of HU volumes with 0/1/2 labels,
   or 2D class sets with a ``manifest.csv``.
@@ -54,6 +55,7 @@ from .errors import InputError
 from .io import otsu_threshold, read_image
 from .preprocess import array_to_image, label_to_model_slices, to_model_slices, window
 from .training import MISSING, SliceSet, slices_from_arrays, split_by_group
+from .wholescans import load_wholescans
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +87,12 @@ SOURCES = {
         "title": "Ma Jun et al. COVID-19 CT Lung and Infection set, 4 slices (zenodo 3757476)",
         "labels": "lung (expert, two lungs merged)",
         "license": "CC BY 4.0 (Radiopaedia cases CC BY-NC-SA)",
+        "commercial": False,
+    },
+    "wholescans": {
+        "title": "Whole HU chest scans: NSCLC-Radiomics LUNG1-001, COVID-CT-MD cap001 (hybrid_ct.wholescans)",
+        "labels": "hard negatives: LUNG1-001 expert lung + no infection; cap001 clean slices: no infection",
+        "license": "NSCLC-Radiomics: CC BY-NC 3.0 (TCIA); COVID-CT-MD: believed CC BY 4.0",
         "commercial": False,
     },
     "phantoms": {
@@ -494,7 +502,7 @@ def load_prepared(folder, size: int = 256, limit: int | None = None, progress: b
 # ----------------------------------------------------------------------------------------------------
 # all sources, the split, the scan-level check cases
 
-REAL_SOURCES = ("medseg", "cls2d", "imlab", "majun")
+REAL_SOURCES = ("medseg", "cls2d", "imlab", "majun", "wholescans")
 
 
 def load_sources(root=None, size: int = 256, sources=REAL_SOURCES, phantoms: int = 24,
@@ -511,6 +519,8 @@ def load_sources(root=None, size: int = 256, sources=REAL_SOURCES, phantoms: int
             out.append(load_imlab(root, size, limit=limit, progress=progress))
         elif name == "majun":
             out.append(load_majun(root, size, progress=progress))
+        elif name == "wholescans":  # hard negatives: whole HU scans (hybrid_ct.wholescans)
+            out.append(load_wholescans(root, size, progress=progress))
         else:
             raise InputError(f"unknown data source {name!r}: choose from {REAL_SOURCES}")
     if phantoms:
@@ -536,8 +546,8 @@ def val_groups_for(sets: list, val_fraction: float = 0.2, seed: int = 0) -> set:
         fams = {}
         for g in s.slices.group:
             fams.setdefault(group_family(g), []).append(g)
-        for groups in fams.values():
-            if len(set(groups)) < 2:
+        for fam, groups in fams.items():
+            if len(set(groups)) < 2 or fam == "wholescan":  # whole scans: validated by the scan-level check
                 continue
             _, vi = split_by_group(groups, val_fraction, seed)
             val |= {groups[i] for i in vi}
@@ -562,20 +572,10 @@ def combine(sets: list, size: int) -> SliceSet:
     return _stack([s.slices for s in sets if len(s)], size)
 
 
-def scan_check_cases(root=None) -> dict:
-    """COVID-CT-MD cases for the scan-level check: name -> {"path", "positive", "slice_labels"}."""
-    root = require_data_root(root)
-    base = root / "volumes_covid_ct_md"
-    labels = base / "P001_slice_labels.csv"
-    cases = {"P001": (True, labels if labels.is_file() else None), "normal001": (False, None)}
-    return {name: {"path": base / name, "positive": pos, "slice_labels": lab}
-            for name, (pos, lab) in cases.items() if (base / name).is_dir()}
-
-
 def read_slice_labels(path) -> dict:
-    """P001_slice_labels.csv -> {nifti_z_index: infected 0/1} (SimpleITK slice index, inferior first)."""
+    """P001_slice_labels.csv / cap001 slice_labels.csv -> {z: infected 0/1} (SimpleITK slice index)."""
     with open(path, newline="") as f:
-        return {int(r["nifti_z_index"]): int(r["infection"]) for r in csv.DictReader(f)}
+        return {int(r.get("nifti_z_index") or r["z_index"]): int(r["infection"]) for r in csv.DictReader(f)}
 
 
 def weak_mask_agreement(root=None) -> dict:

@@ -124,13 +124,49 @@ def evaluate_sets(model, val_sets: list, batch_size: int = 16, progress: bool = 
     return res
 
 
-def scan_check(model, meta: dict, root, min_mm2: float = 50.0, progress: bool = True, img_dir: Path | None = None,
-               tag: str = "hybrid") -> dict:
-    """COVID-CT-MD P001 / normal001: scan call, burden and per-slice infection calls vs the radiologist."""
-    import SimpleITK as sitk
+def scan_cases(root, meta: dict | None = None) -> dict:
+    """The whole scans with scan-level truth (``scan_check.REAL``) present under ``root``: name -> {"path",
+    "positive" (COVID-19), "infection", "slice_labels" (csv or None), "lung_ref" (or None), "trained_on"}
+    -- ``trained_on`` from the checkpoint's recipe sources (the whole scans and imlab may be training data)."""
+    from .scan_check import REAL
+    from .wholescans import SCANS
+
+    sources = set(((meta or {}).get("recipe") or {}).get("data", {}).get("sources", []))
+    labels = {"P001": "volumes_covid_ct_md/P001_slice_labels.csv", "cap001": SCANS["cap001"][2]}
+    out = {}
+    for name, (rel, covid, infection, ref) in REAL.items():
+        path = Path(root) / rel
+        if covid is None or not path.exists():
+            continue
+        csv_ = Path(root) / labels[name] if name in labels and (Path(root) / labels[name]).is_file() else None
+        trained = ("wholescans" in sources and name in SCANS) or ("imlab" in sources and name.startswith("imlab"))
+        out[name] = {"path": path, "positive": bool(covid), "infection": bool(infection), "slice_labels": csv_,
+                     "lung_ref": Path(root) / ref if ref else None, "trained_on": trained}
+    return out
+
+
+def _agreement(call, truth: dict) -> dict:
     from sklearn.metrics import cohen_kappa_score
 
-    from .datasets import read_slice_labels, scan_check_cases
+    zs = [z for z in range(len(call)) if z in truth]
+    y, p = np.array([truth[z] for z in zs]), np.asarray(call)[zs]
+    tp, tn = int(((p == 1) & (y == 1)).sum()), int(((p == 0) & (y == 0)).sum())
+    fp, fn = int(((p == 1) & (y == 0)).sum()), int(((p == 0) & (y == 1)).sum())
+    both = len(np.unique(np.concatenate([p, y]))) > 1
+    return {"n": len(zs), "truth_positive": int(y.sum()), "called_positive": int(p.sum()),
+            "accuracy": (tp + tn) / max(len(zs), 1),
+            "sensitivity": tp / (tp + fn) if tp + fn else float("nan"),
+            "specificity": tn / (tn + fp) if tn + fp else float("nan"),
+            "kappa": float(cohen_kappa_score(y, p)) if both and len(np.unique(y)) > 1 else float("nan")}
+
+
+def scan_check(model, meta: dict, root, min_mm2: float = 50.0, progress: bool = True, img_dir: Path | None = None,
+               tag: str = "hybrid") -> dict:
+    """Every whole scan with scan-level truth (P001, normal001, cap001, LUNG1-001): scan call, burden, grade,
+    per-slice infection calls vs the radiologist, 3D lung Dice and false lung volume on expert masks."""
+    import SimpleITK as sitk
+
+    from .datasets import read_slice_labels
     from .inference import Predictor
     from .io import read_image
     from .plots import overlay_panels
@@ -138,7 +174,7 @@ def scan_check(model, meta: dict, root, min_mm2: float = 50.0, progress: bool = 
 
     out = {}
     predictor = Predictor(model, meta, progress=progress)
-    for name, case in scan_check_cases(root).items():
+    for name, case in scan_cases(root, meta).items():
         img = read_image(case["path"])
         label, report = predictor.predict(img)
         lab = sitk.GetArrayFromImage(label)  # [z, y, x], z = SimpleITK slice index
@@ -151,27 +187,23 @@ def scan_check(model, meta: dict, root, min_mm2: float = 50.0, progress: bool = 
         if ctx.perm[0] == 0:  # axial stack: canonical slice order is the index order, maybe reversed
             c = np.asarray(report["classification"]["slice_positive"], int)
             cls_call = (c[::-1] if 0 in ctx.flips else c) & has_lung
-        truth = read_slice_labels(case["slice_labels"]) if case["slice_labels"] else {z: 0 for z in range(len(lab))}
-        zs = [z for z in range(len(lab)) if z in truth]
-        y = np.array([truth[z] for z in zs])
-        agree = {}
-        for method, call in (("segmentation", seg_call), ("classifier", cls_call)):
-            if call is None:
-                continue
-            p = np.asarray(call)[zs]
-            tp, tn = int(((p == 1) & (y == 1)).sum()), int(((p == 0) & (y == 0)).sum())
-            fp, fn = int(((p == 1) & (y == 0)).sum()), int(((p == 0) & (y == 1)).sum())
-            both = len(np.unique(np.concatenate([p, y]))) > 1
-            agree[method] = {"n": len(zs), "truth_positive": int(y.sum()), "called_positive": int(p.sum()),
-                             "accuracy": (tp + tn) / max(len(zs), 1),
-                             "sensitivity": tp / (tp + fn) if tp + fn else float("nan"),
-                             "specificity": tn / (tn + fp) if tn + fp else float("nan"),
-                             "kappa": float(cohen_kappa_score(y, p)) if both and len(np.unique(y)) > 1 else float("nan")}
+        truth = read_slice_labels(case["slice_labels"]) if case["slice_labels"] else {z: 0 for z in range(len(lab))} \
+            if not case["infection"] else {}
+        agree = {m: _agreement(call, truth) for m, call in (("segmentation", seg_call), ("classifier", cls_call))
+                 if call is not None and truth}
         c = report["classification"]
-        out[name] = {"truth": "positive" if case["positive"] else "negative", "call": c["label"],
-                     "probability": c["probability"], "burden": report["burden"], "grade": report["grade"],
-                     "energy_ratio": report["energy"]["ratio"], "slices": int(len(lab)), "agreement": agree,
-                     "latency_s": report["latency_s"]}
+        out[name] = {"truth": "positive" if case["positive"] else "negative", "infection": case["infection"],
+                     "trained_on": case["trained_on"], "call": c["label"], "probability": c["probability"],
+                     "infection_found": c.get("infection_found"), "infection_ml": c.get("infection_ml"),
+                     "burden": report["burden"], "grade": report["grade"], "energy_ratio": report["energy"]["ratio"],
+                     "slices": int(len(lab)), "agreement": agree, "latency_s": report["latency_s"]}
+        vox_ml = float(np.prod(sp)) / 1000.0
+        out[name]["lung_ml"] = float((lab > 0).sum() * vox_ml)
+        if case["lung_ref"] is not None:
+            ref = sitk.GetArrayFromImage(sitk.ReadImage(str(case["lung_ref"]))) > 0
+            p = lab > 0
+            out[name].update(lung_dice=float(2 * (p & ref).sum() / max(p.sum() + ref.sum(), 1)),
+                             false_lung_ml=float((p & ~ref).sum() * vox_ml))
         if img_dir is not None:
             panels = []
             for s, lz, z in display_slices(img, label, 3):

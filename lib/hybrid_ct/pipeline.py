@@ -170,7 +170,8 @@ def train_recipe(recipe: dict, data, out, twin_out=None, device: str = "cpu", no
         results["twin"] = train_one("cnn_twin", cnn_twin(cfg), train, curve_val, replace(tcfg), twin_out, meta,
                                     progress=progress)
         model, meta["conversion"] = convert_twin(twin_out, cfg, conv, train, curve_val, tcfg)
-        ft = replace(tcfg, epochs=conv["epochs"], lr=conv["lr"])
+        ft = replace(tcfg, epochs=conv["epochs"], lr=conv["lr"],
+                     spike_rate_weight=conv.get("spike_rate_weight", tcfg.spike_rate_weight))
         results["hybrid"] = train_one("hybrid", cfg, train, curve_val, ft, out, meta, progress=progress, model=model)
     else:
         results["hybrid"] = train_one("hybrid", cfg, train, curve_val, tcfg, out, meta, progress=progress)

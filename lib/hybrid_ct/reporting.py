@@ -307,3 +307,43 @@ def metrics_card(results: dict, out: Path, card: Path, note: str = "") -> str:
     return _render("card_metrics", now=_dt.datetime.now().isoformat(timespec="minutes"), out_name=Path(out).name,
                    link=os.path.relpath(Path(out).resolve(), Path(card).resolve().parent),
                    note=f"> **{note}**" if note else "", rows="\n".join(lines))
+
+
+# ----------------------------------------------------------------------------------------------------
+# whole scans (issue 18): targets table, reliability plot, spread over seeds
+
+def scan_extras(results: dict, out: Path, img_dir, seeds_md: Path | None = None) -> str:
+    """The whole-scan targets of issue 18 per model (3D lung Dice and false lung on expert masks, burden,
+    grade, whether the scan was a training scan), the reliability plot of the scan probabilities, and the
+    spread over seeds (``seeds_md``, written by ``python -m hybrid_ct.seeds``)."""
+    from .scan_check import reliability_plot
+
+    rows = []
+    for t, r in results.items():
+        for name, s in (r.get("scan") or {}).items():
+            rows.append(_row([t, name, "COVID-19" if s["truth"] == "positive" else "not COVID-19",
+                              "yes" if s.get("infection") else "no", "**yes**" if s.get("trained_on") else "no",
+                              f"{s['call']} ({s['probability']:.3f})", s["grade"],
+                              f"{s['burden']['total_pct']:.2f} %", _fmt(s.get("infection_ml"), nd=1),
+                              _fmt(s.get("lung_dice")), _fmt(s.get("false_lung_ml"), nd=0)]))
+    parts = []
+    if rows:
+        parts += ["## Whole scans against the diagnosis targets (issue 18)", "",
+                  "Targets: every infection-free scan negative, burden < 0.1 % of lung, grade CT-0, < 5 mL false lung; "
+                  "P001 positive with per-slice kappa >= 0.75 (table above); lung Dice >= 0.97 in 3D on expert masks. "
+                  "*Trained on* = the scan was training data of this model (source `wholescans`): its numbers are "
+                  "not validation. P001 and normal001 are never trained on.", "",
+                  "| model | scan | truth | infection | trained on | call (P) | grade | burden | infection mL | "
+                  "lung Dice 3D | false lung mL |", "|---|---|---|---|---|---|---|---|---|---|---|", *rows]
+    h = [{"covid": int(s["truth"] == "positive"), "probability": s["probability"], "name": n, "phantom": False}
+         for n, s in (results["hybrid"].get("scan") or {}).items()]
+    if len(h) >= 2:
+        png = Path(img_dir) / "reliability_scans.png"
+        reliability_plot(h, png)
+        parts += ["", f"Reliability of the scan probability (hybrid, {len(h)} whole scans; with so few scans it shows "
+                  "where each scan lands, not a calibration curve):", "",
+                  f"![reliability]({os.path.relpath(png, Path(out).parent)})"]
+    if seeds_md is not None and Path(seeds_md).is_file():
+        body = Path(seeds_md).read_text(encoding="utf-8").split("\n", 1)[1].replace("\n## ", "\n### ")
+        parts += ["", f"## Run-to-run spread over seeds (`{_rel(seeds_md)}`)", body.strip()]
+    return "\n".join(parts)

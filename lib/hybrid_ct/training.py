@@ -10,13 +10,16 @@ The loop itself is ``hybrid_ct.trainer.Trainer`` (one loop for ``fit`` / ``hybri
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 
 import numpy as np
 import SimpleITK as sitk
 import torch
-from monai.transforms import Compose, RandAffined, RandFlipd, RandGaussianNoised, RandScaleIntensityd
+from monai.transforms import (Compose, MapTransform, RandAdjustContrastd, RandAffined, RandFlipd, RandGaussianNoised,
+                              RandGaussianSmoothd, RandomizableTransform, RandRotate90d, RandScaleIntensityd,
+                              RandSimulateLowResolutiond)
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
@@ -82,22 +85,74 @@ def slices_from_volume(image: sitk.Image, label: sitk.Image | None, group: str, 
     return slices_from_arrays(x, lab, group, diagnosis)
 
 
-def augmentations() -> Compose:
-    """Light, label-preserving augmentation (monai dictionary transforms)."""
+def augmentations(style: bool = False) -> Compose:
+    """Label-preserving augmentation (monai dictionary transforms); ``style`` adds the looks that tell
+    picture sources apart -- gamma, contrast, blur, noise, lower resolution, JPEG re-compression -- so
+    the network cannot learn a source from its look (issue 19)."""
     keys = ["image", "lung", "infection"]
-    return Compose([
+    geometric = [
         RandFlipd(keys, prob=0.5, spatial_axis=1),
         RandAffined(keys, prob=0.5, rotate_range=0.15, scale_range=0.1, translate_range=8,
                     mode=["bilinear", "nearest", "nearest"], padding_mode="zeros"),
         RandScaleIntensityd("image", factors=0.1, prob=0.3),
         RandGaussianNoised("image", prob=0.2, std=0.02),
+    ]
+    if not style:
+        return Compose(geometric)
+    return Compose(geometric + [
+        RandAdjustContrastd("image", prob=0.3, gamma=(0.7, 1.5)),
+        RandGaussianSmoothd("image", prob=0.2, sigma_x=(0.25, 1.0), sigma_y=(0.25, 1.0)),
+        RandSimulateLowResolutiond("image", prob=0.2, zoom_range=(0.5, 0.9), upsample_mode="bilinear"),
+        RandJpegd("image", prob=0.2, quality=(30, 90)),
     ])
 
 
+class RandJpegd(RandomizableTransform, MapTransform):
+    """JPEG re-compression of the [0, 1] image at a random quality (monai has no JPEG transform; the
+    published picture collections differ in how hard they were compressed)."""
+
+    def __init__(self, keys, prob: float = 0.2, quality=(30, 90)):
+        MapTransform.__init__(self, keys)
+        RandomizableTransform.__init__(self, prob)
+        self.quality = quality
+
+    def __call__(self, data):
+        from io import BytesIO
+
+        from PIL import Image
+
+        d = dict(data)
+        self.randomize(None)
+        if not self._do_transform:
+            return d
+        q = int(self.R.randint(self.quality[0], self.quality[1] + 1))
+        for k in self.key_iterator(d):
+            x = np.asarray(d[k], dtype=np.float32)
+            buf = BytesIO()
+            Image.fromarray(np.round(np.clip(x[0], 0, 1) * 255).astype(np.uint8)).save(buf, "JPEG", quality=q)
+            y = np.asarray(Image.open(BytesIO(buf.getvalue())), dtype=np.float32)[None] / 255.0
+            d[k] = torch.from_numpy(y)
+        return d
+
+
+PICTURE_ROTATION = Compose([RandRotate90d(["image", "lung", "infection"], prob=0.75, max_k=3),
+                            RandFlipd(["image", "lung", "infection"], prob=0.25, spatial_axis=0)])
+KNOWN_ORIENTATION = ("phantom", "imlab", "wholescan")  # HU volumes keep their known orientation
+
+
 class SliceDataset(Dataset):
-    def __init__(self, data: SliceSet, augment: bool = False):
+    """Model-space slices as training samples. ``rotate_pictures``: 2D pictures (every group family not in
+    ``KNOWN_ORIENTATION``) are also turned by 90/180/270 degrees and flipped, as collections publish them."""
+
+    def __init__(self, data: SliceSet, augment: bool = False, style: bool = False, rotate_pictures: bool = False,
+                 seed: int | None = None):
         self.data = data
-        self.aug = augmentations() if augment else None
+        self.aug = augmentations(style) if augment else None
+        self.rotate = copy.deepcopy(PICTURE_ROTATION) if augment and rotate_pictures else None
+        if seed is not None:
+            for t in (self.aug, self.rotate):
+                if t is not None:
+                    t.set_random_state(seed)
 
     def __len__(self):
         return len(self.data)
@@ -111,9 +166,12 @@ class SliceDataset(Dataset):
             "lung": torch.from_numpy((lung[None] == 1).astype(np.float32)),
             "infection": torch.from_numpy((inf[None] == 1).astype(np.float32)),
         }
+        if self.rotate is not None and str(d.group[i]).split("_", 1)[0] not in KNOWN_ORIENTATION:
+            s = self.rotate(s)
         if self.aug is not None:
             s = self.aug(s)
-            s = {k: torch.as_tensor(np.asarray(v), dtype=torch.float32) for k, v in s.items()}
+        if self.aug is not None or self.rotate is not None:
+            s = {k: torch.as_tensor(np.ascontiguousarray(np.asarray(v)), dtype=torch.float32) for k, v in s.items()}
         s["cls"] = torch.tensor(max(int(d.cls[i]), 0))
         s["cls_mask"] = torch.tensor(int(d.cls[i]) >= 0)
         s["lung_mask"] = torch.tensor(has_lung)
@@ -143,6 +201,8 @@ class TrainConfig:
     weight_decay: float = 1e-4
     negative_fraction: float = 0.2
     augment: bool = True
+    style_augment: bool = False  # + gamma, contrast, blur, low resolution, JPEG (augmentations(style=True))
+    rotate_pictures: bool = False  # + 90-degree turns and flips of 2D pictures (not of HU volumes)
     seg_loss: str = "focal"
     infection_loss: str | None = "dice_focal"
     lambdas: dict = field(default_factory=lambda: {"cls": 1.0, "lung": 1.0, "infection": 2.0})

@@ -1,0 +1,116 @@
+"""Run-to-run spread of one recipe: the headline numbers of every seed's evaluation, their mean and range,
+and the MEDIAN build -- the one ``scripts/build_model.sh`` ships (never the best one).
+
+    python -m hybrid_ct.seeds --runs runs/build --out docs/seeds.md --print-median
+
+Each ``<runs>/seed<k>/results.json`` is written by ``hybrid-ct evaluate --json``. The median is taken on the
+validation composite (mean of lung Dice on expert masks, MedSeg infection mean-slice Dice and the per-slice
+AUC on real pictures): validation slices only, so no whole scan that is reported chooses the build.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+HEADLINE = [  # label, path in a model's results, "validation" or "scan"
+    ("lung Dice, expert masks (validation slices)", ("seg", "lung/real-expert", "dice")),
+    ("infection Dice, MedSeg mean per slice", ("seg", "infection/medseg", "dice_per_case_mean")),
+    ("per-slice AUC, real pictures", ("cls", "real", "auc")),
+    ("per-slice sensitivity, real pictures", ("cls", "real", "sensitivity")),
+    ("per-slice specificity, real pictures", ("cls", "real", "specificity")),
+    ("energy ratio E_hybrid / E_conv", ("energy", "ratio")),
+    ("mean firing rate", ("energy", "mean_firing_rate")),
+    ("P001 P(positive)", ("scan", "P001", "probability")),
+    ("P001 per-slice kappa (segmentation call)", ("scan", "P001", "agreement", "segmentation", "kappa")),
+    ("normal001 P(positive)", ("scan", "normal001", "probability")),
+    ("normal001 burden % of lung", ("scan", "normal001", "burden", "total_pct")),
+    ("normal001 infection mL", ("scan", "normal001", "infection_ml")),
+    ("cap001 per-slice sensitivity (segmentation)", ("scan", "cap001", "agreement", "segmentation", "sensitivity")),
+    ("cap001 per-slice specificity (segmentation)", ("scan", "cap001", "agreement", "segmentation", "specificity")),
+    ("LUNG1-001 lung Dice 3D", ("scan", "nsclc_lung1_001", "lung_dice")),
+    ("LUNG1-001 false lung mL", ("scan", "nsclc_lung1_001", "false_lung_ml")),
+    ("LUNG1-001 burden % of lung", ("scan", "nsclc_lung1_001", "burden", "total_pct")),
+]
+COMPOSITE = HEADLINE[:3]
+
+
+def _get(d, path):
+    for k in path:
+        if not isinstance(d, dict) or k not in d:
+            return float("nan")
+        d = d[k]
+    return float(d) if isinstance(d, (int, float)) and d is not None else float("nan")
+
+
+def load_runs(runs) -> dict:
+    """seed -> results dict (``hybrid`` / ``twin``) of every ``seed<k>/results.json`` under ``runs``."""
+    out = {}
+    for p in sorted(Path(runs).glob("seed*/results.json")):
+        out[int(p.parent.name[4:])] = json.loads(p.read_text())
+    if not out:
+        raise SystemExit(f"no seed*/results.json under {runs}: run scripts/build_model.sh")
+    return out
+
+
+def composite(res: dict) -> float:
+    vals = [_get(res["hybrid"], path) for _, path in COMPOSITE]
+    return float(np.nanmean(vals)) if any(not math.isnan(v) for v in vals) else float("nan")
+
+
+def median_seed(runs: dict) -> int:
+    """The seed whose composite is the median (the lower middle for an even count)."""
+    order = sorted(runs, key=lambda s: (composite(runs[s]), s))
+    return order[(len(order) - 1) // 2]
+
+
+def _f(v) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
+
+
+def table(runs: dict, tag: str = "hybrid") -> str:
+    seeds = sorted(runs)
+    med = median_seed(runs)
+    head = "| number | " + " | ".join(f"seed {s}{' (shipped)' if s == med else ''}" for s in seeds) + " | mean | range |"
+    lines = [head, "|---|" + "---|" * (len(seeds) + 2)]
+    rows = [("validation composite (picks the median)", None)] + HEADLINE
+    for label, path in rows:
+        vals = [composite(runs[s]) if path is None else _get(runs[s].get(tag, {}), path) for s in seeds]
+        ok = [v for v in vals if not math.isnan(v)]
+        mean = float(np.mean(ok)) if ok else float("nan")
+        rng = f"{min(ok):.3f} – {max(ok):.3f} ({max(ok) - min(ok):.3f})" if ok else "n/a"
+        lines.append(f"| {label} | " + " | ".join(_f(v) for v in vals) + f" | {_f(mean)} | {rng} |")
+    return "\n".join(lines)
+
+
+def render(runs: dict, command: str) -> str:
+    parts = [f"# Run-to-run spread of the shipped recipe ({len(runs)} seeds)", "",
+             f"Command: `{command}` (called by `scripts/build_model.sh`). Each seed is a full build of the "
+             "`shipped` recipe (same data and split, its own initialisation and augmentation); the build with the "
+             f"median validation composite is shipped: **seed {median_seed(runs)}**. A difference between two "
+             "models smaller than the range below is within run-to-run noise.", "", "## Hybrid (spiking) network", "",
+             table(runs, "hybrid")]
+    if all("twin" in r for r in runs.values()):
+        parts += ["", "## CNN twin", "", table(runs, "twin")]
+    return "\n".join(parts) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m hybrid_ct.seeds", description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", required=True, help="folder with seed<k>/results.json")
+    ap.add_argument("--out", default=None, help="Markdown file for the spread table")
+    ap.add_argument("--print-median", action="store_true", help="print only the median seed (for scripts)")
+    args = ap.parse_args(argv)
+    runs = load_runs(args.runs)
+    if args.out:
+        Path(args.out).write_text(render(runs, f"python -m hybrid_ct.seeds --runs {args.runs} --out {args.out}"),
+                                  encoding="utf-8")
+    print(median_seed(runs) if args.print_median else table(runs))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
