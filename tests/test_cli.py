@@ -211,8 +211,10 @@ def test_train_quick_then_evaluate(shared_data, tmp_path):
 
     out = tmp_path / "docs" / "results.md"
     rc = main(["-q", "evaluate", "--model", str(hyb), "--twin", str(twin), "--out", str(out), "--data", str(shared_data),
-               "--skip-scan-check", "--model-card", str(card)])
+               "--skip-scan-check", "--model-card", str(card), "--json", str(tmp_path / "r.json")])
     assert rc == 0
+    numbers = json.loads((tmp_path / "r.json").read_text())  # what python -m hybrid_ct.seeds reads
+    assert set(numbers) == {"hybrid", "twin"} and 0 < numbers["hybrid"]["energy"]["ratio"] < 1
     text = out.read_text()
     for needle in ("## Segmentation", "## Classification", "E_hybrid / E_conv", "hybrid Dice", "twin Dice",
                    "seed 002", "Inf-Net", "0.682", "0.439", "evaluate --model"):
