@@ -41,7 +41,12 @@ for s in $SEEDS; do
 done
 wait
 # the median seed -> the package model; its evaluation -> docs/results.md (+ the spread over the seeds)
-pick=$(.venv/bin/python -m hybrid_ct.seeds --runs "$RUNS" --out docs/seeds.md --print-median)
+# the model shipped before, evaluated by today's code, as the column to compare with
+mkdir -p "$RUNS/previous" && cp "$MODEL" "$RUNS/previous/hybrid.pt"
+$HC evaluate --model "$RUNS/previous/hybrid.pt" --out "$RUNS/previous/results.md" --json "$RUNS/previous/results.json" \
+  > "$RUNS/previous/evaluate.log" 2>&1 || echo "[build_model] the previous model could not be evaluated" >&2
+pick=$(.venv/bin/python -m hybrid_ct.seeds --runs "$RUNS" --out docs/seeds.md --previous "$RUNS/previous/results.json" \
+       --print-median)
 cp "$RUNS/seed$pick/hybrid.pt" "$MODEL"
 mkdir -p "$(dirname "$TWIN")" && cp "$RUNS/seed$pick/twin.pt" "$TWIN"
 $HC evaluate --model "$MODEL" --twin "$TWIN" --out docs/results.md --model-card docs/model_card.md --seeds docs/seeds.md

@@ -29,13 +29,15 @@ def test_the_median_build_is_shipped_not_the_best(runs):
 
 
 def test_spread_table_has_mean_and_range_per_number(runs, capsys):
+    (runs / "previous.json").write_text(json.dumps(_result(0.7, 0.3, 0.6, p001=0.99)))
     out = runs / "seeds.md"
-    assert seeds.main(["--runs", str(runs), "--out", str(out), "--print-median"]) == 0
+    assert seeds.main(["--runs", str(runs), "--out", str(out), "--print-median", "--previous", str(runs / "previous.json")]) == 0
     assert capsys.readouterr().out.strip() == "0"
     text = out.read_text()
     assert "seed 0 (shipped)" in text and "## CNN twin" in text
     row = next(line for line in text.splitlines() if line.startswith("| P001 P(positive)"))
     assert "0.633" in row and "0.100 – 0.900 (0.800)" in row  # mean and range over the three seeds
+    assert row.endswith("| 0.990 |") and "previous shipped model" in text
     assert "n/a" in next(line for line in text.splitlines() if line.startswith("| normal001 P(positive)"))
 
 

@@ -71,28 +71,34 @@ def _f(v) -> str:
     return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
 
 
-def table(runs: dict, tag: str = "hybrid") -> str:
+def table(runs: dict, tag: str = "hybrid", previous: dict | None = None) -> str:
+    """Every headline number per seed, the mean and the range; ``previous``: the results of the model shipped
+    before, as a last column (its own recipe and split: compare against the range, not one seed)."""
     seeds = sorted(runs)
     med = median_seed(runs)
-    head = "| number | " + " | ".join(f"seed {s}{' (shipped)' if s == med else ''}" for s in seeds) + " | mean | range |"
-    lines = [head, "|---|" + "---|" * (len(seeds) + 2)]
+    prev = previous is not None and tag in previous
+    head = ("| number | " + " | ".join(f"seed {s}{' (shipped)' if s == med else ''}" for s in seeds) + " | mean | range |"
+            + (" previous shipped model |" if prev else ""))
+    lines = [head, "|---|" + "---|" * (len(seeds) + 2 + prev)]
     rows = [("validation composite (picks the median)", None)] + HEADLINE
     for label, path in rows:
         vals = [composite(runs[s]) if path is None else _get(runs[s].get(tag, {}), path) for s in seeds]
         ok = [v for v in vals if not math.isnan(v)]
         mean = float(np.mean(ok)) if ok else float("nan")
         rng = f"{min(ok):.3f} – {max(ok):.3f} ({max(ok) - min(ok):.3f})" if ok else "n/a"
-        lines.append(f"| {label} | " + " | ".join(_f(v) for v in vals) + f" | {_f(mean)} | {rng} |")
+        old = (composite(previous) if path is None else _get(previous[tag], path)) if prev else None
+        lines.append(f"| {label} | " + " | ".join(_f(v) for v in vals) + f" | {_f(mean)} | {rng} |"
+                     + (f" {_f(old)} |" if prev else ""))
     return "\n".join(lines)
 
 
-def render(runs: dict, command: str) -> str:
+def render(runs: dict, command: str, previous: dict | None = None) -> str:
     parts = [f"# Run-to-run spread of the shipped recipe ({len(runs)} seeds)", "",
              f"Command: `{command}` (called by `scripts/build_model.sh`). Each seed is a full build of the "
              "`shipped` recipe (same data and split, its own initialisation and augmentation); the build with the "
              f"median validation composite is shipped: **seed {median_seed(runs)}**. A difference between two "
              "models smaller than the range below is within run-to-run noise.", "", "## Hybrid (spiking) network", "",
-             table(runs, "hybrid")]
+             table(runs, "hybrid", previous)]
     if all("twin" in r for r in runs.values()):
         parts += ["", "## CNN twin", "", table(runs, "twin")]
     return "\n".join(parts) + "\n"
@@ -102,12 +108,15 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m hybrid_ct.seeds", description=__doc__.splitlines()[0])
     ap.add_argument("--runs", required=True, help="folder with seed<k>/results.json")
     ap.add_argument("--out", default=None, help="Markdown file for the spread table")
+    ap.add_argument("--previous", default=None, help="results.json of the model shipped before (a column beside)")
     ap.add_argument("--print-median", action="store_true", help="print only the median seed (for scripts)")
     args = ap.parse_args(argv)
     runs = load_runs(args.runs)
+    previous = json.loads(Path(args.previous).read_text()) if args.previous and Path(args.previous).is_file() else None
     if args.out:
-        Path(args.out).write_text(render(runs, f"python -m hybrid_ct.seeds --runs {args.runs} --out {args.out}"),
-                                  encoding="utf-8")
+        cmd = f"python -m hybrid_ct.seeds --runs {args.runs} --out {args.out}" + (
+            f" --previous {args.previous}" if previous else "")
+        Path(args.out).write_text(render(runs, cmd, previous), encoding="utf-8")
     print(median_seed(runs) if args.print_median else table(runs))
     return 0
 
