@@ -44,3 +44,14 @@ def test_spread_table_has_mean_and_range_per_number(runs, capsys):
 def test_no_runs_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match="no seed"):
         seeds.load_runs(tmp_path)
+
+
+def test_ship_copies_the_median_evaluation_with_the_spread(runs, tmp_path):
+    (runs / "seed0" / "results.md").write_text("# Results\n\n![roc](img/roc.png)\n")
+    (runs / "seed0" / "img").mkdir()
+    (runs / "seed0" / "img" / "roc.png").write_bytes(b"png")
+    docs = tmp_path / "docs"
+    assert seeds.main(["--runs", str(runs), "--out", str(runs / "seeds.md"), "--ship", str(docs / "results.md")]) == 0
+    text = (docs / "results.md").read_text()
+    assert text.startswith("# Results") and "Run-to-run spread over seeds" in text and "seed 0 (shipped)" in text
+    assert (docs / "img" / "roc.png").read_bytes() == b"png"  # the relative figure links still hold

@@ -118,7 +118,7 @@ def cmd_evaluate(args) -> int:
         _model_arg(args.model), args.twin, data=args.data, limit=args.limit, skip_scan_check=args.skip_scan_check,
         min_lesion_mm2=args.min_lesion_mm2, img_dir=img_dir, progress=not args.quiet)
     write_results(results, recipe, weak, out, img_dir, _command(args), args.min_lesion_mm2)
-    extra = scan_extras(results, out, img_dir, Path(args.seeds) if args.seeds else None)
+    extra = scan_extras(results, out, img_dir)
     if extra:
         out.write_text(out.read_text(encoding="utf-8").rstrip() + "\n\n" + extra, encoding="utf-8")
     if args.json:
@@ -245,7 +245,6 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--min-lesion-mm2", type=float, default=50.0, help="per-slice infection call threshold")
     ev.add_argument("--model-card", default=None, help="model card to fill (e.g. docs/model_card.md)")
     ev.add_argument("--json", default=None, help="also write the numbers as JSON (python -m hybrid_ct.seeds reads it)")
-    ev.add_argument("--seeds", default=None, help="docs/seeds.md of the build: its spread table goes into results.md")
     ev.set_defaults(func=cmd_evaluate)
 
     sc = sub.add_parser("scan-check", help="whole-scan call leave-one-scan-out on phantoms + real HU scans; "

@@ -312,10 +312,10 @@ def metrics_card(results: dict, out: Path, card: Path, note: str = "") -> str:
 # ----------------------------------------------------------------------------------------------------
 # whole scans (issue 18): targets table, reliability plot, spread over seeds
 
-def scan_extras(results: dict, out: Path, img_dir, seeds_md: Path | None = None) -> str:
+def scan_extras(results: dict, out: Path, img_dir) -> str:
     """The whole-scan targets of issue 18 per model (3D lung Dice and false lung on expert masks, burden,
-    grade, whether the scan was a training scan), the reliability plot of the scan probabilities, and the
-    spread over seeds (``seeds_md``, written by ``python -m hybrid_ct.seeds``)."""
+    grade, whether the scan was a training scan) and the reliability plot of the scan probabilities (the
+    spread over seeds is appended by ``python -m hybrid_ct.seeds --ship``)."""
     from .scan_check import reliability_plot
 
     rows = []
@@ -343,7 +343,4 @@ def scan_extras(results: dict, out: Path, img_dir, seeds_md: Path | None = None)
         parts += ["", f"Reliability of the scan probability (hybrid, {len(h)} whole scans; with so few scans it shows "
                   "where each scan lands, not a calibration curve):", "",
                   f"![reliability]({os.path.relpath(png, Path(out).parent)})"]
-    if seeds_md is not None and Path(seeds_md).is_file():
-        body = Path(seeds_md).read_text(encoding="utf-8").split("\n", 1)[1].replace("\n## ", "\n### ")
-        parts += ["", f"## Run-to-run spread over seeds (`{_rel(seeds_md)}`)", body.strip()]
     return "\n".join(parts)

@@ -2,6 +2,7 @@
 and the MEDIAN build -- the one ``scripts/build_model.sh`` ships (never the best one).
 
     python -m hybrid_ct.seeds --runs runs/build --out docs/seeds.md --print-median
+    python -m hybrid_ct.seeds --runs runs/build --out docs/seeds.md --ship docs/results.md --model-card docs/model_card.md
 
 Each ``<runs>/seed<k>/results.json`` is written by ``hybrid-ct evaluate --json``. The median is taken on the
 validation composite (mean of lung Dice on expert masks, MedSeg infection mean-slice Dice and the per-slice
@@ -104,12 +105,39 @@ def render(runs: dict, command: str, previous: dict | None = None) -> str:
     return "\n".join(parts) + "\n"
 
 
+def ship(runs_dir, seed: int, results_out, seeds_md, model_card=None) -> Path:
+    """The median seed's evaluation becomes ``results_out`` (its figures copied beside it, so the relative
+    links hold) with the spread table appended; its numbers fill the model card's metrics section. The
+    evaluation is not rerun: the shipped checkpoint is a byte copy of ``<runs>/seed<k>/hybrid.pt``."""
+    import shutil
+
+    from .reporting import metrics_card, update_model_card
+
+    src = Path(runs_dir) / f"seed{seed}"
+    out = Path(results_out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if (src / "img").is_dir():
+        shutil.copytree(src / "img", out.parent / "img", dirs_exist_ok=True)
+    text = (src / "results.md").read_text(encoding="utf-8").rstrip()
+    body = Path(seeds_md).read_text(encoding="utf-8").split("\n", 1)[1].replace("\n## ", "\n### ")
+    text += (f"\n\n## Run-to-run spread over seeds (`{seeds_md}`)\n\nThe shipped model is seed {seed}'s build "
+             f"(`{src / 'hybrid.pt'}`, copied byte for byte); the numbers above are its evaluation.\n" + body.rstrip())
+    out.write_text(text + "\n", encoding="utf-8")
+    if model_card:
+        res = json.loads((src / "results.json").read_text())
+        update_model_card(model_card, "metrics", metrics_card(res, out, Path(model_card)))
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m hybrid_ct.seeds", description=__doc__.splitlines()[0])
     ap.add_argument("--runs", required=True, help="folder with seed<k>/results.json")
     ap.add_argument("--out", default=None, help="Markdown file for the spread table")
     ap.add_argument("--previous", default=None, help="results.json of the model shipped before (a column beside)")
     ap.add_argument("--print-median", action="store_true", help="print only the median seed (for scripts)")
+    ap.add_argument("--ship", default=None, metavar="RESULTS_MD",
+                    help="copy the median seed's results.md (+ figures) here with the spread appended")
+    ap.add_argument("--model-card", default=None, help="with --ship: fill the card's metrics from the median seed")
     args = ap.parse_args(argv)
     runs = load_runs(args.runs)
     previous = json.loads(Path(args.previous).read_text()) if args.previous and Path(args.previous).is_file() else None
@@ -117,6 +145,10 @@ def main(argv=None) -> int:
         cmd = f"python -m hybrid_ct.seeds --runs {args.runs} --out {args.out}" + (
             f" --previous {args.previous}" if previous else "")
         Path(args.out).write_text(render(runs, cmd, previous), encoding="utf-8")
+    if args.ship:
+        if not args.out:
+            raise SystemExit("--ship needs --out (the spread table it appends)")
+        ship(args.runs, median_seed(runs), args.ship, args.out, args.model_card)
     print(median_seed(runs) if args.print_median else table(runs))
     return 0
 
