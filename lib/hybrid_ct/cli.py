@@ -26,7 +26,7 @@ from pathlib import Path
 
 from .errors import InputError, ModelNotReadyError
 from .model_files import PACKAGED_MODEL
-from .recipes import recipe_names
+from .recipes import HOLD_OUT_SOURCES, recipe_names
 
 TWIN_OUT = Path("runs") / "twin.pt"
 RESULTS_OUT = Path("docs") / "results.md"
@@ -94,13 +94,16 @@ def cmd_train(args) -> int:
 
     recipe = resolve_recipe(args.recipe, epochs=args.epochs, max_iters=args.max_iters, batch_size=args.batch_size,
                             seed=args.seed, phantoms=args.phantoms, limit=args.limit, sources=args.sources,
-                            no_weak_lung=args.no_weak_lung, extra=args.extra)
+                            no_weak_lung=args.no_weak_lung, extra=args.extra, hold_out=args.hold_out_source)
+    if args.twin_only and args.model_card:
+        raise InputError("--model-card describes the shipped hybrid model: not with --twin-only")
     out = Path(args.out)
     results, meta, total = train_recipe(recipe, args.data, out, args.twin_out, device=_device(args.device),
-                                        no_twin=args.no_twin, progress=not args.quiet, command=_command(args))
-    print(f"trained in {total / 60:.1f} min: hybrid {results['hybrid']['s_per_iter']:.2f} s/iteration"
-          + (f", twin {results['twin']['s_per_iter']:.2f} s/iteration" if "twin" in results else "")
-          + f"; model {out}")
+                                        no_twin=args.no_twin, progress=not args.quiet, command=_command(args),
+                                        twin_only=args.twin_only)
+    speeds = ", ".join(f"{k} {r['s_per_iter']:.2f} s/iteration" for k, r in results.items())
+    held = f", {args.hold_out_source} held out" if args.hold_out_source else ""
+    print(f"trained in {total / 60:.1f} min: {speeds}{held}; model {out}")
     if args.model_card:
         update_model_card(args.model_card, "training", training_card(results, meta, total, out))
     return 0
@@ -213,6 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "inside the package, hybrid_ct/models/pretrained.pt)")
     tr.add_argument("--twin-out", default=str(TWIN_OUT), help="CNN twin checkpoint (default: runs/twin.pt)")
     tr.add_argument("--no-twin", action="store_true", help="train the hybrid network only")
+    tr.add_argument("--twin-only", action="store_true", help="train the CNN twin only, into --out (quick "
+                    "experiments, e.g. scripts/loso.sh)")
+    tr.add_argument("--hold-out-source", choices=HOLD_OUT_SOURCES, default=None,
+                    help="leave this collection out of training: all its slices become validation "
+                         "(leave-one-source-out; see hybrid-ct evaluate --loso)")
     tr.add_argument("--data", default=None, help="real data folder (default: $HYBRID_CT_DATA or ../shared/data)")
     tr.add_argument("--extra", action="append", help="prepared download folder to add (repeatable)")
     tr.add_argument("--sources", default=None, help="comma list of real sources (medseg,cls2d,imlab,majun)")
