@@ -170,3 +170,35 @@ def test_sensitivity_at_specificity():
     r = rates_at_threshold(y, s, op["threshold"])
     assert r["sensitivity"] == pytest.approx(op["sensitivity"]) and r["specificity"] == pytest.approx(op["specificity"])
     assert np.isnan(sensitivity_at_specificity(np.ones(4), np.arange(4.0))["sensitivity"])
+
+
+def test_evaluate_sets_scores_the_agreeing_call_and_the_operating_points(model_path):
+    from hybrid_ct.datasets import SourceSet
+    from hybrid_ct.evaluation import evaluate_sets
+    from hybrid_ct.reporting import _loso_block, _orientation_block, _sources_block
+    from hybrid_ct.training import MISSING, SliceSet
+
+    model, _ = load_checkpoint(model_path)
+    rng = np.random.default_rng(1)
+    n, s = 8, model.cfg.in_size
+    groups = ["mosmed_1", "mosmed_2", "ucsd_3", "ucsd_4", "mosmed_5", "ucsd_6", "majun20_coronacases_001", "ucsd_7"]
+    pics = SliceSet(rng.integers(0, 255, (n, s, s), dtype=np.uint8), np.full((n, s, s), MISSING, np.uint8),
+                    np.full((n, s, s), MISSING, np.uint8), np.array([0, 1, 0, 1, 1, 0, 1, 1], np.int8), groups)
+    res = evaluate_sets(model, [SourceSet("cls2d", pics)], progress=False, pixel_mm2={"cls2d": np.full(n, 4.0)},
+                        min_lesion_mm2=0.0)  # any outlined pixel is "enough": every slice agreeing-positive
+    assert set(res["cls"]) == {"cls2d", "cls2d/mosmed", "cls2d/ucsd", "cls2d/majun20", "real", "all"}
+    assert set(res["cls_agree"]) == set(res["cls"]) - {"all"}  # pooled over real pictures only
+    for kind in ("cls", "cls_agree"):
+        for key, m in res[kind].items():
+            assert "at_spec" in m and "at_real_threshold" in m, (kind, key)
+    assert res["cls_agree"]["real"]["n"] == res["cls"]["real"]["n"] == n
+    assert res["cls_agree"]["real"]["sensitivity"] >= res["cls"]["real"]["sensitivity"]
+    text = _sources_block({"hybrid": res})
+    assert "UCSD COVID-CT" in text and "| agreeing |" in text and "classifier only -> agreeing" in text
+    res["orientation"] = {"pictures": 2, "max_gap_infection_dice": 0.1, "max_gap_lung_dice": 0.0, "angles": {
+        a: {"infection_dice": 0.5, "infection_n": 2, "lung_dice": 0.9, "lung_n": 2, "refused": 0, "called_positive": 1}
+        for a in ("0", "90", "180", "270")}}
+    assert "| hybrid | 270 deg | 0.500 (2) | 0.900 (2) | 0 | 1 / 2 |" in _orientation_block({"hybrid": res})
+    row = {"path": "runs/loso_ucsd.pt", "kind": "cnn_twin", "iterations": 3, "hold_out": "ucsd", "collection": "ucsd",
+           "metrics": dict(res["cls"]["cls2d/ucsd"], at_spec={"sensitivity": 0.5})}
+    assert "| **UCSD COVID-CT** | UCSD COVID-CT | 4 (2) |" in _loso_block([row], {"hybrid": res})

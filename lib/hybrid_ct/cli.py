@@ -3,6 +3,7 @@
     hybrid-ct predict scan.nii.gz dicom_dir/ slice.png --out results/            # the shipped model
     hybrid-ct train --recipe shipped --out lib/hybrid_ct/models/pretrained.pt --twin-out runs/twin.pt
     hybrid-ct evaluate --twin runs/twin.pt --out docs/results.md
+    hybrid-ct evaluate --twin runs/twin.pt --loso runs/loso_*.pt     # + leave-one-source-out (scripts/loso.sh)
     hybrid-ct phantoms --out phantoms/ -n 20
     hybrid-ct download covid19-ct-seg --dest data/
 
@@ -117,8 +118,14 @@ def cmd_evaluate(args) -> int:
     img_dir = Path(args.img_dir) if args.img_dir else out.parent / "img"
     results, recipe, _, weak = evaluate_checkpoints(
         _model_arg(args.model), args.twin, data=args.data, limit=args.limit, skip_scan_check=args.skip_scan_check,
-        min_lesion_mm2=args.min_lesion_mm2, img_dir=img_dir, progress=not args.quiet)
-    write_results(results, recipe, weak, out, img_dir, _command(args), args.min_lesion_mm2)
+        min_lesion_mm2=args.min_lesion_mm2, img_dir=img_dir, progress=not args.quiet,
+        orientation=not args.skip_orientation)
+    loso = None
+    if args.loso:
+        from .picture_eval import loso_results
+
+        loso = loso_results(args.loso, data=args.data, progress=not args.quiet)
+    write_results(results, recipe, weak, out, img_dir, _command(args), args.min_lesion_mm2, loso=loso)
     print(f"wrote {out}")
     if args.model_card:
         update_model_card(args.model_card, "metrics", metrics_card(results, out, Path(args.model_card),
@@ -243,7 +250,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", default=None)
     ev.add_argument("--limit", type=int, help="override the recipe's slices per source (0: all)")
     ev.add_argument("--skip-scan-check", action="store_true")
-    ev.add_argument("--min-lesion-mm2", type=float, default=50.0, help="per-slice infection call threshold")
+    ev.add_argument("--min-lesion-mm2", type=float, default=50.0, help="per-slice infection call threshold (the "
+                    "scan-level check and the slice call agreeing with the infection head, diagnosis.slice_call)")
+    ev.add_argument("--skip-orientation", action="store_true",
+                    help="skip the MedSeg validation pictures turned by 0/90/180/270 degrees")
+    ev.add_argument("--loso", nargs="+", metavar="CHECKPOINT", default=None,
+                    help="leave-one-source-out checkpoints (hybrid-ct train --hold-out-source, scripts/loso.sh): "
+                         "each scored on the collection it never saw, as a table in the results")
     ev.add_argument("--model-card", default=None, help="model card to fill (e.g. docs/model_card.md)")
     ev.set_defaults(func=cmd_evaluate)
 

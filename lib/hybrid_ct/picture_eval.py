@@ -118,6 +118,8 @@ def picture_pixel_mm2(root, source, size: int):
     for i, f in enumerate(files):
         p = Path(root) / f
         suffix = p.suffix.lower()
+        if not p.is_file():
+            return None
         if suffix in PICTURE_SUFFIXES:
             from PIL import Image
 
