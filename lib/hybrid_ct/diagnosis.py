@@ -135,6 +135,11 @@ def slice_call(cls_prob, infection_mm2, min_mm2: float = SLICE_MIN_MM2, cls_call
     classifier's order within each group and ranks every slice with such infection above every slice
     without it that the classifier calls negative: ``0.5 + 0.5 * p`` with infection, ``p`` without
     (so ``score >= 0.5`` is the call when ``cls_call`` is ``p >= 0.5``).
+
+    Not wired into ``Predictor``: ``hybrid-ct evaluate`` scores it beside the classifier alone
+    ("Classification per source" in docs/results.md). On the 2026-12-01 shipped model it raised
+    sensitivity (Ma Jun, MosMed) but cost most of UCSD's specificity -- the infection head outlines
+    infection on most UCSD non-COVID pictures -- and lowered the pooled AUC: it did not help.
     """
     p = np.clip(np.asarray(cls_prob, float), 0.0, 1.0)
     lesion = np.asarray(infection_mm2, float) >= float(min_mm2)
