@@ -202,3 +202,24 @@ def test_evaluate_sets_scores_the_agreeing_call_and_the_operating_points(model_p
     row = {"path": "runs/loso_ucsd.pt", "kind": "cnn_twin", "iterations": 3, "hold_out": "ucsd", "collection": "ucsd",
            "metrics": dict(res["cls"]["cls2d/ucsd"], at_spec={"sensitivity": 0.5})}
     assert "| **UCSD COVID-CT** | UCSD COVID-CT | 4 (2) |" in _loso_block([row], {"hybrid": res})
+
+
+def test_medseg_pictures_and_picture_pixel_areas(shared_data):
+    from PIL import Image
+
+    from hybrid_ct.datasets import SourceSet
+    from hybrid_ct.picture_eval import medseg_pictures, picture_pixel_mm2
+    from hybrid_ct.training import SliceSet
+
+    items = medseg_pictures(shared_data, {"medseg_slice_0"})
+    assert len(items) == 1
+    name, img, inf, lung = items[0]
+    assert name == "seg2d_medseg/images/0.jpg" and inf.any() and (lung >= inf).all()
+    assert inf.shape == lung.shape == sitk.GetArrayViewFromImage(img).shape[1:]
+    files = ["seg2d_medseg/images/0.jpg", "lung3d_imlab/none.nii.gz"]
+    z = np.zeros((1, 8, 8), np.uint8)
+    one = SourceSet("medseg", SliceSet(z, z, z, np.ones(1, np.int8), ["g"]), files=files[:1])
+    with Image.open(shared_data / files[0]) as im:
+        assert picture_pixel_mm2(shared_data, one, 128)[0] == pytest.approx((max(im.size) / 128) ** 2)
+    other = SourceSet("imlab", SliceSet(z, z, z, np.ones(1, np.int8), ["g"]), files=files[1:])
+    assert picture_pixel_mm2(shared_data, other, 128) is None
