@@ -217,7 +217,8 @@ def test_train_quick_then_evaluate(shared_data, tmp_path):
     assert set(numbers) == {"hybrid", "twin"} and 0 < numbers["hybrid"]["energy"]["ratio"] < 1
     text = out.read_text()
     for needle in ("## Segmentation", "## Classification", "E_hybrid / E_conv", "hybrid Dice", "twin Dice",
-                   "seed 002", "Inf-Net", "0.682", "0.439", "evaluate --model"):
+                   "seed 002", "Inf-Net", "0.682", "0.439", "evaluate --model",
+                   "## Classification per source", "| agreeing |", "## Orientation", "| twin | 270 deg |"):
         assert needle in text, needle
     assert (out.parent / "img" / "roc.png").is_file() and (out.parent / "img" / "training_curves.png").is_file()
     assert "hybrid-ct:metrics:start" in card.read_text()

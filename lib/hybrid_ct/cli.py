@@ -3,6 +3,7 @@
     hybrid-ct predict scan.nii.gz dicom_dir/ slice.png --out results/            # the shipped model
     hybrid-ct train --recipe shipped --out lib/hybrid_ct/models/pretrained.pt --twin-out runs/twin.pt
     hybrid-ct evaluate --twin runs/twin.pt --out docs/results.md
+    hybrid-ct evaluate --twin runs/twin.pt --loso runs/loso_*.pt     # + leave-one-source-out (scripts/loso.sh)
     hybrid-ct phantoms --out phantoms/ -n 20
     hybrid-ct download covid19-ct-seg --dest data/
 
@@ -27,7 +28,7 @@ from pathlib import Path
 
 from .errors import InputError, ModelNotReadyError
 from .model_files import PACKAGED_MODEL
-from .recipes import recipe_names
+from .recipes import HOLD_OUT_SOURCES, recipe_names
 
 TWIN_OUT = Path("runs") / "twin.pt"
 RESULTS_OUT = Path("docs") / "results.md"
@@ -95,13 +96,16 @@ def cmd_train(args) -> int:
 
     recipe = resolve_recipe(args.recipe, epochs=args.epochs, max_iters=args.max_iters, batch_size=args.batch_size,
                             seed=args.seed, phantoms=args.phantoms, limit=args.limit, sources=args.sources,
-                            no_weak_lung=args.no_weak_lung, extra=args.extra)
+                            no_weak_lung=args.no_weak_lung, extra=args.extra, hold_out=args.hold_out_source)
+    if args.twin_only and args.model_card:
+        raise InputError("--model-card describes the shipped hybrid model: not with --twin-only")
     out = Path(args.out)
     results, meta, total = train_recipe(recipe, args.data, out, args.twin_out, device=_device(args.device),
-                                        no_twin=args.no_twin, progress=not args.quiet, command=_command(args))
-    print(f"trained in {total / 60:.1f} min: hybrid {results['hybrid']['s_per_iter']:.2f} s/iteration"
-          + (f", twin {results['twin']['s_per_iter']:.2f} s/iteration" if "twin" in results else "")
-          + f"; model {out}")
+                                        no_twin=args.no_twin, progress=not args.quiet, command=_command(args),
+                                        twin_only=args.twin_only)
+    speeds = ", ".join(f"{k} {r['s_per_iter']:.2f} s/iteration" for k, r in results.items())
+    held = f", {args.hold_out_source} held out" if args.hold_out_source else ""
+    print(f"trained in {total / 60:.1f} min: {speeds}{held}; model {out}")
     if args.model_card:
         update_model_card(args.model_card, "training", training_card(results, meta, total, out))
     return 0
@@ -116,8 +120,14 @@ def cmd_evaluate(args) -> int:
     img_dir = Path(args.img_dir) if args.img_dir else out.parent / "img"
     results, recipe, _, weak = evaluate_checkpoints(
         _model_arg(args.model), args.twin, data=args.data, limit=args.limit, skip_scan_check=args.skip_scan_check,
-        min_lesion_mm2=args.min_lesion_mm2, img_dir=img_dir, progress=not args.quiet)
-    write_results(results, recipe, weak, out, img_dir, _command(args), args.min_lesion_mm2)
+        min_lesion_mm2=args.min_lesion_mm2, img_dir=img_dir, progress=not args.quiet,
+        orientation=not args.skip_orientation)
+    loso = None
+    if args.loso:
+        from .picture_eval import loso_results
+
+        loso = loso_results(args.loso, data=args.data, progress=not args.quiet)
+    write_results(results, recipe, weak, out, img_dir, _command(args), args.min_lesion_mm2, loso=loso)
     extra = scan_extras(results, out, img_dir)
     if extra:
         out.write_text(out.read_text(encoding="utf-8").rstrip() + "\n\n" + extra, encoding="utf-8")
@@ -220,6 +230,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "inside the package, hybrid_ct/models/pretrained.pt)")
     tr.add_argument("--twin-out", default=str(TWIN_OUT), help="CNN twin checkpoint (default: runs/twin.pt)")
     tr.add_argument("--no-twin", action="store_true", help="train the hybrid network only")
+    tr.add_argument("--twin-only", action="store_true", help="train the CNN twin only, into --out (quick "
+                    "experiments, e.g. scripts/loso.sh)")
+    tr.add_argument("--hold-out-source", choices=HOLD_OUT_SOURCES, default=None,
+                    help="leave this collection out of training: all its slices become validation "
+                         "(leave-one-source-out; see hybrid-ct evaluate --loso)")
     tr.add_argument("--data", default=None, help="real data folder (default: $HYBRID_CT_DATA or ../shared/data)")
     tr.add_argument("--extra", action="append", help="prepared download folder to add (repeatable)")
     tr.add_argument("--sources", default=None, help="comma list of real sources (medseg,cls2d,imlab,majun)")
@@ -242,7 +257,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", default=None)
     ev.add_argument("--limit", type=int, help="override the recipe's slices per source (0: all)")
     ev.add_argument("--skip-scan-check", action="store_true")
-    ev.add_argument("--min-lesion-mm2", type=float, default=50.0, help="per-slice infection call threshold")
+    ev.add_argument("--min-lesion-mm2", type=float, default=50.0, help="per-slice infection call threshold (the "
+                    "scan-level check and the slice call agreeing with the infection head, diagnosis.slice_call)")
+    ev.add_argument("--skip-orientation", action="store_true",
+                    help="skip the MedSeg validation pictures turned by 0/90/180/270 degrees")
+    ev.add_argument("--loso", nargs="+", metavar="CHECKPOINT", default=None,
+                    help="leave-one-source-out checkpoints (hybrid-ct train --hold-out-source, scripts/loso.sh): "
+                         "each scored on the collection it never saw, as a table in the results")
     ev.add_argument("--model-card", default=None, help="model card to fill (e.g. docs/model_card.md)")
     ev.add_argument("--json", default=None, help="also write the numbers as JSON (python -m hybrid_ct.seeds reads it)")
     ev.set_defaults(func=cmd_evaluate)

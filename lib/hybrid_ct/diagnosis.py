@@ -120,3 +120,30 @@ def fit_calibration(scores, truths, negatives_ml, checkpoint=None, names=()) -> 
                        noise_floor_ml=max(floor, DEFAULT_FLOOR_ML),
                        checkpoint_sha256=sha256(checkpoint) if checkpoint else "",
                        fitted_on=list(names), calibrated=True)
+
+
+SLICE_MIN_MM2 = 50.0  # a slice whose outlined infection covers this many mm^2 is not called negative
+
+
+def slice_call(cls_prob, infection_mm2, min_mm2: float = SLICE_MIN_MM2, cls_call=None) -> tuple:
+    """Per-slice call that agrees with the infection head: a slice whose outlined infection (the label
+    map's infection, i.e. probability > 0.5 inside the predicted lung) covers at least ``min_mm2`` is
+    called positive whatever the classifier says; the others keep the classifier's call (``cls_call``,
+    the firing-rate class; default ``cls_prob >= 0.5``).
+
+    Returns ``(call, score)``: ``call`` 0/1 per slice and a score for ROC curves that keeps the
+    classifier's order within each group and ranks every slice with such infection above every slice
+    without it that the classifier calls negative: ``0.5 + 0.5 * p`` with infection, ``p`` without
+    (so ``score >= 0.5`` is the call when ``cls_call`` is ``p >= 0.5``).
+
+    Not wired into ``Predictor``: ``hybrid-ct evaluate`` scores it beside the classifier alone
+    ("Classification per source" in docs/results.md). On the 2026-12-01 shipped model it raised
+    sensitivity (Ma Jun, MosMed) but cost most of UCSD's specificity -- the infection head outlines
+    infection on most UCSD non-COVID pictures -- and lowered the pooled AUC: it did not help.
+    """
+    p = np.clip(np.asarray(cls_prob, float), 0.0, 1.0)
+    lesion = np.asarray(infection_mm2, float) >= float(min_mm2)
+    base = (p >= 0.5) if cls_call is None else np.asarray(cls_call).astype(bool)
+    call = (base | lesion).astype(int)
+    score = np.where(lesion, 0.5 + 0.5 * p, p)
+    return call, score

@@ -1,6 +1,8 @@
 """Evaluation behind ``hybrid-ct evaluate``: per-source validation metrics and energy (``evaluate_sets``),
 the COVID-CT-MD scan-level check (``scan_check``), both run for a model and its twin by
-``evaluate_checkpoints``; ``run_on_slices`` / ``energy_on_slices`` run the product's slice path.
+``evaluate_checkpoints``; ``run_on_slices`` / ``energy_on_slices`` run the product's slice path. The
+picture checks of issue 19 (orientation, leave-one-source-out, pixel areas for ``diagnosis.slice_call``)
+live in ``picture_eval``.
 """
 from __future__ import annotations
 
@@ -12,12 +14,15 @@ from pathlib import Path
 import numpy as np
 
 from .batch import display_slices
+from .diagnosis import SLICE_MIN_MM2
 from .errors import InputError
 from .recipes import load_recipe, load_recipe_data
 
 log = logging.getLogger("hybrid_ct")
 
 NORMAL_FP_FRACTION = 0.001  # a normal slice "has predicted infection" from 0.1 % of its pixels up
+PICTURE_SOURCES = ("cls2d", "medseg")  # 2D pictures, one file per slice (1 mm pixels)
+MIN_SPECIFICITY = 0.85  # the operating point reported beside the shipped one: best sensitivity at this specificity
 
 
 def _true_label(s, i: int) -> np.ndarray:
@@ -49,18 +54,30 @@ def energy_on_slices(model, s, n: int = 96):
     return meter.report()
 
 
-def evaluate_sets(model, val_sets: list, batch_size: int = 16, progress: bool = True) -> dict:
-    """Per-source segmentation and classification metrics + the energy of the whole validation run."""
+def evaluate_sets(model, val_sets: list, batch_size: int = 16, progress: bool = True, pixel_mm2: dict | None = None,
+                  min_lesion_mm2: float = SLICE_MIN_MM2, min_specificity: float = MIN_SPECIFICITY) -> dict:
+    """Per-source segmentation and classification metrics + the energy of the whole validation run.
+
+    Every classification entry also gets ``at_spec`` (the best sensitivity at specificity >=
+    ``min_specificity`` on its own ROC) and ``at_real_threshold`` (sensitivity / specificity at the
+    threshold that gives that specificity on all real slices pooled). With ``pixel_mm2`` (source name ->
+    mm^2 of one model pixel per slice, ``picture_eval.picture_pixel_mm2``) those sources are also scored
+    with ``diagnosis.slice_call`` (the call agreeing with the infection head, ``min_lesion_mm2``) into
+    ``res["cls_agree"]``."""
     from tqdm import tqdm
 
     from .datasets import collection
+    from .diagnosis import slice_call
     from .energy import EnergyMeter
     from .inference import Predictor, _mask_label
     from .metrics import SegmentationMeter, classification_metrics
     from .training import MISSING
 
-    res = {"seg": {}, "cls": {}, "n": {}}
+    res = {"seg": {}, "cls": {}, "cls_agree": {}, "n": {}}
+    scores = {"cls": {}, "cls_agree": {}}  # key -> (truth, score), for the operating points
     pooled_cls = {"real": ([], [], []), "all": ([], [], [])}
+    pooled_agree = {"real": ([], [], [])}
+    n_real_cls = 0
     seg_pools = {}
     t0 = time.perf_counter()
     n_slices = 0
@@ -100,28 +117,58 @@ def evaluate_sets(model, val_sets: list, batch_size: int = 16, progress: bool = 
             known = sl.cls >= 0
             if known.any():
                 y, sc, yp = sl.cls[known].astype(int), so.positive_prob[known], so.predicted[known]
-                res["cls"][s.name] = classification_metrics(y, sc, y_pred=yp)
+                areas = (pixel_mm2 or {}).get(s.name)
+                calls = {"cls": (sc, yp)}
+                if areas is not None:  # the slice call agreeing with the infection head
+                    inf_mm2 = (pred == 2).reshape(len(sl), -1).sum(1) * np.asarray(areas)
+                    a_call, a_score = slice_call(so.positive_prob, inf_mm2, min_lesion_mm2, cls_call=so.predicted)
+                    calls["cls_agree"] = (a_score[known], a_call[known])
                 colls = np.array([collection(g) for g in np.asarray(sl.group)[known]])
                 names = np.unique(colls)
+                subsets = {s.name: np.ones(len(y), bool)}
                 if len(names) > 1:  # per collection too (cls2d: UCSD, MosMed, Ma Jun)
-                    for c in names:
-                        k = colls == c
-                        res["cls"][f"{s.name}/{c}"] = classification_metrics(y[k], sc[k], y_pred=yp[k])
-                for pool in ("all",) + (("real",) if s.name != "phantoms" else ()):
-                    pooled_cls[pool][0].extend(y.tolist())
-                    pooled_cls[pool][1].extend(sc.tolist())
-                    pooled_cls[pool][2].extend(yp.tolist())
+                    subsets.update({f"{s.name}/{c}": colls == c for c in names})
+                for kind, (score, call) in calls.items():
+                    for key, k in subsets.items():
+                        res[kind][key] = classification_metrics(y[k], score[k], y_pred=call[k])
+                        scores[kind][key] = (y[k], score[k])
+                pools = [(pooled_cls, p) for p in ("all",) + (("real",) if s.name != "phantoms" else ())]
+                if s.name != "phantoms":
+                    n_real_cls += len(y)
+                    if "cls_agree" in calls:
+                        pools.append((pooled_agree, "real"))
+                for target, pool in pools:
+                    score, call = calls["cls_agree" if target is pooled_agree else "cls"]
+                    target[pool][0].extend(y.tolist())
+                    target[pool][1].extend(score.tolist())
+                    target[pool][2].extend(call.tolist())
     for name, m in seg_pools.items():
         res["seg"][name] = m.compute()[name.split("/")[0]]
-    for pool, (y, sc, yp) in pooled_cls.items():
-        if y:
-            res["cls"][pool] = classification_metrics(y, sc, y_pred=yp)
+    for kind, pooled in (("cls", pooled_cls), ("cls_agree", pooled_agree)):
+        for pool, (y, sc, yp) in pooled.items():
+            if y and (kind == "cls" or len(y) == n_real_cls):  # the agreeing call: only when it scored every real slice
+                res[kind][pool] = classification_metrics(y, sc, y_pred=yp)
+                scores[kind][pool] = (np.asarray(y), np.asarray(sc))
+    _operating_points(res, scores, min_specificity)
     rep = meter.report()
     res["energy"] = {"ratio": rep.ratio, "mean_firing_rate": rep.mean_firing_rate,
                      "e_hybrid_uj": rep.e_hybrid_pj * 1e-6, "e_conv_uj": rep.e_conv_pj * 1e-6,
                      "firing_rates": rep.firing_rates, "time_steps": rep.time_steps}
     res["seconds_per_slice"] = (time.perf_counter() - t0) / max(n_slices, 1)
     return res
+
+
+def _operating_points(res: dict, scores: dict, min_specificity: float) -> None:
+    """``at_spec`` and ``at_real_threshold`` into every classification entry (see ``evaluate_sets``)."""
+    from .metrics import rates_at_threshold, sensitivity_at_specificity
+
+    for kind, by_key in scores.items():
+        real = sensitivity_at_specificity(*by_key["real"], min_specificity) if "real" in by_key else None
+        for key, (y, sc) in by_key.items():
+            m = res[kind][key]
+            m["at_spec"] = sensitivity_at_specificity(y, sc, min_specificity)
+            if real is not None and not np.isnan(real["threshold"]):
+                m["at_real_threshold"] = rates_at_threshold(y, sc, real["threshold"])
 
 
 def scan_cases(root, meta: dict | None = None) -> dict:
@@ -223,13 +270,19 @@ def _load(path):
 
 
 def evaluate_checkpoints(model, twin=None, data=None, limit=None, skip_scan_check: bool = False,
-                         min_lesion_mm2: float = 50.0, img_dir=None, progress: bool = True) -> tuple:
+                         min_lesion_mm2: float = 50.0, img_dir=None, progress: bool = True,
+                         orientation: bool = True) -> tuple:
     """Validation metrics (+ the scan-level check, overlays into ``img_dir``) of checkpoint ``model`` and,
     when given, its CNN ``twin``, on the validation groups stored in the model (else its recipe's split).
-    ``limit`` overrides the recipe's slices per source (0: all). -> (results by "hybrid"/"twin", recipe,
-    data root, weak-lung-mask agreement by expert set (``datasets.weak_mask_agreement``, {} without data))."""
+    ``limit`` overrides the recipe's slices per source (0: all); ``min_lesion_mm2`` is the per-slice
+    infection call (scan-level check, ``diagnosis.slice_call``); ``orientation``: the MedSeg validation
+    pictures turned by 0/90/180/270 degrees (``picture_eval.orientation_check``). -> (results by
+    "hybrid"/"twin", recipe, data root, weak-lung-mask agreement by expert set
+    (``datasets.weak_mask_agreement``, {} without data))."""
     from .datasets import data_root, split_sets, val_groups_for, weak_mask_agreement
+    from .inference import Predictor
     from .model import count_parameters
+    from .picture_eval import medseg_pictures, orientation_check, picture_pixel_mm2
 
     if img_dir is not None:
         Path(img_dir).mkdir(parents=True, exist_ok=True)
@@ -243,7 +296,7 @@ def evaluate_checkpoints(model, twin=None, data=None, limit=None, skip_scan_chec
     root = data_root(data or None)
     if not (root / "MANIFEST.csv").is_file() and hmeta.get("data_root"):
         root = Path(hmeta["data_root"])
-    data_cache, results = {}, {}
+    data_cache, results, pictures = {}, {}, None
     for tag, (path, net, meta) in models.items():
         size = net.cfg.in_size
         if size not in data_cache:
@@ -252,7 +305,14 @@ def evaluate_checkpoints(model, twin=None, data=None, limit=None, skip_scan_chec
         vg = hmeta.get("val_groups") or sorted(val_groups_for(sets, recipe["data"]["val_fraction"], recipe["data"]["split_seed"]))
         _, val_sets = split_sets(sets, vg)
         log.info("evaluating %s on %d validation slices", tag, sum(len(v) for v in val_sets))
-        r = evaluate_sets(net, val_sets, progress=progress)
+        areas = {v.name: picture_pixel_mm2(root, v, size) for v in val_sets if v.name in PICTURE_SOURCES}
+        r = evaluate_sets(net, val_sets, progress=progress, pixel_mm2=areas, min_lesion_mm2=min_lesion_mm2)
+        r["min_lesion_mm2"] = min_lesion_mm2
+        if orientation and "medseg" in recipe["data"]["sources"]:
+            if pictures is None:
+                pictures = medseg_pictures(root, vg)
+            log.info("orientation check of %s on %d MedSeg pictures x 4 angles", tag, len(pictures))
+            r["orientation"] = orientation_check(Predictor(net, meta), pictures)
         r["path"] = str(path)
         r["meta"] = {k: meta.get(k) for k in ("version", "kind", "iterations", "s_per_iter", "train_seconds",
                                               "command", "git_commit", "finished", "split", "history", "device")}

@@ -72,3 +72,27 @@ def classification_metrics(y_true, score, threshold: float = 0.5, y_pred=None) -
         "auc": float(roc_auc_score(y_true, score)) if both else float("nan"),
         "roc": {"fpr": fpr.tolist(), "tpr": tpr.tolist(), "thresholds": thr.tolist()},
     }
+
+
+def sensitivity_at_specificity(y_true, score, min_specificity: float = 0.85) -> dict:
+    """The operating point read off the ROC: the highest sensitivity among the thresholds whose
+    specificity is at least ``min_specificity`` (a slice is positive when ``score >= threshold``).
+    -> {"sensitivity", "specificity", "threshold"} (NaN without both classes)."""
+    y = np.asarray(y_true).astype(int)
+    s = np.asarray(score, dtype=float)
+    nan = {"sensitivity": float("nan"), "specificity": float("nan"), "threshold": float("nan")}
+    if len(np.unique(y)) < 2:
+        return nan
+    fpr, tpr, thr = roc_curve(y, s)
+    ok = np.flatnonzero(1 - fpr >= min_specificity - 1e-12)
+    i = ok[np.argmax(tpr[ok])]  # roc_curve's first point (threshold inf) has fpr 0: ok is never empty
+    return {"sensitivity": float(tpr[i]), "specificity": float(1 - fpr[i]), "threshold": float(thr[i])}
+
+
+def rates_at_threshold(y_true, score, threshold: float) -> dict:
+    """Sensitivity and specificity of ``score >= threshold`` (NaN for a class that is absent)."""
+    y = np.asarray(y_true).astype(int)
+    p = np.asarray(score, dtype=float) >= threshold
+    pos, neg = y == 1, y == 0
+    return {"sensitivity": float(p[pos].mean()) if pos.any() else float("nan"),
+            "specificity": float((~p[neg]).mean()) if neg.any() else float("nan"), "threshold": float(threshold)}

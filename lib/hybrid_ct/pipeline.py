@@ -122,19 +122,22 @@ def convert_twin(twin_path: Path, cfg, conv: dict, train, val, tcfg):
 
 
 def train_recipe(recipe: dict, data, out, twin_out=None, device: str = "cpu", no_twin: bool = False,
-                 progress: bool = True, command: str = "hybrid-ct train") -> tuple:
+                 progress: bool = True, command: str = "hybrid-ct train", twin_only: bool = False) -> tuple:
     """Train ``recipe`` (see ``recipes.resolve_recipe``) on the real data in ``data`` (None: $HYBRID_CT_DATA or
     ../shared/data, see ``datasets.data_root``): the hybrid checkpoint to
     ``out``, the CNN twin to ``twin_out`` (default ``<out stem>_twin.pt``). With ``recipe["train"]["from_twin"]``
     the twin is trained first and the hybrid converted from it, then fine-tuned; otherwise the hybrid is
-    trained from scratch and then (unless ``no_twin``) the twin. -> (results by "hybrid"/"twin", meta,
-    seconds); ``command`` is recorded in the checkpoints."""
+    trained from scratch and then (unless ``no_twin``) the twin. ``twin_only``: the CNN twin alone, into
+    ``out`` (quick experiments such as leave-one-source-out, ``scripts/loso.sh``). -> (results by
+    "hybrid"/"twin", meta, seconds); ``command`` is recorded in the checkpoints."""
     from dataclasses import replace
 
     from .datasets import data_root
     from .model import NetConfig, cnn_twin
     from .training import TrainConfig
 
+    if twin_only and no_twin:
+        raise InputError("--twin-only and --no-twin exclude each other")
     if recipe["train"].get("from_twin") and no_twin:
         raise InputError(f"recipe {recipe['name']!r} starts the hybrid network from its CNN twin: drop --no-twin")
     root = data_root(data)
@@ -144,6 +147,12 @@ def train_recipe(recipe: dict, data, out, twin_out=None, device: str = "cpu", no
         raise InputError("no training slices: check --data and --sources")
     train_groups = set(train.group)
     assert not (train_groups & set(val.group)), "train / validation groups overlap"
+    hold_out = recipe["data"].get("hold_out")
+    if hold_out:
+        from .datasets import group_family
+
+        assert not any(group_family(g) == hold_out for g in train_groups), f"held-out {hold_out} groups in training"
+        log.info("held out of training: collection %s (all its slices are validation)", hold_out)
     data_s = time.perf_counter() - t0
     log.info("data: %d training slices (%d groups), %d validation slices (%d groups), %.0f s",
              len(train), len(train_groups), len(val), len(set(val.group)), data_s)
@@ -157,7 +166,7 @@ def train_recipe(recipe: dict, data, out, twin_out=None, device: str = "cpu", no
         "sources": {s.name: s.summary() for s in sets},
         "split": {"train": {s.name: len(s) for s in train_sets}, "val": {s.name: len(s) for s in val_sets},
                   "train_slices": len(train), "val_slices": len(val), "train_groups": len(train_groups),
-                  "val_groups": len(set(val.group)), "curve_val_slices": len(curve_val)},
+                  "val_groups": len(set(val.group)), "curve_val_slices": len(curve_val), "hold_out": hold_out},
         "command": command,
         "git_commit": _git_commit(), "device": tcfg.device, "host": f"{platform.machine()} {os.cpu_count()} cpu",
         "torch_threads": __import__("torch").get_num_threads(), "data_seconds": data_s,
@@ -166,7 +175,10 @@ def train_recipe(recipe: dict, data, out, twin_out=None, device: str = "cpu", no
     out = Path(out)
     twin_out = Path(twin_out) if twin_out else out.with_name(out.stem + "_twin.pt")
     conv = recipe["train"].get("from_twin")
-    if conv:  # twin first, then the spiking network converted from it and fine-tuned
+    if twin_only:
+        results["twin"] = train_one("cnn_twin", cnn_twin(cfg), train, curve_val, replace(tcfg), out, meta,
+                                    progress=progress)
+    elif conv:  # twin first, then the spiking network converted from it and fine-tuned
         results["twin"] = train_one("cnn_twin", cnn_twin(cfg), train, curve_val, replace(tcfg), twin_out, meta,
                                     progress=progress)
         model, meta["conversion"] = convert_twin(twin_out, cfg, conv, train, curve_val, tcfg)

@@ -4,6 +4,11 @@ A recipe is ``{"net": NetConfig fields, "train": TrainConfig fields (+ "from_twi
 sources, phantoms, split, oversampling}``. Keys starting with ``_`` are notes (``"_comment"``) and are
 dropped on loading. ``resolve_recipe`` applies the ``hybrid-ct train`` overrides; ``recipe_slices``
 loads and splits the recipe's data the way training and ``hybrid-ct evaluate`` see it.
+
+Leave-one-source-out: ``recipe["data"]["hold_out"]`` names a collection (``datasets.group_family``:
+``ucsd``, ``mosmed``, ``majun20``); every group of it, in every source, goes to validation and none to
+training, so the model is scored on a collection it has never seen (``hybrid-ct train --hold-out-source``,
+``scripts/loso.sh``, ``hybrid-ct evaluate --loso``).
 """
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ import numpy as np
 from .errors import InputError
 
 RECIPE_DIR = Path(__file__).resolve().parent / "recipes"
+HOLD_OUT_SOURCES = ("ucsd", "mosmed", "majun20")  # the cls2d collections (``datasets.group_family``)
 ENERGY_RATIO_TARGET = 0.2  # seed 002: the hybrid network costs >= 80 % less energy than its CNN
 
 
@@ -44,9 +50,10 @@ def load_recipe(name_or_path) -> dict:
 
 
 def resolve_recipe(name: str, epochs=None, max_iters=None, batch_size=None, seed=None, phantoms=None, limit=None,
-                   sources=None, no_weak_lung: bool = False, extra=()) -> dict:
+                   sources=None, no_weak_lung: bool = False, extra=(), hold_out=None) -> dict:
     """The recipe ``name`` with the ``hybrid-ct train`` overrides applied (None: keep the recipe's value;
-    ``limit`` 0: all slices; ``sources`` a comma list)."""
+    ``limit`` 0: all slices; ``sources`` a comma list; ``hold_out`` a collection left out of training,
+    see ``recipe_slices``)."""
     r = load_recipe(name)
     t, d = r["train"], r["data"]
     if epochs is not None:
@@ -66,6 +73,8 @@ def resolve_recipe(name: str, epochs=None, max_iters=None, batch_size=None, seed
     if no_weak_lung:
         d["weak_lung"] = False
     d["extra"] = [str(Path(e).resolve()) for e in (extra or [])]
+    if hold_out:
+        d["hold_out"] = hold_out
     r["name"] = name
     return r
 
@@ -89,13 +98,27 @@ def recipe_slices(recipe: dict, root, progress: bool = True):
 
     d, size = recipe["data"], recipe["net"]["in_size"]
     sets = load_recipe_data(recipe, root, size, progress=progress)
-    val_groups = sorted(val_groups_for(sets, d["val_fraction"], d["split_seed"]))
+    val_groups = val_groups_for(sets, d["val_fraction"], d["split_seed"])
+    if d.get("hold_out"):
+        val_groups |= held_out_groups(sets, d["hold_out"])
+    val_groups = sorted(val_groups)
     train_sets, val_sets = split_sets(sets, val_groups)
     train_sets = _capped(train_sets, d.get("max_per_group", {}), d["split_seed"])
     train = _oversampled(train_sets, d.get("oversample", {}), size)
     val = combine(val_sets, size)
     curve_val = _curve_subset(val, d.get("curve_val_slices"), recipe["train"].get("seed", 0))
     return sets, val_groups, train_sets, val_sets, train, val, curve_val
+
+
+def held_out_groups(sets: list, family: str) -> set:
+    """Every group of collection ``family`` (``datasets.group_family``) in ``sets``; InputError when there is none."""
+    from .datasets import group_family
+
+    groups = {g for s in sets for g in s.slices.group if group_family(g) == family}
+    if not groups:
+        found = sorted({group_family(g) for s in sets for g in s.slices.group})
+        raise InputError(f"no data of collection {family!r} to hold out: the loaded groups are of {', '.join(found)}")
+    return groups
 
 
 def _capped(sets: list, caps: dict, seed: int = 0) -> list:

@@ -148,6 +148,78 @@ def _cls_rows(results: dict) -> list:
     return [row for row in (_cls_row(f"**{k}**" if k == "real" else k, k, results) for k in keys) if row]
 
 
+SOURCE_LABELS = {"real": "**all real pictures**", "cls2d/ucsd": "UCSD COVID-CT", "cls2d/mosmed": "MosMed",
+                 "cls2d/majun20": "Ma Jun 20 cases", "medseg": "MedSeg", "cls2d": "cls2d (UCSD + MosMed + Ma Jun)"}
+COLLECTION_LABELS = {"ucsd": "UCSD COVID-CT", "mosmed": "MosMed", "majun20": "Ma Jun 20 cases"}
+_CALLS = (("cls", "classifier"), ("cls_agree", "agreeing"))
+
+
+def _pair(m: dict | None, a: str = "sensitivity", b: str = "specificity") -> str:
+    return f"{_fmt(m.get(a))} / {_fmt(m.get(b))}" if m else "n/a"
+
+
+def _sources_block(results: dict) -> str:
+    """Per source: AUC, the shipped call, sensitivity at specificity >= MIN_SPECIFICITY, the pooled operating
+    point; classifier only vs the call agreeing with the infection head (``diagnosis.slice_call``)."""
+    from .evaluation import MIN_SPECIFICITY
+
+    rows, verdict = [], []
+    for key, label in SOURCE_LABELS.items():
+        for t, r in results.items():
+            for kind, call in _CALLS:
+                m = r.get(kind, {}).get(key)
+                if not m:
+                    continue
+                rows.append(_row([label, f"{m['n']} ({m['positives']})", t, call, _fmt(m["auc"]), _fmt(m["sensitivity"]),
+                                  _fmt(m["specificity"]), _fmt(m.get("at_spec", {}).get("sensitivity")),
+                                  _pair(m.get("at_real_threshold"))]))
+    if not rows:
+        return ""
+    for t, r in results.items():
+        c, a = r.get("cls", {}).get("real"), r.get("cls_agree", {}).get("real")
+        if c and a:
+            ch = ", ".join(f"{name} {_fmt(c[k])} -> {_fmt(a[k])}" for k, name in
+                           (("auc", "AUC"), ("sensitivity", "sensitivity"), ("specificity", "specificity")))
+            verdict.append(f"- {t}, all real pictures, classifier only -> agreeing: {ch}.")
+    mm2 = next((r.get("min_lesion_mm2") for r in results.values() if r.get("min_lesion_mm2") is not None), 50.0)
+    return _render("results_sources", min_spec=MIN_SPECIFICITY, min_mm2=mm2, rows="\n".join(rows),
+                   verdict="\n".join(verdict))
+
+
+def _orientation_block(results: dict) -> str:
+    rows, gaps, n = [], [], 0
+    for t, r in results.items():
+        o = r.get("orientation")
+        if not o:
+            continue
+        n = o["pictures"]
+        for angle, v in o["angles"].items():
+            rows.append(_row([t, f"{angle} deg", f"{_fmt(v['infection_dice'])} ({v['infection_n']})",
+                              f"{_fmt(v['lung_dice'])} ({v['lung_n']})", v["refused"], f"{v['called_positive']} / {n}"]))
+        gaps.append(f"{t}: infection {_fmt(o['max_gap_infection_dice'])}, lung (weak) {_fmt(o['max_gap_lung_dice'])}")
+    if not rows:
+        return ""
+    return _render("results_orientation", n=n, rows="\n".join(rows), gaps="; ".join(gaps))
+
+
+def _loso_block(loso: list | None, results: dict) -> str:
+    from .evaluation import MIN_SPECIFICITY
+
+    if not loso:
+        return ""
+    rows = []
+    order = {c: i for i, c in enumerate(COLLECTION_LABELS)}
+    for x in sorted(loso, key=lambda x: (order.get(x["collection"], 99), x["hold_out"] is None, x["path"])):
+        m, c = x["metrics"], x["collection"]
+        here = "; ".join(f"{t} {_fmt(r['cls'][f'cls2d/{c}']['auc'])} / {_pair(r['cls'][f'cls2d/{c}'])}"
+                         for t, r in results.items() if f"cls2d/{c}" in r.get("cls", {}))
+        rows.append(_row([f"**{COLLECTION_LABELS.get(x['hold_out'], x['hold_out'])}**" if x["hold_out"] else "none",
+                          COLLECTION_LABELS.get(c, c), f"{m['n']} ({m['positives']})", f"`{_rel(x['path'])}`",
+                          x.get("iterations"), _fmt(m["auc"]), _fmt(m["sensitivity"]), _fmt(m["specificity"]),
+                          _fmt(m["at_spec"]["sensitivity"]), here or "n/a"]))
+    return _render("results_loso", min_spec=MIN_SPECIFICITY, rows="\n".join(rows))
+
+
 def _scan_block(results: dict, min_lesion_mm2: float, rel) -> str:
     if not any(r.get("scan") for r in results.values()):
         return "Not run (COVID-CT-MD series not found, or `--skip-scan-check`)."
@@ -172,7 +244,7 @@ def _scan_block(results: dict, min_lesion_mm2: float, rel) -> str:
 
 
 def render_results(results: dict, recipe: dict, figures: dict, weak: dict, out: Path, command: str,
-                   min_lesion_mm2: float = 50.0) -> str:
+                   min_lesion_mm2: float = 50.0, loso: list | None = None) -> str:
     """The text of results.md (``out`` locates the figures' relative links; ``command`` is quoted)."""
     tags = list(results)
     h = results["hybrid"]
@@ -213,6 +285,7 @@ def render_results(results: dict, recipe: dict, figures: dict, weak: dict, out: 
         cls_header=" | ".join(f"{t} acc. | {t} sens. | {t} spec. | {t} F1 | {t} AUC" for t in tags),
         cls_rule="|" + "---|" * (2 + 5 * len(tags)), cls_rows="\n".join(_cls_rows(results)),
         roc=f"![ROC]({rel(figures['roc'])})" if "roc" in figures else "",
+        sources=_sources_block(results), loso=_loso_block(loso, results), orientation=_orientation_block(results),
         energy=e, firing_pct=100 * e["mean_firing_rate"],
         cross_check=(f"Cross-check: the trained CNN twin costs {te['e_hybrid_uj']:.2f} uJ per slice "
                      f"(its own ratio {te['ratio']:.2f}, by definition 1).") if te else "",
@@ -228,11 +301,11 @@ def render_results(results: dict, recipe: dict, figures: dict, weak: dict, out: 
 
 
 def write_results(results: dict, recipe: dict, weak: dict, out, img_dir, command: str,
-                  min_lesion_mm2: float = 50.0) -> Path:
-    """Figures into ``img_dir`` and results.md to ``out``; -> ``out``."""
+                  min_lesion_mm2: float = 50.0, loso: list | None = None) -> Path:
+    """Figures into ``img_dir`` and results.md to ``out`` (``loso``: ``picture_eval.loso_results`` rows); -> ``out``."""
     out = Path(out)
     figures = results_figures(results, img_dir)
-    text = render_results(results, recipe, figures, weak, out, command, min_lesion_mm2)
+    text = render_results(results, recipe, figures, weak, out, command, min_lesion_mm2, loso)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text, encoding="utf-8")
     return out
