@@ -148,7 +148,7 @@ class Predictor:
 
     def __init__(self, model: HybridMultiTaskNet, meta: dict | None = None, device: str = "cpu",
                  batch_size: int = 8, require_chest: bool = True, progress: bool = False,
-                 calibration: Calibration | None = None, crop: bool = True):
+                 calibration: Calibration | None = None, crop: bool = True, amp: bool = False):
         self.model = fold_batchnorm(model.to(device).eval())  # same output, one pass less per layer
         self.meta = dict(meta or {})
         self.device = device
@@ -157,6 +157,9 @@ class Predictor:
         self.progress = progress
         self.calibration = calibration or Calibration()
         self.crop = crop  # False: the network on every slice (the reference path of the tests)
+        # fp16 autocast on CUDA only (on this CPU bf16/fp16 is ~150x slower, STACK.md); off by default
+        # until its labels are measured against fp32 on a GPU (tests/test_gpu.py does that where one exists)
+        self.amp = bool(amp) and str(device).startswith("cuda")
 
     @classmethod
     def from_checkpoint(cls, path, device: str = "cpu", **kw) -> "Predictor":
@@ -175,8 +178,10 @@ class Predictor:
         heads = self.model.cfg.heads
         steps = range(0, len(x), self.batch_size)
         for i in tqdm(steps, desc="slices", unit="batch", disable=not self.progress):
-            xb = torch.from_numpy(x[i:i + self.batch_size]).to(self.device)
-            o = self.model(xb)
+            xb = torch.from_numpy(x[i:i + self.batch_size]).to(self.device, non_blocking=True)
+            with torch.autocast("cuda", dtype=torch.float16, enabled=self.amp):
+                o = self.model(xb)
+            o = {k: v.float() if torch.is_tensor(v) else v for k, v in o.items()}
             for h in ("lung", "infection"):
                 p = torch.sigmoid(o[h]) if h in heads else torch.zeros_like(xb)
                 outs[h].append(p.cpu().numpy())

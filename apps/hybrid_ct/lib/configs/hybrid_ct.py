@@ -9,6 +9,7 @@ Conf keys (``--conf key value``; all optional):
 | ``net`` | ``{}`` | JSON ``NetConfig`` overrides for a network trained from scratch (no served model yet) |
 | ``device`` | ``auto`` | inference device (``cuda`` when available) |
 | ``infer_batch_size`` | ``8`` | slices per forward pass at inference |
+| ``infer_amp`` | ``false`` | fp16 autocast for inference on CUDA (ignored on the CPU) |
 | ``train`` | ``{}`` | JSON defaults for train requests (e.g. ``{"max_epochs": 20}``) |
 | ``scoring_max_slices`` | ``16`` | slices per image used for the uncertainty score |
 """
@@ -70,7 +71,8 @@ class HybridCT(TaskConfig):
         self.store = ModelStore(model_dir, shipped=shipped_model(model_dir, conf.get("shipped_model")))
         self.path = str(self.store.shipped)
         self.server = ModelServer(self.store, device=conf.get("device"),
-                                  batch_size=int(conf.get("infer_batch_size", 8)))
+                                  batch_size=int(conf.get("infer_batch_size", 8)),
+                                  amp=str(conf.get("infer_amp", "false")).lower() in ("1", "true", "yes"))
         self.net_config = _json_conf(conf, "net")
         self.train_defaults = _json_conf(conf, "train")
         os.makedirs(model_dir, exist_ok=True)
