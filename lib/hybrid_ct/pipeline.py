@@ -133,7 +133,7 @@ def train_recipe(recipe: dict, data, out, twin_out=None, device: str = "cpu", no
 
     from .datasets import data_root
     from .model import NetConfig, cnn_twin
-    from .training import TrainConfig
+    from .training import TrainConfig, replay_path, save_replay
 
     if recipe["train"].get("from_twin") and no_twin:
         raise InputError(f"recipe {recipe['name']!r} starts the hybrid network from its CNN twin: drop --no-twin")
@@ -164,6 +164,8 @@ def train_recipe(recipe: dict, data, out, twin_out=None, device: str = "cpu", no
     }
     results = {}
     out = Path(out)
+    # the app's retraining replays a sample of this training data (trainers/hybrid_ct.py, issue 16)
+    meta["replay_slices"] = save_replay(train, replay_path(out), seed=tcfg.seed)
     twin_out = Path(twin_out) if twin_out else out.with_name(out.stem + "_twin.pt")
     conv = recipe["train"].get("from_twin")
     if conv:  # twin first, then the spiking network converted from it and fine-tuned
