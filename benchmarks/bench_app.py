@@ -70,6 +70,21 @@ def build_model(path: Path, iters: int, net_overrides: dict) -> str:
     return f"production NetConfig({net_overrides or ''}) trained {iters} iterations here (latency only)"
 
 
+def replay_file(path: Path, model_path: Path, n: int) -> Path:
+    """A replay sample (``training.save_replay``) of ``n`` 48-slice phantoms at the model's slice size."""
+    from hybrid_ct.checkpoint import load_checkpoint
+    from hybrid_ct.phantom import make_phantom
+    from hybrid_ct.training import SliceSet, save_replay, slices_from_volume
+
+    size = load_checkpoint(model_path, "cpu")[0].cfg.in_size
+    data = SliceSet.empty(size)
+    for i in range(n):
+        img, lab, _ = make_phantom(900 + i, shape=(48, 192, 192))
+        data = data.extend(slices_from_volume(img, lab, f"replay{i}", size=size))
+    save_replay(data, path)
+    return path
+
+
 def studies_writer(shape, n_train: int, train_shape):
     def write(studies: Path):
         import SimpleITK as sitk
@@ -106,6 +121,9 @@ def main():
                     help="JSON train params of the retraining started by the label submission")
     ap.add_argument("--train-shape", type=int, nargs=3, default=(48, 192, 192))
     ap.add_argument("--train-images", type=int, default=4)
+    ap.add_argument("--replay-phantoms", type=int, default=0, metavar="N",
+                    help="give the retrain a replay file (conf replay) of N phantom volumes' slices, a stand-in "
+                         "for the original training data's <model>.replay.npz (issue 16)")
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--quick", action="store_true", help="smoke run: 16x128x128 volume, tiny network")
@@ -125,6 +143,8 @@ def main():
         weights = build_model(model_path, args.init_iters, net)
 
     conf = {"auto_train_after": "1", "auto_train_params": args.train, "auto_scoring": "false"}
+    if args.replay_phantoms:
+        conf["replay"] = str(replay_file(workdir / "replay.npz", model_path, args.replay_phantoms))
     t0 = time.perf_counter()
     live = sf.start_server(workdir / "server", conf=conf, model=model_path, startup_timeout_s=600,
                            studies_writer=studies_writer(tuple(args.shape), args.train_images, tuple(args.train_shape)))
@@ -180,6 +200,7 @@ def main():
             "submit_to_published_s": round(t_published - t_submit, 1),
             "submit_to_serving_s": round(t_serving - t_submit, 1),
             "training_total_time": stats.get("total_time"),
+            "replay": stats.get("replay"), "time_budget": stats.get("time_budget"), "epochs": stats.get("epoch"),
         }
         print(f"label submit -> new model {current} serving: {t_serving - t_submit:.1f} s", flush=True)
     finally:

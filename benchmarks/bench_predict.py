@@ -57,6 +57,7 @@ ROWS = [
     ("pre:SitkToTensord", "to tensor", 1),
     ("pre:OrientToCanonicald", "reorient (LPS)", 1),
     ("pre:BodyMaskd", "body mask (`io.body_mask`)", 1),
+    ("pre:LungSlabd", "lung slab (`crop.lung_slab`)", 1),
     ("pre:LungWindowd", "lung window", 1),
     ("pre:ToSliceGridd", "slice grid (pad + resample to the model size)", 1),
     ("network", "network (`run_slices` in `EnergyMeter`)", 0),
@@ -118,7 +119,10 @@ def staged_predict(predictor, path: str, out_path: str, device: str) -> tuple[di
 
     def network():
         with EnergyMeter(predictor.model) as meter:
-            so = predictor.run_slices(data["image"].as_tensor().numpy(), meter)
+            if hasattr(predictor, "run_volume"):  # the lung slab (issue 16); a --baseline commit may predate it
+                so = predictor.run_volume(data, meter)
+            else:
+                so = predictor.run_slices(data["image"].as_tensor().numpy(), meter)
         return so, meter
 
     so, meter = clock("network", network)
@@ -135,6 +139,7 @@ def staged_predict(predictor, path: str, out_path: str, device: str) -> tuple[di
     clock("report", predictor._report, label, label_arr, so, meter, time.perf_counter() - t_start)
     clock("write", io.write_image, label, out_path)
     t["total"] = sum(t[k] for k in STAGES)
+    t["slices_run"] = int(so.ran.sum()) if getattr(so, "ran", None) is not None else len(so.positive_prob)
     return t, label_arr
 
 
@@ -149,13 +154,16 @@ def worker(args) -> None:
     from hybrid_ct.model_files import default_model_path
     from hybrid_ct.phantom import make_phantom
 
+    import hybrid_ct
+
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     model_path = default_model_path()
     predictor = Predictor.from_checkpoint(model_path, device=args.device)
     load_s = time.perf_counter() - t0
     result = {"threads": torch.get_num_threads(), "device": args.device, "model": str(model_path),
-              "model_version": predictor.version, "load_s": load_s, "inputs": {}}
+              "model_version": predictor.version, "load_s": load_s, "inputs": {}, "code": args.code,
+              "library": str(Path(hybrid_ct.__file__).parent), "load_before": os.getloadavg()}
     with tempfile.TemporaryDirectory(prefix="bench_predict_") as tmp:
         inputs = []
         if not args.quick and P001.is_dir():
@@ -187,9 +195,17 @@ def worker(args) -> None:
                 raise AssertionError(f"{name}: the staged label differs from Predictor.predict's "
                                      f"({int((ref != label_arr).sum())} voxels)")
             result["inputs"][name] = {"size": list(image.GetSize()), "runs": runs, "predict_s": predict_s,
-                                      "label_equal": same, "slices_to_network": int(image.GetSize()[2])}
+                                      "label_equal": same, "slices_to_network": runs[-1]["slices_run"],
+                                      "label_sha": _digest(label_arr)}
         bar.close()
+    result["load_after"] = os.getloadavg()
     print("@@RESULT@@" + json.dumps(result), flush=True)
+
+
+def _digest(arr) -> str:
+    import hashlib
+
+    return hashlib.sha256(arr.tobytes()).hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------------------------- driver
@@ -203,11 +219,23 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def run_config(threads: int, device: str, args) -> dict:
+def baseline_lib(ref: str, tmp: str) -> str:
+    """The library (``lib/``) of commit ``ref``, extracted to ``tmp``: the "before" of a comparison."""
+    out = Path(tmp) / "baseline"
+    out.mkdir()
+    arc = subprocess.run(["git", "-C", str(REPO), "archive", ref, "lib"], stdout=subprocess.PIPE, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(out)], input=arc, check=True)
+    return str(out / "lib")
+
+
+def run_config(threads: int, device: str, args, lib: str | None = None, code: str = "this tree") -> dict:
     cmd = [sys.executable, __file__, "--worker", "--threads", str(threads), "--device", device,
-           "--repeats", str(args.repeats)] + (["--quick"] if args.quick else []) + \
+           "--repeats", str(args.repeats), "--code", code] + (["--quick"] if args.quick else []) + \
           (["--no-progress"] if args.no_progress else [])
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    lib = lib or str(REPO / "lib")  # this tree's library first, whatever the venv's editable install points at
+    env["PYTHONPATH"] = os.pathsep.join([lib] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep)
+                                                 if p and not p.rstrip("/").endswith("/lib")])
     p = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)  # stderr (tqdm) passes through
     if p.returncode != 0:
         sys.stdout.write(p.stdout)
@@ -228,7 +256,8 @@ def render(results: list, args, gpu_line: str, command: str) -> str:
     for r in results:
         for name, d in r["inputs"].items():
             dev = "" if r["device"] == "cpu" else f", {r['device']}"
-            cols.append((f"{name}, {r['threads']} thr{dev}", d["runs"], d["predict_s"]))
+            code = f", {r['code']}" if args.baseline else ""
+            cols.append((f"{name}, {r['threads']} thr{dev}{code}", d["runs"], d["predict_s"]))
     now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     r0 = results[0]
     lines = [
@@ -250,18 +279,23 @@ def render(results: list, args, gpu_line: str, command: str) -> str:
         "| stage (seconds) | " + " | ".join(h for h, _, _ in cols) + " |",
         "|---|" + "---:|" * len(cols),
     ]
-    for key, label, level in ROWS + [("total", "**total**", 0)]:
+    for key, label, level in ROWS + [("total", "**total**", 0), ("slices_run", "slices the network ran on", 0)]:
         name = ("&nbsp;&nbsp;&nbsp;↳ " + label) if level else label
         cells = []
         for _, runs, _ in cols:
             vals = [r.get(key, 0.0) for r in runs]
-            cell = _cell(vals)
+            cell = str(int(vals[-1])) if key == "slices_run" else _cell(vals)
             cells.append(f"**{cell}**" if key == "total" else cell)
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines.append("| `Predictor.predict` alone (1 run, no read) | " +
                  " | ".join(f"{p:.2f}" for _, _, p in cols) + " |")
+    lines.append("| load average (1 min) at the worker's start → end | " + " | ".join(
+        f"{r['load_before'][0]:.1f} → {r['load_after'][0]:.1f}" for r in results for _ in r["inputs"]) + " |")
     lines.append("")
     lines.append(summary_line(cols))
+    if args.baseline:
+        lines.append("")
+        lines.append(compare_line(results))
     noisy = [h for h, runs, _ in cols if len(runs) > 1 and
              max(r["total"] for r in runs) > 1.5 * min(r["total"] for r in runs)]
     if noisy:
@@ -287,6 +321,28 @@ def summary_line(cols) -> str:
         line += " Against the issue's target of ≤ 10 s on 2 cores: " + "; ".join(
             f"{h.split(',')[0]} {t:.1f} s, {t - TARGET_S:+.1f} s ({t / TARGET_S:.1f}× the target)" for h, t in two) + "."
     return line
+
+
+def compare_line(results: list) -> str:
+    """Before / after ratios of the median totals and network times, and whether the labels are equal."""
+    base = {(r["threads"], r["device"], n): d for r in results if r["code"] != "this tree" for n, d in r["inputs"].items()}
+    parts = []
+    for r in results:
+        if r["code"] != "this tree":
+            continue
+        for n, d in r["inputs"].items():
+            b = base.get((r["threads"], r["device"], n))
+            if b is None:
+                continue
+            med = {k: (statistics.median(x[k] for x in b["runs"]), statistics.median(x[k] for x in d["runs"]))
+                   for k in ("total", "network", "post", "report")}
+            same = "labels equal" if b["label_sha"] == d["label_sha"] else "**labels differ**"
+            parts.append(f"{n}, {r['threads']} thr: total {med['total'][0]:.1f} → {med['total'][1]:.1f} s "
+                         f"(×{med['total'][0] / med['total'][1]:.2f}), network {med['network'][0]:.1f} → "
+                         f"{med['network'][1]:.1f} s, post {med['post'][0]:.2f} → {med['post'][1]:.2f} s, report "
+                         f"{med['report'][0]:.2f} → {med['report'][1]:.2f} s, {b['slices_to_network']} → "
+                         f"{d['slices_to_network']} slices, {same}")
+    return "Before → after (median of each column, speed-up in brackets): " + "; ".join(parts) + "."
 
 
 def _torch_version() -> str:
@@ -316,6 +372,9 @@ def main(argv=None) -> None:
     ap.add_argument("--out", type=Path, help="Markdown file whose bench_predict section is replaced (or appended)")
     ap.add_argument("--json", type=Path, help="also write the raw per-run times as JSON")
     ap.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    ap.add_argument("--baseline", help="also time the library of this git commit (the 'before'), one worker "
+                    "before each of this tree's, and compare")
+    ap.add_argument("--code", default="this tree", help=argparse.SUPPRESS)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -337,9 +396,17 @@ def main(argv=None) -> None:
     print(gpu_line, flush=True)
     if not args.quick and not P001.is_dir():
         print(f"note: {P001} not found; phantom only", flush=True)
-    results = [run_config(n, "cpu", args) for n in threads]
-    if torch.cuda.is_available():
-        results.append(run_config(max(threads), "cuda", args))
+    results = []
+    with tempfile.TemporaryDirectory(prefix="bench_predict_base_") as tmp:
+        base = baseline_lib(args.baseline, tmp) if args.baseline else None
+        for n in threads:
+            if base:
+                results.append(run_config(n, "cpu", args, base, code=f"before ({args.baseline})"))
+            results.append(run_config(n, "cpu", args))
+        if torch.cuda.is_available():
+            if base:
+                results.append(run_config(max(threads), "cuda", args, base, code=f"before ({args.baseline})"))
+            results.append(run_config(max(threads), "cuda", args))
     command = "PYTHONUTF8=1 python benchmarks/bench_predict.py " + " ".join(
         a for a in (argv if argv is not None else sys.argv[1:]))
     section = render(results, args, gpu_line, command.strip())

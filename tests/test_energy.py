@@ -77,6 +77,27 @@ def test_meter_accumulates_over_calls_per_input(nets):
     hybrid.train()
 
 
+def test_spike_inputs_checked_once_per_layer_count_the_same(nets):
+    """The meter decides whether a layer reads spikes on its first input (issue 16: the check was most of
+    its cost); re-checking on every call, as before, gives the same report."""
+    hybrid, _ = nets
+    hybrid.train()  # a fresh network fires in train mode only (STACK.md)
+    x = torch.rand(4, 1, 32, 32)
+    with torch.no_grad(), EnergyMeter(hybrid) as once:
+        torch.manual_seed(0)
+        hybrid(x[:2])
+        hybrid(x[2:])
+    with torch.no_grad(), EnergyMeter(hybrid) as every:
+        torch.manual_seed(0)
+        hybrid(x[:2])
+        every._spike_input.clear()
+        hybrid(x[2:])
+    a, b = once.report(), every.report()
+    assert a.e_hybrid_pj == pytest.approx(b.e_hybrid_pj, rel=1e-12) and a.ratio == pytest.approx(b.ratio, rel=1e-12)
+    assert any(la.kind == "ac" and la.input_rate > 0 for la in a.layers)
+    assert [la.kind for la in a.layers] == [la.kind for la in b.layers]
+
+
 def _weight_uses(module: nn.Module, spikes: torch.Tensor) -> int:
     """Synaptic operations of ``module`` on a spike input counted from first principles: every spike times
     C_out times the kernel taps that land inside the output (fewer at the borders, where padding is)."""

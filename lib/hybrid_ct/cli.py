@@ -42,10 +42,15 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
 
 
 def _device(name: str) -> str:
+    """``auto``: CUDA when there is a device, else the CPU. Asking for CUDA without one is an error
+    (silently running on the CPU would hide a broken GPU set-up)."""
     import torch
 
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if str(name).startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"--device {name}: no CUDA device is available to this torch "
+                         f"({torch.__version__}); use --device cpu or auto")
     return name
 
 
@@ -76,7 +81,8 @@ def cmd_predict(args) -> int:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     predictor = Predictor.from_checkpoint(_model_arg(args.model), device=_device(args.device),
-                                          batch_size=args.batch_size, require_chest=not args.no_chest_check)
+                                          batch_size=args.batch_size, require_chest=not args.no_chest_check,
+                                          amp=args.amp)
     rows = predict_batch(predictor, args.inputs, out_dir, args.intensity, args.overlays, progress=not args.quiet,
                          on_error=_error, formats=("nifti", args.format) + (("report",) if args.report else ()),
                          min_slices=args.min_slices)
@@ -221,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="DICOM series found in a folder with fewer slices are skipped (default 3; 1 runs "
                          "single-slice series too; a DICOM file given as input always runs)")
     pr.add_argument("--batch-size", type=int, default=8)
-    pr.add_argument("--device", default="auto")
+    pr.add_argument("--device", default="auto", help="auto (default: cuda when available) | cpu | cuda[:N]")
+    pr.add_argument("--amp", action="store_true", help="fp16 autocast on CUDA (ignored on the CPU)")
     pr.set_defaults(func=cmd_predict)
 
     tr = sub.add_parser("train", help="train the hybrid network and its CNN twin by a recipe")

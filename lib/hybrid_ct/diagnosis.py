@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from .crop import foreground_box
+
 LUNG_SLICE_FRACTION = 0.1  # a slice is a lung slice from 10 % of the largest lung cross-section
 MIN_LESION_ML = 0.5  # smaller 3D infection components are noise (a 1 cm lesion is 0.5 mL)
 DEFAULT_FLOOR_ML = 1.0  # used without a calibration file
@@ -85,6 +87,8 @@ def scan_features(label: np.ndarray, spacing_xyz, slice_prob: np.ndarray, lung_a
     lung_slices = lung_area >= LUNG_SLICE_FRACTION * lung_area.max() if lung_area.max() > 0 else \
         np.ones(len(lung_area), bool)
     probs = np.asarray(slice_prob, float)[lung_slices]
+    box = foreground_box(label > 0, margin=0)  # lesions lie inside the lung: label only its box (issue 16)
+    label = label[box] if box is not None else np.zeros((1, 1, 1), np.uint8)
     inf = label == 2
     comp, n = ndimage.label(inf)
     sizes = ndimage.sum_labels(inf, comp, index=np.arange(1, n + 1)) * vox_ml if n else np.zeros(0)

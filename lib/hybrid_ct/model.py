@@ -125,7 +125,9 @@ class LIF(neuron.LIFNode):
 
     def multi_step_forward(self, x_seq: torch.Tensor, *args, **kwargs):
         if not self.training and not torch.is_grad_enabled():
-            return lif_inference(x_seq, self.tau, self.v_threshold)
+            # the membrane in float32 even under fp16 autocast (CUDA): the threshold test is where
+            # rounding changes the output; spikes are exact in any precision
+            return lif_inference(x_seq.float(), self.tau, self.v_threshold)
         return super().multi_step_forward(x_seq.contiguous(), *args, **kwargs)
 
 

@@ -134,7 +134,7 @@ def train_recipe(recipe: dict, data, out, twin_out=None, device: str = "cpu", no
 
     from .datasets import data_root
     from .model import NetConfig, cnn_twin
-    from .training import TrainConfig
+    from .training import TrainConfig, replay_path, save_replay
 
     if twin_only and no_twin:
         raise InputError("--twin-only and --no-twin exclude each other")
@@ -173,6 +173,8 @@ def train_recipe(recipe: dict, data, out, twin_out=None, device: str = "cpu", no
     }
     results = {}
     out = Path(out)
+    # the app's retraining replays a sample of this training data (trainers/hybrid_ct.py, issue 16)
+    meta["replay_slices"] = save_replay(train, replay_path(out), seed=tcfg.seed)
     twin_out = Path(twin_out) if twin_out else out.with_name(out.stem + "_twin.pt")
     conv = recipe["train"].get("from_twin")
     if twin_only:

@@ -139,11 +139,16 @@ def grid_to_canon(p: np.ndarray, pad, canon_shape, size: int, mode: str = "bilin
         raise InputError(f"model output shape {p.shape} does not match [D={d}, C, {size}, {size}]")
     top, bottom, left, right = pad
     hp, wp = h + top + bottom, w + left + right
-    canon = np.empty((p.shape[1], d, h, w), dtype=np.float32)
-    for z0 in range(0, d, chunk):
-        t = torch.from_numpy(np.ascontiguousarray(p[z0:z0 + chunk], dtype=np.float32))
+    # Slices that are all zero (outside the lung slab, where the network did not run) resize to zero:
+    # only the others are resized (the same values, issue 16).
+    todo = np.flatnonzero(p.reshape(d, -1).any(axis=1))
+    canon = np.zeros((p.shape[1], d, h, w), dtype=np.float32) if len(todo) < d else \
+        np.empty((p.shape[1], d, h, w), dtype=np.float32)
+    for i in range(0, len(todo), chunk):
+        zs = todo[i:i + chunk]
+        t = torch.from_numpy(np.ascontiguousarray(p[zs], dtype=np.float32))
         big = _resize(t, (hp, wp), mode).numpy()
-        canon[:, z0:z0 + chunk] = big[:, :, top:top + h, left:left + w].transpose(1, 0, 2, 3)
+        canon[:, zs] = big[:, :, top:top + h, left:left + w].transpose(1, 0, 2, 3)
     return canon
 
 

@@ -11,6 +11,7 @@ import SimpleITK as sitk
 from scipy import ndimage as ndi
 
 from hybrid_ct.contract import BURDEN_KEYS
+from hybrid_ct.crop import box_offset, foreground_box
 from hybrid_ct.errors import InputError
 
 TOTAL_PCT, LEFT_PCT, RIGHT_PCT = BURDEN_KEYS  # report keys: hybrid_ct/contract.json
@@ -20,14 +21,16 @@ def _pct(part: int, whole: int) -> float:
     return 100.0 * part / whole if whole else 0.0
 
 
-def _physical_x(img: sitk.Image | None):
-    """Function mapping numpy (z, y, x) indices to physical x (LPS: +x is the patient's left)."""
+def _physical_x(img: sitk.Image | None, offset=(0, 0, 0)):
+    """Function mapping numpy (z, y, x) indices of a box starting at ``offset`` to physical x (LPS: +x is
+    the patient's left)."""
+    oz, oy, ox_ = offset
     if img is None:
-        return lambda idx: idx[2].astype(float)
+        return lambda idx: (idx[2] + ox_).astype(float)
     d = np.array(img.GetDirection(), dtype=float).reshape(3, 3)
     sp, ox = img.GetSpacing(), img.GetOrigin()[0]
     coef = [d[0, i] * sp[i] for i in range(3)]  # contribution of SimpleITK index axis i to x
-    return lambda idx: ox + coef[0] * idx[2] + coef[1] * idx[1] + coef[2] * idx[0]
+    return lambda idx: ox + coef[0] * (idx[2] + ox_) + coef[1] * (idx[1] + oy) + coef[2] * (idx[0] + oz)
 
 
 def _centroids(comp: np.ndarray, n: int) -> list:
@@ -61,13 +64,15 @@ def infection_burden(label_img) -> dict:
         raise InputError(f"not a label map (got {type(label_img).__name__})")
     if arr.size and (arr.min() < 0 or arr.max() > 2):
         raise InputError(f"label map holds values outside {{0, 1, 2}} ({arr.min()}..{arr.max()})")
+    box = foreground_box(arr > 0, margin=0)  # the lungs' box: the same sums, far fewer voxels (issue 16)
+    if box is None:
+        return {TOTAL_PCT: 0.0, LEFT_PCT: 0.0, RIGHT_PCT: 0.0}
+    arr = arr[box]
     lung = arr > 0
     inf = arr == 2
     total = {TOTAL_PCT: _pct(int(inf.sum()), int(lung.sum()))}
-    if not lung.any():
-        return {**total, LEFT_PCT: 0.0, RIGHT_PCT: 0.0}
 
-    phys_x = _physical_x(img)
+    phys_x = _physical_x(img, box_offset(box))
     comp, n = ndi.label(lung, structure=np.ones((3, 3, 3), bool))
     sizes = np.bincount(comp.ravel(), minlength=n + 1)[1:]
     infected = np.bincount(comp[inf], minlength=n + 1)[1:]

@@ -60,6 +60,37 @@ class SliceSet:
                         [self.group[i] for i in idx])
 
 
+REPLAY_SLICES = 512  # slices of the original training data kept beside a checkpoint for retraining
+
+
+def replay_path(checkpoint) -> "Path":
+    """Where a checkpoint's replay sample lives: ``<model>.replay.npz`` beside it."""
+    from pathlib import Path
+
+    p = Path(checkpoint)
+    return p.with_name(p.stem + ".replay.npz")
+
+
+def save_replay(data: SliceSet, path, n: int = REPLAY_SLICES, seed: int = 0) -> int:
+    """A random sample of ``n`` training slices (uint8, compressed) for the app's retraining to replay, so
+    that fine-tuning on a few corrected scans does not forget the original data. -> slices written."""
+    idx = np.sort(np.random.default_rng(seed).permutation(len(data))[:n])
+    s = data.subset(idx)
+    np.savez_compressed(path, images=s.images, lung=s.lung, infection=s.infection, cls=s.cls,
+                        group=np.asarray(s.group, dtype=str))
+    return len(idx)
+
+
+def load_replay(path, n: int | None = None, seed: int = 0) -> SliceSet:
+    """The replay sample at ``path`` (``save_replay``), at most ``n`` slices of it drawn with ``seed``."""
+    with np.load(path, allow_pickle=False) as z:
+        s = SliceSet(z["images"], z["lung"], z["infection"], z["cls"].astype(np.int8),
+                     [f"replay:{g}" for g in z["group"].tolist()])
+    if n is not None and n < len(s):
+        s = s.subset(np.sort(np.random.default_rng(seed).permutation(len(s))[:n]))
+    return s
+
+
 def slices_from_arrays(x: np.ndarray, label: np.ndarray | None, group: str, diagnosis: int | None = None,
                        lung_known: bool = True, infection_known: bool = True) -> SliceSet:
     """x [D,1,S,S] in [0,1]; label [D,S,S] with 0/1/2 or None. The slice class is "infection present"

@@ -9,7 +9,9 @@ Conf keys (``--conf key value``; all optional):
 | ``net`` | ``{}`` | JSON ``NetConfig`` overrides for a network trained from scratch (no served model yet) |
 | ``device`` | ``auto`` | inference device (``cuda`` when available) |
 | ``infer_batch_size`` | ``8`` | slices per forward pass at inference |
-| ``train`` | ``{}`` | JSON defaults for train requests (e.g. ``{"max_epochs": 20}``) |
+| ``infer_amp`` | ``false`` | fp16 autocast for inference on CUDA (ignored on the CPU) |
+| ``train`` | ``{}`` | JSON defaults for train requests (e.g. ``{"max_epochs": 20}``; ``max_minutes``, default 5, bounds a retrain's wall-clock time, publishing included; ``replay_slices``, default 256, slices of the original training data mixed in) |
+| ``replay`` | ``<shipped model>.replay.npz`` | the original-data sample a retrain replays (``hybrid-ct train`` writes it beside the checkpoint); absent: no replay |
 | ``scoring_max_slices`` | ``16`` | slices per image used for the uncertainty score |
 """
 from __future__ import annotations
@@ -70,7 +72,8 @@ class HybridCT(TaskConfig):
         self.store = ModelStore(model_dir, shipped=shipped_model(model_dir, conf.get("shipped_model")))
         self.path = str(self.store.shipped)
         self.server = ModelServer(self.store, device=conf.get("device"),
-                                  batch_size=int(conf.get("infer_batch_size", 8)))
+                                  batch_size=int(conf.get("infer_batch_size", 8)),
+                                  amp=str(conf.get("infer_amp", "false")).lower() in ("1", "true", "yes"))
         self.net_config = _json_conf(conf, "net")
         self.train_defaults = _json_conf(conf, "train")
         os.makedirs(model_dir, exist_ok=True)
@@ -84,7 +87,7 @@ class HybridCT(TaskConfig):
     def trainer(self):
         return HybridCTTrain(self.store, net_config=self.net_config, labels=self.labels,
                              description="Retrain the hybrid spiking multi-task network on the final labels",
-                             config=self.train_defaults)
+                             config=self.train_defaults, replay=self.conf.get("replay") or None)
 
     def strategy(self):
         return {"uncertainty": SpikeUncertainty()}

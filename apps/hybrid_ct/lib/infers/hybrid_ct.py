@@ -45,7 +45,10 @@ RESULT_EXTENSIONS = (".nii.gz", ".nrrd", ".nii", ".mha")
 def default_device(name: str | None = None) -> str:
     if name and name != "auto":
         dev = str(name)
-        return "cpu" if dev.startswith("cuda") and not torch.cuda.is_available() else dev
+        if dev.startswith("cuda") and not torch.cuda.is_available():
+            logger.warning("conf device=%s but no CUDA device is available: serving on the CPU", dev)
+            return "cpu"
+        return dev
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -59,10 +62,11 @@ class Served:
 class ModelServer:
     """The currently served model, reloaded when the store's current version changes."""
 
-    def __init__(self, store: ModelStore, device: str | None = None, batch_size: int = 8):
+    def __init__(self, store: ModelStore, device: str | None = None, batch_size: int = 8, amp: bool = False):
         self.store = store
         self.device = default_device(device)
         self.batch_size = int(batch_size)
+        self.amp = bool(amp)  # fp16 autocast on CUDA (Predictor ignores it on the CPU)
         self._served: Served | None = None
         self._swap_lock = threading.Lock()  # guards the reference
         self._load_lock = threading.Lock()  # one loader at a time
@@ -86,7 +90,7 @@ class ModelServer:
             if served is not None and served.key == key:
                 return served
             t0 = time.perf_counter()
-            predictor = Predictor.from_checkpoint(path, device=self.device, batch_size=self.batch_size)
+            predictor = Predictor.from_checkpoint(path, device=self.device, batch_size=self.batch_size, amp=self.amp)
             predictor.meta.setdefault("trained_version", predictor.meta.get("version"))
             predictor.meta["version"] = version  # the report names the version the store knows
             fresh = Served(version, key, predictor)

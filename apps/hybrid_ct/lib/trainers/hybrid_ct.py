@@ -16,6 +16,12 @@ Data rules (docs/app.md):
 - the validation split is fixed per image: sha256(image id) < ``val_split`` (a retrain never moves
   an image between training and validation);
 - negative slices are subsampled afresh each epoch (``negative_fraction``, seed 002: 20 %).
+Retraining latency (issue 16): a run fine-tunes the served model (``pretrained``, default) on the
+datastore's labels plus ``replay_slices`` slices of its original training data (``<model>.replay.npz``
+beside the shipped checkpoint, written by ``hybrid-ct train``; ``training.save_replay``), so a few
+corrected scans do not make it forget the rest; and it is bounded by ``max_minutes`` (default
+``MAX_MINUTES``): training stops at ``TRAIN_SHARE`` of the budget (the current epoch is cut short and
+validated), leaving the rest for validation, the promotion scoring and publishing.
 The best epoch (validation score in [0, 1]) is published as a new model version at the end of the
 run, or when the run is stopped through ``DELETE /train/`` (graceful stop file). It is made current only
 if it is not worse than the model served when the run started (``promote``): both are scored on the same
@@ -41,7 +47,7 @@ from hybrid_ct.checkpoint import load_checkpoint
 from hybrid_ct.errors import InputError, ModelNotReadyError
 from hybrid_ct.model import HybridMultiTaskNet, NetConfig
 from hybrid_ct.trainer import Trainer, build_loss, build_optimizer, init_distributed
-from hybrid_ct.training import SliceSet, augmentations
+from hybrid_ct.training import SliceSet, augmentations, load_replay, replay_path
 
 from ..store import ModelStore, UnknownVersionError
 from .data import is_validation_image, slices_of
@@ -49,6 +55,11 @@ from .params import DEFAULTS, public_params, train_config, validate_params
 from .promotion import flat_metrics, promotion_decision, promotion_scores
 
 logger = logging.getLogger(__name__)
+
+MAX_MINUTES = 5.0  # default wall-clock budget of a retrain (issue 16: label to serving within ~5 min on 2 cores)
+TRAIN_SHARE = 0.75  # share of the budget spent training; the rest validates, scores both models, publishes
+REPLAY_SLICES = 256  # default slices of the original data replayed per run
+
 
 class StopFlag:
     """Graceful stop: a file the server touches on ``DELETE /train/`` (the Trainer all-reduces it across
@@ -64,14 +75,29 @@ class StopFlag:
             return False
 
 
+class Deadline:
+    """``stop`` or the training share of a wall-clock budget spent (``minutes`` <= 0: no budget)."""
+
+    def __init__(self, stop, started: float, minutes: float):
+        self.stop, self.until = stop, started + TRAIN_SHARE * minutes * 60.0 if minutes > 0 else None
+        self.hit = False
+
+    def __call__(self) -> bool:
+        if self.until is not None and time.time() >= self.until:
+            self.hit = True
+            return True
+        return self.stop()
+
+
 class HybridCTTrain(BasicTrainTask):
     def __init__(self, store: ModelStore, net_config: dict | None = None, description: str = "",
-                 labels=None, config: dict | None = None):
+                 labels=None, config: dict | None = None, replay: str | None = None):
         super().__init__(model_dir=str(store.dir), description=description, amp=False,
                          stats_path=str(store.stats_path), labels=labels, tracking=None)
         self.store = store
         self.net_config = dict(net_config or {})
         self.stop_file = str(store.dir / "train.stop")
+        self.replay = replay  # None: <shipped model>.replay.npz when it exists
         d = DEFAULTS
         self._config = {  # what Slicer shows as training options (and the defaults of a request)
             "max_epochs": d.epochs,
@@ -87,6 +113,8 @@ class HybridCTTrain(BasicTrainTask):
             "seed": d.seed,
             "num_workers": d.num_workers,
             **{f"lambda_{head}": v for head, v in d.lambdas.items()},
+            "max_minutes": MAX_MINUTES,
+            "replay_slices": REPLAY_SLICES,
             "promote_metrics": "score",  # comma-separated PROMOTE_METRICS
             "promote_tolerance": 0.0,
             "force_promote": False,
@@ -110,6 +138,16 @@ class HybridCTTrain(BasicTrainTask):
                 pass
         context.parent_version = None
         return HybridMultiTaskNet(NetConfig.from_dict(self.net_config))
+
+    def replay_set(self, size: int, n: int, seed: int):
+        """``n`` slices of the original training data (None: no replay file, or a model of another size)."""
+        path = self.replay
+        if not path and self.store.shipped:
+            path = str(replay_path(self.store.shipped))
+        if not n or not path or not os.path.isfile(path):
+            return None, path
+        data = load_replay(path, n, seed)
+        return (data, path) if data.images.shape[-1] == size else (None, path)
 
     def optimizer(self, context: Context):
         return build_optimizer(context.network, context.loss, context.train_config)
@@ -207,7 +245,12 @@ class HybridCTTrain(BasicTrainTask):
             raise InputError(f"nothing to train on: {len(datalist)} labelled image(s), none usable for training"
                              + (f" ({len(skipped)} skipped)" if skipped else "") + "; submit final labels first")
         val_on_train = len(val_set) == 0
-        stats.update(train={"images": n_train, "slices": len(train_set)},
+        n_new = len(train_set)
+        replay, replay_from = self.replay_set(size, int(req.get("replay_slices", REPLAY_SLICES) or 0), cfg.seed)
+        if replay is not None:  # validation stays on the datastore's own images
+            train_set = train_set.extend(replay)
+        stats.update(replay={"slices": len(replay) if replay is not None else 0, "file": replay_from})
+        stats.update(train={"images": n_train, "slices": len(train_set), "new_slices": n_new},
                      val={"images": n_val, "slices": len(val_set), "on_training_set": val_on_train},
                      skipped=skipped, parent_version=getattr(context, "parent_version", None))
         logger.info("training %s: %d train image(s) / %d slices, %d validation image(s) / %d slices, device %s",
@@ -232,13 +275,15 @@ class HybridCTTrain(BasicTrainTask):
             print(f"[hybrid_ct] epoch {epoch}/{cfg.epochs} loss {entry['loss']:.4f} "
                   f"score {score:.4f} best {best:.4f} (epoch {best_epoch})", flush=True)
 
+        budget = Deadline(StopFlag(self.stop_file, start), start, float(req.get("max_minutes", MAX_MINUTES) or 0))
         trainer = Trainer(context.network, cfg, train_set, train_set if val_on_train else val_set,
-                          loss_fn=context.loss, optimizer=context.optimizer, on_epoch=on_epoch,
-                          stop=StopFlag(self.stop_file, start))
+                          loss_fn=context.loss, optimizer=context.optimizer, on_epoch=on_epoch, stop=budget)
         trainer.fit()
         if not lead:
             return {}
-        stopped = trainer.stopped
+        stopped = trainer.stopped and not budget.hit  # the time budget ends a run normally
+        stats["time_budget"] = {"max_minutes": float(req.get("max_minutes", MAX_MINUTES) or 0), "hit": budget.hit,
+                                "train_s": round(time.time() - start, 1)}
         stats["total_time"] = str(timedelta(seconds=int(time.time() - start)))
         stats.pop("current_time", None)
         model = trainer.best_model()

@@ -25,6 +25,8 @@ PARAMS = {  # name: (type, minimum, maximum) of the numeric train params a clien
     "lambda_infection": (float, 1e-6, 1e3),
     "spike_rate_weight": (float, 0.0, 100.0),  # the firing-rate regulariser (0: off)
     "promote_tolerance": (float, 0.0, 1.0),  # a retrain is "not worse" when new >= served - tolerance
+    "max_minutes": (float, 0.0, 7 * 24 * 60.0),  # wall-clock budget of a run, publishing included (0: none)
+    "replay_slices": (int, 0, 10**6),  # slices of the original training data mixed into the retraining
 }
 BOOLS = ("pretrained", "augment", "multi_gpu", "force_promote")
 LISTS = ("promote_metrics",)  # names, as a JSON list or one comma-separated string
