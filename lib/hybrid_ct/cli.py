@@ -108,7 +108,7 @@ def cmd_train(args) -> int:
     out = Path(args.out)
     results, meta, total = train_recipe(recipe, args.data, out, args.twin_out, device=_device(args.device),
                                         no_twin=args.no_twin, progress=not args.quiet, command=_command(args),
-                                        twin_only=args.twin_only)
+                                        twin_only=args.twin_only, twin_from=args.twin_from)
     speeds = ", ".join(f"{k} {r['s_per_iter']:.2f} s/iteration" for k, r in results.items())
     held = f", {args.hold_out_source} held out" if args.hold_out_source else ""
     print(f"trained in {total / 60:.1f} min: {speeds}{held}; model {out}")
@@ -237,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "inside the package, hybrid_ct/models/pretrained.pt)")
     tr.add_argument("--twin-out", default=str(TWIN_OUT), help="CNN twin checkpoint (default: runs/twin.pt)")
     tr.add_argument("--no-twin", action="store_true", help="train the hybrid network only")
+    tr.add_argument("--twin-from", default=None, help="a complete CNN twin of this recipe and split: skip its "
+                    "training, convert and fine-tune only (e.g. to redo the hybrid stage of a build)")
     tr.add_argument("--twin-only", action="store_true", help="train the CNN twin only, into --out (quick "
                     "experiments, e.g. scripts/loso.sh)")
     tr.add_argument("--hold-out-source", choices=HOLD_OUT_SOURCES, default=None,

@@ -121,8 +121,26 @@ def convert_twin(twin_path: Path, cfg, conv: dict, train, val, tcfg):
     return best[3], record
 
 
+def _trained_twin(path, recipe: dict, val_groups: list, twin_out: Path) -> dict:
+    """The meta of a complete CNN twin of this recipe's network trained on this split (``--twin-from``),
+    copied to ``twin_out``; anything else is refused (a twin of another net or split would be a different build)."""
+    import shutil
+
+    from .checkpoint import load_checkpoint
+
+    _, m = load_checkpoint(path)
+    if not m.get("complete") or m.get("kind") != "cnn_twin":
+        raise InputError(f"--twin-from {path}: not a complete CNN twin checkpoint")
+    if (m.get("recipe") or {}).get("net") != recipe["net"] or sorted(m.get("val_groups") or []) != sorted(val_groups):
+        raise InputError(f"--twin-from {path}: trained for another network or split than recipe {recipe['name']!r}")
+    if Path(path).resolve() != Path(twin_out).resolve():
+        shutil.copyfile(path, twin_out)
+    return m
+
+
 def train_recipe(recipe: dict, data, out, twin_out=None, device: str = "cpu", no_twin: bool = False,
-                 progress: bool = True, command: str = "hybrid-ct train", twin_only: bool = False) -> tuple:
+                 progress: bool = True, command: str = "hybrid-ct train", twin_only: bool = False,
+                 twin_from=None) -> tuple:
     """Train ``recipe`` (see ``recipes.resolve_recipe``) on the real data in ``data`` (None: $HYBRID_CT_DATA or
     ../shared/data, see ``datasets.data_root``): the hybrid checkpoint to
     ``out``, the CNN twin to ``twin_out`` (default ``<out stem>_twin.pt``). With ``recipe["train"]["from_twin"]``
@@ -181,8 +199,11 @@ def train_recipe(recipe: dict, data, out, twin_out=None, device: str = "cpu", no
         results["twin"] = train_one("cnn_twin", cnn_twin(cfg), train, curve_val, replace(tcfg), out, meta,
                                     progress=progress)
     elif conv:  # twin first, then the spiking network converted from it and fine-tuned
-        results["twin"] = train_one("cnn_twin", cnn_twin(cfg), train, curve_val, replace(tcfg), twin_out, meta,
-                                    progress=progress)
+        if twin_from:  # a twin this recipe already trained (same net, same split): convert and fine-tune only
+            results["twin"] = _trained_twin(twin_from, recipe, val_groups, twin_out)
+        else:
+            results["twin"] = train_one("cnn_twin", cnn_twin(cfg), train, curve_val, replace(tcfg), twin_out, meta,
+                                        progress=progress)
         model, meta["conversion"] = convert_twin(twin_out, cfg, conv, train, curve_val, tcfg)
         ft = replace(tcfg, epochs=conv["epochs"], lr=conv["lr"],
                      spike_rate_weight=conv.get("spike_rate_weight", tcfg.spike_rate_weight))

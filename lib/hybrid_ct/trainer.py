@@ -181,9 +181,15 @@ class Trainer:
         self.history: list = []
         self.best_score, self.best_epoch, self.best_state = -1.0, None, None
         self._rates: list = []
+        self._collect = False  # rates are kept only inside a training step (validation would hold every graph)
+        self._hooks = []
         if cfg.spike_rate_weight > 0:
             for m in spiking_neurons(self.model):
-                m.register_forward_hook(lambda _m, _i, out: self._rates.append(out.float().mean()))
+                self._hooks.append(m.register_forward_hook(self._record_rate))
+
+    def _record_rate(self, _m, _i, out):
+        if self._collect:
+            self._rates.append(out.float().mean())
 
     # -- pieces
     def should_stop(self) -> bool:
@@ -222,11 +228,16 @@ class Trainer:
                 break
             b = _to(batch, self.device)
             self._rates.clear()
-            loss, parts = self.loss_fn(net(b["image"]), b)
+            self._collect = True
+            try:
+                loss, parts = self.loss_fn(net(b["image"]), b)
+            finally:
+                self._collect = False
             if self._rates:  # the firing-rate regulariser: fewer spikes, less energy (seed 002's E_hybrid)
                 rate = torch.stack(self._rates).mean()
                 loss = loss + self.cfg.spike_rate_weight * rate
                 parts["spike_rate"] = float(rate.detach())
+                self._rates.clear()
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self._sync_loss_grads()
@@ -309,6 +320,8 @@ class Trainer:
                     dist.barrier()
         finally:
             restore_batchnorm(swapped)
+            for h in self._hooks:  # the model leaves the trainer without the regulariser's hooks
+                h.remove()
         return self.history
 
     def best_model(self) -> nn.Module | None:
