@@ -37,3 +37,18 @@ def test_the_regulariser_lowers_the_firing_rate():
     sparse, hist1 = _train(20.0, data)
     assert "spike_rate" not in hist0[-1]["loss"] and hist1[-1]["loss"]["spike_rate"] >= 0
     assert sparse < 0.85 * plain, (plain, sparse)  # measured: 0.038 -> 0.028
+
+
+def test_rates_are_kept_only_inside_a_training_step():
+    """Validation and later use of the model must not collect rates: each one held its forward graph
+    (a build's validation grew to 17.5 GB and was killed)."""
+    from hybrid_ct.trainer import Trainer
+
+    data = _data()
+    model = HybridMultiTaskNet(NetConfig(**NET))
+    tr = Trainer(model, TrainConfig(epochs=1, batch_size=8, augment=False, spike_rate_weight=1.0), data, data)
+    tr.fit()
+    assert tr.history[-1]["loss"]["spike_rate"] > 0 and "val" in tr.history[-1]  # it trained and validated
+    assert tr._rates == []  # nothing collected by the validation pass
+    model(torch.rand(2, 1, NET["in_size"], NET["in_size"]))
+    assert tr._rates == []  # the hooks are gone after fit
