@@ -372,10 +372,13 @@ def metrics_card(results: dict, out: Path, card: Path, note: str = "") -> str:
     for name, s in (h.get("scan") or {}).items():
         a = s["agreement"].get("segmentation", {})
         twin_call = tw["scan"][name]["call"] if tw and tw.get("scan", {}).get(name) else "n/a"
-        lines.append(f"| COVID-CT-MD {name} ({s['truth']}) | {s['call']}, p {s['probability']:.2f}, burden "
-                     f"{s['burden']['total_pct']:.1f} % | {twin_call} | |")
+        truth = "COVID-19" if s["truth"] == "positive" else "not COVID-19" + (", infection" if s.get("infection") else "")
+        trained = ", **trained on**" if s.get("trained_on") else ""
+        lung = f", lung Dice {s['lung_dice']:.3f}, false lung {s['false_lung_ml']:.0f} mL" if "lung_dice" in s else ""
+        lines.append(f"| whole scan {name} ({truth}{trained}) | {s['call']}, p {s['probability']:.2f}, {s['grade']}, "
+                     f"burden {s['burden']['total_pct']:.1f} %{lung} | {twin_call} | |")
         if a and s["truth"] == "positive":
-            lines.append(f"| P001 per-slice agreement (segmentation call) | acc {_fmt(a['accuracy'])}, kappa "
+            lines.append(f"| {name} per-slice agreement (segmentation call) | acc {_fmt(a['accuracy'])}, kappa "
                          f"{_fmt(a['kappa'])} | | |")
     return _render("card_metrics", now=_dt.datetime.now().isoformat(timespec="minutes"), out_name=Path(out).name,
                    link=os.path.relpath(Path(out).resolve(), Path(card).resolve().parent),
