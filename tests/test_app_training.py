@@ -176,7 +176,8 @@ def test_a_worse_retrain_is_kept_not_served_unless_forced(server):
     _wait_idle(server)
     served_before = _versions(server)["current"]
     assert s.post(f"{server.url}/hybrid_ct/rollback", params={"version": "shipped"}, timeout=60).status_code == 200
-    wrecked = {"max_epochs": 1, "learning_rate": 10.0, "promote_metrics": "score,lung_dice"}
+    # max_minutes: the time bound (default 5, stop at 75 %) must not cut the wrecking epoch short on a busy machine
+    wrecked = {"max_epochs": 1, "learning_rate": 10.0, "promote_metrics": "score,lung_dice", "max_minutes": 60}
     try:
         r = s.post(f"{server.url}/train/hybrid_ct", params={"run_sync": "true"}, json=wrecked, timeout=900)
         assert r.status_code == 200, r.text
