@@ -76,3 +76,24 @@ def test_lung_outside_a_trusted_body_is_dropped(outside):
     out = plausible_lungs(label, hu, SPACING, body=body if outside else None)
     assert (out[table] == 0).all() == outside
     assert (out[truth["lungs"]] > 0).all()
+
+
+def test_a_large_false_lung_under_the_back_does_not_untrust_the_body():
+    """LUNG1-001: the air between the back and the table, joined to the lungs and reaching the image
+    border, was ~12 % of the predicted lung, so a body mask that had to hold 95 % of ALL predicted lung
+    was not trusted and the false lung stayed (1,122 mL). The body is trusted when it holds the lungs'
+    core: the air under the back goes, the lungs stay."""
+    hu, label, truth = synthetic_chest()
+    label[truth["gas"]] = 0
+    body = hu > -1000
+    under = np.zeros_like(body)
+    under[8:38, 88:96, 10:86] = True  # a thick slab of air under the back, out to the image border
+    under &= ~body
+    bridge = np.zeros_like(body)
+    bridge[20:34, 70:96, 25:30] = True  # predicted lung through the back wall, joining it to the right lung
+    label[under | bridge] = 1
+    lung = label > 0
+    assert (lung & ~body).sum() > 0.1 * lung.sum()
+    out = plausible_lungs(label, hu, SPACING, body=body)
+    assert (out[under] == 0).all(), "air under the back is still lung"
+    assert (out[truth["lungs"]] > 0).all() and (out[truth["infection"]] == 2).all()

@@ -12,7 +12,8 @@ large aerated organs of the thorax, each reaching from the apex down to the diap
   diaphragm: it is dropped with the predicted lung around it (within ``ERODE_MM + gap_mm``) and whatever
   joins the lung only through it; predicted lung joined to the lungs elsewhere stays (thin aerated lung
   at the bases, dense infection, which has no aerated core);
-- with a trusted body mask, predicted lung outside the body (table, blankets) is dropped.
+- with a trusted body mask (it holds the main lung's core), predicted lung outside the body (table,
+  blankets, air under the back) is dropped, and a core mostly outside it is never the other lung.
 Infection is dropped with the lung it sits in (infection exists only inside lung). Directions come from
 the image geometry (superior is +z in DICOM LPS), so any orientation works. Tried and withdrawn after
 looking at the whole scans (docs/model_card.md): dropping whatever lies above the aerated top of its
@@ -30,7 +31,7 @@ GAP_MM = 3.0  # margin around the kept cores; the diaphragm and the organs below
 ERODE_MM = 4.0  # breaks false bridges of predicted lung through the diaphragm (thinner than 8 mm)
 GRID_MM = 3.0  # in-plane grid of the rule
 AIR_HU = -400.0  # aerated lung is below this; the diaphragm, liver and bowel wall are above
-BODY_TRUSTED = 0.95  # a body mask holding 95 % of the lung outlines the whole chest
+BODY_TRUSTED = 0.95  # a body mask holding 95 % of the main lung core outlines the whole chest
 MIN_GAS_FRACTION = 0.002  # gas components smaller than this share of the main lung are left alone
 
 
@@ -97,17 +98,29 @@ def _plausible(label, lung, hu, spacing_xyz, direction, origin, body, min_fracti
     air = lung & (hu < AIR_HU)
     core = ndimage.binary_erosion(air[:, ::s, ::s], structure=_ball(grid, ERODE_MM))
     comp, n = ndimage.label(core)
-    if n < 2:
+    if n == 0:
         return label
     idx = np.arange(1, n + 1)
     sizes = ndimage.sum_labels(core, comp, index=idx)
-    boxes = ndimage.find_objects(comp)
     main = int(np.argmax(sizes))
+    # the body is trusted when it holds the main lung's core: the share of ALL predicted lung inside it
+    # was the test before, and a large false lung outside (table air on LUNG1-001, ~12 % of the predicted
+    # lung) made the body untrusted, so that very false lung stayed
+    inside = np.ones(n, bool)
+    trusted = False
+    if body is not None:
+        share = np.asarray(ndimage.mean(body[:, ::s, ::s], comp, index=idx))
+        trusted = bool(share[main] >= BODY_TRUSTED)
+        inside = share >= 0.5 if trusted else inside
+    drop = lung & ~body if trusted else np.zeros_like(lung)  # outside the patient: table, blankets
+    if n < 2:
+        return _dropped(label, drop)
+    boxes = ndimage.find_objects(comp)
     lo, hi = superior_extent(boxes[main], grid, direction, origin)
     upper_half = lo + 0.5 * (hi - lo)
     keep = np.zeros(n, bool)
     keep[main] = True
-    for i in np.flatnonzero(sizes >= min_fraction * sizes[main]):
+    for i in np.flatnonzero((sizes >= min_fraction * sizes[main]) & inside):
         if i != main and superior_extent(boxes[i], grid, direction, origin)[1] >= upper_half:
             keep[i] = True  # the other lung: it reaches up towards the apex
     lungs = np.isin(comp, idx[keep])
@@ -115,7 +128,6 @@ def _plausible(label, lung, hu, spacing_xyz, direction, origin, body, min_fracti
     gas = _below_the_lungs(comp, idx, lungs, sup, axis) & ~keep & (sizes >= MIN_GAS_FRACTION * sizes[main])
     grow = _ball(grid, ERODE_MM + gap_mm)
     region = _full(ndimage.binary_dilation(lungs, structure=grow), s, lung.shape)
-    drop = np.zeros_like(lung)
     if gas.any():
         # lung joined to the kept lung stays (thin aerated lung at the bases, dense infection, small
         # pieces), unless it lies at an air component under the lungs (gas under the diaphragm) or beyond
@@ -124,8 +136,10 @@ def _plausible(label, lung, hu, spacing_xyz, direction, origin, body, min_fracti
         parts, _ = ndimage.label(lung & ~rejected)
         joined = np.unique(parts[region & ~rejected & lung])
         drop |= lung & ~rejected & ~np.isin(parts, joined[joined > 0])
-    if body is not None and lung[body].sum() >= BODY_TRUSTED * lung.sum():
-        drop |= lung & ~body  # outside the patient: the table, blankets, air under the back
+    return _dropped(label, drop)
+
+
+def _dropped(label: np.ndarray, drop: np.ndarray) -> np.ndarray:
     if not drop.any():
         return label
     out = label.copy()
