@@ -29,3 +29,18 @@ def small_negative_phantom():
     from hybrid_ct.phantom import make_phantom
 
     return make_phantom(3, shape=(16, 64, 72), positive=False)
+
+
+@pytest.fixture(scope="session")
+def model_path(tmp_path_factory):
+    """An untrained tiny hybrid checkpoint (64 x 64, 3 levels, T = 2), seeded: for CLI and evaluation plumbing."""
+    import torch
+
+    from hybrid_ct.checkpoint import save_checkpoint
+    from hybrid_ct.model import HybridMultiTaskNet, NetConfig
+
+    torch.manual_seed(0)
+    p = tmp_path_factory.mktemp("model") / "tiny.pt"
+    cfg = NetConfig(levels=3, base_channels=4, max_channels=16, time_steps=2, fc_hidden=16, cls_pool=2, in_size=64)
+    save_checkpoint(p, HybridMultiTaskNet(cfg), {"version": "tiny-test"})
+    return p

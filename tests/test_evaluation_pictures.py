@@ -5,21 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import torch
 
-from hybrid_ct.checkpoint import load_checkpoint, save_checkpoint
+from hybrid_ct.checkpoint import load_checkpoint
 from hybrid_ct.cli import main
-from hybrid_ct.model import HybridMultiTaskNet, NetConfig
-
-TINY = NetConfig(levels=3, base_channels=4, max_channels=16, time_steps=2, fc_hidden=16, cls_pool=2, in_size=64)
-
-
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory):
-    torch.manual_seed(0)
-    p = tmp_path_factory.mktemp("model") / "tiny.pt"
-    save_checkpoint(p, HybridMultiTaskNet(TINY), {"version": "tiny-test"})
-    return p
 
 
 # ----------------------------------------------------------------------------------------------------
