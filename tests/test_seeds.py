@@ -55,3 +55,35 @@ def test_ship_copies_the_median_evaluation_with_the_spread(runs, tmp_path):
     text = (docs / "results.md").read_text()
     assert text.startswith("# Results") and "Run-to-run spread over seeds" in text and "seed 0 (shipped)" in text
     assert (docs / "img" / "roc.png").read_bytes() == b"png"  # the relative figure links still hold
+
+
+def _scans(**calls):
+    return {name: {"truth": truth, "call": call} for name, (truth, call) in calls.items()}
+
+
+def test_a_median_worse_than_the_shipped_model_is_not_shipped(runs, tmp_path, capsys):
+    """The gate: the median build (seed 0) loses 0.07 lung Dice and one whole-scan call against the model
+    shipped before -> the previous model stays; docs/results.md becomes ITS evaluation, with the spread."""
+    prev = _result(0.97, 0.50, 0.80)
+    prev["hybrid"]["scan"] = _scans(P001=("positive", "positive"), normal001=("negative", "negative"))
+    med = json.loads((runs / "seed0" / "results.json").read_text())
+    med["hybrid"]["scan"] = _scans(P001=("positive", "negative"), normal001=("negative", "negative"))
+    (runs / "seed0" / "results.json").write_text(json.dumps(med))
+    ok, worse = seeds.gate(med, prev)
+    assert not ok and any("lung Dice" in w for w in worse) and any("called right 1 < 2" in w for w in worse)
+    (runs / "previous").mkdir()
+    (runs / "previous" / "results.json").write_text(json.dumps(prev))
+    (runs / "previous" / "results.md").write_text("# Results of the shipped model\n")
+    docs = tmp_path / "docs"
+    assert seeds.main(["--runs", str(runs), "--out", str(runs / "seeds.md"), "--previous",
+                       str(runs / "previous" / "results.json"), "--ship", str(docs / "results.md"), "--print-median"]) == 0
+    assert capsys.readouterr().out.strip() == "previous"
+    text = (docs / "results.md").read_text()
+    assert text.startswith("# Results of the shipped model") and "did not pass" in text
+    assert "seed 0 (median, not shipped)" in text and "is NOT shipped" in (runs / "seeds.md").read_text()
+
+
+def test_a_median_as_good_as_the_shipped_model_ships(runs):
+    med = json.loads((runs / "seed0" / "results.json").read_text())
+    assert seeds.gate(med, _result(0.905, 0.50, 0.80)) == (True, [])  # 0.005 lower: within the tolerance
+    assert seeds.gate(med, None) == (True, [])

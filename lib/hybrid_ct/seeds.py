@@ -7,6 +7,11 @@ and the MEDIAN build -- the one ``scripts/build_model.sh`` ships (never the best
 Each ``<runs>/seed<k>/results.json`` is written by ``hybrid-ct evaluate --json``. The median is taken on the
 validation composite (mean of lung Dice on expert masks, MedSeg infection mean-slice Dice and the per-slice
 AUC on real pictures): validation slices only, so no whole scan that is reported chooses the build.
+
+The median build replaces the model shipped before only if it is not worse (``gate``): on the validation
+composite's three numbers (within ``GATE_TOLERANCE``) and on the number of whole scans whose scan call is
+right. Otherwise the previous model stays, ``--ship`` writes ITS evaluation (by today's code) with the
+spread appended, and ``--print-median`` prints ``previous``.
 """
 from __future__ import annotations
 
@@ -37,6 +42,7 @@ HEADLINE = [  # label, path in a model's results, "validation" or "scan"
     ("LUNG1-001 burden % of lung", ("scan", "nsclc_lung1_001", "burden", "total_pct")),
 ]
 COMPOSITE = HEADLINE[:3]
+GATE_TOLERANCE = 0.01  # the median may lose at most this much on a composite number and still ship
 
 
 def _get(d, path):
@@ -57,8 +63,8 @@ def load_runs(runs) -> dict:
     return out
 
 
-def composite(res: dict) -> float:
-    vals = [_get(res["hybrid"], path) for _, path in COMPOSITE]
+def composite(res: dict, tag: str = "hybrid") -> float:
+    vals = [_get(res.get(tag, {}), path) for _, path in COMPOSITE]
     return float(np.nanmean(vals)) if any(not math.isnan(v) for v in vals) else float("nan")
 
 
@@ -66,6 +72,26 @@ def median_seed(runs: dict) -> int:
     """The seed whose composite is the median (the lower middle for an even count)."""
     order = sorted(runs, key=lambda s: (composite(runs[s]), s))
     return order[(len(order) - 1) // 2]
+
+
+def scan_calls_right(res: dict) -> int:
+    """How many whole scans the hybrid network calls as their truth says (COVID-19 positive or negative)."""
+    return sum(r.get("call") == r.get("truth") for r in (res.get("hybrid", {}).get("scan") or {}).values())
+
+
+def gate(new: dict, previous: dict | None) -> tuple:
+    """-> (ship the new build?, reasons it is worse). Worse: a composite number lower by more than
+    ``GATE_TOLERANCE``, or fewer whole scans called right. No previous results: it ships."""
+    if not previous or "hybrid" not in previous:
+        return True, []
+    worse = []
+    for label, path in COMPOSITE:
+        a, b = _get(new["hybrid"], path), _get(previous["hybrid"], path)
+        if not math.isnan(b) and (math.isnan(a) or a < b - GATE_TOLERANCE):
+            worse.append(f"{label} {_f(a)} < {_f(b)}")
+    if scan_calls_right(new) < scan_calls_right(previous):
+        worse.append(f"whole scans called right {scan_calls_right(new)} < {scan_calls_right(previous)}")
+    return not worse, worse
 
 
 def _f(v) -> str:
@@ -78,49 +104,57 @@ def table(runs: dict, tag: str = "hybrid", previous: dict | None = None) -> str:
     seeds = sorted(runs)
     med = median_seed(runs)
     prev = previous is not None and tag in previous
-    head = ("| number | " + " | ".join(f"seed {s}{' (shipped)' if s == med else ''}" for s in seeds) + " | mean | range |"
+    mark = " (shipped)" if gate(runs[med], previous)[0] else " (median, not shipped)"
+    head = ("| number | " + " | ".join(f"seed {s}{mark if s == med else ''}" for s in seeds) + " | mean | range |"
             + (" previous shipped model |" if prev else ""))
     lines = [head, "|---|" + "---|" * (len(seeds) + 2 + prev)]
     rows = [("validation composite (picks the median)", None)] + HEADLINE
     for label, path in rows:
-        vals = [composite(runs[s]) if path is None else _get(runs[s].get(tag, {}), path) for s in seeds]
+        vals = [composite(runs[s], tag) if path is None else _get(runs[s].get(tag, {}), path) for s in seeds]
         ok = [v for v in vals if not math.isnan(v)]
         mean = float(np.mean(ok)) if ok else float("nan")
         rng = f"{min(ok):.3f} – {max(ok):.3f} ({max(ok) - min(ok):.3f})" if ok else "n/a"
-        old = (composite(previous) if path is None else _get(previous[tag], path)) if prev else None
+        old = (composite(previous, tag) if path is None else _get(previous[tag], path)) if prev else None
         lines.append(f"| {label} | " + " | ".join(_f(v) for v in vals) + f" | {_f(mean)} | {rng} |"
                      + (f" {_f(old)} |" if prev else ""))
     return "\n".join(lines)
 
 
 def render(runs: dict, command: str, previous: dict | None = None) -> str:
+    med = median_seed(runs)
+    ok, worse = gate(runs[med], previous)
+    decision = (f"the build with the median validation composite is shipped: **seed {med}**" if ok else
+                f"the build with the median validation composite, **seed {med}, is NOT shipped**: it is worse than "
+                f"the model shipped before ({'; '.join(worse)}), which stays (`seeds.gate`)")
     parts = [f"# Run-to-run spread of the shipped recipe ({len(runs)} seeds)", "",
              f"Command: `{command}` (called by `scripts/build_model.sh`). Each seed is a full build of the "
-             "`shipped` recipe (same data and split, its own initialisation and augmentation); the build with the "
-             f"median validation composite is shipped: **seed {median_seed(runs)}**. A difference between two "
-             "models smaller than the range below is within run-to-run noise.", "", "## Hybrid (spiking) network", "",
-             table(runs, "hybrid", previous)]
+             f"`shipped` recipe (same data and split, its own initialisation and augmentation); {decision}. A "
+             "difference between two models smaller than the range below is within run-to-run noise.", "",
+             "## Hybrid (spiking) network", "", table(runs, "hybrid", previous)]
     if all("twin" in r for r in runs.values()):
-        parts += ["", "## CNN twin", "", table(runs, "twin")]
+        parts += ["", "## CNN twin", "", table(runs, "twin", previous)]
     return "\n".join(parts) + "\n"
 
 
-def ship(runs_dir, seed: int, results_out, seeds_md, model_card=None) -> Path:
-    """The median seed's evaluation becomes ``results_out`` (its figures copied beside it, so the relative
+def ship(runs_dir, seed, results_out, seeds_md, model_card=None) -> Path:
+    """The shipped build's evaluation becomes ``results_out`` (its figures copied beside it, so the relative
     links hold) with the spread table appended; its numbers fill the model card's metrics section. The
-    evaluation is not rerun: the shipped checkpoint is a byte copy of ``<runs>/seed<k>/hybrid.pt``."""
+    evaluation is not rerun: the shipped checkpoint is a byte copy of ``<runs>/seed<k>/hybrid.pt``, or
+    with ``seed="previous"`` the model shipped before, evaluated in ``<runs>/previous``."""
     import shutil
 
     from .reporting import metrics_card, update_model_card
 
-    src = Path(runs_dir) / f"seed{seed}"
+    src = Path(runs_dir) / (f"seed{seed}" if seed != "previous" else "previous")
     out = Path(results_out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if (src / "img").is_dir():
         shutil.copytree(src / "img", out.parent / "img", dirs_exist_ok=True)
     text = (src / "results.md").read_text(encoding="utf-8").rstrip()
     body = Path(seeds_md).read_text(encoding="utf-8").split("\n", 1)[1].replace("\n## ", "\n### ")
-    text += (f"\n\n## Run-to-run spread over seeds (`{seeds_md}`)\n\nThe shipped model is seed {seed}'s build "
+    who = (f"seed {seed}'s build" if seed != "previous" else "the model shipped before (the new build did not pass "
+           "`seeds.gate`)")
+    text += (f"\n\n## Run-to-run spread over seeds (`{seeds_md}`)\n\nThe shipped model is {who} "
              f"(`{src / 'hybrid.pt'}`, copied byte for byte); the numbers above are its evaluation.\n" + body.rstrip())
     out.write_text(text + "\n", encoding="utf-8")
     if model_card:
@@ -145,11 +179,12 @@ def main(argv=None) -> int:
         cmd = f"python -m hybrid_ct.seeds --runs {args.runs} --out {args.out}" + (
             f" --previous {args.previous}" if previous else "")
         Path(args.out).write_text(render(runs, cmd, previous), encoding="utf-8")
+    pick = median_seed(runs) if gate(runs[median_seed(runs)], previous)[0] else "previous"
     if args.ship:
         if not args.out:
             raise SystemExit("--ship needs --out (the spread table it appends)")
-        ship(args.runs, median_seed(runs), args.ship, args.out, args.model_card)
-    print(median_seed(runs) if args.print_median else table(runs))
+        ship(args.runs, pick, args.ship, args.out, args.model_card)
+    print(pick if args.print_median else table(runs, "hybrid", previous))
     return 0
 
 
