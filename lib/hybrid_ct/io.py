@@ -412,7 +412,8 @@ def body_mask(img: sitk.Image) -> np.ndarray:
     code = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(img.GetDirection())
     oriented, a = _lps_planes(img)
     k = 2 if max(a.shape[1:]) > 256 else 1  # in-plane stride: a body outline needs no sub-millimetre detail
-    body = _body(a[:, ::k, ::k], open_px=3 if a.shape[0] >= 8 else 0)  # whole volumes: ~6 mm, thinner than a table top
+    px = float(min(oriented.GetSpacing()[:2])) * k  # whole volumes: open by ~6 mm (thinner than a table top)
+    body = _body(a[:, ::k, ::k], open_px=int(6.0 // px) if a.shape[0] >= 8 and px <= 3.0 else 0)
     if k > 1:
         body = body.repeat(k, axis=1).repeat(k, axis=2)[:, : a.shape[1], : a.shape[2]]
     m = sitk.GetImageFromArray(body.reshape(sitk.GetArrayViewFromImage(oriented).shape).astype(np.uint8))
