@@ -308,9 +308,10 @@ def _stack(parts: list, size: int) -> SliceSet:
     out = SliceSet.empty(size)
     if not parts:
         return out
+    ctx = np.concatenate([p.neighbours() for p in parts]) if any(p.context is not None for p in parts) else None
     return SliceSet(np.concatenate([p.images for p in parts]), np.concatenate([p.lung for p in parts]),
                     np.concatenate([p.infection for p in parts]), np.concatenate([p.cls for p in parts]),
-                    [g for p in parts for g in p.group])
+                    [g for p in parts for g in p.group], ctx)
 
 
 def _limit_groups(rows: list, limit: int | None, key=lambda r: r["group"], seed: int = 0) -> list:
@@ -411,7 +412,8 @@ def load_imlab(root=None, size: int = 256, limit: int | None = None, progress: b
         lab = sitk.ReadImage(str(folder / f"{cid}_lungmask.nii.gz"))
         x, ctx = to_model_slices(img, size)
         lab_m = (label_to_model_slices(lab, ctx) > 0).astype(np.uint8)
-        part = slices_from_arrays(x, lab_m, f"imlab_{cid}", lung_known=True, infection_known=False)
+        part = slices_from_arrays(x, lab_m, f"imlab_{cid}", lung_known=True, infection_known=False,
+                                  dz_mm=ctx.canon_spacing[0])
         if limit:
             keep = np.linspace(0, len(part) - 1, num=min(limit, len(part))).round().astype(int)
             part = part.subset(np.unique(keep))
@@ -453,7 +455,7 @@ def load_phantoms(n: int = 24, size: int = 256, shape=PHANTOM_SHAPE, seed: int =
         img, lab, info = make_phantom(int(seeds[i]), shape=tuple(shape), positive=bool(positives[i]))
         x, ctx = to_model_slices(img, size)
         part = slices_from_arrays(x, label_to_model_slices(lab, ctx), f"phantom_{seed}_{i:03d}",
-                                  diagnosis=int(info["positive"]))
+                                  diagnosis=int(info["positive"]), dz_mm=ctx.canon_spacing[0])
         parts.append(part)
         files += [f"phantom seed {int(seeds[i])}"] * len(part)
     return SourceSet("phantoms", _stack(parts, size), files=files)
@@ -476,7 +478,8 @@ def load_prepared(folder, size: int = 256, limit: int | None = None, progress: b
             img = read_image(folder / r["image"], intensity=r.get("intensity") or "hu")
             lab = sitk.ReadImage(str(folder / r["label"]))
             x, ctx = to_model_slices(img, size)
-            parts.append(slices_from_arrays(x, label_to_model_slices(lab, ctx), r["group"], diagnosis=1))
+            parts.append(slices_from_arrays(x, label_to_model_slices(lab, ctx), r["group"], diagnosis=1,
+                                            dz_mm=ctx.canon_spacing[0]))
             files += [r["image"]] * len(x)
         return SourceSet(folder.name, _stack(parts, size), files=files)
     if (folder / "manifest.csv").is_file():

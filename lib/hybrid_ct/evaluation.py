@@ -38,8 +38,7 @@ def _true_label(s, i: int) -> np.ndarray:
 
 def run_on_slices(predictor, s, meter=None):
     """Outputs of ``predictor`` (the product's slice path) for a SliceSet."""
-    x = s.images.astype(np.float32)[:, None] / 255.0
-    return predictor.run_slices(x, meter)
+    return predictor.run_slices(s.inputs(channels=predictor.model.cfg.in_channels), meter)
 
 
 

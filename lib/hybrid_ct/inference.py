@@ -23,6 +23,7 @@ from .anatomy import BODY_TRUSTED, plausible_lungs
 from .checkpoint import load_checkpoint
 from .crop import foreground_box, grow_slab, margin_slices
 from .diagnosis import Calibration, decide, load_calibration, scan_features
+from .context import with_context
 from .energy import EnergyMeter
 from .io import check_ct
 from .model import HybridMultiTaskNet, fold_batchnorm
@@ -173,7 +174,9 @@ class Predictor:
 
     @torch.no_grad()
     def run_slices(self, x: np.ndarray, meter: EnergyMeter | None = None) -> SliceOutputs:
-        """x [D,1,S,S] in [0,1] -> per-slice probabilities and class calls."""
+        """x [D,1,S,S] in [0,1] (or the network's [D,3,S,S] 2.5D input, ``hybrid_ct.context``; a 1-channel
+        stack is read as pictures, each its own neighbour) -> per-slice probabilities and class calls."""
+        x = with_context(x, self.model.cfg.in_channels)
         outs = {k: [] for k in ("lung", "infection", "prob", "pred", "rates")}
         heads = self.model.cfg.heads
         steps = range(0, len(x), self.batch_size)
@@ -183,7 +186,7 @@ class Predictor:
                 o = self.model(xb)
             o = {k: v.float() if torch.is_tensor(v) else v for k, v in o.items()}
             for h in ("lung", "infection"):
-                p = torch.sigmoid(o[h]) if h in heads else torch.zeros_like(xb)
+                p = torch.sigmoid(o[h]) if h in heads else torch.zeros_like(xb[:, :1])
                 outs[h].append(p.cpu().numpy())
             if "cls" in heads:
                 outs["prob"].append(self.model.positive_probability(o).cpu().numpy())
@@ -200,6 +203,8 @@ class Predictor:
         time, so the slab's slices come out as on the whole volume (tests/test_crop.py)."""
         x = data["image"].as_tensor().numpy()
         d = len(x)
+        # the 2.5D input from the whole stack, before any slab is cut: the slab's edge slices see their neighbours
+        x = with_context(x, self.model.cfg.in_channels, data["image"].meta["canon_spacing"][0], self.model.cfg.context_mm)
         slab = data.get("slab") if self.crop else None
         if slab is None or tuple(slab) == (0, d):
             so = self.run_slices(x, meter)

@@ -50,6 +50,8 @@ class NetConfig:
     reuse_static: bool = True  # compute static-input layers once, not T times (same output)
     grad_checkpoint: bool = False  # recompute each layer in backward from its input kept as bool spikes
     in_size: int = 256
+    in_channels: int = 1  # 3: the 2.5D input, the slice and its neighbours context_mm below / above (context.py)
+    context_mm: float = 5.0
 
     def __post_init__(self):
         self.heads = tuple(self.heads)
@@ -69,6 +71,8 @@ class NetConfig:
             raise ValueError(f"surrogate must be one of {sorted(SURROGATES)}, got {self.surrogate!r}")
         if self.up_kernel not in (3, 5):
             raise ValueError("up_kernel must be 3 or 5")
+        if self.in_channels not in (1, 3) or float(self.context_mm) <= 0:
+            raise ValueError(f"in_channels must be 1 or 3 and context_mm > 0, got {self.in_channels}, {self.context_mm}")
 
     def channels(self, level: int) -> int:
         return min(self.base_channels * 2**level, self.max_channels)
@@ -262,7 +266,7 @@ class Encoder(nn.Module):
         self.cfg = cfg
         self.pool = layer.MaxPool2d(2, step_mode="m")  # no parameters: the state_dict is unchanged
         self.levels = nn.ModuleList()
-        cin = 1
+        cin = cfg.in_channels
         for lv in range(cfg.levels):
             ch = cfg.channels(lv)
             first = HybridLayer(cin, ch, cfg)
@@ -277,7 +281,7 @@ class Encoder(nn.Module):
         return second(first(x, static=lv == 0))
 
     def forward(self, x: torch.Tensor):
-        """x [B,1,H,W] -> (F [B,C,h,w], skips: spike trains [T,B,C,H,W] of every level but the last)."""
+        """x [B,in_channels,H,W] -> (F [B,C,h,w], skips: spike trains [T,B,C,H,W] of every level but the last)."""
         skips = []
         h = x
         for lv in range(self.cfg.levels):
@@ -375,8 +379,8 @@ class HybridMultiTaskNet(nn.Module):
         self.seg = nn.ModuleDict({h: SegDecoder(cfg) for h in cfg.heads if h != "cls"})
 
     def forward(self, x: torch.Tensor) -> dict:
-        if x.ndim != 4 or x.shape[1] != 1:
-            raise ValueError(f"expected input [B, 1, H, W], got {tuple(x.shape)}")
+        if x.ndim != 4 or x.shape[1] != self.cfg.in_channels:
+            raise ValueError(f"expected input [B, {self.cfg.in_channels}, H, W], got {tuple(x.shape)}")
         div = 2 ** (self.cfg.levels - 1)
         if x.shape[-1] % div or x.shape[-2] % div:
             raise ValueError(f"H and W must be multiples of {div} for {self.cfg.levels} levels, got {tuple(x.shape[-2:])}")

@@ -105,6 +105,11 @@ def make_context(img: sitk.Image, size: int = 256) -> SliceContext:
                         square_pad(canon_shape, canon_spacing), img.GetSpacing(), img.GetOrigin(), img.GetDirection())
 
 
+def slice_spacing(img: sitk.Image) -> float:
+    """The distance in mm between the model's axial slices of ``img`` (its canonical z spacing)."""
+    return make_context(img).canon_spacing[0]
+
+
 def _resize(t, hw, mode):
     import torch.nn.functional as F
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .context import CONTEXT_MM
 from .errors import InputError
 
 RECIPE_DIR = Path(__file__).resolve().parent / "recipes"
@@ -46,7 +47,11 @@ def load_recipe(name_or_path) -> dict:
             raise InputError(f"no recipe {name_or_path!r}: shipped recipes are {', '.join(recipe_names())}, "
                              "or give a recipe .json file")
     with open(p) as f:
-        return _strip_notes(json.load(f))
+        r = _strip_notes(json.load(f))
+    net = r.get("net", {})
+    if float(net.get("context_mm", CONTEXT_MM)) != CONTEXT_MM:  # the data loaders stack neighbours at CONTEXT_MM
+        raise InputError(f"recipe {name_or_path}: context_mm must be {CONTEXT_MM} (hybrid_ct.context.CONTEXT_MM)")
+    return r
 
 
 def resolve_recipe(name: str, epochs=None, max_iters=None, batch_size=None, seed=None, phantoms=None, limit=None,

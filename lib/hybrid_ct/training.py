@@ -26,6 +26,8 @@ from tqdm import tqdm
 from . import LABELS
 from .metrics import SegmentationMeter, classification_metrics
 from .model import HybridMultiTaskNet, batchnorms
+from .context import neighbours
+from .preprocess import slice_spacing
 from .transforms import model_slices
 
 MISSING = 255  # mask value for "no target for this slice"
@@ -40,6 +42,7 @@ class SliceSet:
     infection: np.ndarray  # [N,S,S] uint8 {0,1}, or MISSING
     cls: np.ndarray  # [N] int8: 0 / 1, -1 unknown
     group: list = field(default_factory=list)  # patient / study id per slice (split by group)
+    context: np.ndarray | None = None  # [N,2,S,S] uint8: the slices CONTEXT_MM below / above (volumes only)
 
     def __len__(self):
         return len(self.images)
@@ -49,15 +52,34 @@ class SliceSet:
         z = np.zeros((0, size, size), np.uint8)
         return SliceSet(z, z.copy(), z.copy(), np.zeros(0, np.int8), [])
 
+    def neighbours(self) -> np.ndarray:
+        """The context slices; a picture's (no neighbours) repeat the slice itself."""
+        return self.context if self.context is not None else np.repeat(self.images[:, None], 2, axis=1)
+
     def extend(self, other: "SliceSet") -> "SliceSet":
+        ctx = None
+        if self.context is not None or other.context is not None:
+            ctx = np.concatenate([self.neighbours(), other.neighbours()])
         return SliceSet(np.concatenate([self.images, other.images]), np.concatenate([self.lung, other.lung]),
                         np.concatenate([self.infection, other.infection]), np.concatenate([self.cls, other.cls]),
-                        list(self.group) + list(other.group))
+                        list(self.group) + list(other.group), ctx)
 
     def subset(self, idx) -> "SliceSet":
         idx = np.asarray(idx, dtype=int)
         return SliceSet(self.images[idx], self.lung[idx], self.infection[idx], self.cls[idx],
-                        [self.group[i] for i in idx])
+                        [self.group[i] for i in idx], None if self.context is None else self.context[idx])
+
+    def inputs(self, idx=None, channels: int = 1) -> np.ndarray:
+        """Network input float32 [n, channels, S, S] in [0, 1]: the slice, or (3 channels, the 2.5D
+        input of ``hybrid_ct.context``) the slice below, the slice, the slice above."""
+        idx = np.arange(len(self)) if idx is None else np.atleast_1d(np.asarray(idx, dtype=int))
+        x = self.images[idx][:, None]
+        if channels == 3:
+            nb = self.neighbours()[idx]
+            x = np.concatenate([nb[:, :1], x, nb[:, 1:]], axis=1)
+        elif channels != 1:
+            raise ValueError(f"in_channels must be 1 or 3, got {channels}")
+        return x.astype(np.float32) / 255.0
 
 
 REPLAY_SLICES = 512  # slices of the original training data kept beside a checkpoint for retraining
@@ -76,8 +98,9 @@ def save_replay(data: SliceSet, path, n: int = REPLAY_SLICES, seed: int = 0) -> 
     that fine-tuning on a few corrected scans does not forget the original data. -> slices written."""
     idx = np.sort(np.random.default_rng(seed).permutation(len(data))[:n])
     s = data.subset(idx)
+    extra = {} if s.context is None else {"context": s.context}
     np.savez_compressed(path, images=s.images, lung=s.lung, infection=s.infection, cls=s.cls,
-                        group=np.asarray(s.group, dtype=str))
+                        group=np.asarray(s.group, dtype=str), **extra)
     return len(idx)
 
 
@@ -85,17 +108,18 @@ def load_replay(path, n: int | None = None, seed: int = 0) -> SliceSet:
     """The replay sample at ``path`` (``save_replay``), at most ``n`` slices of it drawn with ``seed``."""
     with np.load(path, allow_pickle=False) as z:
         s = SliceSet(z["images"], z["lung"], z["infection"], z["cls"].astype(np.int8),
-                     [f"replay:{g}" for g in z["group"].tolist()])
+                     [f"replay:{g}" for g in z["group"].tolist()], z["context"] if "context" in z.files else None)
     if n is not None and n < len(s):
         s = s.subset(np.sort(np.random.default_rng(seed).permutation(len(s))[:n]))
     return s
 
 
 def slices_from_arrays(x: np.ndarray, label: np.ndarray | None, group: str, diagnosis: int | None = None,
-                       lung_known: bool = True, infection_known: bool = True) -> SliceSet:
+                       lung_known: bool = True, infection_known: bool = True, dz_mm: float | None = None) -> SliceSet:
     """x [D,1,S,S] in [0,1]; label [D,S,S] with 0/1/2 or None. The slice class is "infection present"
     when the infection mask is known, else the scan's diagnosis if it is negative (all slices negative);
-    slices of a positive scan without an infection mask have no class target."""
+    slices of a positive scan without an infection mask have no class target. ``dz_mm``: x is a volume
+    with this slice spacing, and each slice keeps its neighbours (``hybrid_ct.context``)."""
     d, s = x.shape[0], x.shape[-1]
     images = np.round(np.clip(x[:, 0], 0, 1) * 255).astype(np.uint8)
     miss = np.full((d, s, s), MISSING, np.uint8)
@@ -107,13 +131,14 @@ def slices_from_arrays(x: np.ndarray, label: np.ndarray | None, group: str, diag
         cls = np.zeros(d, np.int8)
     else:
         cls = np.full(d, -1, np.int8)
-    return SliceSet(images, lung, inf, cls, [group] * d)
+    ctx = neighbours(images[:, None], dz_mm) if dz_mm else None
+    return SliceSet(images, lung, inf, cls, [group] * d, ctx)
 
 
 def slices_from_volume(image: sitk.Image, label: sitk.Image | None, group: str, size: int = 256,
                        diagnosis: int | None = None) -> SliceSet:
     x, lab = model_slices(image, label, size)  # transforms.pre_transforms, as at inference
-    return slices_from_arrays(x, lab, group, diagnosis)
+    return slices_from_arrays(x, lab, group, diagnosis, dz_mm=slice_spacing(image))
 
 
 def augmentations(style: bool = False) -> Compose:
@@ -159,10 +184,12 @@ class RandJpegd(RandomizableTransform, MapTransform):
         q = int(self.R.randint(self.quality[0], self.quality[1] + 1))
         for k in self.key_iterator(d):
             x = np.asarray(d[k], dtype=np.float32)
-            buf = BytesIO()
-            Image.fromarray(np.round(np.clip(x[0], 0, 1) * 255).astype(np.uint8)).save(buf, "JPEG", quality=q)
-            y = np.asarray(Image.open(BytesIO(buf.getvalue())), dtype=np.float32)[None] / 255.0
-            d[k] = torch.from_numpy(y)
+            out = []
+            for c in x:  # each channel (the 2.5D input has three) compressed as its own grey picture
+                buf = BytesIO()
+                Image.fromarray(np.round(np.clip(c, 0, 1) * 255).astype(np.uint8)).save(buf, "JPEG", quality=q)
+                out.append(np.asarray(Image.open(BytesIO(buf.getvalue())), dtype=np.float32) / 255.0)
+            d[k] = torch.from_numpy(np.stack(out))
         return d
 
 
@@ -176,8 +203,9 @@ class SliceDataset(Dataset):
     ``KNOWN_ORIENTATION``) are also turned by 90/180/270 degrees and flipped, as collections publish them."""
 
     def __init__(self, data: SliceSet, augment: bool = False, style: bool = False, rotate_pictures: bool = False,
-                 seed: int | None = None):
+                 seed: int | None = None, channels: int = 1):
         self.data = data
+        self.channels = channels  # 3: the 2.5D input (SliceSet.inputs); augmentation moves all channels alike
         self.aug = augmentations(style) if augment else None
         self.rotate = copy.deepcopy(PICTURE_ROTATION) if augment and rotate_pictures else None
         if seed is not None:
@@ -193,7 +221,7 @@ class SliceDataset(Dataset):
         lung, inf = d.lung[i], d.infection[i]
         has_lung, has_inf = bool(lung[0, 0] != MISSING), bool(inf[0, 0] != MISSING)
         s = {
-            "image": torch.from_numpy(d.images[i][None].astype(np.float32) / 255.0),
+            "image": torch.from_numpy(d.inputs(i, self.channels)[0]),
             "lung": torch.from_numpy((lung[None] == 1).astype(np.float32)),
             "infection": torch.from_numpy((inf[None] == 1).astype(np.float32)),
         }
@@ -265,7 +293,7 @@ def recalibrate_batchnorm(model: HybridMultiTaskNet, data: SliceSet, n_slices: i
     model.to(device).train()
     try:
         with torch.no_grad():
-            for batch in DataLoader(SliceDataset(data.subset(idx)), batch_size=batch_size):
+            for batch in DataLoader(SliceDataset(data.subset(idx), channels=model.cfg.in_channels), batch_size=batch_size):
                 model(batch["image"].to(device))
     finally:
         for m, mom in zip(bns, saved):
@@ -279,7 +307,7 @@ def evaluate(model: HybridMultiTaskNet, data: SliceSet, batch_size: int = 8, dev
     model.eval()
     meter = SegmentationMeter()
     scores, truth = [], []
-    loader = DataLoader(SliceDataset(data), batch_size=batch_size, shuffle=False)
+    loader = DataLoader(SliceDataset(data, channels=model.cfg.in_channels), batch_size=batch_size, shuffle=False)
     for batch in tqdm(loader, desc="eval", unit="batch", disable=not progress, leave=False):
         b = _to(batch, device)
         out = model(b["image"])

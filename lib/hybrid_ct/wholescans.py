@@ -63,10 +63,10 @@ def load_scan(root: Path, name: str, size: int):
     group = f"{FAMILY}_{name}"
     if lung_rel:
         lung = (sitk.GetArrayFromImage(sitk.ReadImage(str(root / lung_rel))) > 0).astype(np.uint8)
-        part = slices_from_arrays(x, _to_grid(lung, img, ctx), group, diagnosis=0)
+        part = slices_from_arrays(x, _to_grid(lung, img, ctx), group, diagnosis=0, dz_mm=ctx.canon_spacing[0])
     else:
         part = slices_from_arrays(x, np.zeros(x.shape[:1] + x.shape[2:], np.uint8), group, diagnosis=0,
-                                  lung_known=False)
+                                  lung_known=False, dz_mm=ctx.canon_spacing[0])
     if labels_rel:
         keep = np.flatnonzero(_to_grid(clean_slices(root / labels_rel, img), img, ctx).reshape(len(x), -1).any(1))
         part = part.subset(keep)

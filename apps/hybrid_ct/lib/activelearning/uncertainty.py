@@ -25,6 +25,7 @@ from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 from monailabel.interfaces.tasks.strategy import Strategy
 
+from hybrid_ct.context import with_context
 from hybrid_ct.errors import InputError, ModelNotReadyError
 from hybrid_ct.io import read_image
 from hybrid_ct.preprocess import to_model_slices
@@ -42,7 +43,9 @@ def _binary_entropy(p: np.ndarray) -> np.ndarray:
 
 def spike_uncertainty(predictor, image, max_slices: int = 16) -> dict:
     """Uncertainty of ``predictor`` on a SimpleITK ``image`` (see the module docstring)."""
-    x, _ = to_model_slices(image, predictor.model.cfg.in_size)
+    cfg = predictor.model.cfg
+    x, ctx = to_model_slices(image, cfg.in_size)
+    x = with_context(x, cfg.in_channels, ctx.canon_spacing[0], cfg.context_mm)  # before thinning: true neighbours
     if len(x) > max_slices:
         x = x[np.linspace(0, len(x) - 1, max_slices).round().astype(int)]
     out = predictor.run_slices(x)

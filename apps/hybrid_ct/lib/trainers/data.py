@@ -6,6 +6,7 @@ import logging
 
 from hybrid_ct.errors import InputError
 from hybrid_ct.io import read_image
+from hybrid_ct.preprocess import slice_spacing
 from hybrid_ct.training import SliceSet, slices_from_arrays
 from hybrid_ct.transforms import model_slices
 
@@ -30,8 +31,8 @@ def slices_for_case(case: dict, size: int) -> SliceSet:
     if diagnosis == "positive" and not has_infection:
         # a positive scan whose label shows no infection: the infection was not drawn -> no infection
         # or class target for its slices; the lung mask still trains
-        return slices_from_arrays(x, lab, case["id"], diagnosis=1, infection_known=False)
-    s = slices_from_arrays(x, lab, case["id"])
+        return slices_from_arrays(x, lab, case["id"], diagnosis=1, infection_known=False, dz_mm=slice_spacing(img))
+    s = slices_from_arrays(x, lab, case["id"], dz_mm=slice_spacing(img))
     if diagnosis == "negative":
         s.cls[:] = 0  # the clinical diagnosis wins over the drawing
     return s
