@@ -19,6 +19,7 @@ import numpy as np
 
 from .context import CONTEXT_MM
 from .errors import InputError
+from .preprocess import check_size
 
 RECIPE_DIR = Path(__file__).resolve().parent / "recipes"
 HOLD_OUT_SOURCES = ("ucsd", "mosmed", "majun20")  # the cls2d collections (``datasets.group_family``)
@@ -55,7 +56,7 @@ def load_recipe(name_or_path) -> dict:
 
 
 def resolve_recipe(name: str, epochs=None, max_iters=None, batch_size=None, seed=None, phantoms=None, limit=None,
-                   sources=None, no_weak_lung: bool = False, extra=(), hold_out=None) -> dict:
+                   sources=None, no_weak_lung: bool = False, extra=(), hold_out=None, in_size=None) -> dict:
     """The recipe ``name`` with the ``hybrid-ct train`` overrides applied (None: keep the recipe's value;
     ``limit`` 0: all slices; ``sources`` a comma list; ``hold_out`` a collection left out of training,
     see ``recipe_slices``)."""
@@ -80,6 +81,11 @@ def resolve_recipe(name: str, epochs=None, max_iters=None, batch_size=None, seed
     d["extra"] = [str(Path(e).resolve()) for e in (extra or [])]
     if hold_out:
         d["hold_out"] = hold_out
+    if in_size is not None:
+        div = 2 ** (int(r["net"].get("levels", 5)) - 1)
+        if check_size(in_size) % div:
+            raise InputError(f"--in-size must be a multiple of {div} for this recipe's network, got {in_size}")
+        r["net"]["in_size"] = int(in_size)
     r["name"] = name
     return r
 

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Side-by-side studies of issue 18 on CNN twins of one budget (the twin stage of a recipe: 8 x 200 iterations,
+# one seed), each evaluated by `hybrid-ct evaluate` on the same validation split and the same whole scans:
+#
+#   STUDY=context bash scripts/twin_study.sh   # the single slice against the 2.5D input -> docs/context.md
+#   STUDY=grid    bash scripts/twin_study.sh   # model grid 128 / 160 / 192 pixels     -> docs/grid.md
+#
+# A finished twin or evaluation under $RUNS is reused (the 128-pixel single-slice twin is in both studies).
+# PARALLEL builds at once (default: one per core), THREADS torch threads each (default 1: two OpenMP threads
+# stall when the cores are shared). Extra arguments go to `hybrid-ct train`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+STUDY=${STUDY:-context}
+SEED=${SEED:-0}
+RUNS=${RUNS:-runs/study}
+PARALLEL=${PARALLEL:-$(nproc)}
+THREADS=${THREADS:-1}
+export OMP_NUM_THREADS=$THREADS
+HC=".venv/bin/hybrid-ct --threads $THREADS"
+case "$STUDY" in
+  context) VARIANTS="single-slice:shipped:128 2.5D:shipped_2p5d:128"; OUT=docs/context.md
+           TITLE="Single slice or 2.5D input (issue 18, point 1)" ;;
+  grid) VARIANTS="128:shipped:128 160:shipped:160 192:shipped:192"; OUT=docs/grid.md
+        TITLE="Model grid size (issue 18, point 3)" ;;
+  *) echo "STUDY must be context or grid" >&2; exit 2 ;;
+esac
+start=$(date +%s)
+one() {  # recipe size [train args] -> $RUNS/<recipe>-<size>-s<seed>/{twin.pt,results.json}
+  local dir="$RUNS/$1-$2-s$SEED"
+  mkdir -p "$dir"
+  if [ ! -f "$dir/train.done" ]; then
+    $HC train --recipe "$1" --in-size "$2" --seed "$SEED" --twin-only --out "$dir/twin.pt" "${@:3}" \
+      > "$dir/train.log" 2>&1 && touch "$dir/train.done" || { echo "[twin_study] $dir: training FAILED" >&2; return 1; }
+  fi
+  [ -f "$dir/results.json" ] || $HC evaluate --model "$dir/twin.pt" --out "$dir/results.md" --json "$dir/results.json" \
+    > "$dir/evaluate.log" 2>&1 || { echo "[twin_study] $dir: evaluation FAILED" >&2; return 1; }
+  echo "[twin_study] $dir done after $(( ($(date +%s) - start) / 60 )) min"
+}
+running=0
+named=()
+for v in $VARIANTS; do
+  IFS=: read -r name recipe size <<< "$v"
+  named+=("$name=$RUNS/$recipe-$size-s$SEED/results.json")
+  one "$recipe" "$size" "$@" &
+  running=$((running + 1))
+  if [ "$running" -ge "$PARALLEL" ]; then wait -n || true; running=$((running - 1)); fi
+done
+wait
+INTRO="CNN twins of one budget (8 x 200 iterations, seed $SEED, the same data and validation split), each evaluated by \`hybrid-ct evaluate\`. Command: \`STUDY=$STUDY bash scripts/twin_study.sh\` ($(( ($(date +%s) - start) / 60 )) min here, $(nproc) cores, $PARALLEL at once with $THREADS thread(s) each). One seed per column: compare differences with the run-to-run range of the twins in docs/seeds.md."
+PLOT=()
+[ "$STUDY" = grid ] && PLOT=(--plot docs/img_grid/grid.png --xlabel "model grid (pixels)")
+.venv/bin/python -m hybrid_ct.compare --out "$OUT" --title "$TITLE" --intro "$INTRO" "${PLOT[@]}" "${named[@]}"
