@@ -37,3 +37,8 @@ def test_grid_override_is_checked():
     assert resolve_recipe("shipped", in_size=192)["net"]["in_size"] == 192
     with pytest.raises(InputError, match="multiple of 16"):
         resolve_recipe("shipped", in_size=200)
+
+
+def test_fine_tune_epochs_override():
+    assert resolve_recipe("shipped", fine_tune_epochs=3)["train"]["from_twin"]["epochs"] == 3
+    assert resolve_recipe("shipped")["train"]["from_twin"]["epochs"] == 1  # the override does not leak

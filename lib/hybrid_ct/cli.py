@@ -103,7 +103,7 @@ def cmd_train(args) -> int:
     recipe = resolve_recipe(args.recipe, epochs=args.epochs, max_iters=args.max_iters, batch_size=args.batch_size,
                             seed=args.seed, phantoms=args.phantoms, limit=args.limit, sources=args.sources,
                             no_weak_lung=args.no_weak_lung, extra=args.extra, hold_out=args.hold_out_source,
-                            in_size=args.in_size)
+                            in_size=args.in_size, fine_tune_epochs=args.fine_tune_epochs)
     if args.twin_only and args.model_card:
         raise InputError("--model-card describes the shipped hybrid model: not with --twin-only")
     out = Path(args.out)
@@ -255,6 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--phantoms", type=int, help="number of phantoms")
     tr.add_argument("--limit", type=int, help="slices per source (0: all)")
     tr.add_argument("--seed", type=int)
+    tr.add_argument("--fine-tune-epochs", type=int, help="epochs of spiking fine-tuning after the conversion "
+                    "(recipes that start from the twin)")
     tr.add_argument("--in-size", type=int, help="model grid in pixels (a multiple of 2^(levels-1); the grid study "
                     "of scripts/twin_study.sh)")
     tr.add_argument("--device", default="auto", help="auto | cpu | cuda")

@@ -56,7 +56,8 @@ def load_recipe(name_or_path) -> dict:
 
 
 def resolve_recipe(name: str, epochs=None, max_iters=None, batch_size=None, seed=None, phantoms=None, limit=None,
-                   sources=None, no_weak_lung: bool = False, extra=(), hold_out=None, in_size=None) -> dict:
+                   sources=None, no_weak_lung: bool = False, extra=(), hold_out=None, in_size=None,
+                   fine_tune_epochs=None) -> dict:
     """The recipe ``name`` with the ``hybrid-ct train`` overrides applied (None: keep the recipe's value;
     ``limit`` 0: all slices; ``sources`` a comma list; ``hold_out`` a collection left out of training,
     see ``recipe_slices``)."""
@@ -81,6 +82,10 @@ def resolve_recipe(name: str, epochs=None, max_iters=None, batch_size=None, seed
     d["extra"] = [str(Path(e).resolve()) for e in (extra or [])]
     if hold_out:
         d["hold_out"] = hold_out
+    if fine_tune_epochs is not None:
+        if not t.get("from_twin"):
+            raise InputError(f"recipe {name!r} does not fine-tune a converted twin: no --fine-tune-epochs")
+        t["from_twin"]["epochs"] = int(fine_tune_epochs)
     if in_size is not None:
         div = 2 ** (int(r["net"].get("levels", 5)) - 1)
         if check_size(in_size) % div:
