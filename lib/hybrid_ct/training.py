@@ -75,7 +75,7 @@ class SliceSet:
         idx = np.arange(len(self)) if idx is None else np.atleast_1d(np.asarray(idx, dtype=int))
         x = self.images[idx][:, None]
         if channels == 3:
-            nb = self.neighbours()[idx]
+            nb = self.context[idx] if self.context is not None else np.repeat(x, 2, axis=1)
             x = np.concatenate([nb[:, :1], x, nb[:, 1:]], axis=1)
         elif channels != 1:
             raise ValueError(f"in_channels must be 1 or 3, got {channels}")
