@@ -42,3 +42,10 @@ def test_grid_override_is_checked():
 def test_fine_tune_epochs_override():
     assert resolve_recipe("shipped", fine_tune_epochs=3)["train"]["from_twin"]["epochs"] == 3
     assert resolve_recipe("shipped")["train"]["from_twin"]["epochs"] == 1  # the override does not leak
+
+
+def test_a_column_can_be_the_twin_of_an_evaluation(tmp_path, capsys):
+    p = tmp_path / "r.json"
+    p.write_text(json.dumps({"hybrid": _res(0.8, 0.4, 0.6)["hybrid"], "twin": _res(0.9, 0.5, 0.7)["hybrid"]}))
+    assert compare.main([f"hybrid={p}", f"twin={p}#twin"]) == 0
+    assert "| lung Dice, expert masks (validation slices) | 0.800 | 0.900 |" in capsys.readouterr().out

@@ -21,7 +21,8 @@ PLOTTED = ("lung Dice, expert masks (validation slices)", "infection Dice, MedSe
 
 
 def table(named: list, tag: str = "hybrid") -> str:
-    """``named``: [(column name, results dict)] -> a Markdown table of every headline number."""
+    """``named``: [(column name, results dict)] -> a Markdown table of every headline number (of the model
+    evaluated as ``tag``: ``hybrid`` is the ``--model`` of ``hybrid-ct evaluate``, ``twin`` its ``--twin``)."""
     lines = ["| number | " + " | ".join(n for n, _ in named) + " |", "|---|" + "---|" * len(named)]
     lines.append("| validation composite | " + " | ".join(_f(composite(r, tag)) for _, r in named) + " |")
     for label, path in HEADLINE:
@@ -59,7 +60,7 @@ def plot(named: list, path, xlabel: str, tag: str = "hybrid") -> Path:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m hybrid_ct.compare", description=__doc__.splitlines()[0])
-    ap.add_argument("builds", nargs="+", metavar="NAME=RESULTS_JSON")
+    ap.add_argument("builds", nargs="+", metavar="NAME=RESULTS_JSON[#twin]")
     ap.add_argument("--out", default=None, help="Markdown file (default: print the table)")
     ap.add_argument("--title", default="Side by side")
     ap.add_argument("--intro", default="", help="a paragraph under the title (what was built, the command)")
@@ -69,9 +70,11 @@ def main(argv=None) -> int:
     named = []
     for b in args.builds:
         name, sep, path = b.partition("=")
+        path, _, which = path.partition("#")  # RESULTS_JSON#twin: the --twin model of that evaluation
         if not sep or not Path(path).is_file():
-            raise SystemExit(f"expected NAME=RESULTS_JSON with an existing file, got {b!r}")
-        named.append((name, json.loads(Path(path).read_text())))
+            raise SystemExit(f"expected NAME=RESULTS_JSON[#twin] with an existing file, got {b!r}")
+        res = json.loads(Path(path).read_text())
+        named.append((name, {"hybrid": res.get(which or "hybrid", {})}))
     text = table(named)
     if args.out:
         parts = [f"# {args.title}", "", args.intro, "", text]
