@@ -19,7 +19,8 @@ THREADS=${THREADS:-1}
 export OMP_NUM_THREADS=$THREADS
 HC=".venv/bin/hybrid-ct --threads $THREADS"
 case "$STUDY" in
-  context) VARIANTS="single-slice:shipped:128 2.5D:shipped_2p5d:128"; OUT=docs/context.md
+  context) VARIANTS="single-slice:shipped:128 2.5D:shipped_2p5d:128 2.5D+context-dropout:shipped_2p5d_dropout:128"
+           OUT=docs/context.md
            TITLE="Single slice or 2.5D input (issue 18, point 1)" ;;
   grid) VARIANTS="128:shipped:128 160:shipped:160 192:shipped:192"; OUT=docs/grid.md
         TITLE="Model grid size (issue 18, point 3)" ;;

@@ -99,3 +99,13 @@ def test_predict_with_a_2p5d_network_whole_volume_and_lung_slab_agree(tmp_path):
     assert np.array_equal(a, b), f"{int((a != b).sum())} voxels differ"
     so = pred.run_slices(np.zeros((2, 1, 64, 64), np.float32))  # pictures: one channel in, context repeated
     assert so.lung.shape == (2, 1, 64, 64)
+
+
+def test_context_dropout_shows_volume_slices_as_pictures():
+    vol = slices_from_arrays(_ramp(6) / 10, None, "phantom_a", lung_known=False, infection_known=False, dz_mm=5.0)
+    never = SliceDataset(vol, augment=False, seed=0, channels=3, context_dropout=1.0)  # no augmentation: none
+    assert not torch.equal(never[3]["image"][0], never[3]["image"][1])
+    always = SliceDataset(vol, augment=True, seed=0, channels=3, context_dropout=1.0)
+    x = always._input(3)  # the input before augmentation (per-channel noise would blur the comparison)
+    assert np.array_equal(x[0], x[1]) and np.array_equal(x[2], x[1])
+    assert always[3]["image"].shape == (3, 8, 8)

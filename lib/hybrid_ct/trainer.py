@@ -304,7 +304,8 @@ class Trainer:
                 idx = self.epoch_shard()
                 loader = DataLoader(SliceDataset(self.train_set.subset(idx), augment=cfg.augment, style=cfg.style_augment,
                                                  rotate_pictures=cfg.rotate_pictures, seed=cfg.seed * 1000 + epoch,
-                                                 channels=self.model.cfg.in_channels),
+                                                 channels=self.model.cfg.in_channels,
+                                                 context_dropout=cfg.context_dropout),
                                     batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers)
                 losses = self.train_epoch(net, loader)
                 self.sched.step()

@@ -203,9 +203,13 @@ class SliceDataset(Dataset):
     ``KNOWN_ORIENTATION``) are also turned by 90/180/270 degrees and flipped, as collections publish them."""
 
     def __init__(self, data: SliceSet, augment: bool = False, style: bool = False, rotate_pictures: bool = False,
-                 seed: int | None = None, channels: int = 1):
+                 seed: int | None = None, channels: int = 1, context_dropout: float = 0.0):
         self.data = data
         self.channels = channels  # 3: the 2.5D input (SliceSet.inputs); augmentation moves all channels alike
+        # share of volume slices shown without their neighbours (as a picture): the context channels then stop
+        # telling a volume (here: mostly infection-free whole scans) from a picture (the infection masks)
+        self.context_dropout = float(context_dropout) if augment else 0.0
+        self._rng = np.random.default_rng(seed)
         self.aug = augmentations(style) if augment else None
         self.rotate = copy.deepcopy(PICTURE_ROTATION) if augment and rotate_pictures else None
         if seed is not None:
@@ -216,12 +220,17 @@ class SliceDataset(Dataset):
     def __len__(self):
         return len(self.data)
 
+    def _input(self, i) -> np.ndarray:
+        if self.channels == 3 and self.context_dropout and self._rng.random() < self.context_dropout:
+            return np.repeat(self.data.inputs(i, 1)[0], 3, axis=0)
+        return self.data.inputs(i, self.channels)[0]
+
     def __getitem__(self, i):
         d = self.data
         lung, inf = d.lung[i], d.infection[i]
         has_lung, has_inf = bool(lung[0, 0] != MISSING), bool(inf[0, 0] != MISSING)
         s = {
-            "image": torch.from_numpy(d.inputs(i, self.channels)[0]),
+            "image": torch.from_numpy(self._input(i)),
             "lung": torch.from_numpy((lung[None] == 1).astype(np.float32)),
             "infection": torch.from_numpy((inf[None] == 1).astype(np.float32)),
         }
@@ -272,6 +281,7 @@ class TrainConfig:
     num_workers: int = 0
     val_batch_size: int | None = None  # None: batch_size
     spike_rate_weight: float = 0.0  # > 0: add weight x mean firing rate of the spiking layers (sparse spikes)
+    context_dropout: float = 0.0  # 2.5D input: share of training slices shown without neighbours (SliceDataset)
 
 
 def _to(batch: dict, device) -> dict:
