@@ -11,10 +11,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+CORES=$(nproc)  # before OMP_NUM_THREADS is set: nproc honours it
 STUDY=${STUDY:-context}
 SEED=${SEED:-0}
 RUNS=${RUNS:-runs/study}
-PARALLEL=${PARALLEL:-$(nproc)}
+PARALLEL=${PARALLEL:-$CORES}
 THREADS=${THREADS:-1}
 export OMP_NUM_THREADS=$THREADS
 HC=".venv/bin/hybrid-ct --threads $THREADS"
@@ -48,7 +49,7 @@ for v in $VARIANTS; do
   if [ "$running" -ge "$PARALLEL" ]; then wait -n || true; running=$((running - 1)); fi
 done
 wait
-INTRO="CNN twins of one budget (8 x 200 iterations, seed $SEED, the same data and validation split), each evaluated by \`hybrid-ct evaluate\`. Command: \`STUDY=$STUDY bash scripts/twin_study.sh\` ($(( ($(date +%s) - start) / 60 )) min here, $(nproc) cores, $PARALLEL at once with $THREADS thread(s) each). One seed per column: compare differences with the run-to-run range of the twins in docs/seeds.md."
+INTRO="CNN twins of one budget (8 x 200 iterations, seed $SEED, the same data and validation split), each evaluated by \`hybrid-ct evaluate\`. Command: \`STUDY=$STUDY bash scripts/twin_study.sh\` ($CORES cores, $PARALLEL build(s) at once with $THREADS thread(s) each; finished twins are reused, so the training minutes below are each twin's own, as it was built). One seed per column: compare differences with the run-to-run range of the twins in docs/seeds.md."
 PLOT=()
 [ "$STUDY" = grid ] && PLOT=(--plot docs/img_grid/grid.png --xlabel "model grid (pixels)")
 .venv/bin/python -m hybrid_ct.compare --out "$OUT" --title "$TITLE" --intro "$INTRO" "${PLOT[@]}" "${named[@]}"

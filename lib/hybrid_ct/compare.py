@@ -16,8 +16,17 @@ from pathlib import Path
 
 from .seeds import HEADLINE, _f, _get, composite
 
+COST = [  # label, path in a model's results, scale: what each build cost (from its checkpoint's meta)
+    ("training iterations", ("meta", "iterations"), 1),
+    ("training minutes (this machine, as built)", ("meta", "train_seconds"), 1 / 60),
+    ("inference seconds per slice (evaluation)", ("seconds_per_slice",), 1),
+]
 PLOTTED = ("lung Dice, expert masks (validation slices)", "infection Dice, MedSeg mean per slice",
            "per-slice AUC, real pictures", "LUNG1-001 lung Dice 3D")
+
+
+def _num(v: float) -> str:
+    return "n/a" if math.isnan(v) else f"{v:.0f}" if abs(v) >= 100 else f"{v:.3g}"
 
 
 def table(named: list, tag: str = "hybrid") -> str:
@@ -30,6 +39,10 @@ def table(named: list, tag: str = "hybrid") -> str:
         if all(math.isnan(v) for v in vals):
             continue
         lines.append(f"| {label} | " + " | ".join(_f(v) for v in vals) + " |")
+    for label, path, scale in COST:
+        vals = [_get(r.get(tag, {}), path) * scale for _, r in named]
+        if not all(math.isnan(v) for v in vals):
+            lines.append(f"| {label} | " + " | ".join(_num(v) for v in vals) + " |")
     return "\n".join(lines)
 
 
