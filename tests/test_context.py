@@ -109,3 +109,17 @@ def test_context_dropout_shows_volume_slices_as_pictures():
     x = always._input(3)  # the input before augmentation (per-channel noise would blur the comparison)
     assert np.array_equal(x[0], x[1]) and np.array_equal(x[2], x[1])
     assert always[3]["image"].shape == (3, 8, 8)
+
+
+def test_a_recipe_with_another_context_distance_is_refused(tmp_path):
+    import json
+
+    from hybrid_ct.errors import InputError
+    from hybrid_ct.recipes import load_recipe
+
+    r = load_recipe("shipped_2p5d")
+    r["net"]["context_mm"] = 7.0  # the slice store holds neighbours at CONTEXT_MM only
+    p = tmp_path / "other.json"
+    p.write_text(json.dumps(r))
+    with pytest.raises(InputError, match="context_mm"):
+        load_recipe(p)
