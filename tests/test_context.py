@@ -123,3 +123,14 @@ def test_a_recipe_with_another_context_distance_is_refused(tmp_path):
     p.write_text(json.dumps(r))
     with pytest.raises(InputError, match="context_mm"):
         load_recipe(p)
+
+
+def test_the_replay_sample_keeps_the_neighbours(tmp_path):
+    from hybrid_ct.training import load_replay, save_replay
+
+    vol = slices_from_arrays(_ramp(6) / 10, None, "phantom_a", lung_known=False, infection_known=False, dz_mm=5.0)
+    save_replay(vol, tmp_path / "r.npz", n=4)
+    back = load_replay(tmp_path / "r.npz")
+    assert back.context is not None and np.array_equal(back.inputs(channels=3)[:, 1], back.inputs(channels=1)[:, 0])
+    save_replay(SliceSet(vol.images, vol.lung, vol.infection, vol.cls, vol.group), tmp_path / "p.npz", n=4)
+    assert load_replay(tmp_path / "p.npz").context is None

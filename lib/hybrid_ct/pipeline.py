@@ -193,7 +193,8 @@ def train_recipe(recipe: dict, data, out, twin_out=None, device: str = "cpu", no
     out = Path(out)
     # the app's retraining replays a sample of this training data (trainers/hybrid_ct.py, issue 16)
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta["replay_slices"] = save_replay(train, replay_path(out), seed=tcfg.seed)
+    replay = train if cfg.in_channels == 3 else replace(train, context=None)  # neighbours only for a 2.5D net
+    meta["replay_slices"] = save_replay(replay, replay_path(out), seed=tcfg.seed)
     twin_out = Path(twin_out) if twin_out else out.with_name(out.stem + "_twin.pt")
     conv = recipe["train"].get("from_twin")
     if twin_only:
