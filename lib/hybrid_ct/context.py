@@ -20,7 +20,8 @@ CONTEXT_MM = 5.0  # about one to three slices of a chest CT; a vessel crosses it
 
 def neighbours(x: np.ndarray, dz_mm: float, offset_mm: float = CONTEXT_MM) -> np.ndarray:
     """x [D, 1, S, S] (axial slices, axis 0 running cranio-caudally with spacing ``dz_mm``) -> the slices
-    at ``-offset_mm`` and ``+offset_mm`` from each slice, [D, 2, S, S], linearly interpolated along z."""
+    at ``-offset_mm`` and ``+offset_mm`` from each slice, [D, 2, S, S], linearly interpolated along z; without
+    a spacing (pictures) or for a single slice, the slice itself."""
     d = x.shape[0]
     if d < 2 or not dz_mm or dz_mm <= 0:
         return np.repeat(x[:, :1], 2, axis=1)
@@ -45,5 +46,9 @@ def with_context(x: np.ndarray, channels: int, dz_mm: float | None = None,
         return x
     if channels != 3 or x.shape[1] != 1:
         raise ValueError(f"context input: 1 or 3 channels from a 1-channel stack, got {channels} from {x.shape[1]}")
-    nb = neighbours(x, dz_mm, offset_mm) if dz_mm else np.repeat(x, 2, axis=1)
+    return stack(x, neighbours(x, dz_mm, offset_mm))
+
+
+def stack(x: np.ndarray, nb: np.ndarray) -> np.ndarray:
+    """The 2.5D channel order: x [D, 1, S, S] and its neighbours [D, 2, S, S] -> [D, 3, S, S] (below, slice, above)."""
     return np.concatenate([nb[:, :1], x, nb[:, 1:]], axis=1)

@@ -34,6 +34,14 @@ def _strip_notes(obj):
     return obj
 
 
+def _merged(base: dict, over: dict) -> dict:
+    """``base`` with ``over`` laid on top: nested dicts merged key by key, anything else replaced."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merged(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return out
+
+
 def recipe_names() -> list:
     """The recipes shipped in the package, sorted (``["quick", "shipped"]``)."""
     return sorted(p.stem for p in RECIPE_DIR.glob("*.json"))
@@ -49,6 +57,8 @@ def load_recipe(name_or_path) -> dict:
                              "or give a recipe .json file")
     with open(p) as f:
         r = _strip_notes(json.load(f))
+    if "base" in r:  # a variant: only what differs from its base recipe
+        r = _merged(load_recipe(r.pop("base")), r)
     net = r.get("net", {})
     if float(net.get("context_mm", CONTEXT_MM)) != CONTEXT_MM:  # the data loaders stack neighbours at CONTEXT_MM
         raise InputError(f"recipe {name_or_path}: context_mm must be {CONTEXT_MM} (hybrid_ct.context.CONTEXT_MM)")

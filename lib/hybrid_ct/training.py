@@ -26,7 +26,7 @@ from tqdm import tqdm
 from . import LABELS
 from .metrics import SegmentationMeter, classification_metrics
 from .model import HybridMultiTaskNet, batchnorms
-from .context import neighbours
+from .context import neighbours, stack, with_context
 from .preprocess import slice_spacing
 from .transforms import model_slices
 
@@ -73,13 +73,10 @@ class SliceSet:
         """Network input float32 [n, channels, S, S] in [0, 1]: the slice, or (3 channels, the 2.5D
         input of ``hybrid_ct.context``) the slice below, the slice, the slice above."""
         idx = np.arange(len(self)) if idx is None else np.atleast_1d(np.asarray(idx, dtype=int))
-        x = self.images[idx][:, None]
-        if channels == 3:
-            nb = self.context[idx] if self.context is not None else np.repeat(x, 2, axis=1)
-            x = np.concatenate([nb[:, :1], x, nb[:, 1:]], axis=1)
-        elif channels != 1:
-            raise ValueError(f"in_channels must be 1 or 3, got {channels}")
-        return x.astype(np.float32) / 255.0
+        x = self.images[idx][:, None].astype(np.float32) / 255.0
+        if channels == 3 and self.context is not None:
+            return stack(x, self.context[idx].astype(np.float32) / 255.0)
+        return with_context(x, channels)  # a picture: its own neighbour
 
 
 REPLAY_SLICES = 512  # slices of the original training data kept beside a checkpoint for retraining
@@ -222,7 +219,7 @@ class SliceDataset(Dataset):
 
     def _input(self, i) -> np.ndarray:
         if self.channels == 3 and self.context_dropout and self._rng.random() < self.context_dropout:
-            return np.repeat(self.data.inputs(i, 1)[0], 3, axis=0)
+            return with_context(self.data.inputs(i, 1), 3)[0]
         return self.data.inputs(i, self.channels)[0]
 
     def __getitem__(self, i):

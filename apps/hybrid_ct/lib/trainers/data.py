@@ -27,12 +27,13 @@ def slices_for_case(case: dict, size: int) -> SliceSet:
     label_img, _, _ = canonicalise_label(case["label"], case["image"], case.get("label_info", {}).get("label_info"))
     x, lab = model_slices(img, label_img, size)  # transforms.pre_transforms, as at inference
     diagnosis = normalise_diagnosis(case.get("image_info", {}).get("diagnosis"))
+    dz = slice_spacing(img)  # each slice keeps its neighbours (a 2.5D network reads them)
     has_infection = bool((lab == 2).any())
     if diagnosis == "positive" and not has_infection:
         # a positive scan whose label shows no infection: the infection was not drawn -> no infection
         # or class target for its slices; the lung mask still trains
-        return slices_from_arrays(x, lab, case["id"], diagnosis=1, infection_known=False, dz_mm=slice_spacing(img))
-    s = slices_from_arrays(x, lab, case["id"], dz_mm=slice_spacing(img))
+        return slices_from_arrays(x, lab, case["id"], diagnosis=1, infection_known=False, dz_mm=dz)
+    s = slices_from_arrays(x, lab, case["id"], dz_mm=dz)
     if diagnosis == "negative":
         s.cls[:] = 0  # the clinical diagnosis wins over the drawing
     return s
