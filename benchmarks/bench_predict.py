@@ -114,7 +114,7 @@ def staged_predict(predictor, path: str, out_path: str, device: str) -> tuple[di
     image = clock("read", io.read_image, path)
     t_start = time.perf_counter()  # predict's own latency clock starts after the read
     clock("checks", io.check_ct, image, require_chest=predictor.require_chest)
-    pre = pre_transforms(check_size(predictor.model.cfg.in_size))
+    pre = pre_transforms(check_size(predictor.model.cfg.in_size), fov=getattr(predictor.model.cfg, "fov", "square"))
     data = chain("pre", pre, {"image": image})
 
     def network():

@@ -286,9 +286,9 @@ def _mask_file(path, orient: str | None) -> np.ndarray:
     return rotate_to_display(arr, orient)
 
 
-def slice_to_model(img: sitk.Image, label2d: np.ndarray | None, size: int):
+def slice_to_model(img: sitk.Image, label2d: np.ndarray | None, size: int, fov: str = "square"):
     """A one-slice 3D image (+ its 2D 0/1/2 label) -> (x [1,1,S,S], label [1,S,S] or None)."""
-    x, ctx = to_model_slices(img, size)
+    x, ctx = to_model_slices(img, size, fov)
     if label2d is None:
         return x, None
     lab_img = array_to_image(np.asarray(label2d, dtype=np.uint8)[None], img)
@@ -333,7 +333,7 @@ def _limit_groups(rows: list, limit: int | None, key=lambda r: r["group"], seed:
 # loaders of ../shared/data
 
 def load_medseg(root=None, size: int = 256, weak_lung: bool = True, limit: int | None = None,
-                progress: bool = False) -> SourceSet:
+                progress: bool = False, fov: str = "square") -> SourceSet:
     """MedSeg slices: 8-bit pictures, expert infection mask, weak lung mask (or lung unknown)."""
     root = require_data_root(root)
     rows = [r for r in read_manifest(root) if r["path"].startswith("seg2d_medseg/images/")]
@@ -348,7 +348,7 @@ def load_medseg(root=None, size: int = 256, weak_lung: bool = True, limit: int |
         if weak_lung:
             lung = weak_lung_mask(_window01(img), inf, clear_border=False)
             label[lung & ~inf] = LABELS["lung"]
-        x, lab = slice_to_model(img, label, size)
+        x, lab = slice_to_model(img, label, size, fov)
         parts.append(slices_from_arrays(x, lab, r["group"], diagnosis=1, lung_known=weak_lung))
         files.append(r["path"])
     return SourceSet("medseg", _stack(parts, size), weak_lung=weak_lung, files=files)
@@ -366,7 +366,7 @@ def _cls2d_orientation(path: str) -> str | None:
 
 
 def load_cls2d(root=None, size: int = 256, limit: int | None = None, progress: bool = False,
-               normal_infection: bool = False) -> SourceSet:
+               normal_infection: bool = False, fov: str = "square") -> SourceSet:
     """Classification pictures (class only). ``limit`` keeps about half positives, half negatives.
     ``normal_infection``: MosMed CT-0 slices (normal studies) get an empty infection mask (derived label)."""
     root = require_data_root(root)
@@ -386,7 +386,7 @@ def load_cls2d(root=None, size: int = 256, limit: int | None = None, progress: b
             skipped += 1
             log.warning("skipping %s: %s", r["path"], e)
             continue
-        x, _ = slice_to_model(img, None, size)
+        x, _ = slice_to_model(img, None, size, fov)
         label = int(r["label"])
         if normal_infection and r["source"] in NORMAL_STUDY_SOURCES:
             empty = np.zeros((len(x),) + x.shape[-2:], np.uint8)
@@ -401,7 +401,8 @@ def load_cls2d(root=None, size: int = 256, limit: int | None = None, progress: b
     return SourceSet("cls2d", _stack(parts, size), files=files)
 
 
-def load_imlab(root=None, size: int = 256, limit: int | None = None, progress: bool = False) -> SourceSet:
+def load_imlab(root=None, size: int = 256, limit: int | None = None, progress: bool = False,
+               fov: str = "square") -> SourceSet:
     """HU volumes with expert lung masks (infection unknown, class unknown)."""
     root = require_data_root(root)
     parts, files = [], []
@@ -410,7 +411,7 @@ def load_imlab(root=None, size: int = 256, limit: int | None = None, progress: b
     for cid in tqdm(cases, desc="imlab", unit="volume", disable=not progress, leave=False):
         img = read_image(folder / f"{cid}_image_hu.nii.gz")
         lab = sitk.ReadImage(str(folder / f"{cid}_lungmask.nii.gz"))
-        x, ctx = to_model_slices(img, size)
+        x, ctx = to_model_slices(img, size, fov)
         lab_m = (label_to_model_slices(lab, ctx) > 0).astype(np.uint8)
         part = slices_from_arrays(x, lab_m, f"imlab_{cid}", lung_known=True, infection_known=False,
                                   dz_mm=ctx.canon_spacing[0])
@@ -422,7 +423,7 @@ def load_imlab(root=None, size: int = 256, limit: int | None = None, progress: b
     return SourceSet("imlab", _stack(parts, size), files=files)
 
 
-def load_majun(root=None, size: int = 256, progress: bool = False) -> SourceSet:
+def load_majun(root=None, size: int = 256, progress: bool = False, fov: str = "square") -> SourceSet:
     """Ma Jun slices: transposed .npy (coronacases int16 HU, radiopaedia uint8), lung masks 1/2 -> 1."""
     root = require_data_root(root)
     folder = root / "lung2d_majun"
@@ -431,7 +432,7 @@ def load_majun(root=None, size: int = 256, progress: bool = False) -> SourceSet:
         mask_p = folder / p.name.replace("_image_slice_", "_masks_slice_")
         img = _picture_to_display_image(p, _npy_intensity(np.load(p, allow_pickle=False)), "transpose")
         lung = (_mask_file(mask_p, "transpose") > 0).astype(np.uint8) * LABELS["lung"]
-        x, lab = slice_to_model(img, lung, size)
+        x, lab = slice_to_model(img, lung, size, fov)
         parts.append(slices_from_arrays(x, lab, canonical_group(p.name), lung_known=True, infection_known=False))
         files.append(f"lung2d_majun/{p.name}")
     return SourceSet("majun", _stack(parts, size), files=files)
@@ -441,7 +442,7 @@ PHANTOM_SHAPE = (32, 128, 128)
 
 
 def load_phantoms(n: int = 24, size: int = 256, shape=PHANTOM_SHAPE, seed: int = 1000,
-                  progress: bool = False) -> SourceSet:
+                  progress: bool = False, fov: str = "square") -> SourceSet:
     """``n`` synthetic phantoms (about 2/3 positive), made in memory; group = phantom."""
     from .phantom import make_phantom
 
@@ -453,7 +454,7 @@ def load_phantoms(n: int = 24, size: int = 256, shape=PHANTOM_SHAPE, seed: int =
     parts, files = [], []
     for i in tqdm(range(n), desc="phantoms", unit="volume", disable=not progress, leave=False):
         img, lab, info = make_phantom(int(seeds[i]), shape=tuple(shape), positive=bool(positives[i]))
-        x, ctx = to_model_slices(img, size)
+        x, ctx = to_model_slices(img, size, fov)
         part = slices_from_arrays(x, label_to_model_slices(lab, ctx), f"phantom_{seed}_{i:03d}",
                                   diagnosis=int(info["positive"]), dz_mm=ctx.canon_spacing[0])
         parts.append(part)
@@ -464,7 +465,8 @@ def load_phantoms(n: int = 24, size: int = 256, shape=PHANTOM_SHAPE, seed: int =
 # ----------------------------------------------------------------------------------------------------
 # prepared downloads (see hybrid_ct.download)
 
-def load_prepared(folder, size: int = 256, limit: int | None = None, progress: bool = False) -> SourceSet:
+def load_prepared(folder, size: int = 256, limit: int | None = None, progress: bool = False,
+                  fov: str = "square") -> SourceSet:
     """A folder written by ``hybrid-ct download``: a volume datastore (``dataset.csv``: id, image,
     label, group_id, intensity) or a 2D class set (``manifest.csv``: path, label, group_id)."""
     folder = Path(folder)
@@ -477,7 +479,7 @@ def load_prepared(folder, size: int = 256, limit: int | None = None, progress: b
         for r in tqdm(rows, desc=folder.name, unit="volume", disable=not progress, leave=False):
             img = read_image(folder / r["image"], intensity=r.get("intensity") or "hu")
             lab = sitk.ReadImage(str(folder / r["label"]))
-            x, ctx = to_model_slices(img, size)
+            x, ctx = to_model_slices(img, size, fov)
             parts.append(slices_from_arrays(x, label_to_model_slices(lab, ctx), r["group"], diagnosis=1,
                                             dz_mm=ctx.canon_spacing[0]))
             files += [r["image"]] * len(x)
@@ -493,7 +495,7 @@ def load_prepared(folder, size: int = 256, limit: int | None = None, progress: b
             except InputError as e:
                 log.warning("skipping %s: %s", r["path"], e)
                 continue
-            x, _ = slice_to_model(img, None, size)
+            x, _ = slice_to_model(img, None, size, fov)
             part = slices_from_arrays(x, None, r["group"], lung_known=False, infection_known=False)
             part.cls[:] = int(r["label"])
             parts.append(part)
@@ -510,26 +512,28 @@ REAL_SOURCES = ("medseg", "cls2d", "imlab", "majun", "wholescans")
 
 def load_sources(root=None, size: int = 256, sources=REAL_SOURCES, phantoms: int = 24,
                  phantom_shape=PHANTOM_SHAPE, limit: int | None = None, extra=(), weak_lung: bool = True,
-                 normal_infection: bool = False, progress: bool = True) -> list:
-    """Load the named real sources (+ ``phantoms`` phantoms, + prepared ``extra`` folders)."""
+                 normal_infection: bool = False, progress: bool = True, fov: str = "square") -> list:
+    """Load the named real sources (+ ``phantoms`` phantoms, + prepared ``extra`` folders); ``fov``: the
+    network's field of view (``NetConfig.fov``)."""
     out = []
     for name in sources:
         if name == "medseg":
-            out.append(load_medseg(root, size, weak_lung=weak_lung, limit=limit, progress=progress))
+            out.append(load_medseg(root, size, weak_lung=weak_lung, limit=limit, progress=progress, fov=fov))
         elif name == "cls2d":
-            out.append(load_cls2d(root, size, limit=limit, progress=progress, normal_infection=normal_infection))
+            out.append(load_cls2d(root, size, limit=limit, progress=progress, normal_infection=normal_infection,
+                                  fov=fov))
         elif name == "imlab":
-            out.append(load_imlab(root, size, limit=limit, progress=progress))
+            out.append(load_imlab(root, size, limit=limit, progress=progress, fov=fov))
         elif name == "majun":
-            out.append(load_majun(root, size, progress=progress))
+            out.append(load_majun(root, size, progress=progress, fov=fov))
         elif name == "wholescans":  # hard negatives: whole HU scans (hybrid_ct.wholescans)
-            out.append(load_wholescans(root, size, progress=progress))
+            out.append(load_wholescans(root, size, progress=progress, fov=fov))
         else:
             raise InputError(f"unknown data source {name!r}: choose from {REAL_SOURCES}")
     if phantoms:
-        out.append(load_phantoms(phantoms, size, shape=phantom_shape, progress=progress))
+        out.append(load_phantoms(phantoms, size, shape=phantom_shape, progress=progress, fov=fov))
     for folder in extra:
-        out.append(load_prepared(folder, size, limit=limit, progress=progress))
+        out.append(load_prepared(folder, size, limit=limit, progress=progress, fov=fov))
     for s in out:
         log.info("%s: %s", s.name, s.summary())
     return out

@@ -85,6 +85,45 @@ def square_pad(canon_shape, canon_spacing) -> tuple:
     return (top, hp - h - top, left, wp - w - left)
 
 
+FOVS = ("square", "body")
+"""How the axial field of view is chosen (``NetConfig.fov``): "square", the whole image padded to a
+square; "body", the bounding box of the patient's body over all slices (``body_box_pad``) made square,
+so the chest fills the model grid (issue 18, point 3)."""
+BODY_MARGIN_MM = 10.0  # kept around the body box: the skin line and partial-volume pixels stay in view
+BODY_MIN_FRACTION = 0.05  # a body under 5 % of the field of view is not trusted (a failed mask): square
+
+
+def body_box_pad(body: np.ndarray, canon_shape, canon_spacing, margin_mm: float = BODY_MARGIN_MM) -> tuple:
+    """(top, bottom, left, right) of a square field of view (in mm) centred on the bounding box of
+    ``body`` (bool [D, H, W], canonical) over all slices, plus ``margin_mm``; a negative value crops, a
+    positive one pads (the box may reach past the image). Falls back to ``square_pad`` when the body is
+    missing, smaller than ``BODY_MIN_FRACTION`` of the image, or the box would not be smaller than the
+    square field of view. One box per volume, so neighbouring slices (2.5D) and the 3D rules share a grid."""
+    _, h, w = canon_shape
+    _, sy, sx = canon_spacing
+    square = square_pad(canon_shape, canon_spacing)
+    if body is None or body.shape[-2:] != (h, w):
+        return square
+    plane = np.asarray(body, bool).reshape(-1, h, w).any(axis=0)
+    if plane.sum() < BODY_MIN_FRACTION * h * w:
+        return square
+    ys, xs = np.flatnonzero(plane.any(axis=1)), np.flatnonzero(plane.any(axis=0))
+    y0, y1 = ys[0] - margin_mm / sy, ys[-1] + 1 + margin_mm / sy
+    x0, x1 = xs[0] - margin_mm / sx, xs[-1] + 1 + margin_mm / sx
+    fov = max((y1 - y0) * sy, (x1 - x0) * sx)
+    if fov >= max(h * sy, w * sx):
+        return square
+    rows, cols = int(round(fov / sy)), int(round(fov / sx))
+    r0, c0 = int(round((y0 + y1 - rows) / 2)), int(round((x0 + x1 - cols) / 2))
+    return (-r0, r0 + rows - h, -c0, c0 + cols - w)
+
+
+def _kept(n: int, before: int, after: int) -> tuple:
+    """Rows [a, b) of an axis of length n inside a field of view that adds ``before`` / ``after`` pixels
+    (negative: removes them)."""
+    return max(0, -before), n - max(0, -after)
+
+
 def check_size(size) -> int:
     if int(size) < 8:
         raise InputError(f"model slice size must be at least 8, got {size}")
@@ -127,9 +166,11 @@ def canon_to_grid(canon: np.ndarray, pad, size: int, fill: float, mode: str, chu
     import torch
 
     top, bottom, left, right = pad
+    (r0, r1), (c0, c1) = _kept(canon.shape[1], top, bottom), _kept(canon.shape[2], left, right)
+    widths = ((0, 0), (max(top, 0), max(bottom, 0)), (max(left, 0), max(right, 0)))
     out = np.empty((canon.shape[0], 1, size, size), dtype=np.float32)
     for z0 in range(0, canon.shape[0], chunk):
-        part = np.pad(canon[z0:z0 + chunk], ((0, 0), (top, bottom), (left, right)), constant_values=fill)
+        part = np.pad(canon[z0:z0 + chunk, r0:r1, c0:c1], widths, constant_values=fill)
         t = torch.from_numpy(np.ascontiguousarray(part, dtype=np.float32))[:, None]
         out[z0:z0 + chunk] = _resize(t, (size, size), mode).numpy()
     return out
@@ -146,24 +187,28 @@ def grid_to_canon(p: np.ndarray, pad, canon_shape, size: int, mode: str = "bilin
     hp, wp = h + top + bottom, w + left + right
     # Slices that are all zero (outside the lung slab, where the network did not run) resize to zero:
     # only the others are resized (the same values, issue 16).
+    # A cropped field of view (negative pad, fov "body") leaves the image outside it at zero: background.
+    (r0, r1), (c0, c1) = _kept(h, top, bottom), _kept(w, left, right)
     todo = np.flatnonzero(p.reshape(d, -1).any(axis=1))
-    canon = np.zeros((p.shape[1], d, h, w), dtype=np.float32) if len(todo) < d else \
-        np.empty((p.shape[1], d, h, w), dtype=np.float32)
+    whole = len(todo) == d and (r0, r1, c0, c1) == (0, h, 0, w)
+    canon = np.empty((p.shape[1], d, h, w), dtype=np.float32) if whole else \
+        np.zeros((p.shape[1], d, h, w), dtype=np.float32)
     for i in range(0, len(todo), chunk):
         zs = todo[i:i + chunk]
         t = torch.from_numpy(np.ascontiguousarray(p[zs], dtype=np.float32))
         big = _resize(t, (hp, wp), mode).numpy()
-        canon[:, zs] = big[:, :, top:top + h, left:left + w].transpose(1, 0, 2, 3)
+        canon[:, zs, r0:r1, c0:c1] = big[:, :, r0 + top:r1 + top, c0 + left:c1 + left].transpose(1, 0, 2, 3)
     return canon
 
 
-def to_model_slices(img: sitk.Image, size: int = 256):
+def to_model_slices(img: sitk.Image, size: int = 256, fov: str = "square"):
     """Return ``(x, ctx)``: x is float32 [D, 1, size, size] in [0, 1] (axial LPS slices, lung window),
-    from ``transforms.pre_transforms``; ``ctx`` its geometry."""
-    from .transforms import pre_transforms, run  # the transforms are built on this module
+    from ``transforms.pre_transforms``; ``ctx`` its geometry (with the field of view ``fov`` chose)."""
+    from .transforms import grid_record, pre_transforms, run  # the transforms are built on this module
 
     ctx = make_context(img, size)
-    x = run(pre_transforms(ctx.size, body=False), {"image": img})["image"]
+    x = run(pre_transforms(ctx.size, body=False, fov=fov), {"image": img})["image"]
+    ctx.pad = tuple(grid_record(x)["pad"])
     return x.as_tensor().numpy(), ctx
 
 

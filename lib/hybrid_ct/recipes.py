@@ -114,7 +114,8 @@ def load_recipe_data(recipe: dict, root, size: int, progress: bool = True) -> li
     d = recipe["data"]
     return load_sources(root, size, sources=d["sources"], phantoms=d["phantoms"], phantom_shape=tuple(d["phantom_shape"]),
                         limit=d.get("limit"), extra=d.get("extra", []), weak_lung=d.get("weak_lung", True),
-                        normal_infection=d.get("normal_infection", False), progress=progress)
+                        normal_infection=d.get("normal_infection", False), progress=progress,
+                        fov=recipe["net"].get("fov", "square"))
 
 
 def recipe_slices(recipe: dict, root, progress: bool = True):

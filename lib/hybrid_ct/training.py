@@ -133,8 +133,8 @@ def slices_from_arrays(x: np.ndarray, label: np.ndarray | None, group: str, diag
 
 
 def slices_from_volume(image: sitk.Image, label: sitk.Image | None, group: str, size: int = 256,
-                       diagnosis: int | None = None) -> SliceSet:
-    x, lab = model_slices(image, label, size)  # transforms.pre_transforms, as at inference
+                       diagnosis: int | None = None, fov: str = "square") -> SliceSet:
+    x, lab = model_slices(image, label, size, fov)  # transforms.pre_transforms, as at inference
     return slices_from_arrays(x, lab, group, diagnosis, dz_mm=slice_spacing(image))
 
 

@@ -4,6 +4,8 @@
 
     SitkToTensord -> OrientToCanonicald* -> BodyMaskd -> LungSlabd -> LungWindowd -> ToSliceGridd*
 
+(training: BodyMaskd only when the field of view is the body's box, ``fov="body"``.)
+
 ``post_transforms(pre)`` (the network's probabilities under ``pred``, [D, 2, S, S])::
 
     EnsureTyped -> Invertd(pre) -> ProbsToLabeld -> KeepLungComponentsd
@@ -36,8 +38,8 @@ from monai.transforms.inverse import InvertibleTransform
 from monai.utils import TraceKeys
 
 from .errors import InputError
-from .preprocess import WINDOW_HU, canon_to_grid, check_size, from_canonical, grid_to_canon, orientation, \
-    square_pad, to_canonical
+from .preprocess import FOVS, WINDOW_HU, body_box_pad, canon_to_grid, check_size, from_canonical, grid_to_canon, \
+    orientation, square_pad, to_canonical
 
 
 def _np(x) -> np.ndarray:
@@ -189,24 +191,31 @@ class LungWindowd(ScaleIntensityRanged):
 
 class ToSliceGridd(_Invertible):
     """Canonical [1, D, H, W] -> axial slices [D, 1, size, size]: padded with 0 (the window minimum,
-    background for labels) to a square field of view of ``ref_key`` (``preprocess.square_pad``), then
+    background for labels) to a square field of view of ``ref_key`` (``preprocess.square_pad``; with
+    ``fov="body"`` the square box around ``body_key``'s body, ``preprocess.body_box_pad``), then
     resized, "bilinear" (antialiased when shrinking, clipped to ``value_range``) or "nearest". The inverse
     takes [D, C, size, size] back to [C, D, H, W] on the canonical grid (bilinear unless this key was
     nearest or ``Invertd(nearest_interp=True)``). Custom: MONAI's ``Resized`` resizes one image; this
     pads each slice of the volume to the square field of view and keeps the pad for the way back."""
 
     def __init__(self, keys=("image", "label"), size: int = 256, mode=("bilinear", "nearest"),
-                 ref_key: str = "image", value_range=(0.0, 1.0), allow_missing_keys: bool = True):
+                 ref_key: str = "image", value_range=(0.0, 1.0), allow_missing_keys: bool = True,
+                 fov: str = "square", body_key: str = "body"):
         super().__init__(keys, allow_missing_keys)
+        if fov not in FOVS:
+            raise InputError(f"fov must be one of {FOVS}, got {fov!r}")
         self.size = check_size(size)
         self.mode = (mode,) * len(self.keys) if isinstance(mode, str) else tuple(mode)
-        self.ref_key, self.value_range = ref_key, value_range
+        self.ref_key, self.value_range, self.fov, self.body_key = ref_key, value_range, fov, body_key
 
     def __call__(self, data):
         d = dict(data)
         ref = d[self.ref_key]
         canon_shape = tuple(ref.shape[1:])
-        pad = square_pad(canon_shape, ref.meta["canon_spacing"])
+        if self.fov == "body" and d.get(self.body_key) is not None:
+            pad = body_box_pad(_np(d[self.body_key])[0], canon_shape, ref.meta["canon_spacing"])
+        else:
+            pad = square_pad(canon_shape, ref.meta["canon_spacing"])
         for key, mode in self.key_iterator(d, self.mode):
             x = d[key]
             grid = canon_to_grid(_np(x)[0], pad, self.size, fill=0.0, mode=mode)
@@ -223,6 +232,14 @@ class ToSliceGridd(_Invertible):
     def undo(self, arr, info):
         mode = "nearest" if info["mode"] == "nearest" else "bilinear"
         return grid_to_canon(arr, info["pad"], tuple(info["canon_shape"]), info["size"], mode)
+
+
+def grid_record(x: MetaTensor) -> dict:
+    """The geometry ``ToSliceGridd`` recorded on ``x`` (pad, canon_shape, size, mode)."""
+    for op in reversed(x.applied_operations):
+        if op.get(TraceKeys.CLASS_NAME) == ToSliceGridd.__name__:
+            return op[TraceKeys.EXTRA_INFO]
+    raise InputError("no ToSliceGridd record on this tensor")
 
 
 class ProbsToLabeld(_Derived):
@@ -259,15 +276,19 @@ class KeepLungComponentsd(MapTransform):
         return d
 
 
-def pre_transforms(size: int, keys=("image",), body: bool = True) -> Compose:
+def pre_transforms(size: int, keys=("image",), body: bool = True, fov: str = "square") -> Compose:
     """SimpleITK images under ``keys`` ("image" first; "label" for training) -> model slices.
-    ``body``: also the body mask for the post-processing and the lung slab (inference only)."""
+    ``body``: also the body mask for the post-processing and the lung slab (inference only).
+    ``fov``: the field of view (``preprocess.FOVS``; "body" needs the body mask, training too)."""
     keys = tuple(keys)
     chain = [SitkToTensord(keys), OrientToCanonicald(keys + ("body",) if body else keys)]
     if body:
         chain += [BodyMaskd("image"), LungSlabd("image")]
+    elif fov == "body":
+        chain += [BodyMaskd("image")]
     chain += [LungWindowd("image"),
-              ToSliceGridd(keys, size, mode=tuple("bilinear" if k == "image" else "nearest" for k in keys))]
+              ToSliceGridd(keys, size, mode=tuple("bilinear" if k == "image" else "nearest" for k in keys),
+                           fov=fov)]
     return Compose(chain)
 
 
@@ -284,11 +305,11 @@ def post_transforms(pre: Compose) -> Compose:
                     inverse_transforms(pre), ProbsToLabeld("pred"), KeepLungComponentsd("label")])
 
 
-def model_slices(image: sitk.Image, label: sitk.Image | None, size: int):
+def model_slices(image: sitk.Image, label: sitk.Image | None, size: int, fov: str = "square"):
     """Training input: ``pre_transforms`` on an image and its label (the label follows the image's
     orientation and grid; nearest neighbour) -> (x float32 [D, 1, size, size] in [0, 1], label uint8
     [D, size, size] or None)."""
     keys = ("image", "label") if label is not None else ("image",)
-    d = run(pre_transforms(size, keys=keys, body=False), {"image": image, "label": label})
+    d = run(pre_transforms(size, keys=keys, body=False, fov=fov), {"image": image, "label": label})
     lab = d["label"].as_tensor().numpy()[:, 0].astype(np.uint8) if label is not None else None
     return d["image"].as_tensor().numpy(), lab

@@ -55,11 +55,11 @@ def _to_grid(vol: np.ndarray, image: sitk.Image, ctx) -> np.ndarray:
     return label_to_model_slices(lab, ctx)
 
 
-def load_scan(root: Path, name: str, size: int):
+def load_scan(root: Path, name: str, size: int, fov: str = "square"):
     """One whole scan -> (SliceSet, files); see the module docstring for what each slice carries."""
     rel, lung_rel, labels_rel = SCANS[name]
     img = read_image(root / rel)
-    x, ctx = to_model_slices(img, size)
+    x, ctx = to_model_slices(img, size, fov)
     group = f"{FAMILY}_{name}"
     if lung_rel:
         lung = (sitk.GetArrayFromImage(sitk.ReadImage(str(root / lung_rel))) > 0).astype(np.uint8)
@@ -74,7 +74,7 @@ def load_scan(root: Path, name: str, size: int):
     return part, [rel] * len(part)
 
 
-def load_wholescans(root, size: int = 256, names=tuple(SCANS), progress: bool = False):
+def load_wholescans(root, size: int = 256, names=tuple(SCANS), progress: bool = False, fov: str = "square"):
     """The whole HU scans of ``SCANS`` present under ``root`` -> SourceSet ``wholescans`` (empty if none)."""
     from .datasets import SourceSet, _stack
 
@@ -82,7 +82,7 @@ def load_wholescans(root, size: int = 256, names=tuple(SCANS), progress: bool = 
     for name in tqdm(names, desc="whole scans", unit="scan", disable=not progress, leave=False):
         if not (Path(root) / SCANS[name][0]).is_file():
             continue
-        part, f = load_scan(Path(root), name, size)
+        part, f = load_scan(Path(root), name, size, fov)
         parts.append(part)
         files += f
     return SourceSet("wholescans", _stack(parts, size), files=files)

@@ -132,13 +132,16 @@ class HybridCTInfer(InferTask):
         out["model"] = self.server.store.summary()
         return out
 
-    def _size(self) -> int:
+    def _grid(self) -> tuple:
+        """The served model's slice size and field of view."""
         served = self.server.peek()
-        return int(served.predictor.model.cfg.in_size if served else NetConfig().in_size)
+        cfg = served.predictor.model.cfg if served else NetConfig()
+        return int(cfg.in_size), cfg.fov
 
     def pre_transforms(self, data=None):
         """CT -> model slices, as ``Predictor.predict`` runs them (``hybrid_ct.transforms.pre_transforms``)."""
-        return pre_transforms(self._size()).transforms
+        size, fov = self._grid()
+        return pre_transforms(size, fov=fov).transforms
 
     def inverse_transforms(self, data=None):
         """[]: every invertible pre-transform (reorientation, slice grid), as in BasicInferTask."""
@@ -147,7 +150,8 @@ class HybridCTInfer(InferTask):
     def post_transforms(self, data=None):
         """Probabilities -> label in the input's geometry (``hybrid_ct.transforms.post_transforms``; its
         ``Invertd`` runs the inverses of ``pre_transforms``)."""
-        return post_transforms(pre_transforms(self._size())).transforms
+        size, fov = self._grid()
+        return post_transforms(pre_transforms(size, fov=fov)).transforms
 
     def get_path(self, validate=True):
         try:

@@ -21,11 +21,11 @@ def is_validation_image(image_id: str, val_split: float) -> bool:
     return h < val_split
 
 
-def slices_for_case(case: dict, size: int) -> SliceSet:
+def slices_for_case(case: dict, size: int, fov: str = "square") -> SliceSet:
     """One datastore case -> model-space slices with targets (label remapped by its label_info names)."""
     img = read_image(case["image"])
     label_img, _, _ = canonicalise_label(case["label"], case["image"], case.get("label_info", {}).get("label_info"))
-    x, lab = model_slices(img, label_img, size)  # transforms.pre_transforms, as at inference
+    x, lab = model_slices(img, label_img, size, fov)  # transforms.pre_transforms, as at inference
     diagnosis = normalise_diagnosis(case.get("image_info", {}).get("diagnosis"))
     dz = slice_spacing(img)  # each slice keeps its neighbours (a 2.5D network reads them)
     has_infection = bool((lab == 2).any())
@@ -39,12 +39,12 @@ def slices_for_case(case: dict, size: int) -> SliceSet:
     return s
 
 
-def slices_of(cases: list, size: int) -> tuple:
+def slices_of(cases: list, size: int, fov: str = "square") -> tuple:
     """Cases -> (one SliceSet of all their slices, the cases used, the ones skipped with the reason)."""
     out, used, skipped = SliceSet.empty(size), [], []
     for case in cases:
         try:
-            s = slices_for_case(case, size)
+            s = slices_for_case(case, size, fov)
         except InputError as e:
             skipped.append({"id": case["id"], "reason": str(e)})
             logger.warning("training skips %s: %s", case["id"], e)

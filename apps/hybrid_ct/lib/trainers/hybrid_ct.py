@@ -235,10 +235,10 @@ class HybridCTTrain(BasicTrainTask):
         served_version = self.store.current() if lead else None  # what a retrain must not be worse than
         context.network = self.network(context)
         served_version = getattr(context, "parent_version", None) or served_version
-        size = context.network.cfg.in_size
+        grid = context.network.cfg.in_size, context.network.cfg.fov
         is_val = [is_validation_image(case["id"], req["val_split"]) for case in datalist]
-        train_set, train_cases, skipped = slices_of([c for c, v in zip(datalist, is_val) if not v], size)
-        val_set, val_cases, skipped_val = slices_of([c for c, v in zip(datalist, is_val) if v], size)
+        train_set, train_cases, skipped = slices_of([c for c, v in zip(datalist, is_val) if not v], *grid)
+        val_set, val_cases, skipped_val = slices_of([c for c, v in zip(datalist, is_val) if v], *grid)
         skipped += skipped_val
         n_train, n_val = len(train_cases), len(val_cases)
         if n_train == 0:
@@ -246,7 +246,7 @@ class HybridCTTrain(BasicTrainTask):
                              + (f" ({len(skipped)} skipped)" if skipped else "") + "; submit final labels first")
         val_on_train = len(val_set) == 0
         n_new = len(train_set)
-        replay, replay_from = self.replay_set(size, int(req.get("replay_slices", REPLAY_SLICES) or 0), cfg.seed)
+        replay, replay_from = self.replay_set(grid[0], int(req.get("replay_slices", REPLAY_SLICES) or 0), cfg.seed)
         if replay is not None:  # validation stays on the datastore's own images
             train_set = train_set.extend(replay)
         stats.update(replay={"slices": len(replay) if replay is not None else 0, "file": replay_from})
@@ -315,9 +315,9 @@ class HybridCTTrain(BasicTrainTask):
         if served_version is not None:
             try:
                 old, _ = load_checkpoint(self.store.path(served_version), "cpu")
-                same = old.cfg.in_size == model.cfg.in_size
-                served = promotion_scores(old, data if same else slices_of(cases, old.cfg.in_size)[0], device,
-                                          batch_size)
+                same = (old.cfg.in_size, old.cfg.fov) == (model.cfg.in_size, model.cfg.fov)
+                served = promotion_scores(old, data if same else slices_of(cases, old.cfg.in_size, old.cfg.fov)[0],
+                                          device, batch_size)
                 del old
             except (ModelNotReadyError, UnknownVersionError) as e:  # unservable anyway: nothing to compare
                 failed = f"the served model {served_version} does not load ({e}); "
