@@ -4,7 +4,7 @@
 #
 #   STUDY=context bash scripts/twin_study.sh   # the single slice against the 2.5D input -> docs/context.md
 #   STUDY=grid    bash scripts/twin_study.sh   # model grid 128 / 160 / 192 pixels     -> docs/grid.md
-#   STUDY=fov     bash scripts/twin_study.sh   # whole image or the body's box (128; body 160) -> docs/fov.md
+#   STUDY=fov     bash scripts/twin_study.sh   # whole image or the lungs' box (128; lungs 160) -> docs/fov.md
 #
 # A finished twin or evaluation under $RUNS is reused (the 128-pixel single-slice twin is in both studies).
 # PARALLEL builds at once (default: one per core), THREADS torch threads each (default 1: two OpenMP threads
@@ -26,9 +26,9 @@ case "$STUDY" in
            TITLE="Single slice or 2.5D input (issue 18, point 1)" ;;
   grid) VARIANTS="128:shipped:128 160:shipped:160 192:shipped:192"; OUT=docs/grid.md
         TITLE="Model grid size (issue 18, point 3)" ;;
-  fov) VARIANTS="square-128:shipped:128 body-128:shipped_body:128 body-160:shipped_body:160"
+  fov) VARIANTS="square-128:shipped:128 lungs-128:shipped_lungbox:128 lungs-160:shipped_lungbox:160"
        OUT=docs/fov.md
-       TITLE="Whole image or the body's box as the field of view (issue 18, point 3)" ;;
+       TITLE="Whole image or the lungs' box as the field of view (issue 18, point 3)" ;;
   *) echo "STUDY must be context, grid or fov" >&2; exit 2 ;;
 esac
 start=$(date +%s)

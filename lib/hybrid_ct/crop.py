@@ -36,20 +36,50 @@ def lung_slab(hu: np.ndarray, body: np.ndarray | None, spacing_zyx) -> tuple[int
     lungs, with ``SLAB_MARGIN_MM`` on each side; None when the whole volume should be run (a short
     stack, no body mask, no air inside the body)."""
     d = hu.shape[0]
-    if d < MIN_SLAB_SLICES or body is None or body.shape != hu.shape:
+    if d < MIN_SLAB_SLICES:
         return None
+    boxes = _lung_air_boxes(hu, body, spacing_zyx)
+    if not boxes:
+        return None
+    z0 = min(b[0].start for b, _ in boxes)
+    z1 = max(b[0].stop for b, _ in boxes)
+    m = int(math.ceil(SLAB_MARGIN_MM / max(float(spacing_zyx[0]), 1e-3)))
+    return max(0, z0 - m), min(d, z1 + m)
+
+
+def _lung_air_boxes(hu: np.ndarray, body: np.ndarray | None, spacing_zyx) -> list:
+    """The bounding boxes of the large 3D air components inside ``body`` (lungs and airways), found at
+    about ``SLAB_GRID_MM`` in-plane: [(box on the low-resolution grid, in-plane stride k)]."""
+    if body is None or body.shape != hu.shape:
+        return []
     k = max(1, int(round(SLAB_GRID_MM / max(float(spacing_zyx[1]), float(spacing_zyx[2]), 1e-3))))
     air = body[:, ::k, ::k] & (hu[:, ::k, ::k] < SLAB_AIR_HU)
     comp, n = ndimage.label(air)
     if n == 0:
-        return None
+        return []
     sizes = ndimage.sum_labels(air, comp, index=np.arange(1, n + 1))
-    big = np.flatnonzero(sizes >= SLAB_MIN_COMPONENT * sizes.max())
     boxes = ndimage.find_objects(comp)
-    z0 = min(boxes[i][0].start for i in big)
-    z1 = max(boxes[i][0].stop for i in big)
-    m = int(math.ceil(SLAB_MARGIN_MM / max(float(spacing_zyx[0]), 1e-3)))
-    return max(0, z0 - m), min(d, z1 + m)
+    return [(boxes[i], k) for i in np.flatnonzero(sizes >= SLAB_MIN_COMPONENT * sizes.max())]
+
+
+def lung_air_box(hu: np.ndarray, body: np.ndarray | None, spacing_zyx) -> tuple | None:
+    """In-plane ``(y0, y1, x0, x1)`` (canonical pixels) around the lungs' air over all slices of a
+    canonical HU volume, widened to its mirror image about the body's midline (a lung that is dense on
+    every slice, a white-out, is not air but lies opposite the other one): the field of view
+    ``fov="lungs"`` is built on it (``preprocess.box_pad``). None -- keep the whole image -- for a
+    picture or a short stack (one dense slice can hide a whole lung: MedSeg's 0.jpg lost its right lung
+    to a box built on air when this was tried) and when no air is found inside the body."""
+    if hu.shape[0] < MIN_SLAB_SLICES:
+        return None
+    boxes = _lung_air_boxes(hu, body, spacing_zyx)
+    if not boxes:
+        return None
+    h, w = hu.shape[1:]
+    x0, x1 = min(b[2].start * k for b, k in boxes), min(w, max(b[2].stop * k for b, k in boxes))
+    cols = np.flatnonzero(body.any(axis=(0, 1)))
+    mid = (cols[0] + cols[-1] + 1) / 2
+    x0, x1 = max(0, int(min(x0, 2 * mid - x1))), min(w, int(math.ceil(max(x1, 2 * mid - x0))))
+    return min(b[1].start * k for b, k in boxes), min(h, max(b[1].stop * k for b, k in boxes)), x0, x1
 
 
 def margin_slices(spacing_z: float) -> int:

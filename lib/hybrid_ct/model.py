@@ -52,7 +52,7 @@ class NetConfig:
     in_size: int = 256
     in_channels: int = 1  # 3: the 2.5D input, the slice and its neighbours context_mm below / above (context.py)
     context_mm: float = 5.0
-    fov: str = "square"  # "body": the input is the body's bounding box made square (preprocess.FOVS)
+    fov: str = "square"  # "lungs": the input is the box around the lungs, made square (preprocess.FOVS)
 
     def __post_init__(self):
         self.heads = tuple(self.heads)
@@ -70,8 +70,8 @@ class NetConfig:
             raise ValueError(f"neuron must be 'lif' or 'plif', got {self.neuron!r}")
         if self.surrogate not in SURROGATES:
             raise ValueError(f"surrogate must be one of {sorted(SURROGATES)}, got {self.surrogate!r}")
-        if self.fov not in ("square", "body"):
-            raise ValueError(f"fov must be 'square' or 'body', got {self.fov!r}")
+        if self.fov not in ("square", "lungs"):
+            raise ValueError(f"fov must be 'square' or 'lungs', got {self.fov!r}")
         if self.up_kernel not in (3, 5):
             raise ValueError("up_kernel must be 3 or 5")
         if self.in_channels not in (1, 3) or float(self.context_mm) <= 0:

@@ -85,31 +85,29 @@ def square_pad(canon_shape, canon_spacing) -> tuple:
     return (top, hp - h - top, left, wp - w - left)
 
 
-FOVS = ("square", "body")
+FOVS = ("square", "lungs")
 """How the axial field of view is chosen (``NetConfig.fov``): "square", the whole image padded to a
-square; "body", the bounding box of the patient's body over all slices (``body_box_pad``) made square,
-so the chest fills the model grid (issue 18, point 3)."""
-BODY_MARGIN_MM = 10.0  # kept around the body box: the skin line and partial-volume pixels stay in view
-BODY_MIN_FRACTION = 0.05  # a body under 5 % of the field of view is not trusted (a failed mask): square
+square; "lungs", the box around the lungs' air over all slices (``crop.lung_air_box``) plus
+``LUNG_MARGIN_MM``, made square, so the lungs fill the model grid (issue 18, point 3). A body box does
+not do it: on P001, cap001 and LUNG1-001 the body (arms, a field of view cut at the skin) spans the
+whole image width, so its square box is the whole image (measured when this was built)."""
+LUNG_MARGIN_MM = 20.0  # around the aerated lung: dense consolidation at a base or a periphery, the pleura
+LUNG_MIN_FRACTION = 0.02  # an air box under 2 % of the image is not a pair of lungs: keep the whole image
 
 
-def body_box_pad(body: np.ndarray, canon_shape, canon_spacing, margin_mm: float = BODY_MARGIN_MM) -> tuple:
-    """(top, bottom, left, right) of a square field of view (in mm) centred on the bounding box of
-    ``body`` (bool [D, H, W], canonical) over all slices, plus ``margin_mm``; a negative value crops, a
-    positive one pads (the box may reach past the image). Falls back to ``square_pad`` when the body is
-    missing, smaller than ``BODY_MIN_FRACTION`` of the image, or the box would not be smaller than the
-    square field of view. One box per volume, so neighbouring slices (2.5D) and the 3D rules share a grid."""
+def box_pad(box, canon_shape, canon_spacing, margin_mm: float = LUNG_MARGIN_MM) -> tuple:
+    """(top, bottom, left, right) of a square field of view (in mm) centred on ``box`` = (y0, y1, x0, x1)
+    (canonical pixels) plus ``margin_mm``; a negative value crops, a positive one pads (the square may
+    reach past the image). ``square_pad`` when there is no box, when it is under ``LUNG_MIN_FRACTION`` of
+    the image, or when it would not be smaller than the square field of view. One box per volume, so
+    neighbouring slices (2.5D) and the 3D rules share one grid."""
     _, h, w = canon_shape
     _, sy, sx = canon_spacing
     square = square_pad(canon_shape, canon_spacing)
-    if body is None or body.shape[-2:] != (h, w):
+    if box is None or (box[1] - box[0]) * (box[3] - box[2]) < LUNG_MIN_FRACTION * h * w:
         return square
-    plane = np.asarray(body, bool).reshape(-1, h, w).any(axis=0)
-    if plane.sum() < BODY_MIN_FRACTION * h * w:
-        return square
-    ys, xs = np.flatnonzero(plane.any(axis=1)), np.flatnonzero(plane.any(axis=0))
-    y0, y1 = ys[0] - margin_mm / sy, ys[-1] + 1 + margin_mm / sy
-    x0, x1 = xs[0] - margin_mm / sx, xs[-1] + 1 + margin_mm / sx
+    y0, y1 = box[0] - margin_mm / sy, box[1] + margin_mm / sy
+    x0, x1 = box[2] - margin_mm / sx, box[3] + margin_mm / sx
     fov = max((y1 - y0) * sy, (x1 - x0) * sx)
     if fov >= max(h * sy, w * sx):
         return square

@@ -4,7 +4,7 @@
 
     SitkToTensord -> OrientToCanonicald* -> BodyMaskd -> LungSlabd -> LungWindowd -> ToSliceGridd*
 
-(training: BodyMaskd only when the field of view is the body's box, ``fov="body"``.)
+(``fov="lungs"`` adds LungBoxd before LungWindowd, and BodyMaskd in training too.)
 
 ``post_transforms(pre)`` (the network's probabilities under ``pred``, [D, 2, S, S])::
 
@@ -38,7 +38,7 @@ from monai.transforms.inverse import InvertibleTransform
 from monai.utils import TraceKeys
 
 from .errors import InputError
-from .preprocess import FOVS, WINDOW_HU, body_box_pad, canon_to_grid, check_size, from_canonical, grid_to_canon, \
+from .preprocess import FOVS, WINDOW_HU, box_pad, canon_to_grid, check_size, from_canonical, grid_to_canon, \
     orientation, square_pad, to_canonical
 
 
@@ -181,6 +181,27 @@ class LungSlabd(MapTransform):
         return d
 
 
+class LungBoxd(MapTransform):
+    """The in-plane box around the lungs' air over all slices (``crop.lung_air_box``, on the canonical HU
+    volume inside ``body_key``'s body) -> ``out_key`` (y0, y1, x0, x1) or None: the field of view
+    ``fov="lungs"`` of ``ToSliceGridd``. Custom, like ``LungSlabd``: the same low-resolution components."""
+
+    def __init__(self, keys="image", body_key: str = "body", out_key: str = "lung_box"):
+        super().__init__(keys)
+        self.body_key, self.out_key = body_key, out_key
+
+    def __call__(self, data):
+        from .crop import lung_air_box
+
+        d = dict(data)
+        body = d.get(self.body_key)
+        for key in self.key_iterator(d):
+            x = d[key]
+            d[self.out_key] = lung_air_box(_np(x)[0], _np(body)[0].astype(bool) if body is not None else None,
+                                           x.meta["canon_spacing"])
+        return d
+
+
 class LungWindowd(ScaleIntensityRanged):
     """The lung window (W1500 / L-600): ``WINDOW_HU`` onto [0, 1], clipped; the same float32 values as
     ``preprocess.window`` (tests/test_transforms.py checks it)."""
@@ -192,7 +213,7 @@ class LungWindowd(ScaleIntensityRanged):
 class ToSliceGridd(_Invertible):
     """Canonical [1, D, H, W] -> axial slices [D, 1, size, size]: padded with 0 (the window minimum,
     background for labels) to a square field of view of ``ref_key`` (``preprocess.square_pad``; with
-    ``fov="body"`` the square box around ``body_key``'s body, ``preprocess.body_box_pad``), then
+    ``fov="lungs"`` the square around ``box_key``'s lung box, ``preprocess.box_pad``), then
     resized, "bilinear" (antialiased when shrinking, clipped to ``value_range``) or "nearest". The inverse
     takes [D, C, size, size] back to [C, D, H, W] on the canonical grid (bilinear unless this key was
     nearest or ``Invertd(nearest_interp=True)``). Custom: MONAI's ``Resized`` resizes one image; this
@@ -200,20 +221,20 @@ class ToSliceGridd(_Invertible):
 
     def __init__(self, keys=("image", "label"), size: int = 256, mode=("bilinear", "nearest"),
                  ref_key: str = "image", value_range=(0.0, 1.0), allow_missing_keys: bool = True,
-                 fov: str = "square", body_key: str = "body"):
+                 fov: str = "square", box_key: str = "lung_box"):
         super().__init__(keys, allow_missing_keys)
         if fov not in FOVS:
             raise InputError(f"fov must be one of {FOVS}, got {fov!r}")
         self.size = check_size(size)
         self.mode = (mode,) * len(self.keys) if isinstance(mode, str) else tuple(mode)
-        self.ref_key, self.value_range, self.fov, self.body_key = ref_key, value_range, fov, body_key
+        self.ref_key, self.value_range, self.fov, self.box_key = ref_key, value_range, fov, box_key
 
     def __call__(self, data):
         d = dict(data)
         ref = d[self.ref_key]
         canon_shape = tuple(ref.shape[1:])
-        if self.fov == "body" and d.get(self.body_key) is not None:
-            pad = body_box_pad(_np(d[self.body_key])[0], canon_shape, ref.meta["canon_spacing"])
+        if self.fov == "lungs":
+            pad = box_pad(d.get(self.box_key), canon_shape, ref.meta["canon_spacing"])
         else:
             pad = square_pad(canon_shape, ref.meta["canon_spacing"])
         for key, mode in self.key_iterator(d, self.mode):
@@ -279,13 +300,16 @@ class KeepLungComponentsd(MapTransform):
 def pre_transforms(size: int, keys=("image",), body: bool = True, fov: str = "square") -> Compose:
     """SimpleITK images under ``keys`` ("image" first; "label" for training) -> model slices.
     ``body``: also the body mask for the post-processing and the lung slab (inference only).
-    ``fov``: the field of view (``preprocess.FOVS``; "body" needs the body mask, training too)."""
+    ``fov``: the field of view (``preprocess.FOVS``; "lungs" needs the body mask and the lung box, training
+    too)."""
     keys = tuple(keys)
     chain = [SitkToTensord(keys), OrientToCanonicald(keys + ("body",) if body else keys)]
     if body:
         chain += [BodyMaskd("image"), LungSlabd("image")]
-    elif fov == "body":
+    elif fov == "lungs":
         chain += [BodyMaskd("image")]
+    if fov == "lungs":
+        chain += [LungBoxd("image")]
     chain += [LungWindowd("image"),
               ToSliceGridd(keys, size, mode=tuple("bilinear" if k == "image" else "nearest" for k in keys),
                            fov=fov)]
