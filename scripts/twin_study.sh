@@ -4,6 +4,7 @@
 #
 #   STUDY=context bash scripts/twin_study.sh   # the single slice against the 2.5D input -> docs/context.md
 #   STUDY=grid    bash scripts/twin_study.sh   # model grid 128 / 160 / 192 pixels     -> docs/grid.md
+#   STUDY=hardneg bash scripts/twin_study.sh   # uniform or error-weighted negatives       -> docs/hardneg.md
 #   STUDY=fov     bash scripts/twin_study.sh   # whole image or the lungs' box (128; lungs 160) -> docs/fov.md
 #
 # A finished twin or evaluation under $RUNS is reused (the 128-pixel single-slice twin is in both studies).
@@ -29,7 +30,9 @@ case "$STUDY" in
   fov) VARIANTS="square-128:shipped:128 lungs-128:shipped_lungbox:128 lungs-160:shipped_lungbox:160"
        OUT=docs/fov.md
        TITLE="Whole image or the lungs' box as the field of view (issue 18, point 3)" ;;
-  *) echo "STUDY must be context, grid or fov" >&2; exit 2 ;;
+  hardneg) VARIANTS="uniform:shipped:128 hard-negatives:shipped_hardneg:128"; OUT=docs/hardneg.md
+           TITLE="Hard negatives weighted by the model's errors (issue 18, point 4)" ;;
+  *) echo "STUDY must be context, grid, fov or hardneg" >&2; exit 2 ;;
 esac
 start=$(date +%s)
 one() {  # recipe size [train args] -> $RUNS/<recipe>-<size>-s<seed>/{twin.pt,results.json}

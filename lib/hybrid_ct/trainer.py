@@ -144,6 +144,20 @@ def build_optimizer(model: nn.Module, loss_fn: nn.Module, cfg: TrainConfig) -> t
                              weight_decay=cfg.weight_decay)
 
 
+@torch.no_grad()
+def negative_errors(out: dict, batch: dict) -> torch.Tensor:
+    """How wrong the model is on each sample if it is a negative: its probability of the positive class
+    plus 20 x the share of the slice it calls infection (>= 0.5) where the infection target is known
+    (a 5 % false outline weighs like a wrong class call) -> [B] float (hard negatives, issue 18 point 4)."""
+    err = torch.zeros(len(batch["image"]), device=batch["image"].device)
+    if "cls_logits" in out:
+        err += torch.softmax(out["cls_logits"].detach().float(), 1)[:, 1]
+    if "infection" in out:
+        false = ((out["infection"].detach() >= 0) & (batch["infection"] < 0.5)).flatten(1).float().mean(1)
+        err += 20.0 * false * batch["infection_mask"].float()
+    return err
+
+
 def spiking_neurons(model: nn.Module) -> list:
     """The neurons that emit spikes (membrane read-outs excluded): what the firing-rate regulariser counts."""
     from spikingjelly.activation_based import neuron
@@ -183,6 +197,8 @@ class Trainer:
         self._rates: list = []
         self._collect = False  # rates are kept only inside a training step (validation would hold every graph)
         self._hooks = []
+        # hard negatives: each slice's error when last trained on (NaN: not yet), read by epoch_indices
+        self.errors = np.full(len(train), np.nan) if cfg.hard_negatives > 0 else None
         if cfg.spike_rate_weight > 0:
             for m in spiking_neurons(self.model):
                 self._hooks.append(m.register_forward_hook(self._record_rate))
@@ -205,7 +221,12 @@ class Trainer:
 
     def epoch_shard(self) -> np.ndarray:
         """This rank's slices of the next epoch: never a batch of one (BatchNorm needs two samples)."""
-        idx = epoch_indices(self.train_set, self.cfg.negative_fraction, self.rng)
+        if self.errors is not None and self.world > 1:  # every rank draws the same epoch from all ranks' errors
+            t = torch.from_numpy(np.nan_to_num(self.errors, nan=-1.0)).to(self.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            self.errors = t.cpu().numpy()
+            self.errors[self.errors < 0] = np.nan
+        idx = epoch_indices(self.train_set, self.cfg.negative_fraction, self.rng, self.errors, self.cfg.hard_negatives)
         if self.world > 1:
             idx = idx[self.rank::self.world][: len(idx) // self.world]
         if len(idx) < 1:
@@ -217,8 +238,9 @@ class Trainer:
             idx = idx[:-1]  # idx is shuffled: a random slice sits out this epoch
         return idx
 
-    def train_epoch(self, net: nn.Module, loader) -> dict:
-        """One pass over ``loader`` (at most ``max_iters_per_epoch`` steps) -> mean losses per batch."""
+    def train_epoch(self, net: nn.Module, loader, idx: np.ndarray | None = None) -> dict:
+        """One pass over ``loader`` (at most ``max_iters_per_epoch`` steps) -> mean losses per batch.
+        ``idx``: the training-set index of each sample in loader order (records hard-negative errors)."""
         net.train()
         sums, n = dict.fromkeys(LOSS_KEYS, 0.0), 0
         seen = dict.fromkeys(LOSS_KEYS, 0)
@@ -230,9 +252,13 @@ class Trainer:
             self._rates.clear()
             self._collect = True
             try:
-                loss, parts = self.loss_fn(net(b["image"]), b)
+                out = net(b["image"])
+                loss, parts = self.loss_fn(out, b)
             finally:
                 self._collect = False
+            if self.errors is not None and idx is not None:
+                at = idx[it * loader.batch_size: it * loader.batch_size + len(b["image"])]
+                self.errors[at] = negative_errors(out, b).cpu().numpy()
             if self._rates:  # the firing-rate regulariser: fewer spikes, less energy (seed 002's E_hybrid)
                 rate = torch.stack(self._rates).mean()
                 loss = loss + self.cfg.spike_rate_weight * rate
@@ -307,7 +333,7 @@ class Trainer:
                                                  channels=self.model.cfg.in_channels,
                                                  context_dropout=cfg.context_dropout),
                                     batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers)
-                losses = self.train_epoch(net, loader)
+                losses = self.train_epoch(net, loader, idx)
                 self.sched.step()
                 stats = {"epoch": epoch, "loss": losses, "train_slices": int(len(idx)) * self.world,
                          "seconds": time.perf_counter() - t0}

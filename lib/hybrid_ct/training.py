@@ -244,12 +244,24 @@ class SliceDataset(Dataset):
         return s
 
 
-def epoch_indices(data: SliceSet, negative_fraction: float, rng: np.random.Generator) -> np.ndarray:
-    """All slices with something positive to learn + a fresh random share of the negatives (seed 002: 20 %)."""
+def epoch_indices(data: SliceSet, negative_fraction: float, rng: np.random.Generator,
+                  errors: np.ndarray | None = None, hard: float = 0.0) -> np.ndarray:
+    """All slices with something positive to learn + a fresh random share of the negatives (seed 002: 20 %).
+    Hard negatives (issue 18, point 4): with ``hard`` > 0 and ``errors`` (per slice, NaN where not yet
+    seen: ``trainer.negative_errors`` when the model last trained on it), the ``hard`` share of the
+    negatives that the model got most wrong comes twice and as many random ones sit out, so the number of
+    negatives (and the class balance) is unchanged while the worst are twice as likely to be in a
+    truncated epoch; ``hard`` = 0 draws exactly as before."""
     pos = np.flatnonzero(data.cls != 0)
     neg = np.flatnonzero(data.cls == 0)
     k = int(math.ceil(len(neg) * negative_fraction)) if len(neg) else 0
     chosen = rng.choice(neg, size=k, replace=False) if k else np.zeros(0, int)
+    if hard > 0 and errors is not None and k:
+        e = errors[neg]
+        seen = np.flatnonzero(~np.isnan(e))
+        worst = neg[seen[np.argsort(-e[seen], kind="stable")][: min(int(round(hard * k)), k // 2)]]
+        others = chosen[~np.isin(chosen, worst)][: k - 2 * len(worst)]
+        chosen = np.concatenate([worst, worst, others])
     idx = np.concatenate([pos, chosen])
     rng.shuffle(idx)
     return idx
@@ -279,6 +291,7 @@ class TrainConfig:
     val_batch_size: int | None = None  # None: batch_size
     spike_rate_weight: float = 0.0  # > 0: add weight x mean firing rate of the spiking layers (sparse spikes)
     context_dropout: float = 0.0  # 2.5D input: share of training slices shown without neighbours (SliceDataset)
+    hard_negatives: float = 0.0  # share of each epoch's negatives that are the model's worst (epoch_indices)
 
 
 def _to(batch: dict, device) -> dict:
