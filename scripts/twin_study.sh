@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# Side-by-side studies of issue 18 on CNN twins of one budget (the twin stage of a recipe: 8 x 200 iterations,
+# Side-by-side studies of issues 18 and 19 on CNN twins of one budget (the twin stage of a recipe: 8 x 200 iterations,
 # one seed), each evaluated by `hybrid-ct evaluate` on the same validation split and the same whole scans:
 #
 #   STUDY=context bash scripts/twin_study.sh   # the single slice against the 2.5D input -> docs/context.md
 #   STUDY=grid    bash scripts/twin_study.sh   # model grid 128 / 160 / 192 pixels     -> docs/grid.md
 #   STUDY=hardneg bash scripts/twin_study.sh   # uniform or error-weighted negatives       -> docs/hardneg.md
+#   STUDY=losses  bash scripts/twin_study.sh   # + adaptive class loss, + deep supervision  -> docs/losses.md
 #   STUDY=fov     bash scripts/twin_study.sh   # whole image or the lungs' box (128; lungs 160) -> docs/fov.md
 #
-# A finished twin or evaluation under $RUNS is reused (the 128-pixel single-slice twin is in both studies).
+# A finished twin or evaluation under $RUNS is reused (the 128-pixel single-slice twin is in every study).
 # PARALLEL builds at once (default: one per core), THREADS torch threads each (default 1: two OpenMP threads
 # stall when the cores are shared). Extra arguments go to `hybrid-ct train`.
 set -euo pipefail
@@ -32,7 +33,10 @@ case "$STUDY" in
        TITLE="Whole image or the lungs' box as the field of view (issue 18, point 3)" ;;
   hardneg) VARIANTS="uniform:shipped:128 hard-negatives:shipped_hardneg:128"; OUT=docs/hardneg.md
            TITLE="Hard negatives weighted by the model's errors (issue 18, point 4)" ;;
-  *) echo "STUDY must be context, grid, fov or hardneg" >&2; exit 2 ;;
+  losses) VARIANTS="plain:shipped:128 adaptive-class-loss:shipped_adaptive:128 deep-supervision:shipped_deepsup:128"
+          OUT=docs/losses.md
+          TITLE="Seed 001's self-adaptive class loss and deep supervision (issue 19, point 3)" ;;
+  *) echo "STUDY must be context, grid, fov, hardneg or losses" >&2; exit 2 ;;
 esac
 start=$(date +%s)
 one() {  # recipe size [train args] -> $RUNS/<recipe>-<size>-s<seed>/{twin.pt,results.json}
