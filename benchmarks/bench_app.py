@@ -184,25 +184,41 @@ def main():
         auto = r.json().get("auto_train", {})
         if not auto.get("started"):
             raise RuntimeError(f"the label submission did not start a training: {auto}")
-        current = sf.wait_until(
-            lambda: (lambda c: c if c != before else None)(
-                s.get(f"{live.url}/hybrid_ct/versions", timeout=60).json()["current"]),
-            "the retrained model to be published", timeout_s=6 * 3600, interval_s=1.0)
+        def outcome():
+            """The new version once it is current, or the promotion block when the training ended and the
+            gate kept the served model (the retrain was worse: nothing new will be served)."""
+            c = s.get(f"{live.url}/hybrid_ct/versions", timeout=60).json()["current"]
+            if c != before:
+                return {"current": c}
+            if sf.training_idle(live):
+                ts = s.get(f"{live.url}/info/", timeout=60).json().get("train_stats", {}).get("hybrid_ct", {})
+                if (ts.get("promotion") or {}).get("decision") == "kept":
+                    return {"kept": ts["promotion"]}
+            return None
+
+        end = sf.wait_until(outcome, "the retrained model to be published or kept", timeout_s=6 * 3600,
+                            interval_s=1.0)
         t_published = time.perf_counter()
-        _, p2, _ = infer(live, "phantom_000")
-        t_serving = time.perf_counter()
-        if p2.get("model_version") != current:
-            raise RuntimeError(f"inference answered with {p2.get('model_version')}, expected {current}")
         stats = s.get(f"{live.url}/info/", timeout=60).json()["train_stats"]["hybrid_ct"]
         result["retrain"] = {
             "train_params": json.loads(args.train), "train_images": stats.get("train", {}),
-            "new_version": current, "best_metric": stats.get("best_metric"),
-            "submit_to_published_s": round(t_published - t_submit, 1),
-            "submit_to_serving_s": round(t_serving - t_submit, 1),
-            "training_total_time": stats.get("total_time"),
+            "best_metric": stats.get("best_metric"), "training_total_time": stats.get("total_time"),
             "replay": stats.get("replay"), "time_budget": stats.get("time_budget"), "epochs": stats.get("epoch"),
         }
-        print(f"label submit -> new model {current} serving: {t_serving - t_submit:.1f} s", flush=True)
+        if "kept" in end:  # the promotion gate refused the retrain: time to that decision, nothing new serves
+            result["retrain"].update({"new_version": None, "promotion": end["kept"].get("reason"),
+                                      "submit_to_decision_s": round(t_published - t_submit, 1)})
+            print(f"label submit -> retrain kept out by the promotion gate after {t_published - t_submit:.1f} s: "
+                  f"{end['kept'].get('reason')}", flush=True)
+        else:
+            current = end["current"]
+            _, p2, _ = infer(live, "phantom_000")
+            t_serving = time.perf_counter()
+            if p2.get("model_version") != current:
+                raise RuntimeError(f"inference answered with {p2.get('model_version')}, expected {current}")
+            result["retrain"].update({"new_version": current, "submit_to_published_s": round(t_published - t_submit, 1),
+                                      "submit_to_serving_s": round(t_serving - t_submit, 1)})
+            print(f"label submit -> new model {current} serving: {t_serving - t_submit:.1f} s", flush=True)
     finally:
         sf.stop_server(live)
 
@@ -213,8 +229,12 @@ def main():
     print(f"| weights | {result['weights']} |")
     print(f"| /infer, {'x'.join(map(str, args.shape[::-1]))} volume, first request (model load) | {inf['first_request_s']} s |")
     print(f"| /infer, warm, median of {args.repeats} | {inf['warm_median_s']} s (server: {inf['server_split_s']}) |")
-    print(f"| label submit -> retrained model published | {rt['submit_to_published_s']} s ({rt['train_params']}) |")
-    print(f"| label submit -> first inference by the new model | {rt['submit_to_serving_s']} s |")
+    if rt.get("new_version"):
+        print(f"| label submit -> retrained model published | {rt['submit_to_published_s']} s ({rt['train_params']}) |")
+        print(f"| label submit -> first inference by the new model | {rt['submit_to_serving_s']} s |")
+    else:
+        print(f"| label submit -> retrain ended, kept out by the promotion gate | {rt['submit_to_decision_s']} s "
+              f"({rt['train_params']}; {rt['promotion']}) |")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
 

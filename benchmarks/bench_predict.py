@@ -209,6 +209,18 @@ def _digest(arr) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- driver
+def _load_line(results) -> str:
+    """Whether other work shared the machine: the 1-minute load average when each worker started (the
+    previous worker of this benchmark still counts in it for a minute)."""
+    top = max(r["load_before"][0] for r in results)
+    cores = os.cpu_count() or 1
+    if top > 0.5 * cores + 1:
+        return (f"Other work shared the machine while this ran (load average up to {top:.1f} on {cores} cores at "
+                "a worker's start), so the timings are noisy.")
+    return (f"No other work ran (load average at most {top:.1f} on {cores} cores at a worker's start, this "
+            "benchmark's previous worker included).")
+
+
 def _cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -264,9 +276,8 @@ def render(results: list, args, gpu_line: str, command: str) -> str:
         "## Where the time goes in `predict` (`benchmarks/bench_predict.py`, issue 16)",
         "",
         f"{now}; {os.cpu_count()} cores (`nproc`), {_cpu_model()}; torch {_torch_version()}; model "
-        f"`{Path(r0['model']).name}` ({r0['model_version']}). **{gpu_line}**. The machine was shared with "
-        "another engineer's work while this ran, so the timings are noisy: each cell is the median of "
-        f"{args.repeats} runs with the spread (min–max) in brackets, never the best run. Each thread count "
+        f"`{Path(r0['model']).name}` ({r0['model_version']}). **{gpu_line}**. {_load_line(results)} Each "
+        f"cell is the median of {args.repeats} runs with the spread (min–max) in brackets, never the best run. Each thread count "
         "ran in a fresh process (`torch.set_num_threads`, `OMP_NUM_THREADS`). Indented rows are parts of "
         "the stage above them; the total is the sum of the stages (the read included). The staged run's "
         "label equals `Predictor.predict`'s on every input (checked by the script); `predict` itself "
