@@ -513,8 +513,7 @@ REAL_SOURCES = ("medseg", "cls2d", "imlab", "majun", "wholescans")
 def load_sources(root=None, size: int = 256, sources=REAL_SOURCES, phantoms: int = 24,
                  phantom_shape=PHANTOM_SHAPE, limit: int | None = None, extra=(), weak_lung: bool = True,
                  normal_infection: bool = False, progress: bool = True, fov: str = "square") -> list:
-    """Load the named real sources (+ ``phantoms`` phantoms, + prepared ``extra`` folders); ``fov``: the
-    network's field of view (``NetConfig.fov``)."""
+    """Load the named real sources (+ ``phantoms`` phantoms, + prepared ``extra`` folders) for ``fov``."""
     out = []
     for name in sources:
         if name == "medseg":

@@ -159,47 +159,56 @@ class BodyMaskd(_Derived):
                           applied_operations=deepcopy(x.applied_operations))
 
 
-class LungSlabd(MapTransform):
-    """The slices that hold the lungs (``crop.lung_slab``: air inside ``body_key``'s body, at low
-    resolution, plus a margin) -> ``out_key``: ``(z0, z1)`` on the canonical slice axis (which
-    ``ToSliceGridd`` keeps), or None (run every slice). ``Predictor`` runs the network on these slices
-    only (issue 16). Custom: a few milliseconds on the canonical HU volume, before the lung window."""
+class _LungAird(MapTransform):
+    """Writes ``measure(hu, body, spacing)`` of the canonical HU volume (``crop``'s large air components
+    inside ``body_key``'s body, at low resolution) under ``out_key``. Custom: a few milliseconds, before
+    the lung window."""
 
-    def __init__(self, keys="image", body_key: str = "body", out_key: str = "slab"):
+    out_default = ""
+
+    def __init__(self, keys="image", body_key: str = "body", out_key: str | None = None):
         super().__init__(keys)
-        self.body_key, self.out_key = body_key, out_key
+        self.body_key, self.out_key = body_key, out_key or self.out_default
 
     def __call__(self, data):
-        from .crop import lung_slab
-
         d = dict(data)
         body = d.get(self.body_key)
         for key in self.key_iterator(d):
             x = d[key]
-            d[self.out_key] = lung_slab(_np(x)[0], _np(body)[0].astype(bool) if body is not None else None,
-                                        x.meta["canon_spacing"])
-        return d
-
-
-class LungBoxd(MapTransform):
-    """The in-plane box around the lungs' air over all slices (``crop.lung_air_box``, on the canonical HU
-    volume inside ``body_key``'s body) -> ``out_key`` (y0, y1, x0, x1) or None: the field of view
-    ``fov="lungs"`` of ``ToSliceGridd``. Custom, like ``LungSlabd``: the same low-resolution components."""
-
-    def __init__(self, keys="image", body_key: str = "body", out_key: str = "lung_box"):
-        super().__init__(keys)
-        self.body_key, self.out_key = body_key, out_key
-
-    def __call__(self, data):
-        from .crop import lung_air_box
-
-        d = dict(data)
-        body = d.get(self.body_key)
-        for key in self.key_iterator(d):
-            x = d[key]
-            d[self.out_key] = lung_air_box(_np(x)[0], _np(body)[0].astype(bool) if body is not None else None,
+            d[self.out_key] = self.measure(_np(x)[0], _np(body)[0].astype(bool) if body is not None else None,
                                            x.meta["canon_spacing"])
         return d
+
+    @staticmethod
+    def measure(hu, body, spacing):
+        raise NotImplementedError
+
+
+class LungSlabd(_LungAird):
+    """The slices that hold the lungs (``crop.lung_slab``, plus a margin) -> ``(z0, z1)`` on the canonical
+    slice axis (which ``ToSliceGridd`` keeps), or None (run every slice). ``Predictor`` runs the network on
+    these slices only (issue 16)."""
+
+    out_default = "slab"
+
+    @staticmethod
+    def measure(hu, body, spacing):
+        from .crop import lung_slab
+
+        return lung_slab(hu, body, spacing)
+
+
+class LungBoxd(_LungAird):
+    """The in-plane box around the lungs' air over all slices (``crop.lung_air_box``) -> (y0, y1, x0, x1)
+    or None: the field of view ``fov="lungs"`` of ``ToSliceGridd``."""
+
+    out_default = "lung_box"
+
+    @staticmethod
+    def measure(hu, body, spacing):
+        from .crop import lung_air_box
+
+        return lung_air_box(hu, body, spacing)
 
 
 class LungWindowd(ScaleIntensityRanged):
@@ -304,10 +313,10 @@ def pre_transforms(size: int, keys=("image",), body: bool = True, fov: str = "sq
     too)."""
     keys = tuple(keys)
     chain = [SitkToTensord(keys), OrientToCanonicald(keys + ("body",) if body else keys)]
-    if body:
-        chain += [BodyMaskd("image"), LungSlabd("image")]
-    elif fov == "lungs":
+    if body or fov == "lungs":
         chain += [BodyMaskd("image")]
+    if body:
+        chain += [LungSlabd("image")]
     if fov == "lungs":
         chain += [LungBoxd("image")]
     chain += [LungWindowd("image"),
