@@ -11,7 +11,7 @@
 
 The server is started like the tests do (``tests/server_fixture.py``: real ``monailabel start_server``
 on 127.0.0.1, everything in a temp folder). Model: ``--model`` (default: the shipped
-``hybrid_ct/models/pretrained.pt`` in the package, or ``$HYBRID_CT_MODEL``); without one, the production ``NetConfig()`` architecture is
+``hybrid_ct/net/models/pretrained.pt`` in the package, or ``$HYBRID_CT_MODEL``); without one, the production ``NetConfig()`` architecture is
 trained here for ``--init-iters`` iterations on phantoms -- latency depends on the architecture, not
 on how well it is trained, and the output says which weights were used.
 
@@ -39,7 +39,7 @@ import server_fixture as sf  # noqa: E402
 
 def _shipped_model() -> Path | None:
     from hybrid_ct.errors import ModelNotReadyError
-    from hybrid_ct.model_files import default_model_path
+    from hybrid_ct.net.model_files import default_model_path
 
     try:
         path = default_model_path()
@@ -52,10 +52,12 @@ def build_model(path: Path, iters: int, net_overrides: dict) -> str:
     """The production architecture trained for a few iterations on phantoms (architecture-only weights)."""
     import torch
 
-    from hybrid_ct.checkpoint import save_checkpoint
-    from hybrid_ct.model import HybridMultiTaskNet, NetConfig
-    from hybrid_ct.phantom import make_phantom
-    from hybrid_ct.training import SliceSet, TrainConfig, fit, slices_from_volume
+    from hybrid_ct.net.checkpoint import save_checkpoint
+    from hybrid_ct.net.network import HybridMultiTaskNet, NetConfig
+    from hybrid_ct.data.phantom import make_phantom
+    from hybrid_ct.data.slice_store import SliceSet, slices_from_volume
+    from hybrid_ct.train.config import TrainConfig
+    from hybrid_ct.train.trainer import fit
 
     torch.manual_seed(0)
     cfg = NetConfig(**net_overrides)
@@ -72,9 +74,9 @@ def build_model(path: Path, iters: int, net_overrides: dict) -> str:
 
 def replay_file(path: Path, model_path: Path, n: int) -> Path:
     """A replay sample (``training.save_replay``) of ``n`` 48-slice phantoms at the model's slice size."""
-    from hybrid_ct.checkpoint import load_checkpoint
-    from hybrid_ct.phantom import make_phantom
-    from hybrid_ct.training import SliceSet, save_replay, slices_from_volume
+    from hybrid_ct.net.checkpoint import load_checkpoint
+    from hybrid_ct.data.phantom import make_phantom
+    from hybrid_ct.data.slice_store import SliceSet, save_replay, slices_from_volume
 
     size = load_checkpoint(model_path, "cpu")[0].cfg.in_size
     data = SliceSet.empty(size)
@@ -89,7 +91,7 @@ def studies_writer(shape, n_train: int, train_shape):
     def write(studies: Path):
         import SimpleITK as sitk
 
-        from hybrid_ct.phantom import make_phantom, write_phantom_set
+        from hybrid_ct.data.phantom import make_phantom, write_phantom_set
 
         write_phantom_set(studies, n=n_train, seed=11, shape=train_shape)
         img, _, _ = make_phantom(99, shape=shape, positive=True)

@@ -11,12 +11,14 @@ Same data and split as ``hybrid-ct train --recipe shipped``.
 import sys, time, logging
 from dataclasses import replace
 import numpy as np, torch
-from hybrid_ct.evaluation import energy_on_slices
-from hybrid_ct.recipes import load_recipe, recipe_slices
-from hybrid_ct.datasets import data_root
-from hybrid_ct.model import NetConfig, from_twin
-from hybrid_ct.checkpoint import load_checkpoint
-from hybrid_ct.training import TrainConfig, recalibrate_batchnorm, evaluate, fit
+from hybrid_ct.predict.predictor import energy_on_slices
+from hybrid_ct.train.recipes import load_recipe, recipe_slices
+from hybrid_ct.data.manifest import data_root
+from hybrid_ct.net.network import NetConfig, from_twin
+from hybrid_ct.net.checkpoint import load_checkpoint
+from hybrid_ct.train.config import TrainConfig
+from hybrid_ct.train.scoring import recalibrate_batchnorm, evaluate
+from hybrid_ct.train.trainer import fit
 torch.set_num_threads(2); logging.basicConfig(level=logging.WARNING)
 r = load_recipe("shipped")
 _, _, _, _, train, _, cv = recipe_slices(r, data_root(None), progress=False)

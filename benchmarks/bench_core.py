@@ -44,7 +44,7 @@ def bench_lif(args) -> list:
     import torch
     from spikingjelly.activation_based import functional, neuron
 
-    from hybrid_ct.model import lif_inference
+    from hybrid_ct.net.network import lif_inference
 
     torch.set_num_threads(args.threads)
     sj = neuron.LIFNode(tau=2.0, v_threshold=1.0, v_reset=0.0, detach_reset=True, step_mode="m").eval()
@@ -71,7 +71,7 @@ def _child(kind: str, name: str, args) -> dict:
     import numpy as np
     import torch
 
-    from hybrid_ct.model import HybridMultiTaskNet, NetConfig, fold_batchnorm
+    from hybrid_ct.net.network import HybridMultiTaskNet, NetConfig, fold_batchnorm
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -80,7 +80,7 @@ def _child(kind: str, name: str, args) -> dict:
     if name.endswith("-sjlif"):
         from spikingjelly.activation_based import neuron
 
-        from hybrid_ct.model import LIF
+        from hybrid_ct.net.network import LIF
 
         LIF.multi_step_forward = neuron.LIFNode.multi_step_forward
     if name.endswith("-fold"):
@@ -114,8 +114,8 @@ def _child(kind: str, name: str, args) -> dict:
                 times.append(time.perf_counter() - t0)
         res["s_per_slice"] = float(np.median(times)) / args.batch
     elif kind == "volume":
-        from hybrid_ct.inference import Predictor
-        from hybrid_ct.phantom import make_phantom
+        from hybrid_ct.predict.predictor import Predictor
+        from hybrid_ct.data.phantom import make_phantom
 
         image, _, _ = make_phantom(0, shape=(150, 512, 512))
         pred = Predictor(model.eval(), {"version": "bench"}, batch_size=args.batch)

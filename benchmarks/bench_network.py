@@ -37,9 +37,9 @@ P001 = Path("/work/shared/data/volumes_covid_ct_md/P001")
 
 def _slices(n: int, size: int):
     """N model slices (``size``², the model's own) from the middle of P001 (the phantom when P001 is absent)."""
-    from hybrid_ct import io
-    from hybrid_ct.phantom import make_phantom
-    from hybrid_ct.transforms import pre_transforms, run
+    from hybrid_ct.imaging import reader as io
+    from hybrid_ct.data.phantom import make_phantom
+    from hybrid_ct.processing.transforms import pre_transforms, run
 
     img = io.read_image(str(P001)) if P001.is_dir() else make_phantom(0, shape=(150, 512, 512))[0]
     x = run(pre_transforms(size), {"image": img})["image"].as_tensor().numpy()
@@ -103,7 +103,7 @@ def _ort_session(model, x, batch: int, tmp: str):
             o = self.m(inp)
             return tuple(o[k] for k in names)
 
-    import hybrid_ct.model as hm
+    import hybrid_ct.net.network as hm
 
     def lif_functional(x_seq, tau, v_threshold):  # lif_inference's arithmetic without out= (not exportable)
         v, out = torch.zeros_like(x_seq[0]), []
@@ -141,9 +141,9 @@ def worker(args) -> None:
 
     import torch
 
-    from hybrid_ct.checkpoint import load_checkpoint
-    from hybrid_ct.model import HybridMultiTaskNet, cnn_twin, fold_batchnorm
-    from hybrid_ct.model_files import default_model_path
+    from hybrid_ct.net.checkpoint import load_checkpoint
+    from hybrid_ct.net.network import HybridMultiTaskNet, cnn_twin, fold_batchnorm
+    from hybrid_ct.net.model_files import default_model_path
 
     torch.set_num_threads(args.threads)
     if args.ort:

@@ -1,7 +1,7 @@
 """Where the time goes in one ``Predictor.predict`` (issue 16, point 1: "a profile first"). Not a test.
 
-Replays ``hybrid_ct.inference.Predictor.predict`` step by step with the same public functions and
-times each stage, on the shipped model (``hybrid_ct.model_files.default_model_path()``):
+Replays ``hybrid_ct.predict.predictor.Predictor.predict`` step by step with the same public functions and
+times each stage, on the shipped model (``hybrid_ct.net.model_files.default_model_path()``):
 
     read          io.read_image (DICOM folder / .nii.gz)
     checks        io.check_ct
@@ -88,12 +88,12 @@ def staged_predict(predictor, path: str, out_path: str, device: str) -> tuple[di
     import SimpleITK as sitk
     from monai.transforms import apply_transform
 
-    from hybrid_ct import io
-    from hybrid_ct.anatomy import plausible_lungs
-    from hybrid_ct.energy import EnergyMeter
-    from hybrid_ct.inference import MIN_3D_SLICES
-    from hybrid_ct.preprocess import array_to_image, check_size
-    from hybrid_ct.transforms import post_transforms, pre_transforms
+    from hybrid_ct.imaging import reader as io
+    from hybrid_ct.processing.anatomy import plausible_lungs
+    from hybrid_ct.net.energy import EnergyMeter
+    from hybrid_ct.predict.predictor import MIN_3D_SLICES
+    from hybrid_ct.processing.grid import array_to_image, check_size
+    from hybrid_ct.processing.transforms import post_transforms, pre_transforms
 
     t: dict[str, float] = {}
 
@@ -149,10 +149,10 @@ def worker(args) -> None:
     import torch
     from tqdm import tqdm
 
-    from hybrid_ct import io
-    from hybrid_ct.inference import Predictor
-    from hybrid_ct.model_files import default_model_path
-    from hybrid_ct.phantom import make_phantom
+    from hybrid_ct.imaging import reader as io
+    from hybrid_ct.predict.predictor import Predictor
+    from hybrid_ct.net.model_files import default_model_path
+    from hybrid_ct.data.phantom import make_phantom
 
     import hybrid_ct
 

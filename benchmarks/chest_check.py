@@ -1,4 +1,4 @@
-"""The input checks (``hybrid_ct.io.check_ct``: chest check, orientation) on every real picture in
+"""The input checks (``hybrid_ct.imaging.reader.check_ct``: chest check, orientation) on every real picture in
 ../shared/data, on phantoms and on inputs that must be refused (abdominal/pelvic CT, non-axial slices,
 synthetic non-CT pictures). Each input goes the way ``hybrid-ct predict`` takes it: ``read_image`` with
 the intensity ``--intensity auto`` picks, then ``check_ct``. Prints a Markdown table (docs/pictures.md).
@@ -31,7 +31,7 @@ SBU_ABDOMEN = ("A027284",)  # its two "axial" NY-SBU slices show kidneys and bow
 
 
 def _window_u8(hu: np.ndarray) -> np.ndarray:
-    from hybrid_ct.preprocess import window
+    from hybrid_ct.processing.grid import window
 
     return np.round(window(hu) * 255).astype(np.uint8)
 
@@ -56,7 +56,7 @@ def _axial_slices(path):
     """HU volume -> (LPS array [z, y, x], in-plane spacing)."""
     import SimpleITK as sitk
 
-    from hybrid_ct.io import read_image
+    from hybrid_ct.imaging.reader import read_image
 
     img = sitk.DICOMOrient(read_image(path), "LPS")
     return sitk.GetArrayFromImage(img), img.GetSpacing()[:2]
@@ -132,8 +132,8 @@ def collect(data: Path, tmp: Path) -> list:
     abd = [data / "dicom_misc" / "abdomen_series_not_chest", data / "dicom_misc" / "abdomen_nifti_not_chest" / "example_ct.nii.gz"]
     add("abdominal/pelvic HU volumes (dicom_misc)", "refuse", abd)
 
-    from hybrid_ct.io import write_image
-    from hybrid_ct.phantom import make_phantom
+    from hybrid_ct.imaging.reader import write_image
+    from hybrid_ct.data.phantom import make_phantom
 
     (tmp / "phantoms").mkdir()
     ph_vols, ph_slices = [], []
@@ -168,9 +168,10 @@ def collect(data: Path, tmp: Path) -> list:
 
 def check_one(path: Path) -> dict:
     """One input the way ``hybrid-ct predict`` reads and checks it."""
-    from hybrid_ct.batch import Case, _file_kind, _intensity_for
+    from hybrid_ct.predict.batch import Case, _file_kind, _intensity_for
     from hybrid_ct.errors import InputError
-    from hybrid_ct.io import check_ct, read_image
+    from hybrid_ct.imaging.chest import check_ct
+    from hybrid_ct.imaging.reader import read_image
 
     kind = "dicom" if path.is_dir() else (_file_kind(path) or "volume")
     t0 = time.perf_counter()

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Rebuild the shipped model from three seeds: train each seed of the "shipped" recipe, evaluate each, ship
 # the MEDIAN build (not the best) as the package model + its CNN twin -- unless it is worse than the model
-# shipped before (hybrid_ct.seeds.gate), which then stays; the shipped model's evaluation becomes
+# shipped before (hybrid_ct.evaluate.seeds.gate), which then stays; the shipped model's evaluation becomes
 # docs/results.md, with docs/seeds.md (mean and range of every headline number over the seeds, the previous
 # model beside) and the model card's numbers.
 #
@@ -21,7 +21,7 @@ THREADS=${THREADS:-$(( $(nproc) / PARALLEL > 0 ? $(nproc) / PARALLEL : 1 ))}
 export OMP_NUM_THREADS=$THREADS
 HC=".venv/bin/hybrid-ct --threads $THREADS"
 RUNS=${RUNS:-runs/build}
-MODEL=${MODEL_OUT:-lib/hybrid_ct/models/pretrained.pt}
+MODEL=${MODEL_OUT:-lib/hybrid_ct/net/models/pretrained.pt}
 TWIN=${TWIN_OUT:-runs/twin.pt}
 start=$(date +%s)
 one_seed() {  # train + evaluate one seed into $RUNS/seed<k>/
@@ -47,7 +47,7 @@ wait
 mkdir -p "$RUNS/previous" && cp "$MODEL" "$RUNS/previous/hybrid.pt"
 $HC evaluate --model "$RUNS/previous/hybrid.pt" --out "$RUNS/previous/results.md" --json "$RUNS/previous/results.json" \
   > "$RUNS/previous/evaluate.log" 2>&1 || echo "[build_model] the previous model could not be evaluated" >&2
-pick=$(.venv/bin/python -m hybrid_ct.seeds --runs "$RUNS" --out docs/seeds.md --previous "$RUNS/previous/results.json" \
+pick=$(.venv/bin/python -m hybrid_ct.evaluate.seeds --runs "$RUNS" --out docs/seeds.md --previous "$RUNS/previous/results.json" \
        --ship docs/results.md --model-card docs/model_card.md --print-median)
 if [ "$pick" = previous ]; then  # the median build is worse than the model shipped before (seeds.gate)
   echo "[build_model] done in $(( ($(date +%s) - start) / 60 )) min: the median build is worse than the shipped" \

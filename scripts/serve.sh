@@ -31,7 +31,7 @@ if [ "$STUDIES" = "sample_studies" ] && [ ! -f sample_studies/phantoms.csv ]; th
   rm -rf sample_studies.part
   "$PY" - "$SAMPLE_N" "$SAMPLE_UNLABELLED" <<'EOF'
 import os, sys
-from hybrid_ct.phantom import write_phantom_set
+from hybrid_ct.data.phantom import write_phantom_set
 
 n, unlabelled = int(sys.argv[1]), int(sys.argv[2])
 paths = write_phantom_set("sample_studies.part", n=n, seed=0)
@@ -51,7 +51,7 @@ if [ -n "${MODEL_DIR:-}" ]; then
 fi
 MODEL_PATH=${MODEL_DIR:-apps/hybrid_ct/model}
 if [ ! -f "$MODEL_PATH/pretrained.pt" ] && [ ! -f "$MODEL_PATH/current" ] && [ -z "$(ls "$MODEL_PATH"/versions/*.pt 2>/dev/null)" ] \
-   && ! "$PY" -c "from hybrid_ct.model_files import default_model_path; default_model_path()" 2>/dev/null; then
+   && ! "$PY" -c "from hybrid_ct.net.model_files import default_model_path; default_model_path()" 2>/dev/null; then
   echo "[serve] no trained model in $MODEL_PATH yet: inference answers 'no trained model yet' (HTTP 503)"
   echo "[serve] until you train one: press Train in Slicer, or  curl -X POST http://127.0.0.1:$PORT/train/hybrid_ct"
 fi

@@ -2,7 +2,7 @@
 segments in the extension's colours, beside the results panel with the module's own strings.
 
 Slicer cannot run on the build machines, so this uses the same pieces the module and the server use:
-the server's model (`hybrid_ct.inference.Predictor`, the app's infer path) on a real series, and the
+the server's model (`hybrid_ct.predict.predictor.Predictor`, the app's infer path) on a real series, and the
 extension's Qt-free `hybrid_ct_slicer.segments` colours and `hybrid_ct_slicer.results` formatting.
 
     .venv/bin/python scripts/slicer_pictures.py                     # shipped model, COVID-CT-MD P001 + normal001
@@ -21,13 +21,13 @@ import SimpleITK as sitk
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "slicer_extension"))
 
-from hybrid_ct.datasets import data_root  # noqa: E402
-from hybrid_ct.inference import Predictor  # noqa: E402
-from hybrid_ct.io import read_image  # noqa: E402
-from hybrid_ct.model_files import default_model_path  # noqa: E402
-from hybrid_ct.plots import results_view  # noqa: E402
-from hybrid_ct.preprocess import WINDOW_HU  # noqa: E402
-from hybrid_ct.report import jsonable  # noqa: E402
+from hybrid_ct.data.manifest import data_root  # noqa: E402
+from hybrid_ct.predict.predictor import Predictor  # noqa: E402
+from hybrid_ct.imaging.reader import read_image  # noqa: E402
+from hybrid_ct.net.model_files import default_model_path  # noqa: E402
+from hybrid_ct.predict.overlays import results_view  # noqa: E402
+from hybrid_ct.processing.grid import WINDOW_HU  # noqa: E402
+from hybrid_ct.files import jsonable  # noqa: E402
 from hybrid_ct_slicer.results import RESULT_FIELDS, format_results  # noqa: E402
 from hybrid_ct_slicer.segments import LABEL_INFO  # noqa: E402
 

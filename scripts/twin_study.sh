@@ -63,4 +63,4 @@ wait
 INTRO="CNN twins of one budget (8 x 200 iterations, seed $SEED, the same data and validation split), each evaluated by \`hybrid-ct evaluate\`. Command: \`STUDY=$STUDY bash scripts/twin_study.sh\` ($CORES cores, $PARALLEL build(s) at once with $THREADS thread(s) each; finished twins are reused, so the training minutes below are each twin's own, as it was built). One seed per column: compare differences with the run-to-run range of the twins in docs/seeds.md."
 PLOT=()
 [ "$STUDY" = grid ] && PLOT=(--plot docs/img_grid/grid.png --xlabel "model grid (pixels)")
-.venv/bin/python -m hybrid_ct.compare --out "$OUT" --title "$TITLE" --intro "$INTRO" "${PLOT[@]}" "${named[@]}"
+.venv/bin/python -m hybrid_ct.evaluate.compare --out "$OUT" --title "$TITLE" --intro "$INTRO" "${PLOT[@]}" "${named[@]}"

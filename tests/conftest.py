@@ -18,7 +18,7 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def small_phantom():
     """A small positive phantom ``(image, label, info)``: shape (16, 64, 72), seed 3."""
-    from hybrid_ct.phantom import make_phantom
+    from hybrid_ct.data.phantom import make_phantom
 
     return make_phantom(3, shape=(16, 64, 72), positive=True)
 
@@ -26,7 +26,7 @@ def small_phantom():
 @pytest.fixture(scope="session")
 def small_negative_phantom():
     """A small negative phantom ``(image, label, info)``: same anatomy as ``small_phantom``."""
-    from hybrid_ct.phantom import make_phantom
+    from hybrid_ct.data.phantom import make_phantom
 
     return make_phantom(3, shape=(16, 64, 72), positive=False)
 
@@ -36,8 +36,8 @@ def model_path(tmp_path_factory):
     """An untrained tiny hybrid checkpoint (64 x 64, 3 levels, T = 2), seeded: for CLI and evaluation plumbing."""
     import torch
 
-    from hybrid_ct.checkpoint import save_checkpoint
-    from hybrid_ct.model import HybridMultiTaskNet, NetConfig
+    from hybrid_ct.net.checkpoint import save_checkpoint
+    from hybrid_ct.net.network import HybridMultiTaskNet, NetConfig
 
     torch.manual_seed(0)
     p = tmp_path_factory.mktemp("model") / "tiny.pt"

@@ -120,7 +120,7 @@ class LiveServer:
 
 def write_studies(studies: Path) -> None:
     """6 phantoms (alternating positive / negative), final labels for the first 3."""
-    from hybrid_ct.phantom import write_phantom_set
+    from hybrid_ct.data.phantom import write_phantom_set
 
     write_phantom_set(studies, n=6, seed=7, shape=PHANTOM_SHAPE)
     for name in UNLABELLED:
@@ -131,10 +131,12 @@ def train_tiny_model(path: Path, epochs: int = 3) -> dict:
     """A tiny network trained for a few epochs on phantoms with the core API (a real, weak model)."""
     import torch
 
-    from hybrid_ct.checkpoint import save_checkpoint
-    from hybrid_ct.model import HybridMultiTaskNet, NetConfig
-    from hybrid_ct.phantom import make_phantom
-    from hybrid_ct.training import SliceSet, TrainConfig, fit, slices_from_volume
+    from hybrid_ct.net.checkpoint import save_checkpoint
+    from hybrid_ct.net.network import HybridMultiTaskNet, NetConfig
+    from hybrid_ct.data.phantom import make_phantom
+    from hybrid_ct.data.slice_store import SliceSet, slices_from_volume
+    from hybrid_ct.train.config import TrainConfig
+    from hybrid_ct.train.trainer import fit
 
     torch.manual_seed(0)
     data = SliceSet.empty(TINY_NET["in_size"])
@@ -376,7 +378,7 @@ def phantom_files(folder: Path, seed: int, positive: bool = True, name: str = "c
     """Write a chest phantom (image .nii.gz, label .nii.gz) -> (image path, label path, image, label)."""
     import SimpleITK as sitk
 
-    from hybrid_ct.phantom import make_phantom
+    from hybrid_ct.data.phantom import make_phantom
 
     img, lab, _ = make_phantom(seed, shape=PHANTOM_SHAPE, positive=positive)
     folder.mkdir(parents=True, exist_ok=True)

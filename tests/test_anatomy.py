@@ -1,4 +1,4 @@
-"""Anatomically plausible lungs (hybrid_ct.anatomy) on a synthetic chest whose truth is known: gas under
+"""Anatomically plausible lungs (hybrid_ct.processing.anatomy) on a synthetic chest whose truth is known: gas under
 the diaphragm joined to a lung by a false bridge is dropped; lung, dense infection inside it and a thin
 aerated sliver at the base are kept; the rule follows the image geometry (a flipped volume gives the
 flipped answer)."""
@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hybrid_ct.anatomy import plausible_lungs
+from hybrid_ct.processing.anatomy import plausible_lungs
 
 SPACING = (1.5, 1.5, 3.0)  # x, y, z in mm
 

@@ -17,7 +17,7 @@ TOKEN = "s3cret-token-for-tests-7f1c"
 
 @pytest.fixture(scope="module")
 def closed(tmp_path_factory):
-    from hybrid_ct.model_files import default_model_path
+    from hybrid_ct.net.model_files import default_model_path
 
     work = tmp_path_factory.mktemp("token_server")
     token_file = work / "api_token"

@@ -71,7 +71,7 @@ def test_server_refuses_to_start_rather_than_open_routes(tmp_path, expose):
 
 
 def test_twenty_parallel_inferences_across_a_publish(live):
-    from hybrid_ct.checkpoint import load_checkpoint
+    from hybrid_ct.net.checkpoint import load_checkpoint
 
     model, meta = load_checkpoint(live.model_dir / "pretrained.pt")
     results, errors, published = [], [], {}

@@ -23,9 +23,9 @@ from lib.trainers.promotion import promotion_decision  # noqa: E402
 from lib.validation import (BadRequest, canonical_name, canonicalise_label, check_id, check_tag,  # noqa: E402
                             parse_label_info)
 
-from hybrid_ct.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from hybrid_ct.net.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from hybrid_ct.errors import InputError, ModelNotReadyError  # noqa: E402
-from hybrid_ct.model import HybridMultiTaskNet, NetConfig  # noqa: E402
+from hybrid_ct.net.network import HybridMultiTaskNet, NetConfig  # noqa: E402
 
 TINY = dict(levels=2, base_channels=2, fc_hidden=4, time_steps=1, in_size=16)
 
@@ -200,7 +200,7 @@ def test_a_retrain_is_made_current_only_when_not_worse(tmp_path):
     from lib.trainers.hybrid_ct import HybridCTTrain
     from server_fixture import PHANTOM_SHAPE, TINY_NET, train_tiny_model
 
-    from hybrid_ct.phantom import write_phantom_set
+    from hybrid_ct.data.phantom import write_phantom_set
 
     write_phantom_set(tmp_path / "studies", n=5, seed=3, shape=PHANTOM_SHAPE)  # phantom_003 is validation
     store = ModelStore(tmp_path / "model")
@@ -255,7 +255,7 @@ def test_multi_process_training_with_gloo_publishes_one_version(tmp_path):
     from lib.trainers.hybrid_ct import HybridCTTrain
     from monailabel.tasks.train.basic_train import main_worker
 
-    from hybrid_ct.phantom import write_phantom_set
+    from hybrid_ct.data.phantom import write_phantom_set
 
     studies = tmp_path / "studies"
     write_phantom_set(studies, n=4, seed=3, shape=(4, 32, 32))
@@ -280,7 +280,7 @@ def test_dicom_series_folders_in_the_studies_are_imported_once(tmp_path):
     from lib.datastore import HybridCTDatastore
     from server_fixture import write_dicom_series
 
-    from hybrid_ct.phantom import make_phantom
+    from hybrid_ct.data.phantom import make_phantom
 
     studies = tmp_path / "studies"
     img, lab, _ = make_phantom(3, shape=(6, 48, 48), positive=True)

@@ -3,7 +3,8 @@ transforms that keep the labels, and the same samples for the same seed."""
 import numpy as np
 import torch
 
-from hybrid_ct.training import SliceDataset, SliceSet, augmentations
+from hybrid_ct.train.augment import SliceDataset, augmentations
+from hybrid_ct.data.slice_store import SliceSet
 
 
 def _set(groups):

@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from hybrid_ct.checkpoint import load_checkpoint
+from hybrid_ct.net.checkpoint import load_checkpoint
 from hybrid_ct.cli import main
-from hybrid_ct.io import write_image
+from hybrid_ct.imaging.reader import write_image
 
 
 @pytest.fixture(scope="module")
 def phantom_nifti(tmp_path_factory):
-    from hybrid_ct.phantom import make_phantom
+    from hybrid_ct.data.phantom import make_phantom
 
     img, lab, _ = make_phantom(5, shape=(10, 56, 64), positive=True)
     p = tmp_path_factory.mktemp("in") / "chest phantom.nii.gz"
@@ -201,7 +201,7 @@ def test_train_quick_then_evaluate(shared_data, tmp_path):
     rc = main(["-q", "evaluate", "--model", str(hyb), "--twin", str(twin), "--out", str(out), "--data", str(shared_data),
                "--skip-scan-check", "--model-card", str(card), "--json", str(tmp_path / "r.json")])
     assert rc == 0
-    numbers = json.loads((tmp_path / "r.json").read_text())  # what python -m hybrid_ct.seeds reads
+    numbers = json.loads((tmp_path / "r.json").read_text())  # what python -m hybrid_ct.evaluate.seeds reads
     assert set(numbers) == {"hybrid", "twin"} and 0 < numbers["hybrid"]["energy"]["ratio"] < 1
     text = out.read_text()
     for needle in ("## Segmentation", "## Classification", "E_hybrid / E_conv", "hybrid Dice", "twin Dice",
@@ -213,9 +213,9 @@ def test_train_quick_then_evaluate(shared_data, tmp_path):
 
 
 def test_oversampling_can_repeat_only_the_negatives_of_a_source():
-    from hybrid_ct.recipes import _oversampled
-    from hybrid_ct.datasets import SourceSet
-    from hybrid_ct.training import SliceSet
+    from hybrid_ct.train.recipes import _oversampled
+    from hybrid_ct.data.slice_store import SourceSet
+    from hybrid_ct.data.slice_store import SliceSet
 
     z = np.zeros((5, 8, 8), np.uint8)
     cls2d = SourceSet("cls2d", SliceSet(z, z.copy(), z.copy(), np.array([1, 1, 1, 0, -1], np.int8), list("abcde")))
@@ -227,9 +227,9 @@ def test_oversampling_can_repeat_only_the_negatives_of_a_source():
 
 
 def test_group_cap_keeps_every_group_and_at_most_cap_slices_of_each():
-    from hybrid_ct.recipes import _capped
-    from hybrid_ct.datasets import SourceSet
-    from hybrid_ct.training import SliceSet
+    from hybrid_ct.train.recipes import _capped
+    from hybrid_ct.data.slice_store import SourceSet
+    from hybrid_ct.data.slice_store import SliceSet
 
     n = 30
     img = np.repeat(np.arange(n, dtype=np.uint8)[:, None, None], 4, axis=1).reshape(n, 2, 2)
@@ -246,11 +246,11 @@ def test_group_cap_keeps_every_group_and_at_most_cap_slices_of_each():
 
 
 def test_evaluate_reports_false_infection_on_normal_slices(model_path, tmp_path):
-    from hybrid_ct.checkpoint import load_checkpoint
-    from hybrid_ct.evaluation import evaluate_sets
-    from hybrid_ct.datasets import SourceSet
-    from hybrid_ct.reporting import metrics_card
-    from hybrid_ct.training import MISSING, SliceSet
+    from hybrid_ct.net.checkpoint import load_checkpoint
+    from hybrid_ct.evaluate.validation import evaluate_sets
+    from hybrid_ct.data.slice_store import SourceSet
+    from hybrid_ct.evaluate.results_doc import metrics_card
+    from hybrid_ct.data.slice_store import MISSING, SliceSet
 
     model, _ = load_checkpoint(model_path)
     rng = np.random.default_rng(0)
@@ -270,9 +270,9 @@ def test_evaluate_reports_false_infection_on_normal_slices(model_path, tmp_path)
 
 def test_scan_check_alignment_on_a_phantom(model_path, tmp_path, monkeypatch):
     """The per-slice calls are compared with labels by SimpleITK slice index (the P001 CSV convention)."""
-    import hybrid_ct.evaluation as E
-    from hybrid_ct.evaluation import scan_check
-    from hybrid_ct.phantom import make_phantom
+    import hybrid_ct.evaluate.validation as E
+    from hybrid_ct.evaluate.validation import scan_check
+    from hybrid_ct.data.phantom import make_phantom
 
     img, lab, _ = make_phantom(7, shape=(8, 48, 48), positive=True)
     img.SetDirection((1, 0, 0, 0, 1, 0, 0, 0, -1))  # stored superior first: index order != LPS order
@@ -294,7 +294,7 @@ def test_scan_check_alignment_on_a_phantom(model_path, tmp_path, monkeypatch):
 def test_results_view_fills_segments_in_their_colours(tmp_path):
     from matplotlib.image import imread
 
-    from hybrid_ct.plots import results_view
+    from hybrid_ct.predict.overlays import results_view
 
     lab = np.zeros((64, 64), np.uint8)
     lab[10:50, 8:30] = 1
@@ -321,8 +321,8 @@ def test_slicer_pictures_script_renders_a_case(model_path, phantom_nifti, tmp_pa
 
 
 def test_recipes_are_package_data_without_their_notes():
-    from hybrid_ct.model import NetConfig
-    from hybrid_ct.recipes import ENERGY_RATIO_TARGET, load_recipe, recipe_names, resolve_recipe
+    from hybrid_ct.net.network import NetConfig
+    from hybrid_ct.train.recipes import ENERGY_RATIO_TARGET, load_recipe, recipe_names, resolve_recipe
 
     assert recipe_names() == ["quick", "shipped", "shipped_2026_12_01", "shipped_2p5d", "shipped_2p5d_dropout",
                               "shipped_adaptive", "shipped_deepsup", "shipped_hardneg", "shipped_lungbox"]
@@ -342,7 +342,7 @@ def test_recipes_are_package_data_without_their_notes():
 
 
 def test_default_model_is_the_env_then_the_package_file(model_path, shared_data, tmp_path, monkeypatch):
-    import hybrid_ct.model_files as mf
+    import hybrid_ct.net.model_files as mf
     from hybrid_ct.errors import ModelNotReadyError
 
     monkeypatch.setattr(mf, "PACKAGED_MODEL", tmp_path / "none" / "pretrained.pt")
@@ -357,7 +357,7 @@ def test_default_model_is_the_env_then_the_package_file(model_path, shared_data,
 
 
 def test_template_lines_of_empty_blocks_disappear(tmp_path, monkeypatch):
-    import hybrid_ct.reporting as rp
+    import hybrid_ct.evaluate.results_doc as rp
 
     (tmp_path / "t.md").write_text("# T\n\n{a}\n\n{b}\n- one\n{c}\n- two {d}\n")
     monkeypatch.setattr(rp, "TEMPLATE_DIR", tmp_path)
@@ -380,7 +380,7 @@ def _dicom(folder, uid, img=None, n=12, seed=1, modality="CT", description="", i
 
     import pydicom
 
-    from hybrid_ct.phantom import make_phantom
+    from hybrid_ct.data.phantom import make_phantom
     from server_fixture import write_dicom_series
 
     if img is None:
@@ -407,7 +407,7 @@ def _dicom(folder, uid, img=None, n=12, seed=1, modality="CT", description="", i
 def pacs_tree(tmp_path_factory):
     """patient/study/{A: CT 12 slices, B: CT 10 slices, a 1-slice localizer, an MR series}, and a folder
     mixing two CT series of another patient."""
-    from hybrid_ct.phantom import make_phantom
+    from hybrid_ct.data.phantom import make_phantom
 
     root = tmp_path_factory.mktemp("pacs")
     study = root / "tree" / "PAT1" / "STUDY1"
@@ -451,8 +451,8 @@ def test_predict_runs_every_ct_series_of_a_pacs_tree_and_lists_what_it_skipped(m
     # empty: a lung label on the series grid stands in for it)
     import pydicom
 
-    from hybrid_ct.batch import _write_dicom_seg, expand_inputs
-    from hybrid_ct.io import read_image
+    from hybrid_ct.predict.batch import _write_dicom_seg, expand_inputs
+    from hybrid_ct.imaging.reader import read_image
 
     for case in expand_inputs([mixed])[0]:
         img = read_image(list(case.files))
@@ -468,7 +468,7 @@ def test_predict_runs_every_ct_series_of_a_pacs_tree_and_lists_what_it_skipped(m
 
 
 def test_series_are_found_by_uid_not_by_folder(tmp_path):
-    from hybrid_ct.batch import expand_inputs
+    from hybrid_ct.predict.batch import expand_inputs
 
     root = tmp_path / "export"
     _dicom(root / "a", f"{UID}.3.1", n=12, seed=1, description="split")  # one series in two folders
@@ -495,7 +495,7 @@ def test_series_are_found_by_uid_not_by_folder(tmp_path):
 @pytest.mark.slow
 def test_p001_through_the_tree_path(model_path, shared_data, tmp_path):
     """The real P001 series, linked into a patient/study/series tree beside a synthetic scout."""
-    from hybrid_ct.phantom import make_phantom
+    from hybrid_ct.data.phantom import make_phantom
 
     series = tmp_path / "tree" / "P001" / "study" / "ct"
     series.mkdir(parents=True)

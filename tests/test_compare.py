@@ -1,11 +1,11 @@
-"""Side-by-side tables of evaluated builds (hybrid_ct.compare) and the grid override of `hybrid-ct train`."""
+"""Side-by-side tables of evaluated builds (hybrid_ct.evaluate.compare) and the grid override of `hybrid-ct train`."""
 import json
 
 import pytest
 
-from hybrid_ct import compare
+from hybrid_ct.evaluate import compare
 from hybrid_ct.errors import InputError
-from hybrid_ct.recipes import resolve_recipe
+from hybrid_ct.train.recipes import resolve_recipe
 
 
 def _res(lung, inf, auc):

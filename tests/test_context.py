@@ -5,9 +5,12 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from hybrid_ct.context import CONTEXT_MM, neighbours, with_context
-from hybrid_ct.model import HybridMultiTaskNet, NetConfig
-from hybrid_ct.training import SliceDataset, SliceSet, TrainConfig, fit, slices_from_arrays
+from hybrid_ct.processing.context import CONTEXT_MM, neighbours, with_context
+from hybrid_ct.net.network import HybridMultiTaskNet, NetConfig
+from hybrid_ct.train.augment import SliceDataset
+from hybrid_ct.data.slice_store import SliceSet, slices_from_arrays
+from hybrid_ct.train.config import TrainConfig
+from hybrid_ct.train.trainer import fit
 
 
 def _ramp(d, s=8):
@@ -63,8 +66,8 @@ def _tiny(in_channels, spiking=True):
 
 
 def test_a_2p5d_network_trains_and_refuses_the_wrong_number_of_channels():
-    from hybrid_ct.phantom import make_phantom
-    from hybrid_ct.training import slices_from_volume
+    from hybrid_ct.data.phantom import make_phantom
+    from hybrid_ct.data.slice_store import slices_from_volume
 
     img, lab, _ = make_phantom(3, shape=(16, 64, 64))
     data = slices_from_volume(img, lab, "phantom_x", size=64)
@@ -77,9 +80,9 @@ def test_a_2p5d_network_trains_and_refuses_the_wrong_number_of_channels():
 
 
 def test_predict_with_a_2p5d_network_whole_volume_and_lung_slab_agree(tmp_path):
-    from hybrid_ct.checkpoint import save_checkpoint
-    from hybrid_ct.inference import Predictor
-    from hybrid_ct.phantom import make_phantom
+    from hybrid_ct.net.checkpoint import save_checkpoint
+    from hybrid_ct.predict.predictor import Predictor
+    from hybrid_ct.data.phantom import make_phantom
 
     torch.manual_seed(0)
     p = tmp_path / "tiny3.pt"
@@ -115,7 +118,7 @@ def test_a_recipe_with_another_context_distance_is_refused(tmp_path):
     import json
 
     from hybrid_ct.errors import InputError
-    from hybrid_ct.recipes import load_recipe
+    from hybrid_ct.train.recipes import load_recipe
 
     r = load_recipe("shipped_2p5d")
     r["net"]["context_mm"] = 7.0  # the slice store holds neighbours at CONTEXT_MM only
@@ -126,7 +129,7 @@ def test_a_recipe_with_another_context_distance_is_refused(tmp_path):
 
 
 def test_the_replay_sample_keeps_the_neighbours(tmp_path):
-    from hybrid_ct.training import load_replay, save_replay
+    from hybrid_ct.data.slice_store import load_replay, save_replay
 
     vol = slices_from_arrays(_ramp(6) / 10, None, "phantom_a", lung_known=False, infection_known=False, dz_mm=5.0)
     save_replay(vol, tmp_path / "r.npz", n=4)

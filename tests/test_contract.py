@@ -73,13 +73,13 @@ def test_terminology_entries():
 
 
 def test_plots_use_the_contract_colours():
-    from hybrid_ct import plots
+    from hybrid_ct.predict import overlays as plots
     for colour, name in ((plots.LUNG_COLOR, "lung"), (plots.INFECTION_COLOR, "infection")):
         assert tuple(round(255 * c) for c in colour) == contract.COLORS[name]
 
 
 def test_report_keys_produced_and_read():
-    from hybrid_ct.report import infection_burden, severity_grade
+    from hybrid_ct.processing.burden import infection_burden, severity_grade
     label = np.zeros((4, 16, 16), np.uint8)
     label[:, 4:12, 2:7] = 1
     label[:, 4:12, 9:14] = 2

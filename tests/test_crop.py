@@ -1,4 +1,4 @@
-"""Doing less work gives the same answer (issue 16, hybrid_ct.crop): the post-processing rules on the
+"""Doing less work gives the same answer (issue 16, hybrid_ct.processing.crop): the post-processing rules on the
 lungs' box equal the same rules on the whole volume, and ``Predictor`` with the lung slab (network on
 the lung slices only) gives the label and report of the network on every slice, on a phantom and, where
 the data is present, on the real COVID-CT-MD P001 series."""
@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from hybrid_ct.anatomy import _plausible, plausible_lungs
-from hybrid_ct.crop import foreground_box, grow_slab, lung_slab, shifted_origin
-from hybrid_ct.diagnosis import scan_features
-from hybrid_ct.inference import _keep_components, keep_lung_components
-from hybrid_ct.report import infection_burden
+from hybrid_ct.processing.anatomy import _plausible, plausible_lungs
+from hybrid_ct.processing.crop import foreground_box, grow_slab, lung_slab, shifted_origin
+from hybrid_ct.processing.scan_call import scan_features
+from hybrid_ct.processing.postprocess import _keep_components, keep_lung_components
+from hybrid_ct.processing.burden import infection_burden
 
 from test_anatomy import SPACING, synthetic_chest
 
@@ -111,9 +111,9 @@ def test_report_volumes_are_those_of_the_whole_volume():
 
 
 def test_lung_slab_holds_the_lungs_and_leaves_out_the_rest():
-    from hybrid_ct.io import body_mask
-    from hybrid_ct.phantom import make_phantom
-    from hybrid_ct.preprocess import orientation, to_canonical
+    from hybrid_ct.imaging.body import body_mask
+    from hybrid_ct.data.phantom import make_phantom
+    from hybrid_ct.processing.grid import orientation, to_canonical
 
     img, truth, _ = make_phantom(0, shape=(60, 128, 128))
     perm, flips = orientation(img.GetDirection())
@@ -141,8 +141,8 @@ def test_grow_slab_follows_lung_on_an_edge_slice():
 
 
 def _compare_paths(img):
-    from hybrid_ct.inference import Predictor
-    from hybrid_ct.model_files import default_model_path
+    from hybrid_ct.predict.predictor import Predictor
+    from hybrid_ct.net.model_files import default_model_path
 
     pred = Predictor.from_checkpoint(default_model_path())
     pred.crop = False
@@ -164,7 +164,7 @@ def _compare_paths(img):
 
 @pytest.mark.slow
 def test_the_lung_slab_gives_the_label_of_every_slice_on_a_phantom():
-    from hybrid_ct.phantom import make_phantom
+    from hybrid_ct.data.phantom import make_phantom
 
     img, _, _ = make_phantom(0, shape=(64, 160, 160))
     full, crop = _compare_paths(img)
@@ -173,7 +173,7 @@ def test_the_lung_slab_gives_the_label_of_every_slice_on_a_phantom():
 
 @pytest.mark.slow
 def test_the_lung_slab_gives_the_label_of_every_slice_on_p001(shared_data):
-    from hybrid_ct.io import read_image
+    from hybrid_ct.imaging.reader import read_image
 
     path = shared_data / P001
     if not path.is_dir():

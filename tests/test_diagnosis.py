@@ -1,4 +1,4 @@
-"""The whole-scan call (hybrid_ct.diagnosis): it does not grow with the number of slices, it is calibrated
+"""The whole-scan call (hybrid_ct.processing.scan_call): it does not grow with the number of slices, it is calibrated
 only with the calibration fitted on this very checkpoint, and below the noise floor it says "no
 infection found" with grade CT-0."""
 from __future__ import annotations
@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from hybrid_ct.diagnosis import (Calibration, calibration_path, decide, fit_calibration, load_calibration,
+from hybrid_ct.processing.scan_call import (Calibration, calibration_path, decide, fit_calibration, load_calibration,
                                  scan_features)
-from hybrid_ct.model_files import PACKAGED_MODEL
+from hybrid_ct.net.model_files import PACKAGED_MODEL
 
 
 def _toy(n=20):
@@ -55,8 +55,8 @@ def test_calibration_is_monotone_and_applies_only_to_its_own_checkpoint(tmp_path
 
 @pytest.mark.slow
 def test_the_same_scan_with_every_slice_twice_gets_the_same_call():
-    from hybrid_ct.inference import Predictor
-    from hybrid_ct.phantom import make_phantom
+    from hybrid_ct.predict.predictor import Predictor
+    from hybrid_ct.data.phantom import make_phantom
 
     if not PACKAGED_MODEL.is_file():
         pytest.skip("the shipped model is not in this checkout")

@@ -1,4 +1,4 @@
-"""DICOM-SEG output (``hybrid_ct.dicom_seg``, ``hybrid-ct predict --format dicom-seg``): every file written
+"""DICOM-SEG output (``hybrid_ct.predict.dicom_seg``, ``hybrid-ct predict --format dicom-seg``): every file written
 is checked with dciodvfy (no error, only the accepted warnings of ``orthanc_fixture.ACCEPTED_WARNINGS``)
 and read back with pydicom-seg to the same label map."""
 import json
@@ -12,15 +12,15 @@ from pydicom_seg.template import rgb_to_cielab
 from server_fixture import write_dicom_series
 
 from hybrid_ct.contract import CONTRACT
-from hybrid_ct.dicom_seg import read_dicom_seg, write_dicom_seg
+from hybrid_ct.predict.dicom_seg import read_dicom_seg, write_dicom_seg
 from hybrid_ct.errors import InputError
-from hybrid_ct.io import read_image
+from hybrid_ct.imaging.reader import read_image
 
 
 @pytest.fixture(scope="module")
 def series(tmp_path_factory):
     """A synthetic CT DICOM series (12 slices 64x64, a positive phantom) and its label on the same grid."""
-    from hybrid_ct.phantom import make_phantom
+    from hybrid_ct.data.phantom import make_phantom
 
     img, lab, _ = make_phantom(3, shape=(12, 64, 64), positive=True)
     folder = write_dicom_series(img, tmp_path_factory.mktemp("dcm") / "series")
@@ -133,7 +133,7 @@ def test_real_p001_series(shared_data, tmp_path):
 
 def test_cli_predict_format_dicom_seg(series, tmp_path):
     from hybrid_ct.cli import main
-    from hybrid_ct.phantom import make_phantom
+    from hybrid_ct.data.phantom import make_phantom
 
     folder, _ = series
     img, _, _ = make_phantom(4, shape=(12, 64, 64), positive=False)

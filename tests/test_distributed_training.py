@@ -1,4 +1,4 @@
-"""Distributed data parallel training through the torchrun entry point (``-m hybrid_ct.train``): two gloo
+"""Distributed data parallel training through the torchrun entry point (``-m hybrid_ct.train.distributed``): two gloo
 processes on the CPU end with the same weights on both ranks, and with the weights of one process
 trained on the same global batch (same seed and epoch sample; BatchNorm statistics over the global
 batch). The losses are per-pixel / per-sample means (focal, MSE, CE): a batch-level Dice would not
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hybrid_ct.checkpoint import load_checkpoint
+from hybrid_ct.net.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -31,7 +31,7 @@ RECIPE = {
 def _train(tmp: Path, recipe: Path, out: str, nproc: int, batch_size: int) -> tuple:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
         if nproc > 1 else [sys.executable]
-    cmd = launcher + ["-m", "hybrid_ct.train", "--recipe", str(recipe), "--out", str(tmp / out),
+    cmd = launcher + ["-m", "hybrid_ct.train.distributed", "--recipe", str(recipe), "--out", str(tmp / out),
                       "--batch-size", str(batch_size), "--device", "cpu", "--quiet"]
     env = dict(os.environ, OMP_NUM_THREADS="1", HYBRID_CT_DATA=str(tmp / "no_real_data"))
     r = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=240)
@@ -68,7 +68,7 @@ def test_two_gloo_processes_train_like_one_process_on_the_global_batch(tmp_path)
 
 
 def _initial(recipe: dict) -> dict:
-    from hybrid_ct.model import HybridMultiTaskNet, NetConfig
+    from hybrid_ct.net.network import HybridMultiTaskNet, NetConfig
 
     torch.manual_seed(recipe["train"]["seed"])
     return HybridMultiTaskNet(NetConfig(**recipe["net"])).state_dict()

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from hybrid_ct import download as dl
+from hybrid_ct.data import download as dl
 from hybrid_ct.cli import main
-from hybrid_ct.datasets import load_prepared
-from hybrid_ct.phantom import make_phantom
+from hybrid_ct.data.sources import load_prepared
+from hybrid_ct.data.phantom import make_phantom
 
 
 class _Quiet(http.server.SimpleHTTPRequestHandler):

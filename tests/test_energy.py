@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from hybrid_ct.energy import E_AC_PJ, E_MAC_PJ, EnergyMeter, measure_energy
-from hybrid_ct.model import HybridMultiTaskNet, NetConfig, cnn_twin
+from hybrid_ct.net.energy import E_AC_PJ, E_MAC_PJ, EnergyMeter, measure_energy
+from hybrid_ct.net.network import HybridMultiTaskNet, NetConfig, cnn_twin
 
 
 class Tiny(nn.Module):
@@ -129,8 +129,8 @@ def test_energy_meter_agrees_with_spikingjelly_op_counter():
     import numpy as np
     from spikingjelly.activation_based.op_counter import DispatchCounterMode, MACCounter, SynOpCounter
 
-    from hybrid_ct.checkpoint import load_checkpoint
-    from hybrid_ct.model_files import PACKAGED_MODEL
+    from hybrid_ct.net.checkpoint import load_checkpoint
+    from hybrid_ct.net.model_files import PACKAGED_MODEL
 
     model, _ = load_checkpoint(PACKAGED_MODEL)
     x = torch.from_numpy(np.load(Path(__file__).parent / "data" / "shipped_model_reference.npz")["x"][1:2])

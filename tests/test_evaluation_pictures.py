@@ -1,12 +1,12 @@
 """Issue 19, the picture path: leave-one-source-out training, the orientation check, the slice call that
-agrees with the infection head, the per-source operating points (hybrid_ct.picture_eval, evaluation)."""
+agrees with the infection head, the per-source operating points (hybrid_ct.evaluate.pictures, evaluation)."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from hybrid_ct.checkpoint import load_checkpoint
+from hybrid_ct.net.checkpoint import load_checkpoint
 from hybrid_ct.cli import main
 
 
@@ -16,8 +16,8 @@ from hybrid_ct.cli import main
 def test_hold_out_source_never_reaches_training(shared_data, tmp_path, monkeypatch):
     """A smoke run with --hold-out-source mosmed --twin-only: no MosMed group in what ``fit`` trains on,
     every MosMed group in the stored validation split; then ``evaluate --loso`` scores it on MosMed."""
-    import hybrid_ct.training as T
-    from hybrid_ct.datasets import group_family
+    import hybrid_ct.train.scoring as T
+    from hybrid_ct.data.manifest import group_family
 
     seen = []
     real_fit = T.fit
@@ -40,7 +40,7 @@ def test_hold_out_source_never_reaches_training(shared_data, tmp_path, monkeypat
     mosmed = [g for g in labelled if group_family(g) == "mosmed"]
     assert mosmed and set(mosmed) <= set(meta["val_groups"])
 
-    from hybrid_ct.picture_eval import loso_results
+    from hybrid_ct.evaluate.pictures import loso_results
 
     rows = loso_results([out], data=shared_data, progress=False)
     assert [r["collection"] for r in rows] == ["mosmed"] and rows[0]["hold_out"] == "mosmed"
@@ -51,17 +51,17 @@ def test_hold_out_source_never_reaches_training(shared_data, tmp_path, monkeypat
 
 
 def _labelled_groups(root, meta):
-    from hybrid_ct.recipes import load_recipe_data
+    from hybrid_ct.train.recipes import load_recipe_data
 
     sets = load_recipe_data(meta["recipe"], root, meta["net"]["in_size"], progress=False)
     return [g for s in sets for g, c in zip(s.slices.group, s.slices.cls) if c >= 0]
 
 
 def test_held_out_groups_names_what_exists():
-    from hybrid_ct.datasets import SourceSet
+    from hybrid_ct.data.slice_store import SourceSet
     from hybrid_ct.errors import InputError
-    from hybrid_ct.recipes import held_out_groups
-    from hybrid_ct.training import SliceSet
+    from hybrid_ct.train.recipes import held_out_groups
+    from hybrid_ct.data.slice_store import SliceSet
 
     z = np.zeros((3, 4, 4), np.uint8)
     s = SourceSet("cls2d", SliceSet(z, z, z, np.ones(3, np.int8), ["ucsd_1", "mosmed_2", "majun20_coronacases_001"]))
@@ -91,8 +91,8 @@ def test_rotating_the_input_rotates_the_label_map(model_path, angle):
     """A stand-in network that marks dark pixels as lung (and the darkest as infection) is rotation-
     equivariant: through ``Predictor.predict`` (reorientation, square padding, resampling and back) the
     label of the rotated picture must be the rotated label of the upright one."""
-    from hybrid_ct.inference import Predictor, SliceOutputs
-    from hybrid_ct.picture_eval import rotate_image, rotate_mask
+    from hybrid_ct.predict.predictor import Predictor, SliceOutputs
+    from hybrid_ct.evaluate.pictures import rotate_image, rotate_mask
 
     model, meta = load_checkpoint(model_path)
     pred = Predictor(model, meta, require_chest=False)
@@ -115,8 +115,8 @@ def test_rotating_the_input_rotates_the_label_map(model_path, angle):
 
 
 def test_orientation_check_reports_every_angle(model_path):
-    from hybrid_ct.inference import Predictor
-    from hybrid_ct.picture_eval import orientation_check
+    from hybrid_ct.predict.predictor import Predictor
+    from hybrid_ct.evaluate.pictures import orientation_check
 
     model, meta = load_checkpoint(model_path)
     img = _picture()
@@ -136,7 +136,7 @@ def test_orientation_check_reports_every_angle(model_path):
 # slice call, operating points
 
 def test_slice_call_agrees_with_the_infection_head():
-    from hybrid_ct.diagnosis import slice_call
+    from hybrid_ct.processing.scan_call import slice_call
 
     p = np.array([0.1, 0.1, 0.7, 0.4, 0.9])
     mm2 = np.array([0.0, 80.0, 0.0, 49.0, 200.0])
@@ -149,7 +149,7 @@ def test_slice_call_agrees_with_the_infection_head():
 
 
 def test_sensitivity_at_specificity():
-    from hybrid_ct.metrics import rates_at_threshold, sensitivity_at_specificity
+    from hybrid_ct.train.metrics import rates_at_threshold, sensitivity_at_specificity
 
     y = np.array([0] * 20 + [1] * 10)
     s = np.concatenate([np.linspace(0, 0.6, 20), np.linspace(0.3, 1.0, 10)])
@@ -161,10 +161,10 @@ def test_sensitivity_at_specificity():
 
 
 def test_evaluate_sets_scores_the_agreeing_call_and_the_operating_points(model_path):
-    from hybrid_ct.datasets import SourceSet
-    from hybrid_ct.evaluation import evaluate_sets
-    from hybrid_ct.reporting import _loso_block, _orientation_block, _sources_block
-    from hybrid_ct.training import MISSING, SliceSet
+    from hybrid_ct.data.slice_store import SourceSet
+    from hybrid_ct.evaluate.validation import evaluate_sets
+    from hybrid_ct.evaluate.results_doc import _loso_block, _orientation_block, _sources_block
+    from hybrid_ct.data.slice_store import MISSING, SliceSet
 
     model, _ = load_checkpoint(model_path)
     rng = np.random.default_rng(1)
@@ -195,9 +195,9 @@ def test_evaluate_sets_scores_the_agreeing_call_and_the_operating_points(model_p
 def test_medseg_pictures_and_picture_pixel_areas(shared_data):
     from PIL import Image
 
-    from hybrid_ct.datasets import SourceSet
-    from hybrid_ct.picture_eval import medseg_pictures, picture_pixel_mm2
-    from hybrid_ct.training import SliceSet
+    from hybrid_ct.data.slice_store import SourceSet
+    from hybrid_ct.evaluate.pictures import medseg_pictures, picture_pixel_mm2
+    from hybrid_ct.data.slice_store import SliceSet
 
     items = medseg_pictures(shared_data, {"medseg_slice_0"})
     assert len(items) == 1

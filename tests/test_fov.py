@@ -6,13 +6,13 @@ import pytest
 import SimpleITK as sitk
 
 from hybrid_ct.errors import InputError
-from hybrid_ct.io import body_mask
-from hybrid_ct.model import HybridMultiTaskNet, NetConfig
-from hybrid_ct.phantom import make_phantom
-from hybrid_ct.crop import lung_air_box
-from hybrid_ct.preprocess import (LUNG_MARGIN_MM, box_pad, canon_to_grid, from_model_slices, grid_to_canon,
-                                  label_to_model_slices, make_context, square_pad, to_canonical, to_model_slices)
-from hybrid_ct.transforms import post_transforms, pre_transforms, run
+from hybrid_ct.imaging.body import body_mask
+from hybrid_ct.net.network import HybridMultiTaskNet, NetConfig
+from hybrid_ct.data.phantom import make_phantom
+from hybrid_ct.processing.crop import lung_air_box
+from hybrid_ct.processing.grid import (LUNG_MARGIN_MM, box_pad, canon_to_grid, from_model_slices, grid_to_canon, make_context, square_pad, to_canonical)
+from hybrid_ct.processing.transforms import label_to_model_slices, to_model_slices
+from hybrid_ct.processing.transforms import post_transforms, pre_transforms, run
 
 
 def dice(a, b):
@@ -119,7 +119,7 @@ def test_post_transforms_bring_a_lungs_view_label_back_to_the_input(phantom):
 
 
 def test_training_and_inference_see_the_same_lungs_view(phantom):
-    from hybrid_ct.transforms import model_slices
+    from hybrid_ct.processing.transforms import model_slices
 
     img, lab, _ = phantom
     x_train, lab_train = model_slices(img, lab, 64, "lungs")
@@ -130,8 +130,8 @@ def test_training_and_inference_see_the_same_lungs_view(phantom):
 
 
 def test_fov_is_part_of_the_network_config_and_its_checkpoint(tmp_path, phantom):
-    from hybrid_ct.checkpoint import load_checkpoint, save_checkpoint
-    from hybrid_ct.inference import Predictor
+    from hybrid_ct.net.checkpoint import load_checkpoint, save_checkpoint
+    from hybrid_ct.predict.predictor import Predictor
 
     with pytest.raises(ValueError, match="fov"):
         NetConfig(fov="chest")

@@ -8,7 +8,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from hybrid_ct.phantom import make_phantom
+from hybrid_ct.data.phantom import make_phantom
 
 NO_CUDA = "no CUDA device on this machine (torch.cuda.is_available() is False): the GPU path is not exercised"
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)
@@ -29,8 +29,8 @@ def test_cli_refuses_cuda_when_there_is_none(tmp_path, capsys):
 
 
 def test_amp_is_ignored_on_the_cpu():
-    from hybrid_ct.inference import Predictor
-    from hybrid_ct.model import HybridMultiTaskNet, NetConfig
+    from hybrid_ct.predict.predictor import Predictor
+    from hybrid_ct.net.network import HybridMultiTaskNet, NetConfig
 
     p = Predictor(HybridMultiTaskNet(NetConfig(levels=2, base_channels=4, fc_hidden=8, time_steps=2, in_size=32)),
                   amp=True)
@@ -42,8 +42,8 @@ def test_amp_is_ignored_on_the_cpu():
 def test_predict_on_cuda_matches_the_cpu():
     """The shipped model on a phantom: CUDA (fp32; cuDNN may use TF32) against the CPU, and fp16 autocast
     against CUDA fp32. Float rounding can flip a spike near the threshold, so labels are compared by Dice."""
-    from hybrid_ct.inference import Predictor
-    from hybrid_ct.model_files import default_model_path
+    from hybrid_ct.predict.predictor import Predictor
+    from hybrid_ct.net.model_files import default_model_path
 
     img, _, _ = make_phantom(1, shape=(40, 192, 192))
     cpu_label, cpu = Predictor.from_checkpoint(default_model_path()).predict(img)
@@ -63,9 +63,10 @@ def test_predict_on_cuda_matches_the_cpu():
 
 @cuda
 def test_training_steps_on_cuda():
-    from hybrid_ct.model import HybridMultiTaskNet, NetConfig
-    from hybrid_ct.trainer import Trainer
-    from hybrid_ct.training import SliceSet, TrainConfig, slices_from_volume
+    from hybrid_ct.net.network import HybridMultiTaskNet, NetConfig
+    from hybrid_ct.train.trainer import Trainer
+    from hybrid_ct.data.slice_store import SliceSet, slices_from_volume
+    from hybrid_ct.train.config import TrainConfig
 
     torch.manual_seed(0)
     data = SliceSet.empty(64)

@@ -3,9 +3,10 @@
 import numpy as np
 import torch
 
-from hybrid_ct.phantom import make_phantom
-from hybrid_ct.trainer import Trainer, negative_errors
-from hybrid_ct.training import SliceSet, TrainConfig, epoch_indices, slices_from_volume
+from hybrid_ct.data.phantom import make_phantom
+from hybrid_ct.train.trainer import Trainer, negative_errors
+from hybrid_ct.data.slice_store import SliceSet, slices_from_volume
+from hybrid_ct.train.config import TrainConfig, epoch_indices
 
 
 def _set(n_pos: int, n_neg: int) -> SliceSet:
@@ -52,7 +53,7 @@ def test_negative_errors_read_the_class_and_the_false_outline():
 
 
 def test_the_trainer_records_each_negative_it_trained_on():
-    from hybrid_ct.model import HybridMultiTaskNet, NetConfig
+    from hybrid_ct.net.network import HybridMultiTaskNet, NetConfig
 
     img, lab, _ = make_phantom(2, shape=(12, 64, 64), positive=False)
     data = slices_from_volume(img, lab, "neg", size=32, diagnosis=0)

@@ -4,13 +4,16 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from hybrid_ct.checkpoint import load_checkpoint, save_checkpoint
+from hybrid_ct.net.checkpoint import load_checkpoint, save_checkpoint
 from hybrid_ct.errors import InputError, ModelNotReadyError
-from hybrid_ct.inference import Predictor
-from hybrid_ct.model import HybridMultiTaskNet, NetConfig
-from hybrid_ct.phantom import make_phantom
-from hybrid_ct.training import (MISSING, SliceSet, TrainConfig, epoch_indices, evaluate, fit, slices_from_arrays,
-                                slices_from_volume, split_by_group)
+from hybrid_ct.predict.predictor import Predictor
+from hybrid_ct.net.network import HybridMultiTaskNet, NetConfig
+from hybrid_ct.data.phantom import make_phantom
+from hybrid_ct.data.slice_store import MISSING, SliceSet, slices_from_arrays, slices_from_volume
+from hybrid_ct.train.config import TrainConfig, epoch_indices
+from hybrid_ct.train.scoring import evaluate
+from hybrid_ct.train.trainer import fit
+from hybrid_ct.split import split_by_group
 
 TINY = dict(levels=3, base_channels=4, fc_hidden=16, time_steps=2, in_size=64)
 
@@ -135,7 +138,7 @@ def test_evaluate_on_partial_targets(trained):
 
 
 def test_keep_lung_components_drops_specks_but_keeps_both_lungs():
-    from hybrid_ct.inference import keep_lung_components
+    from hybrid_ct.processing.postprocess import keep_lung_components
 
     lab = np.zeros((6, 40, 40), np.uint8)
     lab[1:5, 5:30, 3:15] = 1  # right lung
@@ -149,7 +152,7 @@ def test_keep_lung_components_drops_specks_but_keeps_both_lungs():
 
 
 def test_keep_lung_components_drops_air_outside_the_body():
-    from hybrid_ct.inference import keep_lung_components
+    from hybrid_ct.processing.postprocess import keep_lung_components
 
     lab = np.zeros((6, 40, 40), np.uint8)
     lab[1:5, 5:25, 3:36] = 1  # the lungs, inside the body
@@ -177,7 +180,7 @@ def test_keep_lung_components_drops_air_outside_the_body():
 def test_keep_lung_components_drops_neck_air_joined_to_the_lungs():
     """The air in front of the neck at the top of a scan, read as lung and joined to the apices (one
     3D component, mostly inside the body): dropped slice by slice where it is outside the body."""
-    from hybrid_ct.inference import keep_lung_components
+    from hybrid_ct.processing.postprocess import keep_lung_components
 
     lab = np.zeros((6, 40, 40), np.uint8)
     lab[0:5, 10:30, 5:35] = 1  # the lungs
@@ -196,7 +199,7 @@ def test_keep_lung_components_drops_neck_air_joined_to_the_lungs():
 def test_body_mask_in_the_images_own_layout(small_phantom):
     import SimpleITK as sitk
 
-    from hybrid_ct.io import body_mask
+    from hybrid_ct.imaging.body import body_mask
 
     img = small_phantom[0]
     hu = sitk.GetArrayFromImage(img)
@@ -211,7 +214,7 @@ def test_body_mask_in_the_images_own_layout(small_phantom):
 
 
 def test_recalibrate_batchnorm_re_estimates_statistics_from_the_data(trained):
-    from hybrid_ct.training import recalibrate_batchnorm
+    from hybrid_ct.train.scoring import recalibrate_batchnorm
 
     _, _, data = trained
     model = HybridMultiTaskNet(NetConfig(**TINY))
@@ -251,7 +254,7 @@ def test_the_app_builds_its_train_config_with_the_same_defaults_and_loss_weights
 
 
 def test_trainer_stops_when_asked_and_never_trains_on_a_batch_of_one(trained):
-    from hybrid_ct.trainer import Trainer
+    from hybrid_ct.train.trainer import Trainer
 
     _, _, data = trained
     one = data.subset([int(np.flatnonzero(data.cls == 1)[0])])

@@ -1,4 +1,4 @@
-"""hybrid_ct.io: every input kind on real data, and every bad input refused with a named problem."""
+"""hybrid_ct.imaging.reader: every input kind on real data, and every bad input refused with a named problem."""
 
 import os
 
@@ -9,9 +9,10 @@ import SimpleITK as sitk
 from PIL import Image
 
 from hybrid_ct.errors import InputError
-from hybrid_ct.io import (MIN_LUNG_AIR_FRACTION, check_ct, lung_air_fraction, read_image, read_label,
-                          write_image)
-from hybrid_ct.preprocess import window
+from hybrid_ct.imaging.chest import MIN_LUNG_AIR_FRACTION, check_ct
+from hybrid_ct.imaging.body import lung_air_fraction
+from hybrid_ct.imaging.reader import read_image, read_label, write_image
+from hybrid_ct.processing.grid import window
 
 
 def _is_hu_volume(img, size=None):
@@ -104,7 +105,7 @@ def test_mixed_synthetic_folder_names_both_series(small_phantom, tmp_path):
 
 @pytest.mark.slow
 def test_series_files_in_scan_order_read_as_the_folder(shared_data):
-    from hybrid_ct.batch import _ordered, _read_header, expand_inputs
+    from hybrid_ct.predict.batch import _ordered, _read_header, expand_inputs
 
     p001 = shared_data / "volumes_covid_ct_md" / "P001"
     (case,), _ = expand_inputs([p001])
@@ -308,7 +309,7 @@ def _real_hu_slices(shared_data):
 
 
 def test_reference_levels_are_the_real_hu_medians(shared_data):
-    from hybrid_ct.io import HU_LUNG, HU_TISSUE, anatomy_levels
+    from hybrid_ct.imaging.calibration import HU_LUNG, HU_TISSUE, anatomy_levels
 
     levels = np.array([anatomy_levels(a) for a in _real_hu_slices(shared_data)])
     assert len(levels) == 10
@@ -319,7 +320,7 @@ def test_reference_levels_are_the_real_hu_medians(shared_data):
 
 @pytest.mark.parametrize("width,level", [(1500, -600), (2000, -500), (1000, -700), (1200, -200)])
 def test_calibration_undoes_an_unknown_window(shared_data, width, level):
-    from hybrid_ct.io import anatomy_levels, calibrate_8bit
+    from hybrid_ct.imaging.calibration import anatomy_levels, calibrate_8bit
 
     hu = np.load(shared_data / "lung2d_majun" / "coronacases_001_image_slice_110.npy").astype(np.float32)
     g = np.round(np.clip((hu - (level - width / 2)) / width, 0, 1) * 255)  # an 8-bit picture of that window
@@ -332,7 +333,7 @@ def test_calibration_undoes_an_unknown_window(shared_data, width, level):
 
 
 def test_an_8bit_volume_is_calibrated_with_one_map_for_all_slices(shared_data):
-    from hybrid_ct.io import anatomy_levels, calibrate_8bit
+    from hybrid_ct.imaging.calibration import anatomy_levels, calibrate_8bit
 
     path = shared_data / "lung3d_imlab"
     vols = sorted(p for p in path.glob("*.nii.gz") if "mask" not in p.name)
@@ -350,14 +351,14 @@ def test_an_8bit_volume_is_calibrated_with_one_map_for_all_slices(shared_data):
 
 
 def test_calibration_falls_back_to_the_lung_window_on_a_flat_picture():
-    from hybrid_ct.io import calibrate_8bit
+    from hybrid_ct.imaging.calibration import calibrate_8bit
 
     g = np.full((32, 32), 100.0)
     np.testing.assert_allclose(window(calibrate_8bit(g)), 100 / 255, atol=1e-6)
 
 
 def test_8bit_auto_puts_a_mosmed_picture_on_the_hu_scale(shared_data):
-    from hybrid_ct.io import HU_LUNG, HU_TISSUE, anatomy_levels
+    from hybrid_ct.imaging.calibration import HU_LUNG, HU_TISSUE, anatomy_levels
 
     path = shared_data / "cls2d" / "noncovid" / "mosmed_CT0__img0.jpg"
     if not path.exists():
@@ -373,7 +374,7 @@ def test_8bit_auto_puts_a_mosmed_picture_on_the_hu_scale(shared_data):
 
 @pytest.mark.parametrize("folder", ["seg2d_medseg/images", "lung2d_majun"])
 def test_every_real_chest_picture_passes_the_chest_check(shared_data, folder):
-    from hybrid_ct.batch import Case, _intensity_for
+    from hybrid_ct.predict.batch import Case, _intensity_for
 
     paths = sorted(p for p in (shared_data / folder).iterdir() if "mask" not in p.name)
     for p in paths:  # MedSeg crops (32 of 50 refused by the body-enclosed air rule) and a lung-base slice

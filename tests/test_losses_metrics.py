@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from hybrid_ct.losses import MultiTaskLoss, SelfAdaptiveClassLoss, seg_loss
-from hybrid_ct.metrics import classification_metrics, segmentation_metrics
+from hybrid_ct.net.losses import MultiTaskLoss, SelfAdaptiveClassLoss, seg_loss
+from hybrid_ct.train.metrics import classification_metrics, segmentation_metrics
 
 
 def outputs(b=4, s=16, good=True):

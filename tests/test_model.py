@@ -7,7 +7,7 @@ import pytest
 import torch
 from spikingjelly.activation_based import neuron
 
-from hybrid_ct.model import HybridMultiTaskNet, NetConfig, cnn_twin
+from hybrid_ct.net.network import HybridMultiTaskNet, NetConfig, cnn_twin
 
 # Outputs of the shipped checkpoint on three phantom slices, written by the model code of commit 5707d00
 # (hand-written [T*B] <-> [T, B] reshapes): `PYTHONPATH=<checkout of 5707d00>/lib python tests/test_model.py`.
@@ -156,7 +156,7 @@ def test_config_round_trips_through_a_dict():
 
 
 def test_fused_inference_lif_equals_spikingjelly():
-    from hybrid_ct.model import lif_inference
+    from hybrid_ct.net.network import lif_inference
 
     torch.manual_seed(3)
     x = torch.randn(6, 2, 3, 8, 8) * 1.5 + 0.8
@@ -176,7 +176,7 @@ def test_eval_network_uses_the_fused_path_with_identical_output(x):
 
 
 def test_energy_meter_counts_spikes_on_the_fused_path(x):
-    from hybrid_ct.energy import measure_energy
+    from hybrid_ct.net.energy import measure_energy
 
     m = HybridMultiTaskNet(tiny()).train()
     for mod in m.modules():  # running statistics = this batch's, so the eval network fires
@@ -186,7 +186,7 @@ def test_energy_meter_counts_spikes_on_the_fused_path(x):
     m.eval()
     fused = measure_energy(m, x)  # no_grad inside: fused LIF
     with torch.enable_grad():
-        from hybrid_ct.energy import EnergyMeter
+        from hybrid_ct.net.energy import EnergyMeter
 
         with EnergyMeter(m) as meter:
             m(x)
@@ -209,7 +209,7 @@ def test_grad_checkpoint_updates_batchnorm_statistics_once(x):
 
 @pytest.mark.parametrize("spiking", [True, False])
 def test_folding_batchnorm_keeps_the_output(x, spiking):
-    from hybrid_ct.model import fold_batchnorm
+    from hybrid_ct.net.network import fold_batchnorm
 
     torch.manual_seed(5)
     m = HybridMultiTaskNet(tiny(spiking=spiking, up_kernel=5)).train()
@@ -227,7 +227,7 @@ def test_folding_batchnorm_keeps_the_output(x, spiking):
 
 
 def test_from_twin_copies_weights_and_scales_batchnorm(x):
-    from hybrid_ct.model import from_twin
+    from hybrid_ct.net.network import from_twin
 
     torch.manual_seed(1)
     twin = HybridMultiTaskNet(cnn_twin(tiny()))
@@ -257,16 +257,16 @@ def test_from_twin_copies_weights_and_scales_batchnorm(x):
 
 def _phantom_slices() -> np.ndarray:
     """Three 128 x 128 model slices of a synthetic positive phantom: little, much and no infection."""
-    from hybrid_ct.phantom import make_phantom
-    from hybrid_ct.preprocess import to_model_slices
+    from hybrid_ct.data.phantom import make_phantom
+    from hybrid_ct.processing.transforms import to_model_slices
 
     img, _, _ = make_phantom(7, shape=(16, 128, 128), positive=True)
     return to_model_slices(img, 128)[0][[4, 7, 13]]
 
 
 def _shipped_outputs(x: np.ndarray) -> dict:
-    from hybrid_ct.checkpoint import load_checkpoint
-    from hybrid_ct.model_files import PACKAGED_MODEL
+    from hybrid_ct.net.checkpoint import load_checkpoint
+    from hybrid_ct.net.model_files import PACKAGED_MODEL
 
     model, _ = load_checkpoint(PACKAGED_MODEL)  # strict load_state_dict: the same keys as shipped
     with torch.no_grad():

@@ -15,7 +15,7 @@ import SimpleITK as sitk
 from orthanc_fixture import dciodvfy, orthanc  # noqa: F401  (fixture)
 from server_fixture import http, parse_infer, read_image_bytes, start_server, stop_server, write_dicom_series
 
-from hybrid_ct.dicom_seg import read_dicom_seg
+from hybrid_ct.predict.dicom_seg import read_dicom_seg
 
 MODEL = "hybrid_ct"
 APP_DIR = str(Path(__file__).resolve().parents[1] / "apps" / "hybrid_ct")
@@ -38,8 +38,8 @@ def _copy_series(src, dst, modality: str, tag: str):
 
 @pytest.fixture(scope="module")
 def pacs(orthanc, tmp_path_factory, shared_data_or_none):  # noqa: F811
-    from hybrid_ct.model_files import default_model_path
-    from hybrid_ct.phantom import make_phantom
+    from hybrid_ct.net.model_files import default_model_path
+    from hybrid_ct.data.phantom import make_phantom
 
     tmp = tmp_path_factory.mktemp("pacs")
     img, lab, _ = make_phantom(3, shape=(12, 64, 64), positive=True)
@@ -71,7 +71,7 @@ def shared_data_or_none():
 
 
 def read_image_bytes_from_dir(folder):
-    from hybrid_ct.io import read_image
+    from hybrid_ct.imaging.reader import read_image
 
     return read_image(str(folder))
 

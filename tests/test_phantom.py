@@ -1,4 +1,4 @@
-"""hybrid_ct.phantom: determinism, exact masks, plausible Hounsfield units, datastore layout."""
+"""hybrid_ct.data.phantom: determinism, exact masks, plausible Hounsfield units, datastore layout."""
 
 import csv
 
@@ -7,8 +7,9 @@ import pytest
 import SimpleITK as sitk
 
 from hybrid_ct.errors import InputError
-from hybrid_ct.io import check_ct, read_image, read_label
-from hybrid_ct.phantom import make_phantom, write_phantom_set
+from hybrid_ct.imaging.chest import check_ct
+from hybrid_ct.imaging.reader import read_image, read_label
+from hybrid_ct.data.phantom import make_phantom, write_phantom_set
 
 SHAPE = (16, 64, 72)
 

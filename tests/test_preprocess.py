@@ -1,14 +1,14 @@
-"""hybrid_ct.preprocess: the lung window, model slices, and the exact way back to the original grid."""
+"""hybrid_ct.processing.grid: the lung window, model slices, and the exact way back to the original grid."""
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
 from hybrid_ct.errors import InputError
-from hybrid_ct.io import read_image
-from hybrid_ct.phantom import make_phantom
-from hybrid_ct.preprocess import (WINDOW_HU, array_to_image, from_model_slices, label_to_model_slices,
-                                  to_model_slices, window)
+from hybrid_ct.imaging.reader import read_image
+from hybrid_ct.data.phantom import make_phantom
+from hybrid_ct.processing.grid import WINDOW_HU, array_to_image, from_model_slices, window
+from hybrid_ct.processing.transforms import label_to_model_slices, to_model_slices
 
 BODY_HU = -500.0
 

@@ -1,11 +1,11 @@
-"""hybrid_ct.report: infection burden per lung on hand-made label maps, and the MosMed grade."""
+"""hybrid_ct.processing.burden: infection burden per lung on hand-made label maps, and the MosMed grade."""
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
 from hybrid_ct.errors import InputError
-from hybrid_ct.report import infection_burden, severity_grade
+from hybrid_ct.processing.burden import infection_burden, severity_grade
 
 
 def two_lungs():

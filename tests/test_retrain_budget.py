@@ -18,7 +18,7 @@ from lib.trainers.hybrid_ct import MAX_MINUTES, TRAIN_SHARE, Deadline, HybridCTT
 from lib.trainers.params import validate_params  # noqa: E402
 from lib.validation import BadRequest  # noqa: E402
 
-from hybrid_ct.training import SliceSet, load_replay, replay_path, save_replay  # noqa: E402
+from hybrid_ct.data.slice_store import SliceSet, load_replay, replay_path, save_replay  # noqa: E402
 
 
 def _slices(n: int, size: int = 16) -> SliceSet:

@@ -6,9 +6,9 @@ import re
 
 import SimpleITK as sitk
 
-from hybrid_ct.batch import display_slices
-from hybrid_ct.phantom import make_phantom
-from hybrid_ct.scan_report import CAVEAT, _lines, write_scan_report
+from hybrid_ct.predict.batch import display_slices
+from hybrid_ct.data.phantom import make_phantom
+from hybrid_ct.predict.pdf_report import CAVEAT, _lines, write_scan_report
 
 
 def test_one_page_with_the_call_burden_grade_and_slices(tmp_path):

@@ -1,9 +1,9 @@
-"""The three-seed build: the spread table and the median pick (hybrid_ct.seeds), on hand-made results."""
+"""The three-seed build: the spread table and the median pick (hybrid_ct.evaluate.seeds), on hand-made results."""
 import json
 
 import pytest
 
-from hybrid_ct import seeds
+from hybrid_ct.evaluate import seeds
 
 
 def _result(lung, inf, auc, p001=0.9):

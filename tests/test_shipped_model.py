@@ -8,16 +8,16 @@ import pytest
 import SimpleITK as sitk
 from server_fixture import http, start_server, stop_server
 
-from hybrid_ct.checkpoint import load_checkpoint
-from hybrid_ct.io import read_image
-from hybrid_ct.model_files import MAX_CHECKPOINT_MB, MODEL_ENV, PACKAGED_MODEL, default_model_path
-from hybrid_ct.recipes import load_recipe
+from hybrid_ct.net.checkpoint import load_checkpoint
+from hybrid_ct.imaging.reader import read_image
+from hybrid_ct.net.model_files import MAX_CHECKPOINT_MB, MODEL_ENV, PACKAGED_MODEL, default_model_path
+from hybrid_ct.train.recipes import load_recipe
 
 CASES = ("P001", "normal001")
 
 
 def test_shipped_checkpoint_is_complete_and_small(monkeypatch):
-    assert PACKAGED_MODEL.is_file(), "lib/hybrid_ct/models/pretrained.pt is missing: run scripts/build_model.sh"
+    assert PACKAGED_MODEL.is_file(), "lib/hybrid_ct/net/models/pretrained.pt is missing: run scripts/build_model.sh"
     monkeypatch.delenv(MODEL_ENV, raising=False)
     assert default_model_path() == PACKAGED_MODEL  # package data: no repository path needed
     assert PACKAGED_MODEL.stat().st_size <= MAX_CHECKPOINT_MB * 2**20

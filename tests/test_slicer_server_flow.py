@@ -47,7 +47,7 @@ def _ct_file(tmp_path) -> tuple[str, np.ndarray, Geometry]:
     """A positive chest phantom written as .nii.gz, as the module writes the volume in view."""
     try:
         import SimpleITK as sitk
-        from hybrid_ct.phantom import make_phantom
+        from hybrid_ct.data.phantom import make_phantom
 
         img, _lab, _info = make_phantom(11, shape=(12, 96, 96), positive=True)
         ct = sitk.GetArrayFromImage(img).astype(np.int16)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from hybrid_ct.energy import measure_energy
-from hybrid_ct.model import HybridMultiTaskNet, NetConfig
-from hybrid_ct.phantom import make_phantom
-from hybrid_ct.training import SliceSet, TrainConfig, fit, slices_from_volume
+from hybrid_ct.net.energy import measure_energy
+from hybrid_ct.net.network import HybridMultiTaskNet, NetConfig
+from hybrid_ct.data.phantom import make_phantom
+from hybrid_ct.data.slice_store import SliceSet, slices_from_volume
+from hybrid_ct.train.config import TrainConfig
+from hybrid_ct.train.trainer import fit
 
 NET = dict(levels=3, base_channels=4, fc_hidden=16, time_steps=2, in_size=64)
 
@@ -42,7 +44,7 @@ def test_the_regulariser_lowers_the_firing_rate():
 def test_rates_are_kept_only_inside_a_training_step():
     """Validation and later use of the model must not collect rates: each one held its forward graph
     (a build's validation grew to 17.5 GB and was killed)."""
-    from hybrid_ct.trainer import Trainer
+    from hybrid_ct.train.trainer import Trainer
 
     data = _data()
     model = HybridMultiTaskNet(NetConfig(**NET))

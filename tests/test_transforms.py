@@ -1,4 +1,4 @@
-"""hybrid_ct.transforms: the MONAI dictionary chain shared by the predictor, the trainers and the app,
+"""hybrid_ct.processing.transforms: the MONAI dictionary chain shared by the predictor, the trainers and the app,
 and its inversion back to the input's own geometry (axial, flipped, permuted and oblique directions)."""
 
 import numpy as np
@@ -7,11 +7,11 @@ import SimpleITK as sitk
 from monai.transforms import Invertd
 
 from hybrid_ct.errors import InputError
-from hybrid_ct.io import body_mask
-from hybrid_ct.phantom import make_phantom
-from hybrid_ct.preprocess import (WINDOW_HU, from_model_slices, label_to_model_slices, make_context, to_model_slices,
-                                  window)
-from hybrid_ct.transforms import (LungWindowd, OrientToCanonicald, ToSliceGridd, model_slices, post_transforms,
+from hybrid_ct.imaging.body import body_mask
+from hybrid_ct.data.phantom import make_phantom
+from hybrid_ct.processing.grid import WINDOW_HU, from_model_slices, make_context, window
+from hybrid_ct.processing.transforms import label_to_model_slices, to_model_slices
+from hybrid_ct.processing.transforms import (LungWindowd, OrientToCanonicald, ToSliceGridd, model_slices, post_transforms,
                                   pre_transforms, run)
 
 

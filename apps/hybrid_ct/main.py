@@ -37,7 +37,7 @@ from monailabel.tasks.activelearning.random import Random
 from monailabel.utils.others.class_utils import get_class_names
 from monailabel.utils.others.generic import strtobool
 
-from hybrid_ct.filecheck import DEFAULT_MAX_VOXELS
+from hybrid_ct.imaging.filecheck import DEFAULT_MAX_VOXELS
 
 logger = logging.getLogger(__name__)
 

@@ -1,3 +1,3 @@
 """Hybrid CT: a multi-task hybrid spiking network for chest CT (lung, infection, diagnosis)."""
 
-from .contract import LABELS  # noqa: F401  (the one label convention: hybrid_ct/contract.json)
+from hybrid_ct.contract import LABELS  # noqa: F401  (the one label convention: hybrid_ct/contract.json)

@@ -1,7 +1,7 @@
 """``hybrid-ct``: predict, train, evaluate, phantoms, download.
 
     hybrid-ct predict scan.nii.gz dicom_dir/ slice.png --out results/            # the shipped model
-    hybrid-ct train --recipe shipped --out lib/hybrid_ct/models/pretrained.pt --twin-out runs/twin.pt
+    hybrid-ct train --recipe shipped --out lib/hybrid_ct/net/models/pretrained.pt --twin-out runs/twin.pt
     hybrid-ct evaluate --twin runs/twin.pt --out docs/results.md
     hybrid-ct evaluate --twin runs/twin.pt --loso runs/loso_*.pt     # + leave-one-source-out (scripts/loso.sh)
     hybrid-ct phantoms --out phantoms/ -n 20
@@ -26,9 +26,9 @@ import logging
 import sys
 from pathlib import Path
 
-from .errors import InputError, ModelNotReadyError
-from .model_files import PACKAGED_MODEL
-from .recipes import HOLD_OUT_SOURCES, recipe_names
+from hybrid_ct.errors import InputError, ModelNotReadyError
+from hybrid_ct.net.model_files import PACKAGED_MODEL
+from hybrid_ct.train.recipes import HOLD_OUT_SOURCES, recipe_names
 
 TWIN_OUT = Path("runs") / "twin.pt"
 RESULTS_OUT = Path("docs") / "results.md"
@@ -60,7 +60,7 @@ def _error(msg: str) -> None:
 
 def _model_arg(path):
     """``--model`` as given, else ``model_files.default_model_path()``."""
-    from .model_files import default_model_path
+    from hybrid_ct.net.model_files import default_model_path
 
     return path or default_model_path()
 
@@ -73,8 +73,8 @@ def _command(args) -> str:
 # commands
 
 def cmd_predict(args) -> int:
-    from .batch import predict_batch
-    from .inference import Predictor
+    from hybrid_ct.predict.batch import predict_batch
+    from hybrid_ct.predict.predictor import Predictor
 
     if args.min_slices < 1:
         raise InputError(f"--min-slices must be at least 1, got {args.min_slices}")
@@ -96,9 +96,9 @@ def cmd_predict(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .pipeline import train_recipe
-    from .recipes import resolve_recipe
-    from .reporting import training_card, update_model_card
+    from hybrid_ct.train.build import train_recipe
+    from hybrid_ct.train.recipes import resolve_recipe
+    from hybrid_ct.evaluate.results_doc import training_card, update_model_card
 
     recipe = resolve_recipe(args.recipe, epochs=args.epochs, max_iters=args.max_iters, batch_size=args.batch_size,
                             seed=args.seed, phantoms=args.phantoms, limit=args.limit, sources=args.sources,
@@ -119,9 +119,9 @@ def cmd_train(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .evaluation import evaluate_checkpoints
-    from .report import jsonable
-    from .reporting import metrics_card, scan_extras, smoke_note, update_model_card, write_results
+    from hybrid_ct.evaluate.validation import evaluate_checkpoints
+    from hybrid_ct.files import jsonable
+    from hybrid_ct.evaluate.results_doc import metrics_card, scan_extras, smoke_note, update_model_card, write_results
 
     out = Path(args.out)
     img_dir = Path(args.img_dir) if args.img_dir else out.parent / "img"
@@ -131,7 +131,7 @@ def cmd_evaluate(args) -> int:
         orientation=not args.skip_orientation)
     loso = None
     if args.loso:
-        from .picture_eval import loso_results
+        from hybrid_ct.evaluate.pictures import loso_results
 
         loso = loso_results(args.loso, data=args.data, progress=not args.quiet)
     write_results(results, recipe, weak, out, img_dir, _command(args), args.min_lesion_mm2, loso=loso)
@@ -148,7 +148,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_phantoms(args) -> int:
-    from .phantom import write_phantom_set
+    from hybrid_ct.data.phantom import write_phantom_set
 
     paths = write_phantom_set(args.out, n=args.n, seed=args.seed, shape=tuple(args.shape))
     print(f"wrote {len(paths)} phantoms to {args.out} (labels in labels/final, list in phantoms.csv)")
@@ -156,7 +156,7 @@ def cmd_phantoms(args) -> int:
 
 
 def cmd_scan_check(args) -> int:
-    from .scan_check import run_scan_check
+    from hybrid_ct.evaluate.scan_check import run_scan_check
 
     res = run_scan_check(_model_arg(args.model), args.out, args.data, args.phantoms, args.write_calibration,
                          command=_command(args))
@@ -168,7 +168,7 @@ def cmd_scan_check(args) -> int:
 
 
 def cmd_download(args) -> int:
-    from .download import REGISTRY, download
+    from hybrid_ct.data.download import REGISTRY, download
 
     if args.list or not args.name:
         for name, spec in REGISTRY.items():
@@ -235,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="train the hybrid network and its CNN twin by a recipe")
     tr.add_argument("--recipe", choices=recipe_names(), default="shipped")
     tr.add_argument("--out", default=str(PACKAGED_MODEL), help="hybrid checkpoint (default: the shipped model "
-                    "inside the package, hybrid_ct/models/pretrained.pt)")
+                    "inside the package, hybrid_ct/net/models/pretrained.pt)")
     tr.add_argument("--twin-out", default=str(TWIN_OUT), help="CNN twin checkpoint (default: runs/twin.pt)")
     tr.add_argument("--no-twin", action="store_true", help="train the hybrid network only")
     tr.add_argument("--twin-from", default=None, help="a complete CNN twin of this recipe and split: skip its "
@@ -279,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="leave-one-source-out checkpoints (hybrid-ct train --hold-out-source, scripts/loso.sh): "
                          "each scored on the collection it never saw, as a table in the results")
     ev.add_argument("--model-card", default=None, help="model card to fill (e.g. docs/model_card.md)")
-    ev.add_argument("--json", default=None, help="also write the numbers as JSON (python -m hybrid_ct.seeds reads it)")
+    ev.add_argument("--json", default=None, help="also write the numbers as JSON (python -m hybrid_ct.evaluate.seeds reads it)")
     ev.set_defaults(func=cmd_evaluate)
 
     sc = sub.add_parser("scan-check", help="whole-scan call leave-one-scan-out on phantoms + real HU scans; "

@@ -1,6 +1,6 @@
 """A small phantom-like chest CT built with numpy (for the module self-test and the pytest tests).
 
-Not a substitute for ``hybrid_ct.phantom`` (the data worker's realistic phantom); this one only has
+Not a substitute for ``hybrid_ct.data.phantom`` (the data worker's realistic phantom); this one only has
 to be recognisably chest-like and carry an exact label map: air outside, a soft-tissue body, two
 lungs at about -850 HU and ground-glass infection blobs at about -350 HU inside the right lung.
 """

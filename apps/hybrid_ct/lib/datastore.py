@@ -161,7 +161,8 @@ def import_dicom_series(studies: str) -> list:
     chest CT, non-CT or unreadable folders are skipped with a warning). Returns the new image paths."""
     import json
 
-    from hybrid_ct.io import check_ct, read_image, write_image
+    from hybrid_ct.imaging.chest import check_ct
+    from hybrid_ct.imaging.reader import read_image, write_image
 
     made = []
     skipped_path = os.path.join(studies, ".dicom_import_skipped.json")

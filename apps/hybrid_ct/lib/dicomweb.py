@@ -9,7 +9,7 @@ listing and adds the app's local datastore (``HybridCTDatastore``: checked ids, 
 * an image id is a CT SeriesInstanceUID; its series is downloaded once into the cache
   (``<cache>/.dicom/<uid>/``), read and checked as CT (a non-CT series: ``InputError``, HTTP 422) and
   kept as ``<uid>.nii.gz``; an unknown id is 404, an unreachable PACS 503 with the PACS's URL;
-* a final label is kept locally first, then written as DICOM-SEG with ``hybrid_ct.dicom_seg``
+* a final label is kept locally first, then written as DICOM-SEG with ``hybrid_ct.predict.dicom_seg``
   (pydicom-seg, segment algorithm SEMIAUTOMATIC) into the pending folder ``<cache>/.pending/`` and
   sent over STOW-RS; the file leaves the pending folder only once the PACS has taken it. A PACS that
   refuses it or cannot be reached leaves it there (the label info says ``pacs: pending`` and why);
@@ -206,7 +206,8 @@ class HybridCTDICOMwebDatastore(DICOMWebDatastore, HybridCTDatastore):
         nii = os.path.realpath(os.path.join(self._datastore.image_path(), f"{image_id}.nii.gz"))
         if os.path.exists(nii):
             return nii
-        from hybrid_ct.io import check_ct, read_image, write_image
+        from hybrid_ct.imaging.chest import check_ct
+        from hybrid_ct.imaging.reader import read_image, write_image
 
         with self._lock:
             if os.path.exists(nii):
@@ -241,7 +242,7 @@ class HybridCTDICOMwebDatastore(DICOMWebDatastore, HybridCTDatastore):
             return label_id
         import SimpleITK as sitk
 
-        from hybrid_ct.dicom_seg import write_dicom_seg
+        from hybrid_ct.predict.dicom_seg import write_dicom_seg
 
         try:
             write_dicom_seg(sitk.ReadImage(label_filename), self.source_dicom_dir(image_id),
@@ -299,7 +300,7 @@ class HybridCTDICOMwebDatastore(DICOMWebDatastore, HybridCTDatastore):
         """Download the PACS's DICOM-SEGs of listed CT series without a local final label; returns their ids."""
         import SimpleITK as sitk
 
-        from hybrid_ct.dicom_seg import read_dicom_seg
+        from hybrid_ct.predict.dicom_seg import read_dicom_seg
 
         self.refresh_if_changed()
         images = set(self.list_images())
@@ -352,7 +353,7 @@ def dicom_source_dir(ds, image_id: str) -> Optional[str]:
     folder = os.path.join(getattr(ds, "_datastore_path", ""), image_id)
     if not os.path.isdir(folder):
         return None
-    from hybrid_ct.batch import _is_dicom_folder
+    from hybrid_ct.predict.batch import _is_dicom_folder
 
     return folder if _is_dicom_folder(pathlib.Path(folder)) else None
 

@@ -3,7 +3,7 @@
 MONAI Label 0.8.5's stock endpoints hand client input straight to the datastore (``PUT
 /datastore/?image=../x`` writes outside the studies folder; any bytes are stored as an "image"; a
 label of any shape or value is stored) and answer most errors with HTTP 500. These handlers run the
-app's checks (``lib/validation.py``, ``hybrid_ct.filecheck``) on temporary copies first: a refused
+app's checks (``lib/validation.py``, ``hybrid_ct.imaging.filecheck``) on temporary copies first: a refused
 request never reaches the datastore, leaves the studies folder byte-for-byte unchanged and leaves no
 temporary file; messages name the upload by its client-side file name and field, never a server path.
 
@@ -41,8 +41,8 @@ from monailabel.utils.async_tasks.utils import processes, stop_background_task, 
 from monailabel.utils.others.generic import file_checksum, get_mime_type, remove_file
 
 from hybrid_ct.errors import InputError, ModelNotReadyError
-from hybrid_ct.filecheck import DEFAULT_MAX_VOXELS
-from hybrid_ct.io import write_image
+from hybrid_ct.imaging.filecheck import DEFAULT_MAX_VOXELS
+from hybrid_ct.imaging.reader import write_image
 
 from .lifecycle import TrainingLock
 from .store import UnknownVersionError
@@ -335,7 +335,7 @@ def dicom_seg_source(ds, image: str, file, session_id: str) -> str:
 
 
 def _dicom_seg_of(result: dict, source: str, background_tasks: BackgroundTasks) -> str:
-    from hybrid_ct.dicom_seg import write_dicom_seg
+    from hybrid_ct.predict.dicom_seg import write_dicom_seg
 
     label = result.get("file") or result.get("label")
     fd, path = tempfile.mkstemp(prefix="hybrid_ct_seg_", suffix=".dcm")

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from hybrid_ct.checkpoint import load_checkpoint, save_checkpoint
+from hybrid_ct.net.checkpoint import load_checkpoint, save_checkpoint
 from hybrid_ct.errors import InputError, ModelNotReadyError
 
 logger = logging.getLogger(__name__)

@@ -23,8 +23,9 @@ import SimpleITK as sitk
 from hybrid_ct import LABELS
 from hybrid_ct.contract import canonical_name  # noqa: F401  (label name synonyms: hybrid_ct/contract.json)
 from hybrid_ct.errors import InputError
-from hybrid_ct.filecheck import DEFAULT_MAX_VOXELS, check_volume_file, volume_kind
-from hybrid_ct.io import check_ct, read_image
+from hybrid_ct.imaging.filecheck import DEFAULT_MAX_VOXELS, check_volume_file, volume_kind
+from hybrid_ct.imaging.chest import check_ct
+from hybrid_ct.imaging.reader import read_image
 
 
 class BadRequest(InputError):

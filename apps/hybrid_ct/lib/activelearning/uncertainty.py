@@ -25,10 +25,10 @@ from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 from monailabel.interfaces.tasks.strategy import Strategy
 
-from hybrid_ct.context import with_context
+from hybrid_ct.processing.context import with_context
 from hybrid_ct.errors import InputError, ModelNotReadyError
-from hybrid_ct.io import read_image
-from hybrid_ct.preprocess import to_model_slices
+from hybrid_ct.imaging.reader import read_image
+from hybrid_ct.processing.transforms import to_model_slices
 
 from ..infers.hybrid_ct import ModelServer
 

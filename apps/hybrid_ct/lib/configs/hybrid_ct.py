@@ -24,7 +24,7 @@ from hybrid_ct.contract import COLORS, FOREGROUND
 from monailabel.interfaces.config import TaskConfig
 
 from hybrid_ct.errors import ModelNotReadyError
-from hybrid_ct.model_files import default_model_path
+from hybrid_ct.net.model_files import default_model_path
 
 from ..activelearning import SpikeUncertainty, SpikeUncertaintyScoring
 from ..infers import HybridCTInfer, ModelServer

@@ -1,7 +1,7 @@
 """Whole-volume inference: one label map (lung 1, infection 2) in the image's own geometry + the report.
 
-The core ``hybrid_ct.inference.Predictor`` owns every step (CT check, the MONAI transform chain of
-``hybrid_ct.transforms``, network, geometry back, burden, grade, energy), so this task runs no chain
+The core ``hybrid_ct.predict.predictor.Predictor`` owns every step (CT check, the MONAI transform chain of
+``hybrid_ct.processing.transforms``, network, geometry back, burden, grade, energy), so this task runs no chain
 of its own: it is a plain ``InferTask`` (declared ``segmentation``, so Slicer lists it) that reads the
 volume, asks the served predictor, and writes the label as .nii.gz or, when the client asks
 (``result_extension``), .nrrd. ``pre_transforms`` / ``inverse_transforms`` / ``post_transforms`` list
@@ -29,11 +29,11 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 from monailabel.utils.others.generic import device_list
 
 from hybrid_ct.errors import InputError
-from hybrid_ct.inference import Predictor
-from hybrid_ct.io import read_image
-from hybrid_ct.model import NetConfig
-from hybrid_ct.report import jsonable
-from hybrid_ct.transforms import post_transforms, pre_transforms
+from hybrid_ct.predict.predictor import Predictor
+from hybrid_ct.imaging.reader import read_image
+from hybrid_ct.net.network import NetConfig
+from hybrid_ct.files import jsonable
+from hybrid_ct.processing.transforms import post_transforms, pre_transforms
 
 from ..store import ModelStore
 
@@ -139,7 +139,7 @@ class HybridCTInfer(InferTask):
         return int(cfg.in_size), cfg.fov
 
     def pre_transforms(self, data=None):
-        """CT -> model slices, as ``Predictor.predict`` runs them (``hybrid_ct.transforms.pre_transforms``)."""
+        """CT -> model slices, as ``Predictor.predict`` runs them (``hybrid_ct.processing.transforms.pre_transforms``)."""
         size, fov = self._grid()
         return pre_transforms(size, fov=fov).transforms
 
@@ -148,7 +148,7 @@ class HybridCTInfer(InferTask):
         return []
 
     def post_transforms(self, data=None):
-        """Probabilities -> label in the input's geometry (``hybrid_ct.transforms.post_transforms``; its
+        """Probabilities -> label in the input's geometry (``hybrid_ct.processing.transforms.post_transforms``; its
         ``Invertd`` runs the inverses of ``pre_transforms``)."""
         size, fov = self._grid()
         return post_transforms(pre_transforms(size, fov=fov)).transforms

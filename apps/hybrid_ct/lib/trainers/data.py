@@ -1,14 +1,14 @@
 """Training data from the datastore: the fixed validation split and one case's model slices."""
 from __future__ import annotations
 
-import hashlib
 import logging
 
 from hybrid_ct.errors import InputError
-from hybrid_ct.io import read_image
-from hybrid_ct.preprocess import slice_spacing
-from hybrid_ct.training import SliceSet, slices_from_arrays
-from hybrid_ct.transforms import model_slices
+from hybrid_ct.imaging.reader import read_image
+from hybrid_ct.processing.grid import slice_spacing
+from hybrid_ct.data.slice_store import SliceSet, slices_from_arrays
+from hybrid_ct.processing.transforms import model_slices
+from hybrid_ct.split import hash_fraction
 
 from ..validation import canonicalise_label, normalise_diagnosis
 
@@ -17,8 +17,7 @@ logger = logging.getLogger(__name__)
 
 def is_validation_image(image_id: str, val_split: float) -> bool:
     """Fixed per image: the same id always lands on the same side for a given ``val_split``."""
-    h = int(hashlib.sha256(image_id.encode("utf-8")).hexdigest()[:8], 16) / 0xFFFFFFFF
-    return h < val_split
+    return hash_fraction(image_id) < val_split
 
 
 def slices_for_case(case: dict, size: int, fov: str = "square") -> SliceSet:

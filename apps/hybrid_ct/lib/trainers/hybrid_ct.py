@@ -2,8 +2,8 @@
 
 Built on MONAI Label's ``BasicTrainTask`` for what it provides around a run -- the request/config
 merge, device choice, the multi-GPU path (``torch.multiprocessing.spawn`` of one DDP worker per GPU)
-and ``train_stats`` -- while the loop itself is the core's one loop, ``hybrid_ct.trainer.Trainer`` (the
-same as ``hybrid-ct train`` and ``torchrun -m hybrid_ct.train``), because the network is a multi-head
+and ``train_stats`` -- while the loop itself is the core's one loop, ``hybrid_ct.train.trainer.Trainer`` (the
+same as ``hybrid-ct train`` and ``torchrun -m hybrid_ct.train.distributed``), because the network is a multi-head
 spiking model trained on 2D slices with per-head target masks, which the ignite ``SupervisedTrainer``
 pipeline of ``BasicTrainTask.train`` does not express. A request becomes a ``TrainConfig``
 (``train_config``; a request's defaults are TrainConfig's, the loss weights ``lambda_cls`` /
@@ -43,11 +43,12 @@ from monailabel.interfaces.datastore import Datastore
 from monailabel.tasks.train.basic_train import BasicTrainTask, Context
 from monailabel.utils.others.generic import device_list
 
-from hybrid_ct.checkpoint import load_checkpoint
+from hybrid_ct.net.checkpoint import load_checkpoint
 from hybrid_ct.errors import InputError, ModelNotReadyError
-from hybrid_ct.model import HybridMultiTaskNet, NetConfig
-from hybrid_ct.trainer import Trainer, build_loss, build_optimizer, init_distributed
-from hybrid_ct.training import SliceSet, augmentations, load_replay, replay_path
+from hybrid_ct.net.network import HybridMultiTaskNet, NetConfig
+from hybrid_ct.train.trainer import Trainer, build_loss, build_optimizer, init_distributed
+from hybrid_ct.data.slice_store import SliceSet, load_replay, replay_path
+from hybrid_ct.train.augment import augmentations
 
 from ..store import ModelStore, UnknownVersionError
 from .data import is_validation_image, slices_of

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import re
 
-from hybrid_ct.training import TrainConfig
+from hybrid_ct.train.config import TrainConfig
 
 from ..validation import BadRequest
 

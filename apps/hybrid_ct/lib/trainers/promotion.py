@@ -1,7 +1,8 @@
 """Is a retrain not worse than the served model? Both scored on the same fixed validation slices."""
 from __future__ import annotations
 
-from hybrid_ct.training import SliceSet, evaluate
+from hybrid_ct.data.slice_store import SliceSet
+from hybrid_ct.train.scoring import evaluate
 
 
 def promotion_scores(model, data: SliceSet, device, batch_size: int) -> dict:

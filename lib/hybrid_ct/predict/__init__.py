@@ -1,0 +1,33 @@
+"""Prediction: the ``Predictor`` (one CT -> label map + report) and the batch over files, DICOM series and PACS trees, with its outputs (NIfTI, DICOM-SEG, overlays, PDF).
+
+The public surface, importable from here (each name loads its module on first use):
+
+- ``predictor``: ``Predictor``
+- ``batch``: ``predict_batch``, ``expand_inputs``
+- ``dicom_seg``: ``write_dicom_seg``, ``read_dicom_seg``
+- ``pdf_report``: ``write_scan_report``
+- ``overlays``: ``overlay_panels``, ``results_view``
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_HOME = {
+    "Predictor": "predictor",
+    "predict_batch": "batch",
+    "expand_inputs": "batch",
+    "write_dicom_seg": "dicom_seg",
+    "read_dicom_seg": "dicom_seg",
+    "write_scan_report": "pdf_report",
+    "overlay_panels": "overlays",
+    "results_view": "overlays",
+}
+__all__ = sorted(_HOME)
+
+
+def __getattr__(name: str):
+    """PEP 562: import the module that holds ``name`` only when asked (the CLI stays quick to start)."""
+    if name in _HOME:
+        return getattr(importlib.import_module(f"{__name__}.{_HOME[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,200 @@
+"""Whole-volume inference: CT image -> label map in the image's own geometry + a diagnostic report.
+
+One path for the CLI, the MONAI Label app and evaluation: ``check_ct`` -> ``transforms.pre_transforms``
+(reorientation, body mask, lung slab, lung window, slice grid) -> the network slice by slice on the lung
+slab (inside the energy meter; ``run_volume``) -> ``transforms.post_transforms`` (inverted back to the
+input's grid, label, lung components) -> on a whole volume the 3D anatomy rules
+(``anatomy.plausible_lungs``) -> label + report, whose scan call, calibration and noise floor come from
+``diagnosis``. Slices outside the lung slab are background without running the network, and the 3D
+rules run on the lungs' box (``hybrid_ct.processing.crop``, issue 16): the same label as the network on every slice.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from tqdm import tqdm
+
+from hybrid_ct.contract import LABELS
+from hybrid_ct.processing.anatomy import plausible_lungs
+from hybrid_ct.net.checkpoint import load_checkpoint
+from hybrid_ct.processing.crop import grow_slab, margin_slices
+from hybrid_ct.processing.scan_call import Calibration, decide, load_calibration, scan_features
+from hybrid_ct.processing.context import with_context
+from hybrid_ct.net.energy import EnergyMeter
+from hybrid_ct.imaging.chest import check_ct
+from hybrid_ct.net.network import HybridMultiTaskNet, fold_batchnorm
+from hybrid_ct.processing.grid import array_to_image, check_size
+from hybrid_ct.processing.burden import infection_burden, severity_grade
+from hybrid_ct.processing.transforms import post_transforms, pre_transforms, run
+from hybrid_ct.net.energy import EnergyMeter
+
+MIN_3D_SLICES = 8  # from this many slices on, a volume gets the 3D anatomy rules
+
+
+@dataclass
+class SliceOutputs:
+    lung: np.ndarray  # [D,1,S,S] probabilities in model space
+    infection: np.ndarray
+    positive_prob: np.ndarray  # [D]
+    predicted: np.ndarray  # [D] class from the firing rates
+    rates: np.ndarray  # [D,2]
+    ran: np.ndarray | None = None  # [D] bool: slices the network ran on (the others are background)
+
+    @classmethod
+    def blank(cls, d: int, size: int) -> "SliceOutputs":
+        """``d`` slices on which the network did not run: probability 0, class 0."""
+        z = np.zeros((d, 1, size, size), np.float32)
+        return cls(z, z.copy(), np.zeros(d), np.zeros(d, np.int64), np.zeros((d, 2)), np.zeros(d, bool))
+
+    def put(self, lo: int, part: "SliceOutputs") -> None:
+        hi = lo + len(part.positive_prob)
+        for name in ("lung", "infection", "positive_prob", "predicted", "rates"):
+            getattr(self, name)[lo:hi] = getattr(part, name)
+        self.ran[lo:hi] = True
+
+
+
+
+
+
+class Predictor:
+    """Runs a trained network on CT volumes or slices. Thread-safe for concurrent ``predict`` calls
+    only if each thread has its own Predictor (spiking neurons keep per-call state)."""
+
+    def __init__(self, model: HybridMultiTaskNet, meta: dict | None = None, device: str = "cpu",
+                 batch_size: int = 8, require_chest: bool = True, progress: bool = False,
+                 calibration: Calibration | None = None, crop: bool = True, amp: bool = False):
+        self.model = fold_batchnorm(model.to(device).eval())  # same output, one pass less per layer
+        self.meta = dict(meta or {})
+        self.device = device
+        self.batch_size = batch_size
+        self.require_chest = require_chest
+        self.progress = progress
+        self.calibration = calibration or Calibration()
+        self.crop = crop  # False: the network on every slice (the reference path of the tests)
+        # fp16 autocast on CUDA only (on this CPU bf16/fp16 is ~150x slower, STACK.md); off by default
+        # until its labels are measured against fp32 on a GPU (tests/test_gpu.py does that where one exists)
+        self.amp = bool(amp) and str(device).startswith("cuda")
+
+    @classmethod
+    def from_checkpoint(cls, path, device: str = "cpu", **kw) -> "Predictor":
+        model, meta = load_checkpoint(path, device)
+        kw.setdefault("calibration", load_calibration(path))
+        return cls(model, meta, device=device, **kw)
+
+    @property
+    def version(self) -> str:
+        return str(self.meta.get("version", "unversioned"))
+
+    @torch.no_grad()
+    def run_slices(self, x: np.ndarray, meter: EnergyMeter | None = None) -> SliceOutputs:
+        """x [D,1,S,S] in [0,1] (or the network's [D,3,S,S] 2.5D input, ``hybrid_ct.processing.context``; a 1-channel
+        stack is read as pictures, each its own neighbour) -> per-slice probabilities and class calls."""
+        x = with_context(x, self.model.cfg.in_channels)
+        outs = {k: [] for k in ("lung", "infection", "prob", "pred", "rates")}
+        heads = self.model.cfg.heads
+        steps = range(0, len(x), self.batch_size)
+        for i in tqdm(steps, desc="slices", unit="batch", disable=not self.progress):
+            xb = torch.from_numpy(x[i:i + self.batch_size]).to(self.device, non_blocking=True)
+            with torch.autocast("cuda", dtype=torch.float16, enabled=self.amp):
+                o = self.model(xb)
+            o = {k: v.float() if torch.is_tensor(v) else v for k, v in o.items()}
+            for h in ("lung", "infection"):
+                p = torch.sigmoid(o[h]) if h in heads else torch.zeros_like(xb[:, :1])
+                outs[h].append(p.cpu().numpy())
+            if "cls" in heads:
+                outs["prob"].append(self.model.positive_probability(o).cpu().numpy())
+                outs["pred"].append(self.model.predicted_class(o).cpu().numpy())
+                outs["rates"].append(o["cls_rates"].cpu().numpy())
+        cat = {k: np.concatenate(v) if v else np.zeros((len(x),) if k != "rates" else (len(x), 2)) for k, v in outs.items()}
+        return SliceOutputs(cat["lung"], cat["infection"], cat["prob"], cat["pred"], cat["rates"])
+
+    def run_volume(self, data: dict, meter: EnergyMeter | None = None) -> SliceOutputs:
+        """The network on the model slices of ``data`` (``pre_transforms``' output). With ``crop`` and a
+        lung slab (``data["slab"]``, ``transforms.LungSlabd``) only on the slab, widened while the
+        network still outlines lung on an edge slice (``crop.grow_slab``: lung that is not aerated, at a
+        dense base, is followed); every other slice is background. The network reads one slice at a
+        time, so the slab's slices come out as on the whole volume (tests/test_crop.py)."""
+        x = data["image"].as_tensor().numpy()
+        d = len(x)
+        # the 2.5D input from the whole stack, before any slab is cut: the slab's edge slices see their neighbours
+        x = with_context(x, self.model.cfg.in_channels, data["image"].meta["canon_spacing"][0], self.model.cfg.context_mm)
+        slab = data.get("slab") if self.crop else None
+        if slab is None or tuple(slab) == (0, d):
+            so = self.run_slices(x, meter)
+            so.ran = np.ones(d, bool)
+            return so
+        lo, hi = (int(v) for v in slab)
+        step = margin_slices(data["image"].meta["canon_spacing"][0])
+        so = SliceOutputs.blank(d, x.shape[-1])
+        so.put(lo, self.run_slices(x[lo:hi], meter))
+        while True:
+            nlo, nhi = grow_slab((so.lung[:, 0] > 0.5).sum(axis=(1, 2)), lo, hi, d, step)
+            if (nlo, nhi) == (lo, hi):
+                return so
+            if nlo < lo:
+                so.put(nlo, self.run_slices(x[nlo:lo], meter))
+            if nhi > hi:
+                so.put(hi, self.run_slices(x[hi:nhi], meter))
+            lo, hi = nlo, nhi
+
+    def predict(self, image: sitk.Image, size: int | None = None):
+        """-> (label image, uint8 in the input's geometry; report dict, see docs/CONTRACTS.md)."""
+        t0 = time.perf_counter()
+        check_ct(image, require_chest=self.require_chest)
+        pre = pre_transforms(check_size(size or self.model.cfg.in_size), fov=self.model.cfg.fov)
+        data = run(pre, {"image": image})
+        with EnergyMeter(self.model) as meter:
+            so = self.run_volume(data, meter)
+        data["pred"] = np.concatenate([so.lung, so.infection], axis=1)
+        out = run(post_transforms(pre), data)
+        label_arr = out["label"]
+        if label_arr.shape[0] >= MIN_3D_SLICES:  # a whole volume: the 3D anatomy rules (hybrid_ct.processing.anatomy)
+            body = out.get("body")
+            body = np.asarray(body)[0].astype(bool) if body is not None else None
+            label_arr = plausible_lungs(label_arr, sitk.GetArrayViewFromImage(image), image.GetSpacing(),
+                                        image.GetDirection(), image.GetOrigin(), body=body)
+        label = array_to_image(label_arr, image)
+        report = self._report(label, label_arr, so, meter, time.perf_counter() - t0)
+        return label, report
+
+    def _report(self, label: sitk.Image, label_arr: np.ndarray, so: SliceOutputs, meter: EnergyMeter,
+                latency: float) -> dict:
+        features = scan_features(label_arr, label.GetSpacing(), so.positive_prob, (so.lung[:, 0] > 0.5).sum(axis=(1, 2)))
+        call = decide(features, self.calibration)
+        ran = so.ran if so.ran is not None else np.ones(len(so.rates), bool)
+        burden = infection_burden(label)
+        energy = meter.report()
+        return {
+            "classification": {
+                **call,
+                "firing_rates": so.rates[ran].mean(0).tolist() if ran.any() else [0.0, 0.0],
+                "slice_positive": so.predicted.astype(int).tolist(),
+                "slice_probability": [round(float(p), 4) for p in so.positive_prob],
+            },
+            "burden": burden,
+            "grade": severity_grade(burden["total_pct"]) if call["infection_found"] else "CT-0",
+            "energy": energy.summary(),
+            "latency_s": latency,
+            "slices_run": int(ran.sum()),
+            "model_version": self.version,
+            "label_names": {"lung": LABELS["lung"], "infection": LABELS["infection"]},
+        }
+
+
+def run_on_slices(predictor, s, meter=None):
+    """Outputs of ``predictor`` (the product's slice path) for a SliceSet."""
+    return predictor.run_slices(s.inputs(channels=predictor.model.cfg.in_channels), meter)
+
+
+def energy_on_slices(model, s, n: int = 96):
+    """EnergyReport of ``model`` (its inference copy, as served) on the first ``n`` slices of SliceSet ``s``."""
+
+    predictor = Predictor(model, progress=False)
+    with EnergyMeter(predictor.model) as meter:
+        run_on_slices(predictor, s.subset(np.arange(min(n, len(s)))), meter)
+    return meter.report()

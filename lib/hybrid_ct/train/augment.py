@@ -1,0 +1,121 @@
+"""What the trainer draws: augmentations (MONAI transforms) and the slice dataset that applies them."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from monai.transforms import (Compose, MapTransform, RandAdjustContrastd, RandAffined, RandFlipd, RandGaussianNoised,
+                              RandGaussianSmoothd, RandomizableTransform, RandRotate90d, RandScaleIntensityd,
+                              RandSimulateLowResolutiond)
+from torch.utils.data import Dataset
+
+from hybrid_ct.data.slice_store import MISSING, SliceSet
+from hybrid_ct.processing.context import with_context
+import copy
+
+
+def augmentations(style: bool = False) -> Compose:
+    """Label-preserving augmentation (monai dictionary transforms); ``style`` adds the looks that tell
+    picture sources apart -- gamma, contrast, blur, noise, lower resolution, JPEG re-compression -- so
+    the network cannot learn a source from its look (issue 19)."""
+    keys = ["image", "lung", "infection"]
+    geometric = [
+        RandFlipd(keys, prob=0.5, spatial_axis=1),
+        RandAffined(keys, prob=0.5, rotate_range=0.15, scale_range=0.1, translate_range=8,
+                    mode=["bilinear", "nearest", "nearest"], padding_mode="zeros"),
+        RandScaleIntensityd("image", factors=0.1, prob=0.3),
+        RandGaussianNoised("image", prob=0.2, std=0.02),
+    ]
+    if not style:
+        return Compose(geometric)
+    return Compose(geometric + [
+        RandAdjustContrastd("image", prob=0.3, gamma=(0.7, 1.5)),
+        RandGaussianSmoothd("image", prob=0.2, sigma_x=(0.25, 1.0), sigma_y=(0.25, 1.0)),
+        RandSimulateLowResolutiond("image", prob=0.2, zoom_range=(0.5, 0.9), upsample_mode="bilinear"),
+        RandJpegd("image", prob=0.2, quality=(30, 90)),
+    ])
+
+
+class RandJpegd(RandomizableTransform, MapTransform):
+    """JPEG re-compression of the [0, 1] image at a random quality (monai has no JPEG transform; the
+    published picture collections differ in how hard they were compressed)."""
+
+    def __init__(self, keys, prob: float = 0.2, quality=(30, 90)):
+        MapTransform.__init__(self, keys)
+        RandomizableTransform.__init__(self, prob)
+        self.quality = quality
+
+    def __call__(self, data):
+        from io import BytesIO
+
+        from PIL import Image
+
+        d = dict(data)
+        self.randomize(None)
+        if not self._do_transform:
+            return d
+        q = int(self.R.randint(self.quality[0], self.quality[1] + 1))
+        for k in self.key_iterator(d):
+            x = np.asarray(d[k], dtype=np.float32)
+            out = []
+            for c in x:  # each channel (the 2.5D input has three) compressed as its own grey picture
+                buf = BytesIO()
+                Image.fromarray(np.round(np.clip(c, 0, 1) * 255).astype(np.uint8)).save(buf, "JPEG", quality=q)
+                out.append(np.asarray(Image.open(BytesIO(buf.getvalue())), dtype=np.float32) / 255.0)
+            d[k] = torch.from_numpy(np.stack(out))
+        return d
+
+
+PICTURE_ROTATION = Compose([RandRotate90d(["image", "lung", "infection"], prob=0.75, max_k=3),
+                            RandFlipd(["image", "lung", "infection"], prob=0.25, spatial_axis=0)])
+
+
+KNOWN_ORIENTATION = ("phantom", "imlab", "wholescan")  # HU volumes keep their known orientation
+
+
+class SliceDataset(Dataset):
+    """Model-space slices as training samples. ``rotate_pictures``: 2D pictures (every group family not in
+    ``KNOWN_ORIENTATION``) are also turned by 90/180/270 degrees and flipped, as collections publish them."""
+
+    def __init__(self, data: SliceSet, augment: bool = False, style: bool = False, rotate_pictures: bool = False,
+                 seed: int | None = None, channels: int = 1, context_dropout: float = 0.0):
+        self.data = data
+        self.channels = channels  # 3: the 2.5D input (SliceSet.inputs); augmentation moves all channels alike
+        # share of volume slices shown without their neighbours (as a picture): the context channels then stop
+        # telling a volume (here: mostly infection-free whole scans) from a picture (the infection masks)
+        self.context_dropout = float(context_dropout) if augment else 0.0
+        self._rng = np.random.default_rng(seed)
+        self.aug = augmentations(style) if augment else None
+        self.rotate = copy.deepcopy(PICTURE_ROTATION) if augment and rotate_pictures else None
+        if seed is not None:
+            for t in (self.aug, self.rotate):
+                if t is not None:
+                    t.set_random_state(seed)
+
+    def __len__(self):
+        return len(self.data)
+
+    def _input(self, i) -> np.ndarray:
+        if self.channels == 3 and self.context_dropout and self._rng.random() < self.context_dropout:
+            return with_context(self.data.inputs(i, 1), 3)[0]
+        return self.data.inputs(i, self.channels)[0]
+
+    def __getitem__(self, i):
+        d = self.data
+        lung, inf = d.lung[i], d.infection[i]
+        has_lung, has_inf = bool(lung[0, 0] != MISSING), bool(inf[0, 0] != MISSING)
+        s = {
+            "image": torch.from_numpy(self._input(i)),
+            "lung": torch.from_numpy((lung[None] == 1).astype(np.float32)),
+            "infection": torch.from_numpy((inf[None] == 1).astype(np.float32)),
+        }
+        if self.rotate is not None and str(d.group[i]).split("_", 1)[0] not in KNOWN_ORIENTATION:
+            s = self.rotate(s)
+        if self.aug is not None:
+            s = self.aug(s)
+        if self.aug is not None or self.rotate is not None:
+            s = {k: torch.as_tensor(np.ascontiguousarray(np.asarray(v)), dtype=torch.float32) for k, v in s.items()}
+        s["cls"] = torch.tensor(max(int(d.cls[i]), 0))
+        s["cls_mask"] = torch.tensor(int(d.cls[i]) >= 0)
+        s["lung_mask"] = torch.tensor(has_lung)
+        s["infection_mask"] = torch.tensor(has_inf)
+        return s
