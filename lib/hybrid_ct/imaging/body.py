@@ -45,11 +45,11 @@ def largest_filled(mask: np.ndarray):
     return region, region | ~np.isin(bg, edge)
 
 
-def body_region(a: np.ndarray, open_px: int = 0) -> np.ndarray:
+def body_region(a: np.ndarray, open_px: int = 0, threshold: float = BODY_HU) -> np.ndarray:
     """[n, h, w] HU -> the body: the largest connected region above -500 HU, holes filled per plane;
     ``open_px``: first opened in-plane by a disk of that radius, which cuts off the table top (it touched
     the back on LUNG1-001, so the body held the table and the lung outlined on it stayed)."""
-    mask = a > BODY_HU
+    mask = a > threshold
     if open_px:
         disk = np.hypot(*np.ogrid[-open_px:open_px + 1, -open_px:open_px + 1]) <= open_px
         mask = ndi.binary_opening(mask, structure=disk[None])
@@ -66,14 +66,15 @@ def lps_planes(img: sitk.Image):
     return oriented, a
 
 
-def body_mask(img: sitk.Image) -> np.ndarray:
+def body_mask(img: sitk.Image, threshold: float = BODY_HU) -> np.ndarray:
     """Boolean [z, y, x] mask of the patient's body in ``img``'s own array layout (see ``body_region``): air
     outside it (room, table gap, clothes) is not lung."""
     code = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(img.GetDirection())
     oriented, a = lps_planes(img)
     k = 2 if max(a.shape[1:]) > 256 else 1  # in-plane stride: a body outline needs no sub-millimetre detail
     px = float(min(oriented.GetSpacing()[:2])) * k  # whole volumes: open by ~6 mm (thinner than a table top)
-    body = body_region(a[:, ::k, ::k], open_px=int(6.0 // px) if a.shape[0] >= 8 and px <= 3.0 else 0)
+    body = body_region(a[:, ::k, ::k], open_px=int(6.0 // px) if a.shape[0] >= 8 and px <= 3.0 else 0,
+                       threshold=threshold)
     if k > 1:
         body = body.repeat(k, axis=1).repeat(k, axis=2)[:, : a.shape[1], : a.shape[2]]
     m = sitk.GetImageFromArray(body.reshape(sitk.GetArrayViewFromImage(oriented).shape).astype(np.uint8))

@@ -52,7 +52,11 @@ class NetConfig:
     in_size: int = 256
     in_channels: int = 1  # 3: the 2.5D input, the slice and its neighbours context_mm below / above (context.py)
     context_mm: float = 5.0
-    fov: str = "square"  # "lungs": the input is the box around the lungs, made square (preprocess.FOVS)
+    fov: str = "square"  # "lungs": the input is the box around the lungs, made square (processing.grid.FOVS)
+    # What the network sees, stored in every checkpoint (a checkpoint without them was built with these values):
+    window_hu: tuple = (-1350.0, 150.0)  # HU mapped onto [0, 1] (the lung window W1500 / L-600), clipped
+    lung_margin_mm: float = 20.0  # fov "lungs": margin around the lungs' air before the box is made square
+    body_hu: float = -500.0  # the body is the largest region above it; air below it sets the lung slab and box
 
     def __post_init__(self):
         self.heads = tuple(self.heads)
@@ -72,6 +76,12 @@ class NetConfig:
             raise ValueError(f"surrogate must be one of {sorted(SURROGATES)}, got {self.surrogate!r}")
         if self.fov not in ("square", "lungs"):
             raise ValueError(f"fov must be 'square' or 'lungs', got {self.fov!r}")
+        self.window_hu = tuple(float(v) for v in self.window_hu)
+        if len(self.window_hu) != 2 or not self.window_hu[0] < self.window_hu[1]:
+            raise ValueError(f"window_hu must be (low, high) with low < high, got {self.window_hu}")
+        if float(self.lung_margin_mm) < 0:
+            raise ValueError(f"lung_margin_mm must be >= 0, got {self.lung_margin_mm}")
+        self.lung_margin_mm, self.body_hu = float(self.lung_margin_mm), float(self.body_hu)
         if self.up_kernel not in (3, 5):
             raise ValueError("up_kernel must be 3 or 5")
         if self.in_channels not in (1, 3) or float(self.context_mm) <= 0:
@@ -83,7 +93,13 @@ class NetConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["heads"] = list(self.heads)
+        d["window_hu"] = list(self.window_hu)
         return d
+
+    def input_spec(self) -> dict:
+        """The keyword arguments of ``processing.transforms.pre_transforms`` that define this network's input."""
+        return {"fov": self.fov, "window_hu": tuple(self.window_hu), "margin_mm": self.lung_margin_mm,
+                "body_hu": self.body_hu}
 
     @classmethod
     def from_dict(cls, d: dict) -> "NetConfig":

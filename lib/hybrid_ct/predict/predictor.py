@@ -146,7 +146,7 @@ class Predictor:
         """-> (label image, uint8 in the input's geometry; report dict, see docs/CONTRACTS.md)."""
         t0 = time.perf_counter()
         check_ct(image, require_chest=self.require_chest)
-        pre = pre_transforms(check_size(size or self.model.cfg.in_size), fov=self.model.cfg.fov)
+        pre = pre_transforms(check_size(size or self.model.cfg.in_size), **self.model.cfg.input_spec())
         data = run(pre, {"image": image})
         with EnergyMeter(self.model) as meter:
             so = self.run_volume(data, meter)

@@ -23,7 +23,8 @@ import math
 import numpy as np
 from scipy import ndimage
 
-SLAB_AIR_HU = -500.0  # air and aerated lung (the body mask's own threshold, io._body)
+from hybrid_ct.imaging.body import BODY_HU
+
 SLAB_GRID_MM = 4.0  # in-plane grid of the slab search: the lungs are centimetres wide
 SLAB_MIN_COMPONENT = 0.05  # air components below 5 % of the largest do not set the slab (bowel gas, sinuses)
 SLAB_MARGIN_MM = 10.0  # added above and below the air: lung tips, partial-volume slices, a dense base
@@ -31,14 +32,14 @@ SLAB_EDGE_FRACTION = 0.005  # grow while the edge slice holds lung >= 0.5 % of t
 MIN_SLAB_SLICES = 8  # fewer slices (a picture, a short stack): run them all, as before
 
 
-def lung_slab(hu: np.ndarray, body: np.ndarray | None, spacing_zyx) -> tuple[int, int] | None:
+def lung_slab(hu: np.ndarray, body: np.ndarray | None, spacing_zyx, air_hu: float = BODY_HU) -> tuple[int, int] | None:
     """Slices ``[z0, z1)`` of a canonical HU volume [D, H, W] (axis 0 cranio-caudal) that hold the
     lungs, with ``SLAB_MARGIN_MM`` on each side; None when the whole volume should be run (a short
     stack, no body mask, no air inside the body)."""
     d = hu.shape[0]
     if d < MIN_SLAB_SLICES:
         return None
-    boxes = _lung_air_boxes(hu, body, spacing_zyx)
+    boxes = _lung_air_boxes(hu, body, spacing_zyx, air_hu)
     if not boxes:
         return None
     z0 = min(b[0].start for b, _ in boxes)
@@ -47,13 +48,13 @@ def lung_slab(hu: np.ndarray, body: np.ndarray | None, spacing_zyx) -> tuple[int
     return max(0, z0 - m), min(d, z1 + m)
 
 
-def _lung_air_boxes(hu: np.ndarray, body: np.ndarray | None, spacing_zyx) -> list:
+def _lung_air_boxes(hu: np.ndarray, body: np.ndarray | None, spacing_zyx, air_hu: float) -> list:
     """The bounding boxes of the large 3D air components inside ``body`` (lungs and airways), found at
     about ``SLAB_GRID_MM`` in-plane: [(box on the low-resolution grid, in-plane stride k)]."""
     if body is None or body.shape != hu.shape:
         return []
     k = max(1, int(round(SLAB_GRID_MM / max(float(spacing_zyx[1]), float(spacing_zyx[2]), 1e-3))))
-    air = body[:, ::k, ::k] & (hu[:, ::k, ::k] < SLAB_AIR_HU)
+    air = body[:, ::k, ::k] & (hu[:, ::k, ::k] < air_hu)
     comp, n = ndimage.label(air)
     if n == 0:
         return []
@@ -62,7 +63,7 @@ def _lung_air_boxes(hu: np.ndarray, body: np.ndarray | None, spacing_zyx) -> lis
     return [(boxes[i], k) for i in np.flatnonzero(sizes >= SLAB_MIN_COMPONENT * sizes.max())]
 
 
-def lung_air_box(hu: np.ndarray, body: np.ndarray | None, spacing_zyx) -> tuple | None:
+def lung_air_box(hu: np.ndarray, body: np.ndarray | None, spacing_zyx, air_hu: float = BODY_HU) -> tuple | None:
     """In-plane ``(y0, y1, x0, x1)`` (canonical pixels) around the lungs' air over all slices of a
     canonical HU volume, widened to its mirror image about the body's midline (a lung that is dense on
     every slice, a white-out, is not air but lies opposite the other one): the field of view
@@ -71,7 +72,7 @@ def lung_air_box(hu: np.ndarray, body: np.ndarray | None, spacing_zyx) -> tuple 
     to a box built on air when this was tried) and when no air is found inside the body."""
     if hu.shape[0] < MIN_SLAB_SLICES:
         return None
-    boxes = _lung_air_boxes(hu, body, spacing_zyx)
+    boxes = _lung_air_boxes(hu, body, spacing_zyx, air_hu)
     if not boxes:
         return None
     h, w = hu.shape[1:]

@@ -38,9 +38,9 @@ from monai.transforms.inverse import InvertibleTransform
 from monai.utils import TraceKeys
 
 from hybrid_ct.errors import InputError
-from hybrid_ct.processing.grid import FOVS, SliceContext, WINDOW_HU, box_pad, make_context, canon_to_grid, check_size, from_canonical, grid_to_canon, \
+from hybrid_ct.processing.grid import FOVS, LUNG_MARGIN_MM, SliceContext, WINDOW_HU, box_pad, make_context, canon_to_grid, check_size, from_canonical, grid_to_canon, \
     orientation, square_pad, to_canonical
-from hybrid_ct.imaging.body import body_mask
+from hybrid_ct.imaging.body import BODY_HU, body_mask
 from hybrid_ct.processing.postprocess import mask_label
 from hybrid_ct.processing.crop import lung_air_box, lung_slab
 from hybrid_ct.processing.postprocess import keep_lung_components
@@ -151,14 +151,15 @@ class BodyMaskd(_Derived):
     already canonical HU volume (so its own LPS reorientation is a no-op); it takes this key's applied
     operations, so ``Invertd`` brings it back to the input's layout with the image's own reorientation."""
 
-    def __init__(self, keys="image", out_key: str = "body"):
+    def __init__(self, keys="image", out_key: str = "body", threshold: float = BODY_HU):
         super().__init__(keys, out_key)
+        self.threshold = float(threshold)
 
     def derive(self, x):
 
         canon = sitk.GetImageFromArray(_np(x)[0])  # identity direction: LPS
         canon.SetSpacing(tuple(reversed(x.meta["canon_spacing"])))
-        return MetaTensor(torch.from_numpy(body_mask(canon)[None]), meta=deepcopy(x.meta),
+        return MetaTensor(torch.from_numpy(body_mask(canon, self.threshold)[None]), meta=deepcopy(x.meta),
                           applied_operations=deepcopy(x.applied_operations))
 
 
@@ -169,9 +170,9 @@ class _LungAird(MapTransform):
 
     out_default = ""
 
-    def __init__(self, keys="image", body_key: str = "body", out_key: str | None = None):
+    def __init__(self, keys="image", body_key: str = "body", out_key: str | None = None, air_hu: float = BODY_HU):
         super().__init__(keys)
-        self.body_key, self.out_key = body_key, out_key or self.out_default
+        self.body_key, self.out_key, self.air_hu = body_key, out_key or self.out_default, float(air_hu)
 
     def __call__(self, data):
         d = dict(data)
@@ -179,11 +180,11 @@ class _LungAird(MapTransform):
         for key in self.key_iterator(d):
             x = d[key]
             d[self.out_key] = self.measure(_np(x)[0], _np(body)[0].astype(bool) if body is not None else None,
-                                           x.meta["canon_spacing"])
+                                           x.meta["canon_spacing"], self.air_hu)
         return d
 
     @staticmethod
-    def measure(hu, body, spacing):
+    def measure(hu, body, spacing, air_hu):
         raise NotImplementedError
 
 
@@ -195,9 +196,8 @@ class LungSlabd(_LungAird):
     out_default = "slab"
 
     @staticmethod
-    def measure(hu, body, spacing):
-
-        return lung_slab(hu, body, spacing)
+    def measure(hu, body, spacing, air_hu):
+        return lung_slab(hu, body, spacing, air_hu)
 
 
 class LungBoxd(_LungAird):
@@ -207,17 +207,16 @@ class LungBoxd(_LungAird):
     out_default = "lung_box"
 
     @staticmethod
-    def measure(hu, body, spacing):
-
-        return lung_air_box(hu, body, spacing)
+    def measure(hu, body, spacing, air_hu):
+        return lung_air_box(hu, body, spacing, air_hu)
 
 
 class LungWindowd(ScaleIntensityRanged):
     """The lung window (W1500 / L-600): ``WINDOW_HU`` onto [0, 1], clipped; the same float32 values as
     ``preprocess.window`` (tests/test_transforms.py checks it)."""
 
-    def __init__(self, keys="image"):
-        super().__init__(keys, a_min=WINDOW_HU[0], a_max=WINDOW_HU[1], b_min=0.0, b_max=1.0, clip=True)
+    def __init__(self, keys="image", window_hu=WINDOW_HU):
+        super().__init__(keys, a_min=float(window_hu[0]), a_max=float(window_hu[1]), b_min=0.0, b_max=1.0, clip=True)
 
 
 class ToSliceGridd(_Invertible):
@@ -231,20 +230,21 @@ class ToSliceGridd(_Invertible):
 
     def __init__(self, keys=("image", "label"), size: int = 256, mode=("bilinear", "nearest"),
                  ref_key: str = "image", value_range=(0.0, 1.0), allow_missing_keys: bool = True,
-                 fov: str = "square", box_key: str = "lung_box"):
+                 fov: str = "square", box_key: str = "lung_box", margin_mm: float = LUNG_MARGIN_MM):
         super().__init__(keys, allow_missing_keys)
         if fov not in FOVS:
             raise InputError(f"fov must be one of {FOVS}, got {fov!r}")
         self.size = check_size(size)
         self.mode = (mode,) * len(self.keys) if isinstance(mode, str) else tuple(mode)
         self.ref_key, self.value_range, self.fov, self.box_key = ref_key, value_range, fov, box_key
+        self.margin_mm = float(margin_mm)
 
     def __call__(self, data):
         d = dict(data)
         ref = d[self.ref_key]
         canon_shape = tuple(ref.shape[1:])
         if self.fov == "lungs":
-            pad = box_pad(d.get(self.box_key), canon_shape, ref.meta["canon_spacing"])
+            pad = box_pad(d.get(self.box_key), canon_shape, ref.meta["canon_spacing"], self.margin_mm)
         else:
             pad = square_pad(canon_shape, ref.meta["canon_spacing"])
         for key, mode in self.key_iterator(d, self.mode):
@@ -305,22 +305,24 @@ class KeepLungComponentsd(MapTransform):
         return d
 
 
-def pre_transforms(size: int, keys=("image",), body: bool = True, fov: str = "square") -> Compose:
+def pre_transforms(size: int, keys=("image",), body: bool = True, fov: str = "square", window_hu=WINDOW_HU,
+                   margin_mm: float = LUNG_MARGIN_MM, body_hu: float = BODY_HU) -> Compose:
     """SimpleITK images under ``keys`` ("image" first; "label" for training) -> model slices.
     ``body``: also the body mask for the post-processing and the lung slab (inference only).
-    ``fov``: the field of view (``preprocess.FOVS``; "lungs" needs the body mask and the lung box, training
-    too)."""
+    ``fov``: the field of view (``grid.FOVS``; "lungs" needs the body mask and the lung box, training
+    too). ``fov``, ``window_hu``, ``margin_mm`` and ``body_hu`` define what the network sees: pass a
+    checkpoint's own (``NetConfig.input_spec()``); the defaults are those every model so far was built with."""
     keys = tuple(keys)
     chain = [SitkToTensord(keys), OrientToCanonicald(keys + ("body",) if body else keys)]
     if body or fov == "lungs":
-        chain += [BodyMaskd("image")]
+        chain += [BodyMaskd("image", threshold=body_hu)]
     if body:
-        chain += [LungSlabd("image")]
+        chain += [LungSlabd("image", air_hu=body_hu)]
     if fov == "lungs":
-        chain += [LungBoxd("image")]
-    chain += [LungWindowd("image"),
+        chain += [LungBoxd("image", air_hu=body_hu)]
+    chain += [LungWindowd("image", window_hu),
               ToSliceGridd(keys, size, mode=tuple("bilinear" if k == "image" else "nearest" for k in keys),
-                           fov=fov)]
+                           fov=fov, margin_mm=margin_mm)]
     return Compose(chain)
 
 
@@ -337,22 +339,28 @@ def post_transforms(pre: Compose) -> Compose:
                     inverse_transforms(pre), ProbsToLabeld("pred"), KeepLungComponentsd("label")])
 
 
-def model_slices(image: sitk.Image, label: sitk.Image | None, size: int, fov: str = "square"):
+def input_kwargs(view="square") -> dict:
+    """A field of view ("square" / "lungs") or a whole input definition (``NetConfig.input_spec()``) ->
+    the keyword arguments of ``pre_transforms`` that define the network's input."""
+    return dict(view) if isinstance(view, dict) else {"fov": view}
+
+
+def model_slices(image: sitk.Image, label: sitk.Image | None, size: int, fov="square"):
     """Training input: ``pre_transforms`` on an image and its label (the label follows the image's
     orientation and grid; nearest neighbour) -> (x float32 [D, 1, size, size] in [0, 1], label uint8
-    [D, size, size] or None)."""
+    [D, size, size] or None). ``fov``: a field of view or a network's whole input definition (``input_kwargs``)."""
     keys = ("image", "label") if label is not None else ("image",)
-    d = run(pre_transforms(size, keys=keys, body=False, fov=fov), {"image": image, "label": label})
+    d = run(pre_transforms(size, keys=keys, body=False, **input_kwargs(fov)), {"image": image, "label": label})
     lab = d["label"].as_tensor().numpy()[:, 0].astype(np.uint8) if label is not None else None
     return d["image"].as_tensor().numpy(), lab
 
 
-def to_model_slices(img: sitk.Image, size: int = 256, fov: str = "square"):
+def to_model_slices(img: sitk.Image, size: int = 256, fov="square"):
     """Return ``(x, ctx)``: x is float32 [D, 1, size, size] in [0, 1] (axial LPS slices, lung window),
     from ``transforms.pre_transforms``; ``ctx`` its geometry (with the field of view ``fov`` chose)."""
 
     ctx = make_context(img, size)
-    x = run(pre_transforms(ctx.size, body=False, fov=fov), {"image": img})["image"]
+    x = run(pre_transforms(ctx.size, body=False, **input_kwargs(fov)), {"image": img})["image"]
     ctx.pad = tuple(grid_record(x)["pad"])
     return x.as_tensor().numpy(), ctx
 

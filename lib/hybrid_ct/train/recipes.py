@@ -23,6 +23,7 @@ from hybrid_ct.processing.grid import check_size
 from hybrid_ct.data.slice_store import MISSING, SourceSet
 from hybrid_ct.data.manifest import combine, group_family, split_sets, val_groups_for
 from hybrid_ct.data.sources import load_sources
+from hybrid_ct.net.network import NetConfig
 
 RECIPE_DIR = Path(__file__).resolve().parent / "recipes"
 HOLD_OUT_SOURCES = ("ucsd", "mosmed", "majun20")  # the cls2d collections (``datasets.group_family``)
@@ -117,7 +118,7 @@ def load_recipe_data(recipe: dict, root, size: int, progress: bool = True) -> li
     return load_sources(root, size, sources=d["sources"], phantoms=d["phantoms"], phantom_shape=tuple(d["phantom_shape"]),
                         limit=d.get("limit"), extra=d.get("extra", []), weak_lung=d.get("weak_lung", True),
                         normal_infection=d.get("normal_infection", False), progress=progress,
-                        fov=recipe["net"].get("fov", "square"))
+                        fov=NetConfig.from_dict(recipe["net"]).input_spec())  # what the network will see
 
 
 def recipe_slices(recipe: dict, root, progress: bool = True):

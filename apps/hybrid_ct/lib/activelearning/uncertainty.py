@@ -44,7 +44,7 @@ def _binary_entropy(p: np.ndarray) -> np.ndarray:
 def spike_uncertainty(predictor, image, max_slices: int = 16) -> dict:
     """Uncertainty of ``predictor`` on a SimpleITK ``image`` (see the module docstring)."""
     cfg = predictor.model.cfg
-    x, ctx = to_model_slices(image, cfg.in_size, cfg.fov)
+    x, ctx = to_model_slices(image, cfg.in_size, cfg.input_spec())
     x = with_context(x, cfg.in_channels, ctx.canon_spacing[0], cfg.context_mm)  # before thinning: true neighbours
     if len(x) > max_slices:
         x = x[np.linspace(0, len(x) - 1, max_slices).round().astype(int)]

@@ -4,8 +4,8 @@ The core ``hybrid_ct.predict.predictor.Predictor`` owns every step (CT check, th
 ``hybrid_ct.processing.transforms``, network, geometry back, burden, grade, energy), so this task runs no chain
 of its own: it is a plain ``InferTask`` (declared ``segmentation``, so Slicer lists it) that reads the
 volume, asks the served predictor, and writes the label as .nii.gz or, when the client asks
-(``result_extension``), .nrrd. ``pre_transforms`` / ``inverse_transforms`` / ``post_transforms`` list
-that chain the way MONAI Label's ``BasicInferTask`` does (the same objects the predictor builds).
+(``result_extension``), .nrrd. It lists no transforms of its own: the predictor builds the chain from the
+served checkpoint's input definition (``NetConfig.input_spec()``), so a listed copy could only drift.
 
 Model hot swap: :class:`ModelServer` checks the store's current version when a request RUNS (a stat of
 one small file), not when it arrives: requests queue on one run lock (the predictor holds spiking state
@@ -31,9 +31,7 @@ from monailabel.utils.others.generic import device_list
 from hybrid_ct.errors import InputError
 from hybrid_ct.predict.predictor import Predictor
 from hybrid_ct.imaging.reader import read_image
-from hybrid_ct.net.network import NetConfig
 from hybrid_ct.files import jsonable
-from hybrid_ct.processing.transforms import post_transforms, pre_transforms
 
 from ..store import ModelStore
 
@@ -131,27 +129,6 @@ class HybridCTInfer(InferTask):
         out = super().info()
         out["model"] = self.server.store.summary()
         return out
-
-    def _grid(self) -> tuple:
-        """The served model's slice size and field of view."""
-        served = self.server.peek()
-        cfg = served.predictor.model.cfg if served else NetConfig()
-        return int(cfg.in_size), cfg.fov
-
-    def pre_transforms(self, data=None):
-        """CT -> model slices, as ``Predictor.predict`` runs them (``hybrid_ct.processing.transforms.pre_transforms``)."""
-        size, fov = self._grid()
-        return pre_transforms(size, fov=fov).transforms
-
-    def inverse_transforms(self, data=None):
-        """[]: every invertible pre-transform (reorientation, slice grid), as in BasicInferTask."""
-        return []
-
-    def post_transforms(self, data=None):
-        """Probabilities -> label in the input's geometry (``hybrid_ct.processing.transforms.post_transforms``; its
-        ``Invertd`` runs the inverses of ``pre_transforms``)."""
-        size, fov = self._grid()
-        return post_transforms(pre_transforms(size, fov=fov)).transforms
 
     def get_path(self, validate=True):
         try:

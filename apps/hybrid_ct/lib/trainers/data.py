@@ -20,7 +20,7 @@ def is_validation_image(image_id: str, val_split: float) -> bool:
     return hash_fraction(image_id) < val_split
 
 
-def slices_for_case(case: dict, size: int, fov: str = "square") -> SliceSet:
+def slices_for_case(case: dict, size: int, fov="square") -> SliceSet:
     """One datastore case -> model-space slices with targets (label remapped by its label_info names)."""
     img = read_image(case["image"])
     label_img, _, _ = canonicalise_label(case["label"], case["image"], case.get("label_info", {}).get("label_info"))
@@ -38,7 +38,7 @@ def slices_for_case(case: dict, size: int, fov: str = "square") -> SliceSet:
     return s
 
 
-def slices_of(cases: list, size: int, fov: str = "square") -> tuple:
+def slices_of(cases: list, size: int, fov="square") -> tuple:  # fov: or NetConfig.input_spec()
     """Cases -> (one SliceSet of all their slices, the cases used, the ones skipped with the reason)."""
     out, used, skipped = SliceSet.empty(size), [], []
     for case in cases:

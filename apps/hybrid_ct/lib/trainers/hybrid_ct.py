@@ -236,7 +236,7 @@ class HybridCTTrain(BasicTrainTask):
         served_version = self.store.current() if lead else None  # what a retrain must not be worse than
         context.network = self.network(context)
         served_version = getattr(context, "parent_version", None) or served_version
-        grid = context.network.cfg.in_size, context.network.cfg.fov
+        grid = context.network.cfg.in_size, context.network.cfg.input_spec()
         is_val = [is_validation_image(case["id"], req["val_split"]) for case in datalist]
         train_set, train_cases, skipped = slices_of([c for c, v in zip(datalist, is_val) if not v], *grid)
         val_set, val_cases, skipped_val = slices_of([c for c, v in zip(datalist, is_val) if v], *grid)
@@ -316,8 +316,8 @@ class HybridCTTrain(BasicTrainTask):
         if served_version is not None:
             try:
                 old, _ = load_checkpoint(self.store.path(served_version), "cpu")
-                same = (old.cfg.in_size, old.cfg.fov) == (model.cfg.in_size, model.cfg.fov)
-                served = promotion_scores(old, data if same else slices_of(cases, old.cfg.in_size, old.cfg.fov)[0],
+                same = (old.cfg.in_size, old.cfg.input_spec()) == (model.cfg.in_size, model.cfg.input_spec())
+                served = promotion_scores(old, data if same else slices_of(cases, old.cfg.in_size, old.cfg.input_spec())[0],
                                           device, batch_size)
                 del old
             except (ModelNotReadyError, UnknownVersionError) as e:  # unservable anyway: nothing to compare
