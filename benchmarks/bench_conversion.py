@@ -10,7 +10,7 @@ Same data and split as ``hybrid-ct train --recipe shipped``.
 """
 import sys, time, logging
 from dataclasses import replace
-import numpy as np, torch
+import torch
 from hybrid_ct.predict.predictor import energy_on_slices
 from hybrid_ct.train.recipes import load_recipe, recipe_slices
 from hybrid_ct.data.manifest import data_root

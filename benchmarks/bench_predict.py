@@ -4,7 +4,7 @@ Replays ``hybrid_ct.predict.predictor.Predictor.predict`` step by step with the 
 times each stage, on the shipped model (``hybrid_ct.net.model_files.default_model_path()``):
 
     read          io.read_image (DICOM folder / .nii.gz)
-    checks        io.check_ct
+    checks        imaging.chest.check_ct
     pre           transforms.pre_transforms, one transform at a time:
                     to tensor, reorient (LPS), body mask (BodyMaskd = io.body_mask on the canonical
                     volume), lung window, slice grid (pad + resample to the model size)
@@ -52,11 +52,11 @@ TARGET_S = 10.0  # issue 16: a 512^2 x 150 scan end to end in <= 10 s on 2 cores
 # (key, label, level): level 0 = a stage (summed into the total), 1 = a part of the stage above
 ROWS = [
     ("read", "read (`io.read_image`)", 0),
-    ("checks", "checks (`io.check_ct`)", 0),
+    ("checks", "checks (`imaging.chest.check_ct`)", 0),
     ("pre", "pre-transforms (`transforms.pre_transforms`)", 0),
     ("pre:SitkToTensord", "to tensor", 1),
     ("pre:OrientToCanonicald", "reorient (LPS)", 1),
-    ("pre:BodyMaskd", "body mask (`io.body_mask`)", 1),
+    ("pre:BodyMaskd", "body mask (`imaging.body.body_mask`)", 1),
     ("pre:LungSlabd", "lung slab (`crop.lung_slab`)", 1),
     ("pre:LungWindowd", "lung window", 1),
     ("pre:ToSliceGridd", "slice grid (pad + resample to the model size)", 1),
@@ -66,7 +66,7 @@ ROWS = [
     ("post:Invertd", "invert (resample back to the input grid)", 1),
     ("post:ProbsToLabeld", "probabilities → label", 1),
     ("post:KeepLungComponentsd", "`keep_lung_components` (3D components + body rule)", 1),
-    ("anatomy", "3D anatomy rule (`anatomy.plausible_lungs`)", 0),
+    ("anatomy", "3D anatomy rule (`PlausibleLungsd`, the last post-transform)", 0),
     ("to_image", "label to image (`array_to_image`)", 0),
     ("report", "report (`Predictor._report`)", 0),
     ("write", "write label (`io.write_image`, .nii.gz)", 0),
@@ -85,13 +85,11 @@ def _sync(device: str) -> None:
 def staged_predict(predictor, path: str, out_path: str, device: str) -> tuple[dict, "object"]:
     """``Predictor.predict`` on the file at ``path``, step by step -> ({stage: seconds}, label array)."""
     import numpy as np
-    import SimpleITK as sitk
     from monai.transforms import apply_transform
 
     from hybrid_ct.imaging import reader as io
-    from hybrid_ct.processing.anatomy import plausible_lungs
+    from hybrid_ct.imaging.chest import check_ct
     from hybrid_ct.net.energy import EnergyMeter
-    from hybrid_ct.predict.predictor import MIN_3D_SLICES
     from hybrid_ct.processing.grid import array_to_image, check_size
     from hybrid_ct.processing.transforms import post_transforms, pre_transforms
 
@@ -113,9 +111,9 @@ def staged_predict(predictor, path: str, out_path: str, device: str) -> tuple[di
 
     image = clock("read", io.read_image, path)
     t_start = time.perf_counter()  # predict's own latency clock starts after the read
-    clock("checks", io.check_ct, image, require_chest=predictor.require_chest)
-    pre = pre_transforms(check_size(predictor.model.cfg.in_size), fov=getattr(predictor.model.cfg, "fov", "square"))
-    data = chain("pre", pre, {"image": image})
+    clock("checks", check_ct, image, require_chest=predictor.require_chest)
+    pre = pre_transforms(check_size(predictor.model.cfg.in_size), **predictor.model.cfg.input_spec())
+    data = chain("pre", pre, {"image": image, "hu": image})
 
     def network():
         with EnergyMeter(predictor.model) as meter:
@@ -129,12 +127,8 @@ def staged_predict(predictor, path: str, out_path: str, device: str) -> tuple[di
     data["pred"] = np.concatenate([so.lung, so.infection], axis=1)
     out = chain("post", post_transforms(pre), data)
     label_arr = out["label"]
-    t["anatomy"] = 0.0
-    if label_arr.shape[0] >= MIN_3D_SLICES:
-        body = out.get("body")
-        body = np.asarray(body)[0].astype(bool) if body is not None else None
-        label_arr = clock("anatomy", plausible_lungs, label_arr, sitk.GetArrayViewFromImage(image),
-                          image.GetSpacing(), image.GetDirection(), image.GetOrigin(), body=body)
+    t["anatomy"] = t.get("post:PlausibleLungsd", 0.0)  # the 3D rules, the last step of the post chain
+    t["post"] -= t["anatomy"]
     label = clock("to_image", array_to_image, label_arr, image)
     clock("report", predictor._report, label, label_arr, so, meter, time.perf_counter() - t_start)
     clock("write", io.write_image, label, out_path)

@@ -83,4 +83,4 @@ def firing_rates_plot(rates: dict, path, title: str = "measured firing rate per 
 
 
 
-__all__ = ["roc_plot", "training_curves", "firing_rates_plot", "overlay_panels", "results_view"]
+__all__ = ["roc_plot", "training_curves", "firing_rates_plot"]

@@ -204,7 +204,6 @@ def _orientation_block(results: dict) -> str:
 
 
 def _loso_block(loso: list | None, results: dict) -> str:
-
     if not loso:
         return ""
     rows = []

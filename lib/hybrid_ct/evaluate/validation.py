@@ -43,7 +43,6 @@ MIN_SPECIFICITY = 0.85  # the operating point reported beside the shipped one: b
 
 
 def _true_label(s, i: int) -> np.ndarray:
-
     t = np.zeros(s.images.shape[1:], np.uint8)
     if s.lung[i, 0, 0] != MISSING:
         t[s.lung[i] == 1] = 1
@@ -248,7 +247,6 @@ def scan_check(model, meta: dict, root, min_mm2: float = 50.0, progress: bool = 
 
 
 def _load(path):
-
     model, meta = load_checkpoint(path)
     return model, meta
 

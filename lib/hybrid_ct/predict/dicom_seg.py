@@ -25,6 +25,7 @@ import numpy as np
 
 from hybrid_ct.contract import CONTRACT, FOREGROUND
 from hybrid_ct.errors import InputError
+from hybrid_ct.imaging.reader import series_files as folder_series_files
 
 log = logging.getLogger("hybrid_ct")
 
@@ -80,8 +81,7 @@ def series_files(source) -> list:
     """The files of the source CT series: a folder (the series ``hybrid_ct.imaging.reader.read_image`` reads from
     it) or a list of files (returned as is)."""
     if isinstance(source, (str, Path)) and Path(source).is_dir():
-
-        return list(series_files(str(source)))
+        return list(folder_series_files(str(source)))
     files = [str(f) for f in ([source] if isinstance(source, (str, Path)) else source)]
     if not files:
         raise InputError("no source DICOM files given for the DICOM-SEG")

@@ -19,7 +19,6 @@ import torch
 from tqdm import tqdm
 
 from hybrid_ct.contract import LABELS
-from hybrid_ct.processing.anatomy import plausible_lungs
 from hybrid_ct.net.checkpoint import load_checkpoint
 from hybrid_ct.processing.crop import grow_slab, margin_slices
 from hybrid_ct.processing.scan_call import Calibration, decide, load_calibration, scan_features
@@ -32,7 +31,6 @@ from hybrid_ct.processing.burden import infection_burden, severity_grade
 from hybrid_ct.processing.transforms import post_transforms, pre_transforms, run
 from hybrid_ct.net.energy import EnergyMeter
 
-MIN_3D_SLICES = 8  # from this many slices on, a volume gets the 3D anatomy rules
 
 
 @dataclass
@@ -147,17 +145,11 @@ class Predictor:
         t0 = time.perf_counter()
         check_ct(image, require_chest=self.require_chest)
         pre = pre_transforms(check_size(size or self.model.cfg.in_size), **self.model.cfg.input_spec())
-        data = run(pre, {"image": image})
+        data = run(pre, {"image": image, "hu": image})  # "hu": the input as it is, for the 3D rules of the post chain
         with EnergyMeter(self.model) as meter:
             so = self.run_volume(data, meter)
         data["pred"] = np.concatenate([so.lung, so.infection], axis=1)
-        out = run(post_transforms(pre), data)
-        label_arr = out["label"]
-        if label_arr.shape[0] >= MIN_3D_SLICES:  # a whole volume: the 3D anatomy rules (hybrid_ct.processing.anatomy)
-            body = out.get("body")
-            body = np.asarray(body)[0].astype(bool) if body is not None else None
-            label_arr = plausible_lungs(label_arr, sitk.GetArrayViewFromImage(image), image.GetSpacing(),
-                                        image.GetDirection(), image.GetOrigin(), body=body)
+        label_arr = run(post_transforms(pre), data)["label"]
         label = array_to_image(label_arr, image)
         report = self._report(label, label_arr, so, meter, time.perf_counter() - t0)
         return label, report

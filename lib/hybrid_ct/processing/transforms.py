@@ -1,13 +1,11 @@
 """Pre- and post-processing as MONAI dictionary transforms: one chain for the CLI, the app and the trainer.
 
 ``pre_transforms(size)`` (inference: key ``image``; training adds ``label``)::
-
     SitkToTensord -> OrientToCanonicald* -> BodyMaskd -> LungSlabd -> LungWindowd -> ToSliceGridd*
 
 (``fov="lungs"`` adds LungBoxd before LungWindowd, and BodyMaskd in training too.)
 
 ``post_transforms(pre)`` (the network's probabilities under ``pred``, [D, 2, S, S])::
-
     EnsureTyped -> Invertd(pre) -> ProbsToLabeld -> KeepLungComponentsd
 
 (* invertible; ``Invertd`` runs their inverses, newest first, on ``pred`` and on ``body``.)
@@ -43,7 +41,10 @@ from hybrid_ct.processing.grid import FOVS, LUNG_MARGIN_MM, SliceContext, WINDOW
 from hybrid_ct.imaging.body import BODY_HU, body_mask
 from hybrid_ct.processing.postprocess import mask_label
 from hybrid_ct.processing.crop import lung_air_box, lung_slab
+from hybrid_ct.processing.anatomy import plausible_lungs
 from hybrid_ct.processing.postprocess import keep_lung_components
+
+MIN_3D_SLICES = 8  # from this many slices on, a volume gets the 3D anatomy rules (PlausibleLungsd)
 
 
 def _np(x) -> np.ndarray:
@@ -147,16 +148,18 @@ class _Derived(MapTransform):
 
 class BodyMaskd(_Derived):
     """The patient's body in the canonical frame -> ``out_key`` (bool [1, D, H, W]), for the body rule of
-    ``KeepLungComponentsd``. Custom: ``io.body_mask`` (largest region above -500 HU, holes filled), on the
-    already canonical HU volume (so its own LPS reorientation is a no-op); it takes this key's applied
-    operations, so ``Invertd`` brings it back to the input's layout with the image's own reorientation."""
+    ``KeepLungComponentsd``. The chest check keeps its own body (``lung_air_fraction``, not opened): this
+    opened mask lost the lungs of cap001, cropped to the body (air share 0.066 against 0.381), and would put a
+    real chest next to the 0.05 refusal line. Custom: ``imaging.body.body_mask``
+    (largest region above ``threshold``, holes filled), on the already canonical HU volume (so its own LPS
+    reorientation is a no-op); it takes this key's applied operations, so ``Invertd`` brings it back to the
+    input's layout with the image's own reorientation."""
 
     def __init__(self, keys="image", out_key: str = "body", threshold: float = BODY_HU):
         super().__init__(keys, out_key)
         self.threshold = float(threshold)
 
     def derive(self, x):
-
         canon = sitk.GetImageFromArray(_np(x)[0])  # identity direction: LPS
         canon.SetSpacing(tuple(reversed(x.meta["canon_spacing"])))
         return MetaTensor(torch.from_numpy(body_mask(canon, self.threshold)[None]), meta=deepcopy(x.meta),
@@ -282,9 +285,33 @@ class ProbsToLabeld(_Derived):
         super().__init__(keys, out_key)
 
     def derive(self, x):
-
         p = _np(x)
         return mask_label(p[0], p[1])
+
+
+class PlausibleLungsd(MapTransform):
+    """The 3D anatomy rules on a whole volume's label (``anatomy.plausible_lungs``: gas under the
+    diaphragm and air outside the body are not lung), from the input's own HU image under ``hu_key`` (a
+    SimpleITK image, untouched by the pre chain) and the body mask; a stack under ``min_slices`` slices is
+    left as it is. Custom: the rules need the HU volume and patient geometry, which no MONAI transform reads."""
+
+    def __init__(self, keys="label", hu_key: str = "hu", body_key: str = "body", min_slices: int = MIN_3D_SLICES):
+        super().__init__(keys)
+        self.hu_key, self.body_key, self.min_slices = hu_key, body_key, int(min_slices)
+
+    def __call__(self, data):
+        d = dict(data)
+        hu = d.get(self.hu_key)
+        if hu is None:
+            return d
+        body = d.get(self.body_key)
+        body = _np(body)[0].astype(bool) if body is not None else None
+        for key in self.key_iterator(d):
+            label = np.asarray(d[key])
+            if label.shape[0] >= self.min_slices:
+                d[key] = plausible_lungs(label, sitk.GetArrayViewFromImage(hu), hu.GetSpacing(), hu.GetDirection(),
+                                         hu.GetOrigin(), body=body)
+        return d
 
 
 class KeepLungComponentsd(MapTransform):
@@ -296,7 +323,6 @@ class KeepLungComponentsd(MapTransform):
         self.body_key = body_key
 
     def __call__(self, data):
-
         d = dict(data)
         body = d.get(self.body_key)
         body = _np(body)[0].astype(bool) if body is not None else None
@@ -334,9 +360,11 @@ def inverse_transforms(pre: Compose) -> Invertd:
 
 
 def post_transforms(pre: Compose) -> Compose:
-    """Network probabilities under ``pred`` -> uint8 label [z, y, x] under ``label`` in the input's layout."""
+    """Network probabilities under ``pred`` -> uint8 label [z, y, x] under ``label`` in the input's layout;
+    with the input's HU image under ``hu`` (inference on a whole volume) the 3D anatomy rules too."""
     return Compose([EnsureTyped("pred", track_meta=True),  # a MetaTensor, as Invertd expects
-                    inverse_transforms(pre), ProbsToLabeld("pred"), KeepLungComponentsd("label")])
+                    inverse_transforms(pre), ProbsToLabeld("pred"), KeepLungComponentsd("label"),
+                    PlausibleLungsd("label")])
 
 
 def input_kwargs(view="square") -> dict:

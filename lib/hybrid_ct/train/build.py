@@ -164,7 +164,6 @@ def train_recipe(recipe: dict, data, out, twin_out=None, device: str = "cpu", no
     assert not (train_groups & set(val.group)), "train / validation groups overlap"
     hold_out = recipe["data"].get("hold_out")
     if hold_out:
-
         assert not any(group_family(g) == hold_out for g in train_groups), f"held-out {hold_out} groups in training"
         log.info("held out of training: collection %s (all its slices are validation)", hold_out)
     data_s = time.perf_counter() - t0

@@ -113,7 +113,6 @@ def resolve_recipe(name: str, epochs=None, max_iters=None, batch_size=None, seed
 # the recipe's data
 
 def load_recipe_data(recipe: dict, root, size: int, progress: bool = True) -> list:
-
     d = recipe["data"]
     return load_sources(root, size, sources=d["sources"], phantoms=d["phantoms"], phantom_shape=tuple(d["phantom_shape"]),
                         limit=d.get("limit"), extra=d.get("extra", []), weak_lung=d.get("weak_lung", True),
