@@ -1,4 +1,4 @@
-"""Whole HU chest scans as training data: the hard negatives of the whole-scan call (issue 18).
+"""Whole HU chest scans as training data: the hard negatives of the whole-scan call.
 
 The 2D pictures that make up most of the training data are cropped to the lungs; a whole scan also has
 the neck, the shoulders, the diaphragm domes, bowel gas and the table -- where the earlier models put

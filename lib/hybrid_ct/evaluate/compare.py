@@ -1,5 +1,5 @@
 """Side by side: the headline numbers of several evaluated builds, one column each (the 2.5D input against
-the single slice, grid sizes; issue 18), and a plot of the numbers against a numeric setting.
+the single slice, grid sizes), and a plot of the numbers against a numeric setting.
 
     python -m hybrid_ct.evaluate.compare --out docs/context.md --title "..." "single slice=runs/study/a/results.json" \
         "2.5D=runs/study/b/results.json"

@@ -1,4 +1,4 @@
-"""Evaluations of the picture path (issue 19) behind ``hybrid-ct evaluate``:
+"""Evaluations of the picture path behind ``hybrid-ct evaluate``:
 
 - ``orientation_check``: validation pictures with infection masks (MedSeg) rotated by 0 / 90 / 180 / 270
   degrees through the product path (``Predictor.predict``: the label map comes back in the input's own

@@ -385,10 +385,10 @@ def metrics_card(results: dict, out: Path, card: Path, note: str = "") -> str:
 
 
 # ----------------------------------------------------------------------------------------------------
-# whole scans (issue 18): targets table, reliability plot, spread over seeds
+# whole scans: targets table, reliability plot, spread over seeds
 
 def scan_extras(results: dict, out: Path, img_dir) -> str:
-    """The whole-scan targets of issue 18 per model (3D lung Dice and false lung on expert masks, burden,
+    """The whole-scan targets per model (3D lung Dice and false lung on expert masks, burden,
     grade, whether the scan was a training scan) and the reliability plot of the scan probabilities (the
     spread over seeds is appended by ``python -m hybrid_ct.evaluate.seeds --ship``)."""
 
@@ -402,7 +402,7 @@ def scan_extras(results: dict, out: Path, img_dir) -> str:
                               _fmt(s.get("lung_dice")), _fmt(s.get("false_lung_ml"), nd=0)]))
     parts = []
     if rows:
-        parts += ["## Whole scans against the diagnosis targets (issue 18)", "",
+        parts += ["## Whole scans against the diagnosis targets", "",
                   "Targets: every infection-free scan negative, burden < 0.1 % of lung, grade CT-0, < 5 mL false lung; "
                   "P001 positive with per-slice kappa >= 0.75 (table above); lung Dice >= 0.97 in 3D on expert masks. "
                   "*Trained on* = the scan was training data of this model (source `wholescans`): its numbers are "

@@ -1,7 +1,7 @@
 """Evaluation behind ``hybrid-ct evaluate``: per-source validation metrics and energy (``evaluate_sets``),
 the COVID-CT-MD scan-level check (``scan_check``), both run for a model and its twin by
 ``evaluate_checkpoints``; ``run_on_slices`` / ``energy_on_slices`` run the product's slice path. The
-picture checks of issue 19 (orientation, leave-one-source-out, pixel areas for ``diagnosis.slice_call``)
+picture checks (orientation, leave-one-source-out, pixel areas for ``diagnosis.slice_call``)
 live in ``picture_eval``.
 """
 from __future__ import annotations

@@ -102,7 +102,7 @@ class EnergyMeter:
             steps = max(1, inp.shape[0] // self._batch)
             # Whether a layer reads spikes is a property of the network, not of the batch: checked on the
             # layer's first input inside this meter, not on every batch (the check reads the whole input
-            # tensor several times: ~2/3 of the meter's cost over a volume, issue 16). The rate below is
+            # tensor several times: ~2/3 of the meter's cost over a volume). The rate below is
             # still measured on every input.
             spike = self._spike_input.get(name)
             if spike is None:

@@ -6,7 +6,7 @@ slab (inside the energy meter; ``run_volume``) -> ``transforms.post_transforms``
 input's grid, label, lung components) -> on a whole volume the 3D anatomy rules
 (``anatomy.plausible_lungs``) -> label + report, whose scan call, calibration and noise floor come from
 ``diagnosis``. Slices outside the lung slab are background without running the network, and the 3D
-rules run on the lungs' box (``hybrid_ct.processing.crop``, issue 16): the same label as the network on every slice.
+rules run on the lungs' box (``hybrid_ct.processing.crop``): the same label as the network on every slice.
 """
 from __future__ import annotations
 

@@ -66,7 +66,7 @@ def plausible_lungs(label: np.ndarray, hu: np.ndarray, spacing_xyz, direction=(1
     ``hu`` is the image in Hounsfield units, same [z, y, x] array layout as ``label``.
 
     Runs on the box of the predicted lung (``crop.foreground_box``, its in-plane start on the rule's
-    grid, the origin moved to the box): the same result as on the whole volume, cheaper (issue 16).
+    grid, the origin moved to the box): the same result as on the whole volume, cheaper.
     """
     lung = label > 0
     if lung.shape[0] < 2:

@@ -63,7 +63,7 @@ def infection_burden(label_img) -> dict:
         raise InputError(f"not a label map (got {type(label_img).__name__})")
     if arr.size and (arr.min() < 0 or arr.max() > 2):
         raise InputError(f"label map holds values outside {{0, 1, 2}} ({arr.min()}..{arr.max()})")
-    box = foreground_box(arr > 0, margin=0)  # the lungs' box: the same sums, far fewer voxels (issue 16)
+    box = foreground_box(arr > 0, margin=0)  # the lungs' box: the same sums, far fewer voxels
     if box is None:
         return {TOTAL_PCT: 0.0, LEFT_PCT: 0.0, RIGHT_PCT: 0.0}
     arr = arr[box]

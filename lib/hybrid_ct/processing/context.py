@@ -1,4 +1,4 @@
-"""Context across slices (issue 18, the 2.5D input): a slice and its neighbours at a fixed physical distance.
+"""Context across slices (the 2.5D input): a slice and its neighbours at a fixed physical distance.
 
 On one axial slice a vessel and a small ground-glass spot look alike; one slice above and below they
 differ (a vessel continues, a lesion does not), and colon gas is not lung when the slices below show

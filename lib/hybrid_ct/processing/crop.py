@@ -1,4 +1,4 @@
-"""Do less work (issue 16): the lung slab before the network, and the lungs' box after it.
+"""Do less work: the lung slab before the network, and the lungs' box after it.
 
 A chest CT often reaches into the neck and the abdomen, and the lungs fill a fraction of each slice.
 Two cheap facts avoid work that cannot change the result:

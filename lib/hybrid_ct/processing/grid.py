@@ -88,7 +88,7 @@ def square_pad(canon_shape, canon_spacing) -> tuple:
 FOVS = ("square", "lungs")
 """How the axial field of view is chosen (``NetConfig.fov``): "square", the whole image padded to a
 square; "lungs", the box around the lungs' air over all slices (``crop.lung_air_box``) plus
-``LUNG_MARGIN_MM``, made square, so the lungs fill the model grid (issue 18, point 3). A body box does
+``LUNG_MARGIN_MM``, made square, so the lungs fill the model grid. A body box does
 not do it: on P001, cap001 and LUNG1-001 the body (arms, a field of view cut at the skin) spans the
 whole image width, so its square box is the whole image (measured when this was built)."""
 LUNG_MARGIN_MM = 20.0  # around the aerated lung: dense consolidation at a base or a periphery, the pleura
@@ -184,7 +184,7 @@ def grid_to_canon(p: np.ndarray, pad, canon_shape, size: int, mode: str = "bilin
     top, bottom, left, right = pad
     hp, wp = h + top + bottom, w + left + right
     # Slices that are all zero (outside the lung slab, where the network did not run) resize to zero:
-    # only the others are resized (the same values, issue 16).
+    # only the others are resized (the same values).
     # A cropped field of view (negative pad, fov "body") leaves the image outside it at zero: background.
     (r0, r1), (c0, c1) = _kept(h, top, bottom), _kept(w, left, right)
     todo = np.flatnonzero(p.reshape(d, -1).any(axis=1))

@@ -33,7 +33,7 @@ def keep_lung_components(label: np.ndarray, min_fraction: float = LUNG_MIN_COMPO
     failed (e.g. a tight crop) and is ignored.
 
     Runs on the box of the predicted lung (``crop.foreground_box``, one voxel of background around it):
-    the same result as on the whole volume, at a fraction of the cost (issue 16)."""
+    the same result as on the whole volume, at a fraction of the cost."""
     lung = label > 0
     box = foreground_box(lung)
     if box is None:

@@ -87,7 +87,7 @@ def scan_features(label: np.ndarray, spacing_xyz, slice_prob: np.ndarray, lung_a
     lung_slices = lung_area >= LUNG_SLICE_FRACTION * lung_area.max() if lung_area.max() > 0 else \
         np.ones(len(lung_area), bool)
     probs = np.asarray(slice_prob, float)[lung_slices]
-    box = foreground_box(label > 0, margin=0)  # lesions lie inside the lung: label only its box (issue 16)
+    box = foreground_box(label > 0, margin=0)  # lesions lie inside the lung: label only its box
     label = label[box] if box is not None else np.zeros((1, 1, 1), np.uint8)
     inf = label == 2
     comp, n = ndimage.label(inf)

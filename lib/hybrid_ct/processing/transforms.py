@@ -194,7 +194,7 @@ class _LungAird(MapTransform):
 class LungSlabd(_LungAird):
     """The slices that hold the lungs (``crop.lung_slab``, plus a margin) -> ``(z0, z1)`` on the canonical
     slice axis (which ``ToSliceGridd`` keeps), or None (run every slice). ``Predictor`` runs the network on
-    these slices only (issue 16)."""
+    these slices only."""
 
     out_default = "slab"
 

@@ -16,7 +16,7 @@ import copy
 def augmentations(style: bool = False) -> Compose:
     """Label-preserving augmentation (monai dictionary transforms); ``style`` adds the looks that tell
     picture sources apart -- gamma, contrast, blur, noise, lower resolution, JPEG re-compression -- so
-    the network cannot learn a source from its look (issue 19)."""
+    the network cannot learn a source from its look."""
     keys = ["image", "lung", "infection"]
     geometric = [
         RandFlipd(keys, prob=0.5, spatial_axis=1),

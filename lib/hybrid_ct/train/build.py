@@ -186,7 +186,7 @@ def train_recipe(recipe: dict, data, out, twin_out=None, device: str = "cpu", no
     }
     results = {}
     out = Path(out)
-    # the app's retraining replays a sample of this training data (trainers/hybrid_ct.py, issue 16)
+    # the app's retraining replays a sample of this training data (trainers/hybrid_ct.py)
     out.parent.mkdir(parents=True, exist_ok=True)
     replay = train if cfg.in_channels == 3 else replace(train, context=None)  # neighbours only for a 2.5D net
     meta["replay_slices"] = save_replay(replay, replay_path(out), seed=tcfg.seed)

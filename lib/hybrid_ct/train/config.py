@@ -12,7 +12,7 @@ from hybrid_ct.data.slice_store import SliceSet
 def epoch_indices(data: SliceSet, negative_fraction: float, rng: np.random.Generator,
                   errors: np.ndarray | None = None, hard: float = 0.0) -> np.ndarray:
     """All slices with something positive to learn + a fresh random share of the negatives (seed 002: 20 %).
-    Hard negatives (issue 18, point 4): with ``hard`` > 0 and ``errors`` (per slice, NaN where not yet
+    Hard negatives: with ``hard`` > 0 and ``errors`` (per slice, NaN where not yet
     seen: ``trainer.negative_errors`` when the model last trained on it), the ``hard`` share of the
     negatives that the model got most wrong comes twice and as many random ones sit out, so the number of
     negatives (and the class balance) is unchanged while the worst are twice as likely to be in a

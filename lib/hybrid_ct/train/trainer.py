@@ -152,7 +152,7 @@ def build_optimizer(model: nn.Module, loss_fn: nn.Module, cfg: TrainConfig) -> t
 def negative_errors(out: dict, batch: dict) -> torch.Tensor:
     """How wrong the model is on each sample if it is a negative: its probability of the positive class
     plus 20 x the share of the slice it calls infection (>= 0.5) where the infection target is known
-    (a 5 % false outline weighs like a wrong class call) -> [B] float (hard negatives, issue 18 point 4)."""
+    (a 5 % false outline weighs like a wrong class call) -> [B] float (hard negatives)."""
     err = torch.zeros(len(batch["image"]), device=batch["image"].device)
     if "cls_logits" in out:
         err += torch.softmax(out["cls_logits"].detach().float(), 1)[:, 1]

@@ -16,7 +16,7 @@ Data rules (docs/app.md):
 - the validation split is fixed per image: sha256(image id) < ``val_split`` (a retrain never moves
   an image between training and validation);
 - negative slices are subsampled afresh each epoch (``negative_fraction``, seed 002: 20 %).
-Retraining latency (issue 16): a run fine-tunes the served model (``pretrained``, default) on the
+Retraining latency: a run fine-tunes the served model (``pretrained``, default) on the
 datastore's labels plus ``replay_slices`` slices of its original training data (``<model>.replay.npz``
 beside the shipped checkpoint, written by ``hybrid-ct train``; ``training.save_replay``), so a few
 corrected scans do not make it forget the rest; and it is bounded by ``max_minutes`` (default
@@ -57,7 +57,7 @@ from .promotion import flat_metrics, promotion_decision, promotion_scores
 
 logger = logging.getLogger(__name__)
 
-MAX_MINUTES = 5.0  # default wall-clock budget of a retrain (issue 16: label to serving within ~5 min on 2 cores)
+MAX_MINUTES = 5.0  # default wall-clock budget of a retrain: label to serving within ~5 min on 2 cores
 TRAIN_SHARE = 0.75  # share of the budget spent training; the rest validates, scores both models, publishes
 REPLAY_SLICES = 256  # default slices of the original data replayed per run
 
