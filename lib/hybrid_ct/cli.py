@@ -42,16 +42,9 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
 
 
 def _device(name: str) -> str:
-    """``auto``: CUDA when there is a device, else the CPU. Asking for CUDA without one is an error
-    (silently running on the CPU would hide a broken GPU set-up)."""
-    import torch
+    from hybrid_ct.net.device import choose_device
 
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if str(name).startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"--device {name}: no CUDA device is available to this torch "
-                         f"({torch.__version__}); use --device cpu or auto")
-    return name
+    return choose_device(name, strict=True)
 
 
 def _error(msg: str) -> None:

@@ -33,6 +33,7 @@ from filelock import FileLock
 
 from hybrid_ct.net.checkpoint import load_checkpoint, save_checkpoint
 from hybrid_ct.errors import InputError, ModelNotReadyError
+from hybrid_ct.files import write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -46,22 +47,6 @@ class UnknownVersionError(InputError):
 
 def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def json_safe(obj):

@@ -9,9 +9,7 @@ The public surface, importable from here (each name loads its module on first us
 - ``model_files``: ``default_model_path``, ``PACKAGED_MODEL``
 """
 
-from __future__ import annotations
-
-import importlib
+from hybrid_ct.lazy import lazy_surface
 
 _HOME = {
     "NetConfig": "network",
@@ -27,11 +25,4 @@ _HOME = {
     "default_model_path": "model_files",
     "PACKAGED_MODEL": "model_files",
 }
-__all__ = sorted(_HOME)
-
-
-def __getattr__(name: str):
-    """PEP 562: import the module that holds ``name`` only when asked (the CLI stays quick to start)."""
-    if name in _HOME:
-        return getattr(importlib.import_module(f"{__name__}.{_HOME[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__, __all__ = lazy_surface(__name__, _HOME)

@@ -9,9 +9,7 @@ The public surface, importable from here (each name loads its module on first us
 - ``overlays``: ``overlay_panels``, ``results_view``
 """
 
-from __future__ import annotations
-
-import importlib
+from hybrid_ct.lazy import lazy_surface
 
 _HOME = {
     "Predictor": "predictor",
@@ -23,11 +21,4 @@ _HOME = {
     "overlay_panels": "overlays",
     "results_view": "overlays",
 }
-__all__ = sorted(_HOME)
-
-
-def __getattr__(name: str):
-    """PEP 562: import the module that holds ``name`` only when asked (the CLI stays quick to start)."""
-    if name in _HOME:
-        return getattr(importlib.import_module(f"{__name__}.{_HOME[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__, __all__ = lazy_surface(__name__, _HOME)

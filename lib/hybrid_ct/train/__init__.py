@@ -10,9 +10,7 @@ The public surface, importable from here (each name loads its module on first us
 - ``metrics``: ``SegmentationMeter``, ``classification_metrics``, ``dice``
 """
 
-from __future__ import annotations
-
-import importlib
+from hybrid_ct.lazy import lazy_surface
 
 _HOME = {
     "TrainConfig": "config",
@@ -28,11 +26,4 @@ _HOME = {
     "classification_metrics": "metrics",
     "dice": "metrics",
 }
-__all__ = sorted(_HOME)
-
-
-def __getattr__(name: str):
-    """PEP 562: import the module that holds ``name`` only when asked (the CLI stays quick to start)."""
-    if name in _HOME:
-        return getattr(importlib.import_module(f"{__name__}.{_HOME[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__, __all__ = lazy_surface(__name__, _HOME)

@@ -27,6 +27,7 @@ from hybrid_ct.net.network import HybridMultiTaskNet, NetConfig, cnn_twin
 from hybrid_ct.train.config import TrainConfig
 from hybrid_ct.train.recipes import load_recipe, recipe_slices
 from hybrid_ct.train.trainer import Trainer, init_distributed
+from hybrid_ct.net.device import choose_device
 
 log = logging.getLogger("hybrid_ct.train.distributed")
 
@@ -59,7 +60,7 @@ def main(argv=None) -> int:
     if world > 1:
         device = init_distributed(device=device)
     elif device is None:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = torch.device(choose_device("auto"))
     rank = dist.get_rank() if world > 1 else 0
     logging.basicConfig(level=logging.WARNING if args.quiet or rank else logging.INFO,
                         format=f"%(levelname)s [rank {rank}] %(name)s: %(message)s", force=True)

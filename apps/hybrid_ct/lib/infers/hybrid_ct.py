@@ -24,13 +24,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import SimpleITK as sitk
-import torch
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 from monailabel.utils.others.generic import device_list
 
 from hybrid_ct.errors import InputError
 from hybrid_ct.predict.predictor import Predictor
 from hybrid_ct.imaging.reader import read_image
+from hybrid_ct.net.device import choose_device
 from hybrid_ct.files import jsonable
 
 from ..store import ModelStore
@@ -41,13 +41,7 @@ RESULT_EXTENSIONS = (".nii.gz", ".nrrd", ".nii", ".mha")
 
 
 def default_device(name: str | None = None) -> str:
-    if name and name != "auto":
-        dev = str(name)
-        if dev.startswith("cuda") and not torch.cuda.is_available():
-            logger.warning("conf device=%s but no CUDA device is available: serving on the CPU", dev)
-            return "cpu"
-        return dev
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return choose_device(name, strict=False)  # a server keeps serving on the CPU
 
 
 @dataclass

@@ -49,6 +49,7 @@ from hybrid_ct.net.network import HybridMultiTaskNet, NetConfig
 from hybrid_ct.train.trainer import Trainer, build_loss, build_optimizer, init_distributed
 from hybrid_ct.data.slice_store import SliceSet, load_replay, replay_path
 from hybrid_ct.train.augment import augmentations
+from hybrid_ct.net.device import choose_device
 
 from ..store import ModelStore, UnknownVersionError
 from .data import is_validation_image, slices_of
@@ -206,8 +207,7 @@ class HybridCTTrain(BasicTrainTask):
             init_distributed(req.get("distributed_backend"), req.get("distributed_url", "env://"), rank, world_size,
                              device)
         else:
-            name = str(req.get("device") or "cpu")
-            device = torch.device(name if name.startswith("cuda") and torch.cuda.is_available() else "cpu")
+            device = torch.device(choose_device(req.get("device") or "cpu", strict=False))
         context.device = device
         lead = rank == 0
         stats = {"status": "RUNNING", "run_id": context.run_id, "start_ts": int(start), "epoch": 0,
