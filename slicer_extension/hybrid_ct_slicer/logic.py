@@ -42,8 +42,9 @@ class ModuleLogic:
         self.parameterNode = None
 
     # ---------------------------------------------------------------- server
-    def setServer(self, url, timeout=30.0, pollTimeout=5.0):
-        self.client = HybridCTClient(url, timeout)
+    def setServer(self, url, timeout=30.0, pollTimeout=5.0, caBundle=None):
+        """GUI thread. ``caBundle``: a PEM file for https with a hospital CA (else $REQUESTS_CA_BUNDLE, ...)."""
+        self.client = HybridCTClient(url, timeout, ca_bundle=caBundle or None)
         self._timeouts = (timeout, pollTimeout)
         self.info = None
 
@@ -51,7 +52,8 @@ class ModuleLogic:
         """A workflow with its own HTTP session (thread-safe), reporting to ``job``."""
         if self.client is None:
             raise ServerError("No server URL is set: press Connect.", kind="protocol")
-        client = HybridCTClient(self.client.server_url, self._timeouts[1 if quick else 0])
+        client = HybridCTClient(self.client.server_url, self._timeouts[1 if quick else 0],
+                                ca_bundle=self.client.ca_bundle, verify_tls=self.client.verify_tls)
         workflow = Workflow(client, work_dir=self.workDir, progress=job.progress if job else None,
                             cancelled=(lambda: job.cancelled) if job else None)
         workflow.info = self.info
