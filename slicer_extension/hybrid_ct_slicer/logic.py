@@ -17,7 +17,9 @@ from .identity import (CONTENT_ATTRIBUTE, FILE_SHA_ATTRIBUTE, ID_ATTRIBUTE, chec
 from .panel import (RESEARCH_NOTICE, SegRecord, arrival_decision, edit_pairing, grid_relation, plan_volume_switch,
                     submit_questions)
 from .policy import remove_quietly, replace_decision
+from .imageio import read_image
 from .results import RESULT_FIELDS, format_results
+from .settings import ModuleParameters
 from .workflow import Workflow
 
 RESULT_ATTRIBUTE_PREFIX = "HybridCT."
@@ -59,17 +61,28 @@ class ModuleLogic:
         workflow.info = self.info
         return workflow
 
-    def connect(self, url=None, job=None):  # thread
+    def connect(self, url=None, job=None):
+        """Synchronous connect (tests, self-test). The module uses :meth:`fetchInfo` in a job and
+        :meth:`setInfo` on the GUI thread: a worker never writes the logic's state."""
         if url is not None:
             self.setServer(url)
-        workflow = self.newWorkflow(job)
-        self.info = workflow.connect()
+        self.setInfo(self.fetchInfo(job))
         return self.info
+
+    def fetchInfo(self, job=None):  # thread: returns the server info, changes nothing here
+        return self.newWorkflow(job).connect()
+
+    def setInfo(self, info):  # GUI thread
+        self.info = info
 
     # ---------------------------------------------------------------- network (thread: no MRML)
     def runVolume(self, snapshot, model=None, job=None):  # thread
         identity = mrml.snapshot_identity(snapshot)
         result = self.newWorkflow(job).run_volume(identity, snapshot["array"], snapshot["geometry"], model=model or None)
+        try:  # read the label file here, off the GUI thread; the GUI thread only builds the segments
+            result.label_array, result.label_geometry = read_image(result.label_path)
+        finally:
+            remove_quietly(result.label_path)
         return identity, result
 
     def submitCorrection(self, snapshot, segAttributes, labelmap, geometry, job=None, seg_name="the segmentation",
@@ -93,7 +106,7 @@ class ModuleLogic:
 
     @staticmethod
     def discardResult(outcome):
-        remove_quietly(outcome[1].label_path)
+        remove_quietly(outcome[1].label_path)  # (already removed when runVolume read it)
 
     # ---------------------------------------------------------------- MRML
     def stampDownloaded(self, volumeNode, imageId, fileSha):
@@ -175,13 +188,25 @@ class ModuleLogic:
             return None
         return {key: segNode.GetAttribute(RESULT_ATTRIBUTE_PREFIX + key) or "n/a" for key, _label in RESULT_FIELDS}
 
+    def _parameterNode(self):
+        node = self.getParameterNode() if hasattr(self, "getParameterNode") else self.parameterNode
+        return node if node is not None and self.scene.GetNodeByID(node.GetID()) is not None else None
+
     def saveSelection(self, volumeNode, segNode):
         """Keep the selections in the module's parameter node (saved with the scene)."""
-        node = self.getParameterNode() if hasattr(self, "getParameterNode") else self.parameterNode
-        if node is None or self.scene.GetNodeByID(node.GetID()) is None:
-            return
-        node.SetNodeReferenceID("InputVolume", volumeNode.GetID() if volumeNode else None)
-        node.SetNodeReferenceID("Segmentation", segNode.GetID() if segNode else None)
+        params = self.loadParameters()
+        params.input_volume_id = volumeNode.GetID() if volumeNode else None
+        params.segmentation_id = segNode.GetID() if segNode else None
+        self.saveParameters(params)
+
+    def saveParameters(self, params):
+        node = self._parameterNode()
+        if node is not None:
+            params.save(node)
+
+    def loadParameters(self):
+        """The panel's :class:`~.settings.ModuleParameters` read back from the parameter node (a loaded scene)."""
+        return ModuleParameters.load(self._parameterNode())
 
     def showLabelmap(self, labelmap, volumeNode, segmentationNode=None, show3D=True):
         """Label map array (on the volume's grid) -> "Lung"/"Infection" segments shown in 2D and 3D."""
@@ -195,11 +220,16 @@ class ModuleLogic:
     def showResult(self, result, volumeNode, segmentationNode=None, show3D=True, identity=None):
         """Load the server's label file as segments (then remove the file), keep the results and the image
         identity as node attributes."""
+        name = f"{volumeNode.GetName()} Hybrid CT"
         try:
-            segNode = mrml.label_file_to_segmentation(self.scene, result.label_path, volumeNode,
-                                                      segmentation_node=segmentationNode,
-                                                      name=f"{volumeNode.GetName()} Hybrid CT",
-                                                      logic=self.segmentationsLogic, show_3d=show3D)
+            if getattr(result, "label_array", None) is not None:  # read by the worker (runVolume)
+                segNode = mrml.label_array_to_segmentation(self.scene, result.label_array, result.label_geometry,
+                                                           volumeNode, segmentation_node=segmentationNode, name=name,
+                                                           logic=self.segmentationsLogic, show_3d=show3D)
+            else:
+                segNode = mrml.label_file_to_segmentation(self.scene, result.label_path, volumeNode,
+                                                          segmentation_node=segmentationNode, name=name,
+                                                          logic=self.segmentationsLogic, show_3d=show3D)
         finally:
             remove_quietly(result.label_path)
         self._styleDisplay(segNode)

@@ -212,6 +212,13 @@ def label_file_to_segmentation(scene, path: str, reference_volume, *, segmentati
     from .imageio import read_image
 
     array, geometry = read_image(path)
+    return label_array_to_segmentation(scene, array, geometry, reference_volume, segmentation_node=segmentation_node,
+                                       name=name, logic=logic, show_3d=show_3d)
+
+
+def label_array_to_segmentation(scene, array, geometry: Geometry, reference_volume, *, segmentation_node=None,
+                                name: str = "Hybrid CT segmentation", logic=None, show_3d: bool = False):
+    """A label map already read (in a worker thread) with its own geometry -> our segments."""
     label_node = add_volume(scene, np.asarray(array).astype(np.uint8), geometry, "__hybrid_ct_label__",
                             labelmap=True)
     try:

@@ -96,6 +96,8 @@ class InferResult:
     display: dict
     uploaded: bool
     file_sha256: str | None = None
+    label_array: Any = None  # the label file read in the worker thread (then removed), see ModuleLogic.runVolume
+    label_geometry: Any = None
 
 
 @dataclass
