@@ -100,27 +100,45 @@ def test_api_token_over_plain_http_is_warned_about(monkeypatch):
     assert transport_warning("http://pacs.hospital.org", True).startswith("The API token")
 
 
-def test_cancel_during_submit_says_the_server_may_have_saved_it(server, tmp_path):
-    ct, label, geometry = make_chest_volume(shape=(12, 64, 64), seed=21)
+def _submit_job(server, tmp_path, seed):
+    ct, label, geometry = make_chest_volume(shape=(12, 64, 64), seed=seed)
     identity = resolve_identity(ct, geometry)
-    workflow = Workflow(HybridCTClient(server.url, timeout=60, long_timeout=900), work_dir=str(tmp_path))
+    client = HybridCTClient(server.url, timeout=60, long_timeout=900)
     runner = JobRunner()
     job = runner.start("Submit correction",
-                       lambda j: Workflow(workflow.client, str(tmp_path), j.progress, lambda: j.cancelled)
+                       lambda j: Workflow(client, str(tmp_path), j.progress, lambda: j.cancelled, j.mark_sent)
                        .submit_volume_correction(identity, ct, geometry, label, geometry))
+    return runner, job, identity
+
+
+def _final_label_status(server, image_id):
+    return plain_session().get(f"{server.url}/datastore/label", params={"label": image_id, "tag": "final"},
+                               timeout=30).status_code
+
+
+def test_cancel_during_submit_says_the_server_may_have_saved_it(server, tmp_path):
+    runner, job, identity = _submit_job(server, tmp_path, 21)
     deadline = time.monotonic() + 120
-    while job.get_progress()[0] < 60 and not job.finished:  # the label is on its way
-        assert time.monotonic() < deadline
-        time.sleep(0.005)
-    percent = job.get_progress()[0]
+    while not any("correction" in s for s in job.sent):  # the label is on its way to the server
+        assert time.monotonic() < deadline and not job.error, job.error
+        time.sleep(0.001)
+    sent = job.sent
     assert runner.cancel(job)
-    text = cancel_message(job.name, percent)
-    assert "the server may already have saved the correction" in text
+    text = cancel_message(job.name, sent)
+    assert "cancelled — the server may already have" in text and "saved the correction" in text
     job.wait(120)
-    r = plain_session().get(f"{server.url}/datastore/label", params={"label": identity.image_id, "tag": "final"}, timeout=30)
-    assert r.status_code == 200  # it was saved: the message was right not to say a bare "cancelled"
-    assert "nothing was changed" in cancel_message("Submit correction", 3)
-    assert "nothing was changed" in cancel_message("Next sample", 80)
+    assert _final_label_status(server, identity.image_id) == 200  # it was saved: a bare "cancelled" would lie
+
+
+def test_cancel_before_anything_is_sent_says_so(server, tmp_path):
+    runner, job, identity = _submit_job(server, tmp_path, 22)
+    assert runner.cancel(job)  # at once: the worker stops at its first check
+    sent = job.sent
+    job.wait(120)
+    if not job.sent:  # (the worker may have raced ahead; then the other test's message applies)
+        assert "nothing was sent" in cancel_message(job.name, sent)
+        assert _final_label_status(server, identity.image_id) == 404
+    assert "nothing was sent" in cancel_message("Next sample", [])
 
 
 def test_research_notice_in_the_results():

@@ -47,12 +47,24 @@ class Job:
         self.error: BaseException | None = None
         self.trace = ""
         self.dropped = False
+        self._sent: list[str] = []  # what the worker asked the server to change (see Workflow.sent)
         self._thread = threading.Thread(target=self._run, name=f"HybridCT {name}", daemon=True)
 
     # -------------------------------------------------------------- worker side
     def progress(self, percent: float, message: str = "") -> None:
         with self._lock:
             self._progress = (max(0, min(100, int(percent))), str(message or self.name))
+
+    def mark_sent(self, what: str) -> None:
+        """Worker side: a request that changes the server's state is about to be sent."""
+        with self._lock:
+            if what not in self._sent:
+                self._sent.append(what)
+
+    @property
+    def sent(self) -> list[str]:
+        with self._lock:
+            return list(self._sent)
 
     @property
     def cancelled(self) -> bool:

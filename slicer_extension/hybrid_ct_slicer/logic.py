@@ -57,7 +57,7 @@ class ModuleLogic:
         client = HybridCTClient(self.client.server_url, self._timeouts[1 if quick else 0],
                                 ca_bundle=self.client.ca_bundle, verify_tls=self.client.verify_tls)
         workflow = Workflow(client, work_dir=self.workDir, progress=job.progress if job else None,
-                            cancelled=(lambda: job.cancelled) if job else None)
+                            cancelled=(lambda: job.cancelled) if job else None, sent=job.mark_sent if job else None)
         workflow.info = self.info
         return workflow
 

@@ -158,21 +158,11 @@ def submit_questions(*, seg_name: str, volume_name: str, made_by_module: bool,
 
 
 # ------------------------------------------------------------------------------- cancel
-#: what a job may already have changed on the server when it is cancelled, by job name
-_SERVER_SIDE = {  # job name -> [(progress from which it may have happened, what), ...], latest step first
-    "Run model": [(10, "saved the uploaded volume in its datastore")],
-    "Submit correction": [(60, "saved the correction as the final label (and may retrain on it)"),
-                          (10, "saved the uploaded volume in its datastore")],
-    "Start training": [(0, "started the training")],
-    "Roll back": [(0, "switched the model version")],
-}
-
-
-def cancel_message(job_name: str, percent: int) -> str:
-    """The status line after Cancel. Cancel stops waiting; a request the server already received still
-    completes there, so the message says what may already be saved instead of a bare "cancelled"."""
-    for threshold, what in _SERVER_SIDE.get(job_name, []):
-        if percent >= threshold:
-            return (f"{job_name} cancelled — the server may already have {what}: check before doing it again "
-                    f"(Run and Submit of the same scan are safe to repeat).")
-    return f"{job_name} cancelled: nothing was changed on the server."
+def cancel_message(job_name: str, sent: Sequence[str] = ()) -> str:
+    """The status line after Cancel. Cancel stops waiting at once; a request the server already received
+    still completes there. ``sent``: what the job's worker had asked the server to do (``Job.sent``), so
+    the message says what may already be saved instead of a bare "cancelled"."""
+    if sent:
+        return (f"{job_name} cancelled — the server may already have {' and '.join(sent)}: check before doing "
+                f"it again (Run and Submit of the same scan are safe to repeat).")
+    return f"{job_name} cancelled: nothing was sent that changes the server."
