@@ -1,6 +1,9 @@
 """Render what the Slicer module shows after "Run": a real chest CT with the Lung and Infection
 segments in the extension's colours, beside the results panel with the module's own strings.
 
+These are RENDERINGS, not Slicer screenshots (a Slicer application cannot be installed on the build
+machines): every picture says so in its title, and carries the module's research-use notice.
+
 Slicer cannot run on the build machines, so this uses the same pieces the module and the server use:
 the server's model (`hybrid_ct.predict.predictor.Predictor`, the app's infer path) on a real series, and the
 extension's Qt-free `hybrid_ct_slicer.segments` colours and `hybrid_ct_slicer.results` formatting.
@@ -28,6 +31,7 @@ from hybrid_ct.net.model_files import default_model_path  # noqa: E402
 from hybrid_ct.predict.overlays import results_view  # noqa: E402
 from hybrid_ct.processing.grid import WINDOW_HU  # noqa: E402
 from hybrid_ct.files import jsonable  # noqa: E402
+from hybrid_ct_slicer.panel import RESEARCH_NOTICE  # noqa: E402
 from hybrid_ct_slicer.results import RESULT_FIELDS, format_results  # noqa: E402
 from hybrid_ct_slicer.segments import LABEL_INFO  # noqa: E402
 
@@ -45,10 +49,10 @@ def render(predictor: Predictor, case: Path, out: Path) -> Path:
     lo, hi = WINDOW_HU
     img = (hu[k] - lo) / (hi - lo)
     colors = {d["idx"]: d["color"] for d in LABEL_INFO}
-    lines = [(name, values[key]) for key, name in RESULT_FIELDS]
+    lines = [("Notice", RESEARCH_NOTICE)] + [(name, values[key]) for key, name in RESULT_FIELDS]
     path = out / f"slicer_results_{case.name}.png"
-    results_view(img, lab[k], colors, lines, path, title=f"{case.name}, axial slice {k + 1}/{lab.shape[0]}: "
-                 "Lung (tan), Infection (yellow)")
+    results_view(img, lab[k], colors, lines, path, title=f"RENDERING, not Slicer: {case.name}, slice "
+                 f"{k + 1}/{lab.shape[0]}")
     (out / f"slicer_results_{case.name}.json").write_text(json.dumps(params, indent=1))
     return path
 

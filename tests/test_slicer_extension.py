@@ -44,6 +44,22 @@ def test_module_cmake_lists_every_file():
         assert (MODULE / res.replace("${MODULE_NAME}", "HybridCT")).is_file()
     assert "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in text
     assert (MODULE / "Testing" / "CMakeLists.txt").is_file()
+    lib = set(re.search(r"set\(HYBRID_CT_LIB_FILES(.*?)\)", text, re.S).group(1).split())
+    assert lib == {f"HybridCTLib/{p.name}" for p in (MODULE / "HybridCTLib").glob("*.py")}
+    assert "${HYBRID_CT_LIB_FILES}" in text
+
+
+def test_every_extension_file_under_500_lines():
+    for path in [*MODULE.rglob("*.py"), *PACKAGE.glob("*.py")]:
+        n = len(path.read_text(encoding="utf-8").splitlines())
+        assert n < 500, f"{path.relative_to(EXT)} has {n} lines: split it by what it does"
+
+
+def test_research_use_notice_in_the_panel():
+    ui = (MODULE / "Resources" / "UI" / "HybridCT.ui").read_text(encoding="utf-8")
+    assert ui.count("Research use only, not for diagnosis") == 2  # top of the panel and the results box
+    source = (MODULE / "HybridCT.py").read_text(encoding="utf-8")
+    assert "RESEARCH_NOTICE" in source and "#c0392b if positive" not in source
 
 
 def test_icon_is_a_128px_png():
@@ -81,7 +97,10 @@ def test_ui_has_the_controls_the_module_uses():
     }
     for name, cls in required.items():
         assert widgets.get(name) == cls, name
-    used = set(re.findall(r"self\.ui\.(\w+)", (MODULE / "HybridCT.py").read_text(encoding="utf-8")))
+    used = set()
+    for path in [MODULE / "HybridCT.py", *sorted((MODULE / "HybridCTLib").glob("*.py"))]:
+        used |= set(re.findall(r"self\.ui\.(\w+)", path.read_text(encoding="utf-8")))
+    assert {"researchNoticeLabel", "resultsNoticeLabel", "segmentationSelector"} <= used
     dynamic = {f"{k}ValueLabel" for k in ("classification", "burden", "grade", "energy", "modelVersion", "latency")}
     assert dynamic <= set(widgets)
     missing = used - set(widgets)

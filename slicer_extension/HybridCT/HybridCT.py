@@ -1,21 +1,20 @@
 """Hybrid CT: lung and infection segmentation and COVID-19 CT classification from a MONAI Label server.
 
-A thin Slicer layer: every piece of logic that needs neither Qt nor the GUI lives in the Qt-free
-package ``hybrid_ct_slicer`` (HTTP client, segment naming, result strings, file writers, the flows
-behind the buttons) and in ``hybrid_ct_slicer.mrml`` (MRML helpers that also run headless).
+Research use only, not for diagnosis. A thin Slicer layer: every piece of logic that needs neither Qt nor
+the GUI lives in the Qt-free package ``hybrid_ct_slicer`` (HTTP client, segment naming, result strings,
+file writers, the flows behind the buttons, the panel's decisions) and in ``hybrid_ct_slicer.mrml`` /
+``hybrid_ct_slicer.logic`` (MRML, also headless); the widget's job plumbing and dialogs are in
+``HybridCTLib`` beside this file.
 """
 
 import logging
 import os
 import sys
-import time
-import traceback
 import warnings
 
 import ctk  # noqa: F401  (imported like every Slicer module; used by the .ui)
 import qt
 import slicer
-import vtk
 from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
 from slicer.util import VTKObservationMixin
@@ -32,10 +31,12 @@ except ImportError:  # Slicer < 5.4
 
 
 def _add_package_path():
-    """Make ``hybrid_ct_slicer`` importable: it sits beside this file once built/installed
-    (qt-scripted-modules/hybrid_ct_slicer) and one folder up in the source tree
+    """Make ``hybrid_ct_slicer`` and ``HybridCTLib`` importable: the package sits beside this file once
+    built/installed (qt-scripted-modules/hybrid_ct_slicer) and one folder up in the source tree
     (slicer_extension/hybrid_ct_slicer, when slicer_extension/HybridCT is an additional module path)."""
     here = os.path.dirname(os.path.abspath(__file__))
+    if here not in sys.path:
+        sys.path.insert(0, here)  # HybridCTLib
     for candidate in (here, os.path.dirname(here)):
         if os.path.isfile(os.path.join(candidate, "hybrid_ct_slicer", "__init__.py")):
             if candidate not in sys.path:
@@ -46,22 +47,23 @@ def _add_package_path():
 
 _add_package_path()
 
+from HybridCTLib import dialogs  # noqa: E402
+from HybridCTLib.training import TrainingMixin  # noqa: E402
+from HybridCTLib.volumes import VolumeMixin  # noqa: E402
+from HybridCTLib.widgetjobs import JobsMixin  # noqa: E402
 from hybrid_ct_slicer import mrml, selftest  # noqa: E402
-from hybrid_ct_slicer.client import ServerError  # noqa: E402
 from hybrid_ct_slicer.identity import CONTENT_ATTRIBUTE, ID_ATTRIBUTE, volume_stamp  # noqa: E402
-from hybrid_ct_slicer.jobs import JobRunner, Poller  # noqa: E402
+from hybrid_ct_slicer.jobs import JobRunner  # noqa: E402
 from hybrid_ct_slicer.logic import ModuleLogic  # noqa: E402
-from hybrid_ct_slicer.policy import (SETTINGS_KEY_APPROVED_SERVERS, choose_volume, remember_approval,  # noqa: E402
-                                     remove_quietly, upload_consent)
+from hybrid_ct_slicer.panel import RESEARCH_NOTICE  # noqa: E402
+from hybrid_ct_slicer.policy import remove_quietly  # noqa: E402
 from hybrid_ct_slicer.results import NA  # noqa: E402
-from hybrid_ct_slicer.segments import SegmentError, SegmentWarning  # noqa: E402
-from hybrid_ct_slicer.settings import (DEFAULT_SERVER_URL, SETTINGS_KEY_MODEL, SETTINGS_KEY_SERVER_URL,  # noqa: E402
-                                       SETTINGS_KEY_STRATEGY, normalise_server_url)
+from hybrid_ct_slicer.segments import SegmentWarning  # noqa: E402
+from hybrid_ct_slicer.settings import (DEFAULT_SERVER_URL, SETTINGS_KEY_CA_BUNDLE, SETTINGS_KEY_MODEL,  # noqa: E402
+                                       SETTINGS_KEY_SERVER_URL, SETTINGS_KEY_STRATEGY, normalise_server_url)
 
-DELIVER_MS = 50  # results and progress reach the GUI thread this often
-GIL_YIELD_S = 0.005  # per tick while jobs run: worker threads get the GIL even if Slicer holds it when idle
-TRAIN_POLL_S = 5.0
-IDLE_POLL_S = 30.0
+RESULT_KEYS = (("classification", "classification"), ("burden", "burden"), ("grade", "grade"), ("energy", "energy"),
+               ("modelVersion", "model_version"), ("latency", "latency"))
 
 
 #
@@ -77,8 +79,9 @@ class HybridCT(ScriptedLoadableModule):
         self.parent.title = _("Hybrid CT")
         self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
         self.parent.dependencies = ["Segmentations", "SegmentEditor"]
-        self.parent.contributors = ["Hybrid CT project contributors"]
+        self.parent.contributors = ["Hybrid CT maintainers (Hybrid CT project)"]
         self.parent.helpText = _(
+            "RESEARCH USE ONLY, NOT FOR DIAGNOSIS. "
             "Outlines the lungs and the infected regions of a chest CT, classifies the scan "
             "(positive/negative) and reports the infection burden, the CT-0..CT-4 severity grade and the "
             "energy ratio of the spiking network, using the Hybrid CT MONAI Label server. Correct the "
@@ -94,9 +97,10 @@ class HybridCT(ScriptedLoadableModule):
 #
 
 
-class HybridCTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+class HybridCTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin, JobsMixin, VolumeMixin, TrainingMixin):
     """The panel. Every server call is a background job (``hybrid_ct_slicer.jobs``); a QTimer on the GUI
-    thread delivers progress and results. MRML is touched only on the GUI thread."""
+    thread delivers progress and results (``HybridCTLib.widgetjobs``). Qt and MRML are touched only on the
+    GUI thread: what a worker needs is read before it starts (volume snapshot, model name)."""
 
     def __init__(self, parent=None):
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -109,6 +113,8 @@ class HybridCTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._sceneGeneration = 0
         self._pickedVolumeId = None
         self._viewVolumeId = None
+        self._volumeInUseId = None
+        self._resultsVolumeId = None  # the volume whose results the panel shows
         self._settingVolume = False
         self._trainingActive = False
 
@@ -120,6 +126,8 @@ class HybridCTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = HybridCTLogic()
+        self.ui.researchNoticeLabel.text = RESEARCH_NOTICE
+        self.ui.resultsNoticeLabel.text = RESEARCH_NOTICE
 
         self.ui.serverUrlLineEdit.text = qt.QSettings().value(SETTINGS_KEY_SERVER_URL, DEFAULT_SERVER_URL)
         self.ui.progressBar.setValue(0)
@@ -137,21 +145,18 @@ class HybridCTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 ("clicked(bool)", self.ui.rollbackButton, self.onRollback),
                 ("currentIndexChanged(int)", self.ui.modelComboBox, self._rememberChoices),
                 ("currentIndexChanged(int)", self.ui.strategyComboBox, self._rememberChoices),
+                ("toggled(bool)", self.ui.ignoreExtraSegmentsCheckBox, self._rememberChoices),
                 ("currentNodeChanged(vtkMRMLNode*)", self.ui.inputVolumeSelector, self._onVolumePicked),
                 ("currentNodeChanged(vtkMRMLNode*)", self.ui.segmentationSelector, self._onSelectionChanged)):
             widget.connect(signal, slot)
 
-        self._timer = qt.QTimer()
-        self._timer.setInterval(DELIVER_MS)
-        self._timer.connect("timeout()", self._tick)
-        self._timer.start()
-        self._poller = Poller(self.jobs, "Training status", self._statusWork, TRAIN_POLL_S,
-                              on_result=self._showTrainStatus, on_error=self._trainStatusFailed)
-
+        self._createJobs()
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndImportEvent, self.onSceneEndImport)
         self._observeRedView()
         self._clearResults()
+        self._restoreParameters()
         self._followView()
 
     def cleanup(self):
@@ -170,104 +175,20 @@ class HybridCTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._setStatus("Scene closed: the running job was cancelled.")
         self._sceneGeneration += 1
         self._pickedVolumeId = None
+        self._resultsVolumeId = None
 
     def onSceneEndClose(self, caller, event):
         self._clearResults()
         self._observeRedView()
         self._followView()
 
-    # ------------------------------------------------------------------ jobs
-    def _tick(self):
-        self.jobs.deliver()
-        if self._poller is not None:
-            self._poller.tick()
-        if self.jobs.running:
-            time.sleep(GIL_YIELD_S)  # let worker threads run even while Slicer's GUI thread holds the GIL
-        self._updateButtons()
-
-    def _start(self, what, work, onDone, *, onDiscard=None, exclusive=True):
-        """Run ``work(job)`` (network and files, no MRML) in a thread; ``onDone(result)`` later on the GUI thread."""
-        job = self.jobs.start(what, work, exclusive=exclusive, tag=self._sceneGeneration,
-                              on_done=lambda result: self._finished(what, onDone, result),
-                              on_error=lambda exc: self._error(exc, what),
-                              on_progress=self._progress if exclusive else None, on_discard=onDiscard)
-        if job is None:
-            self._setStatus(f"Busy with {self.jobs.exclusive.name}: wait or press Cancel.", error=True)
-            return None
-        if exclusive:
-            self._setStatus(f"{what} ...")
-            self._progress(0, what)
-        self._updateButtons()
-        return job
-
-    def _finished(self, what, onDone, result):
-        self.ui.progressBar.setFormat("%p%")
-        try:
-            onDone(result)
-        except Exception as exc:  # noqa: BLE001
-            self._error(exc, what)
-
-    def _progress(self, percent, message):
-        self.ui.progressBar.setValue(percent)
-        self.ui.progressBar.setFormat(f"{message} %p%")
-
-    def onCancel(self):
-        job = self.jobs.exclusive
-        if job is not None and self.jobs.cancel(job):
-            self.ui.progressBar.setValue(0)
-            self.ui.progressBar.setFormat("%p%")
-            self._setStatus(f"{job.name} cancelled.")
-
-    # ------------------------------------------------------------------ helpers
-    def _observeRedView(self):
-        composite = self._redComposite()
-        if composite is not None and not self.hasObserver(composite, vtk.vtkCommand.ModifiedEvent, self._onViewChanged):
-            self.addObserver(composite, vtk.vtkCommand.ModifiedEvent, self._onViewChanged)
-
-    @staticmethod
-    def _redComposite():
-        layoutManager = slicer.app.layoutManager()
-        sliceWidget = layoutManager.sliceWidget("Red") if layoutManager else None
-        return sliceWidget.sliceLogic().GetSliceCompositeNode() if sliceWidget else None
-
-    def _onViewChanged(self, caller=None, event=None):
-        composite = self._redComposite()
-        viewId = composite.GetBackgroundVolumeID() if composite else None
-        if viewId != self._viewVolumeId:
-            self._viewVolumeId = viewId
-            self._pickedVolumeId = None  # a new volume in view: follow it again
-            self._followView()
-
-    def _onVolumePicked(self, node):
-        if not self._settingVolume:
-            self._pickedVolumeId = node.GetID() if node else None
+    def onSceneEndImport(self, caller, event):
+        self._restoreParameters()  # a scene was loaded: read its parameter node back
         self._followView()
-
-    def _followView(self):
-        """Select the volume Run/Submit use (``policy.choose_volume``) and say which in the panel."""
-        composite = self._redComposite()
-        self._viewVolumeId = composite.GetBackgroundVolumeID() if composite else None
-        existing = [n.GetID() for n in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")]
-        choice = choose_volume(self._viewVolumeId, self._pickedVolumeId, existing)
-        node = slicer.mrmlScene.GetNodeByID(choice.volume_id) if choice.volume_id else None
-        if node is not self.ui.inputVolumeSelector.currentNode():
-            self._settingVolume = True
-            try:
-                self.ui.inputVolumeSelector.setCurrentNode(node)
-            finally:
-                self._settingVolume = False
-        self.ui.volumeInUseLabel.text = (f"Volume in use: {node.GetName()} ({choice.reason})" if node
-                                         else f"Volume in use: {choice.reason}")
-        self._onSelectionChanged()
 
     def _onSelectionChanged(self, *_args):
         self.logic.saveSelection(self.ui.inputVolumeSelector.currentNode(), self.ui.segmentationSelector.currentNode())
         self._updateButtons()
-
-    def _setStatus(self, text, error=False):
-        self.ui.statusLabel.text = text
-        self.ui.statusLabel.setStyleSheet("color: #c0392b" if error else "")
-        (logging.error if error else logging.info)(text)
 
     def _updateButtons(self, *_args):
         connected = self.logic is not None and self.logic.info is not None
@@ -279,7 +200,7 @@ class HybridCTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.cancelButton.enabled = not idle
         self.ui.runButton.enabled = idle and connected and hasVolume and self.ui.modelComboBox.count > 0
         self.ui.submitButton.enabled = idle and connected and hasVolume and hasSegmentation
-        self.ui.editSegmentsButton.enabled = hasSegmentation
+        self.ui.editSegmentsButton.enabled = hasSegmentation  # edits during Run are asked about on arrival
         self.ui.nextSampleButton.enabled = idle and connected and self.ui.strategyComboBox.count > 0
         self.ui.trainButton.enabled = idle and connected
         self.ui.stopButton.enabled = connected and self._trainingActive  # works during another job too
@@ -292,6 +213,7 @@ class HybridCTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             settings.setValue(SETTINGS_KEY_MODEL, self.ui.modelComboBox.currentText)
         if self.ui.strategyComboBox.currentText:
             settings.setValue(SETTINGS_KEY_STRATEGY, self.ui.strategyComboBox.currentText)
+        self._saveParameters()
 
     @staticmethod
     def _fillCombo(combo, items, preferred=None):
@@ -304,41 +226,19 @@ class HybridCTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         combo.blockSignals(wasBlocked)
 
     def _clearResults(self):
-        for key in ("classification", "burden", "grade", "energy", "modelVersion", "latency"):
+        for key, _name in RESULT_KEYS:
             getattr(self.ui, f"{key}ValueLabel").text = NA
+        self.ui.classificationValueLabel.setStyleSheet("")
         self.ui.progressBar.setValue(0)
 
     def _showResults(self, display):
-        for key, name in (("classification", "classification"), ("burden", "burden"), ("grade", "grade"),
-                          ("energy", "energy"), ("modelVersion", "model_version"), ("latency", "latency")):
+        for key, name in RESULT_KEYS:
             getattr(self.ui, f"{key}ValueLabel").text = display[name]
-        positive = display["classification"].lower().startswith("positive")
-        self.ui.classificationValueLabel.setStyleSheet("font-weight: bold; color: #c0392b" if positive else
-                                                       "font-weight: bold")
-
-    def _error(self, exc, what):
-        if isinstance(exc, (ServerError, SegmentError, ValueError)):
-            message = str(exc)
-        else:
-            message = f"{exc.__class__.__name__}: {exc}"
-            logging.error(traceback.format_exc())
-        self.ui.progressBar.setFormat("%p%")
-        self._setStatus(f"{what} failed: {message}", error=True)
-        slicer.util.errorDisplay(f"{what} failed.\n\n{message}", windowTitle="Hybrid CT")
+        # a model's output, not a diagnosis: bold, no alarm colour (the notice stands next to it)
+        self.ui.classificationValueLabel.setStyleSheet("font-weight: bold")
 
     def _consentToUpload(self):
-        """Ask once per non-local server before patient images leave this computer; warn on plain http."""
-        settings = qt.QSettings()
-        approved = str(settings.value(SETTINGS_KEY_APPROVED_SERVERS, "") or "").split("\n")
-        consent = upload_consent(self.logic.client.server_url, approved)
-        if consent.ask:
-            if not slicer.util.confirmOkCancelDisplay(consent.question, windowTitle="Hybrid CT: send images?"):
-                self._setStatus("Nothing was sent: the upload to this server was not confirmed.", error=True)
-                return False
-            settings.setValue(SETTINGS_KEY_APPROVED_SERVERS, "\n".join(remember_approval(approved, consent.server)))
-        elif consent.warning:
-            logging.warning(consent.warning)
-        return True
+        return dialogs.consent_to_upload(self.logic.client.server_url, self._setStatus)
 
     # ------------------------------------------------------------------ server
     def onConnect(self):
@@ -347,24 +247,32 @@ class HybridCTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         try:
             url = normalise_server_url(self.ui.serverUrlLineEdit.text)
+            settings = qt.QSettings()
+            self.logic.setServer(url, caBundle=str(settings.value(SETTINGS_KEY_CA_BUNDLE, "") or "") or None)
         except ValueError as exc:
             self._error(exc, "Connect")
             return
         self.ui.serverUrlLineEdit.text = url
-        qt.QSettings().setValue(SETTINGS_KEY_SERVER_URL, url)
-        self.logic.setServer(url)
+        settings.setValue(SETTINGS_KEY_SERVER_URL, url)
+        warning = self.logic.client.transport_warning()
+        if warning:
+            logging.warning(warning)
+            if "API token" in warning:
+                slicer.util.warningDisplay(warning, windowTitle="Hybrid CT: unencrypted connection")
         self._poller.stop()
 
         def done(info):
+            self.logic.setInfo(info)  # GUI thread: the worker only fetched it
             settings = qt.QSettings()
             self._fillCombo(self.ui.modelComboBox, info.models, settings.value(SETTINGS_KEY_MODEL, info.default_model()))
             self._fillCombo(self.ui.strategyComboBox, info.strategies, settings.value(SETTINGS_KEY_STRATEGY, ""))
             self.ui.serverStatusLabel.text = info.summary()
-            self._setStatus(info.summary())
+            self._setStatus(" ".join([info.summary()] + ([warning] if warning else [])), error=bool(warning))
             self.onRefreshVersions()
-            self._poller.start()
+            self._startPolling()
 
-        self._start("Connect", lambda job: self.logic.connect(job=job), done)
+        logic = self.logic
+        self._start("Connect", lambda job: logic.fetchInfo(job), done)
 
     # ------------------------------------------------------------------ run
     def onRun(self):
@@ -377,9 +285,14 @@ class HybridCTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         target = self._targetSegmentation(volumeNode)
         if target is False:
             return
-        model = self.ui.modelComboBox.currentText
-        with slicer.util.WaitCursor():
-            snapshot = mrml.volume_snapshot(volumeNode)
+        model, logic = self.ui.modelComboBox.currentText, self.logic
+        try:
+            with slicer.util.WaitCursor():
+                snapshot = mrml.volume_snapshot(volumeNode)  # hardened geometry; a non-linear transform is refused
+        except ValueError as exc:
+            self._error(exc, "Run model")
+            return
+        fingerprint = self.logic.runStarted(target)  # edits made while the job runs are detected on arrival
         self._clearResults()
 
         def done(outcome):
@@ -388,15 +301,27 @@ class HybridCTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.logic.discardResult(outcome)
                 self._setStatus("The volume was removed while the model ran: result dropped.", error=True)
                 return
-            with slicer.util.WaitCursor():  # building the 3D surface stays on the GUI thread
-                segNode = self.logic.showResult(result, volumeNode, target, identity=identity)
+            into = target
+            decision = self.logic.arrivalDecision(target, fingerprint)
+            if decision == "ask":
+                answer = dialogs.ask_result_arrived_after_edits(target.GetName())
+                if answer == "cancel":
+                    self._setStatus(f"Result dropped: your edits of '{target.GetName()}' were kept.")
+                    return
+                into = target if answer == "replace" else None
+            elif decision == "new":
+                into = None
+            with slicer.util.WaitCursor():  # the label was read by the worker; segments and 3D are built here
+                segNode = self.logic.showResult(result, volumeNode, into, identity=identity)
+            self._resultsVolumeId = volumeNode.GetID()
             self.ui.segmentationSelector.setCurrentNode(segNode)
             self._showResults(result.display)
             note = " (volume uploaded)" if result.uploaded else ""
             self._setStatus(f"{result.model} finished on {volumeNode.GetName()} = {identity.describe()}{note}: "
-                            f"{result.display['classification']}")
+                            f"{result.display['classification']}. {RESEARCH_NOTICE}")
+            self._saveParameters()
 
-        self._start("Run model", lambda job: self.logic.runVolume(snapshot, model, job=job), done,
+        self._start("Run model", lambda job: logic.runVolume(snapshot, model, job=job), done,
                     onDiscard=self.logic.discardResult)
 
     def _targetSegmentation(self, volumeNode):
@@ -408,41 +333,45 @@ class HybridCTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return None
         if decision == "replace":
             return previous
-        box = qt.QMessageBox(qt.QMessageBox.Question, "Hybrid CT",
-                             f"'{previous.GetName()}' has been edited since the model made it.\n\nReplace the "
-                             f"edited segments with a new result, or keep them and add a new segmentation?",
-                             qt.QMessageBox.NoButton, slicer.util.mainWindow())
-        replace = box.addButton("Replace", qt.QMessageBox.DestructiveRole)
-        keep = box.addButton("Keep edits, add new", qt.QMessageBox.AcceptRole)
-        box.addButton(qt.QMessageBox.Cancel)
-        box.setDefaultButton(keep)
-        box.exec_()
-        if box.clickedButton() == replace:
-            return previous
-        if box.clickedButton() == keep:
-            return None
-        return False
+        answer = dialogs.ask_replace_edited(previous.GetName())
+        return {"replace": previous, "keep": None}.get(answer, False)
 
     # ------------------------------------------------------------------ correction
     def onEditSegments(self):
         segNode = self.ui.segmentationSelector.currentNode()
+        volumeNode = self.ui.inputVolumeSelector.currentNode()
         if segNode is None:
+            return
+        refusal = self.logic.editCheck(segNode, volumeNode)  # never A's segments over B's CT
+        if refusal:
+            self._setStatus(refusal, error=True)
+            slicer.util.warningDisplay(refusal, windowTitle="Hybrid CT")
             return
         slicer.util.selectModule("SegmentEditor")
         editor = slicer.modules.segmenteditor.widgetRepresentation().self().editor
         editor.setSegmentationNode(segNode)
-        volumeNode = self.ui.inputVolumeSelector.currentNode()
-        if volumeNode is not None:
-            if hasattr(editor, "setSourceVolumeNode"):  # Slicer >= 5.3
-                editor.setSourceVolumeNode(volumeNode)
-            else:
-                editor.setMasterVolumeNode(volumeNode)
+        if hasattr(editor, "setSourceVolumeNode"):  # Slicer >= 5.3
+            editor.setSourceVolumeNode(volumeNode)
+        else:
+            editor.setMasterVolumeNode(volumeNode)
 
     def onSubmit(self):
         volumeNode = self.ui.inputVolumeSelector.currentNode()
         segNode = self.ui.segmentationSelector.currentNode()
         if volumeNode is None or segNode is None:
             self._setStatus("Choose the CT volume and its segmentation first.", error=True)
+            return
+        try:  # before anything is sent: another volume's, misplaced or foreign segmentations
+            check = self.logic.checkSubmit(segNode, volumeNode)
+        except ValueError as exc:
+            self._error(exc, "Submit correction")
+            return
+        if check.refuse:
+            self._setStatus(check.refuse, error=True)
+            slicer.util.errorDisplay(check.refuse, windowTitle="Hybrid CT: not sent")
+            return
+        if check.question and not slicer.util.confirmOkCancelDisplay(check.question, windowTitle="Hybrid CT"):
+            self._setStatus("Nothing was sent: the correction was not confirmed.", error=True)
             return
         if not self._consentToUpload():
             return
@@ -452,28 +381,29 @@ class HybridCTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 labelmap, _labelInfo, geometry = self.logic.exportSegmentation(
                     segNode, volumeNode, ignoreExtra=self.ui.ignoreExtraSegmentsCheckBox.checked)
                 snapshot = mrml.volume_snapshot(volumeNode)
-            notes = [str(w.message) for w in caught if issubclass(w.category, SegmentWarning)]
+            notes = [str(w.message) for w in caught if issubclass(w.category, SegmentWarning)] + check.notes
         except Exception as exc:  # noqa: BLE001
             self._error(exc, "Submit correction")
             return
         segAttributes = mrml.get_attributes(segNode, (ID_ATTRIBUTE, CONTENT_ATTRIBUTE))
         names = {"seg_name": f"Segmentation '{segNode.GetName()}'", "volume_name": f"volume '{volumeNode.GetName()}'"}
+        logic = self.logic
 
         def work(job):
-            return self.logic.submitCorrection(snapshot, segAttributes, labelmap, geometry, job=job, **names)
+            return logic.submitCorrection(snapshot, segAttributes, labelmap, geometry, job=job, **names)
 
         def done(outcome):
-            identity, _answer, fileSha, note = outcome
+            identity, _answer, fileSha, _note = outcome  # the note was asked about before sending
             if slicer.mrmlScene.GetNodeByID(snapshot["node_id"]) is volumeNode:
                 mrml.set_attributes(volumeNode, volume_stamp(identity, fileSha))
             text = f"Correction for {identity.describe()} saved on the server as the final label."
-            self._setStatus(" ".join([text] + notes + ([note] if note else [])))
+            self._setStatus(" ".join([text] + notes))
 
         self._start("Submit correction", work, done)
 
     # ------------------------------------------------------------------ active learning
     def onNextSample(self):
-        strategy = self.ui.strategyComboBox.currentText
+        strategy, logic = self.ui.strategyComboBox.currentText, self.logic
 
         def done(outcome):
             sample, path, fileSha = outcome
@@ -488,83 +418,11 @@ class HybridCTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             finally:
                 remove_quietly(path)
             slicer.util.setSliceViewerLayers(background=volumeNode, fit=True)  # followed by the selector
-            self._clearResults()
+            self._followView()
             self._setStatus(f"Loaded next sample {sample['id']}: press 'Run model on volume'.")
 
-        self._start("Next sample", lambda job: self.logic.fetchSample(strategy, job=job), done,
+        self._start("Next sample", lambda job: logic.fetchSample(strategy, job=job), done,
                     onDiscard=lambda outcome: remove_quietly(outcome[1]))
-
-    # ------------------------------------------------------------------ training
-    def onTrain(self):
-        model = self.ui.modelComboBox.currentText or None
-
-        def done(result):
-            self._setStatus("Training started on the server.")
-            self._trainingActive = True
-            self._poller.start()
-
-        self._start("Start training", lambda job: self.logic.newWorkflow(job).start_training(model), done)
-
-    def onStop(self):
-        def done(result):
-            self._setStatus("Training stopped." if result else "No training was running.")
-            self._poller.start()
-
-        # not exclusive: Stop works while another job (an upload, a run) is in progress
-        self._start("Stop training", lambda job: self.logic.newWorkflow(job).stop_training(), done, exclusive=False)
-
-    def _statusWork(self, job):
-        return self.logic.newWorkflow(job, quick=True).training_status(self.ui.modelComboBox.currentText or None)
-
-    def _showTrainStatus(self, status):
-        wasActive = self._trainingActive
-        self._trainingActive = status.active
-        self.ui.trainStatusLabel.text = status.status_text
-        self.ui.metricLabel.text = status.metric_text
-        self._poller.interval_s = TRAIN_POLL_S if status.active else IDLE_POLL_S
-        if wasActive and not status.active:
-            self.onRefreshVersions()
-
-    def _trainStatusFailed(self, exc):
-        # keep polling: one timeout (a busy server) must not stop the status for good
-        self.ui.trainStatusLabel.text = f"Training status unavailable (retrying): {exc}"
-
-    # ------------------------------------------------------------------ versions
-    def onRefreshVersions(self):
-        if self.logic is None or self.logic.client is None:
-            return
-
-        def done(outcome):
-            current, entries, labels = outcome
-            self._versionEntries = entries
-            self._fillCombo(self.ui.versionComboBox, labels)
-            for i, entry in enumerate(entries):
-                if str(entry.get("version")) == str(current):
-                    self.ui.versionComboBox.setCurrentIndex(i)
-            self._updateButtons()
-
-        def failed(exc):
-            self.ui.versionComboBox.clear()
-            self._versionEntries = []
-            self.ui.versionComboBox.toolTip = f"Model versions unavailable: {exc}"
-
-        self.jobs.start("Model versions", lambda job: self.logic.newWorkflow(job, quick=True).versions(),
-                        exclusive=False, tag=self._sceneGeneration, on_done=done, on_error=failed)
-
-    def onRollback(self):
-        index = self.ui.versionComboBox.currentIndex
-        if index < 0 or index >= len(self._versionEntries):
-            return
-        version = str(self._versionEntries[index].get("version"))
-        if not slicer.util.confirmOkCancelDisplay(f"Serve model version {version} from now on?", windowTitle="Hybrid CT"):
-            return
-
-        def done(result):
-            self._setStatus(f"The server now serves model version {version}.")
-            self.onRefreshVersions()
-
-        self._start("Roll back", lambda job: self.logic.newWorkflow(job).rollback(version), done)
-
 
 #
 # HybridCTLogic

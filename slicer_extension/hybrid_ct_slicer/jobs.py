@@ -47,12 +47,24 @@ class Job:
         self.error: BaseException | None = None
         self.trace = ""
         self.dropped = False
+        self._sent: list[str] = []  # what the worker asked the server to change (see Workflow.sent)
         self._thread = threading.Thread(target=self._run, name=f"HybridCT {name}", daemon=True)
 
     # -------------------------------------------------------------- worker side
     def progress(self, percent: float, message: str = "") -> None:
         with self._lock:
             self._progress = (max(0, min(100, int(percent))), str(message or self.name))
+
+    def mark_sent(self, what: str) -> None:
+        """Worker side: a request that changes the server's state is about to be sent."""
+        with self._lock:
+            if what not in self._sent:
+                self._sent.append(what)
+
+    @property
+    def sent(self) -> list[str]:
+        with self._lock:
+            return list(self._sent)
 
     @property
     def cancelled(self) -> bool:
@@ -174,9 +186,14 @@ class Poller:
     (one timeout must not stop the status for good). ``tick(now)`` is called by the GUI's timer.
     """
 
-    def __init__(self, runner: JobRunner, name: str, work: Callable[[Job], Any], interval_s: float, *,
-                 on_result: Callable[[Any], None], on_error: Callable[[BaseException], None]):
+    def __init__(self, runner: JobRunner, name: str, work: Callable[..., Any], interval_s: float, *,
+                 on_result: Callable[[Any], None], on_error: Callable[[BaseException], None],
+                 prepare: Callable[[], Any] | None = None):
+        """``prepare()`` runs in the thread calling :meth:`tick` (the GUI thread) when a poll starts and its
+        value is handed to ``work(job, value)``: what the worker needs from the widgets is read there, never
+        from the worker thread."""
         self.runner, self.name, self.work, self.interval_s = runner, name, work, float(interval_s)
+        self.prepare = prepare
         self.on_result, self.on_error = on_result, on_error
         self.active = False
         self.failures = 0
@@ -210,5 +227,28 @@ class Poller:
                 return False
             self._job = None
         self._next = now + self.interval_s
-        self._job = self.runner.start(self.name, self.work, exclusive=False, on_done=self._done, on_error=self._error)
+        work = self.work
+        if self.prepare is not None:
+            value = self.prepare()
+            work = lambda job: self.work(job, value)  # noqa: E731
+        self._job = self.runner.start(self.name, work, exclusive=False, on_done=self._done, on_error=self._error)
         return True
+
+    def seconds_to_next(self, now: float | None = None) -> float | None:
+        """Seconds until the next poll is due (0 when due), None when polling is off."""
+        if not self.active:
+            return None
+        now = time.monotonic() if now is None else now
+        return max(0.0, self._next - now)
+
+
+def timer_interval_ms(runner: JobRunner, poller: Poller | None = None, now: float | None = None,
+                      busy_ms: int = 50, max_idle_ms: int = 60_000) -> int | None:
+    """How often the GUI's timer must tick: ``busy_ms`` while a job runs (progress, results), else only when
+    the next status poll is due, and None (stop the timer) when nothing runs and nothing is polled."""
+    if runner.running:
+        return busy_ms
+    due = poller.seconds_to_next(now) if poller is not None else None
+    if due is None:
+        return None
+    return int(min(max_idle_ms, max(busy_ms, due * 1000)))

@@ -67,9 +67,43 @@ def set_node_geometry(node, geometry: Geometry) -> None:
 
 
 def node_geometry(node) -> Geometry:
+    """The node's own IJK -> RAS geometry (its parent transform NOT applied: see :func:`world_geometry`)."""
     m = vtk.vtkMatrix4x4()
     node.GetIJKToRASMatrix(m)
-    return Geometry.from_ijk_to_ras([[m.GetElement(r, c) for c in range(4)] for r in range(4)])
+    return Geometry.from_ijk_to_ras(_numpy_matrix(m))
+
+
+def _numpy_matrix(m) -> np.ndarray:
+    return np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+class TransformError(ValueError):
+    """A volume under a transform the module cannot account for (non-linear); the message says what to do."""
+
+
+def world_geometry(node) -> Geometry:
+    """Where the volume's voxels are shown: its geometry with its parent transforms applied ("hardened").
+
+    Slicer's DICOM import puts tilted or irregular series under a linear transform; the image sent to the
+    server, the overlay and the correction all use this geometry, so they line up with what is on screen.
+    A non-linear transform would need resampling: refused with :class:`TransformError`."""
+    parent = node.GetParentTransformNode()
+    if parent is None:
+        return node_geometry(node)
+    if not parent.IsTransformToWorldLinear():
+        raise TransformError(
+            f"Volume '{node.GetName()}' is under the non-linear transform '{parent.GetName()}': the model's "
+            f"result and a correction could not be placed on it. Harden the transform first (Data module: "
+            f"right-click the volume, 'Harden transform'), then run again.")
+    to_world = vtk.vtkMatrix4x4()
+    parent.GetMatrixTransformToWorld(to_world)
+    return Geometry.from_ijk_to_ras(_numpy_matrix(to_world) @ node_geometry(node).ijk_to_ras())
+
+
+def transform_name(node) -> str | None:
+    """The name of the volume's parent transform, or None."""
+    parent = node.GetParentTransformNode()
+    return parent.GetName() if parent is not None else None
 
 
 def add_volume(scene, array: np.ndarray, geometry: Geometry = Geometry(), name: str = "Volume", *,
@@ -133,7 +167,7 @@ def labelmap_to_segmentation(scene, labelmap, reference_volume, *, segmentation_
     temp_node = None
     if isinstance(labelmap, np.ndarray):
         split_labelmap(labelmap)  # refuses unknown values with a clear message
-        temp_node = add_volume(scene, labelmap.astype(np.uint8), node_geometry(reference_volume),
+        temp_node = add_volume(scene, labelmap.astype(np.uint8), world_geometry(reference_volume),
                                "__hybrid_ct_import__", labelmap=True)
         labelmap_node = temp_node
     else:
@@ -145,6 +179,7 @@ def labelmap_to_segmentation(scene, labelmap, reference_volume, *, segmentation_
             seg_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
         else:
             seg_node.GetSegmentation().RemoveAllSegments()
+        seg_node.SetAndObserveTransformNodeID(None)  # world coordinates: the volume's transform is in the grid
         seg_node.SetReferenceImageGeometryParameterFromVolumeNode(reference_volume)
         if not logic.ImportLabelmapToSegmentationNode(labelmap_node, seg_node):
             raise RuntimeError("Slicer could not import the label map into the segmentation")
@@ -177,6 +212,13 @@ def label_file_to_segmentation(scene, path: str, reference_volume, *, segmentati
     from .imageio import read_image
 
     array, geometry = read_image(path)
+    return label_array_to_segmentation(scene, array, geometry, reference_volume, segmentation_node=segmentation_node,
+                                       name=name, logic=logic, show_3d=show_3d)
+
+
+def label_array_to_segmentation(scene, array, geometry: Geometry, reference_volume, *, segmentation_node=None,
+                                name: str = "Hybrid CT segmentation", logic=None, show_3d: bool = False):
+    """A label map already read (in a worker thread) with its own geometry -> our segments."""
     label_node = add_volume(scene, np.asarray(array).astype(np.uint8), geometry, "__hybrid_ct_label__",
                             labelmap=True)
     try:
@@ -190,7 +232,7 @@ def set_segment_from_array(scene, seg_node, segment_id: str, mask: np.ndarray, r
                            logic=None) -> None:
     """Replace one segment's voxels by ``mask`` (``[k, j, i]`` on the reference volume's grid)."""
     logic = logic or segmentations_logic(scene)
-    temp = add_volume(scene, (np.asarray(mask) != 0).astype(np.uint8), node_geometry(reference_volume),
+    temp = add_volume(scene, (np.asarray(mask) != 0).astype(np.uint8), world_geometry(reference_volume),
                       "__hybrid_ct_update__", labelmap=True)
     try:
         ids = vtk.vtkStringArray()
@@ -223,6 +265,11 @@ def segment_arrays(scene, seg_node, reference_volume, *, logic=None) -> dict[str
     """``{segment name: uint8 mask [k, j, i]}`` on the reference volume's grid, one export per
     segment (so overlapping segments keep their own voxels)."""
     logic = logic or segmentations_logic(scene)
+    with hardened_reference(scene, reference_volume) as reference:
+        return _segment_arrays(scene, seg_node, reference, logic)
+
+
+def _segment_arrays(scene, seg_node, reference_volume, logic) -> dict[str, np.ndarray]:
     segmentation = seg_node.GetSegmentation()
     out: dict[str, np.ndarray] = {}
     for i in range(segmentation.GetNumberOfSegments()):
@@ -248,10 +295,32 @@ def segment_arrays(scene, seg_node, reference_volume, *, logic=None) -> dict[str
 
 
 def export_labelmap(scene, seg_node, reference_volume, *, ignore_extra: bool = False, logic=None):
-    """Segments -> (uint8 label map [k, j, i], label_info, LPS geometry of the reference volume), BY NAME."""
+    """Segments -> (uint8 label map [k, j, i], label_info, LPS geometry of the reference volume as shown,
+    i.e. with its parent transform applied), BY NAME."""
     arrays = segment_arrays(scene, seg_node, reference_volume, logic=logic)
     labelmap, label_info = export_labelmap_by_name(arrays, ignore_extra=ignore_extra)
-    return labelmap, label_info, node_geometry(reference_volume)
+    return labelmap, label_info, world_geometry(reference_volume)
+
+
+class hardened_reference:  # noqa: N801 - used as a context manager
+    """``with hardened_reference(scene, volume) as ref``: the volume itself when it has no parent transform,
+    else a temporary volume node (no voxels copied, one uint8 grid) on the volume's world grid, removed after."""
+
+    def __init__(self, scene, volume):
+        self.scene, self.volume, self.temp = scene, volume, None
+
+    def __enter__(self):
+        if self.volume.GetParentTransformNode() is None:
+            return self.volume
+        dims = self.volume.GetImageData().GetDimensions()
+        self.temp = add_volume(self.scene, np.zeros((dims[2], dims[1], dims[0]), np.uint8),
+                               world_geometry(self.volume), "__hybrid_ct_hardened__")
+        return self.temp
+
+    def __exit__(self, *exc):
+        if self.temp is not None:
+            self.scene.RemoveNode(self.temp)
+        return False
 
 
 # ----------------------------------------------------------------------------- files
@@ -311,7 +380,8 @@ def volume_snapshot(volume_node) -> dict:
     from .identity import CONTENT_ATTRIBUTE, FILE_SHA_ATTRIBUTE, ID_ATTRIBUTE
 
     series_uid, instance_uids = dicom_uids(volume_node)
-    return {"array": array_from_volume(volume_node), "geometry": node_geometry(volume_node),
+    return {"array": array_from_volume(volume_node), "geometry": world_geometry(volume_node),
+            "transform": transform_name(volume_node),
             "series_uid": series_uid, "instance_uids": instance_uids,
             "stamp": get_attributes(volume_node, (ID_ATTRIBUTE, CONTENT_ATTRIBUTE, FILE_SHA_ATTRIBUTE)),
             "name": volume_node.GetName(), "node_id": volume_node.GetID()}
@@ -347,3 +417,71 @@ def segmentation_fingerprint(seg_node) -> str:
         scalars = vtk_np.vtk_to_numpy(image.GetPointData().GetScalars())
         h.update(np.ascontiguousarray(scalars == segment.GetLabelValue()).tobytes())
     return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- data tree and grids
+def referenced_volume_id(seg_node) -> str | None:
+    """The volume a segmentation was made on: Slicer's reference-geometry node reference (set by
+    ``SetReferenceImageGeometryParameterFromVolumeNode``, read by the DICOM SEG export)."""
+    role = seg_node.GetReferenceImageGeometryReferenceRole()
+    return seg_node.GetNodeReferenceID(role) or None
+
+
+def place_in_data_tree(seg_node, volume_node) -> int:
+    """Put the segmentation under the volume's study (its parent) in the subject hierarchy and reference
+    the volume, so that Slicer's data tree and DICOM SEG export know which patient it belongs to.
+    Returns the segmentation's subject hierarchy item (0 when the scene has no subject hierarchy)."""
+    seg_node.SetNodeReferenceID(seg_node.GetReferenceImageGeometryReferenceRole(), volume_node.GetID())
+    scene = volume_node.GetScene()
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene) if scene is not None else None
+    if sh is None:
+        return 0
+    volume_item = sh.GetItemByDataNode(volume_node)
+    parent = sh.GetItemParent(volume_item) if volume_item else sh.GetSceneItemID()
+    seg_item = sh.GetItemByDataNode(seg_node)
+    if not seg_item:
+        seg_item = sh.CreateItem(parent, seg_node)
+    elif sh.GetItemParent(seg_item) != parent:
+        sh.SetItemParent(seg_item, parent)
+    return seg_item
+
+
+def segment_grids(seg_node) -> list[tuple[str, np.ndarray, tuple | None]]:
+    """``[(segment name, 4x4 IJK->world of its labelmap, extent of its non-empty voxels or None)]``."""
+    rep = slicer.vtkSegmentationConverter.GetSegmentationBinaryLabelmapRepresentationName()
+    to_world = np.eye(4)
+    parent = seg_node.GetParentTransformNode()
+    if parent is not None:
+        if not parent.IsTransformToWorldLinear():
+            raise TransformError(f"Segmentation '{seg_node.GetName()}' is under the non-linear transform "
+                                 f"'{parent.GetName()}': harden it first.")
+        m = vtk.vtkMatrix4x4()
+        parent.GetMatrixTransformToWorld(m)
+        to_world = _numpy_matrix(m)
+    segmentation = seg_node.GetSegmentation()
+    out = []
+    for i in range(segmentation.GetNumberOfSegments()):
+        segment = segmentation.GetNthSegment(i)
+        image = segment.GetRepresentation(rep)
+        if image is None or image.GetPointData().GetScalars() is None:
+            out.append((segment.GetName(), to_world, None))
+            continue
+        m = vtk.vtkMatrix4x4()
+        image.GetImageToWorldMatrix(m)
+        e = image.GetExtent()
+        if e[1] < e[0] or e[3] < e[2] or e[5] < e[4]:
+            out.append((segment.GetName(), to_world @ _numpy_matrix(m), None))
+            continue
+        dims = (e[5] - e[4] + 1, e[3] - e[2] + 1, e[1] - e[0] + 1)
+        mask = vtk_np.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(dims) == segment.GetLabelValue()
+        if not mask.any():
+            out.append((segment.GetName(), to_world @ _numpy_matrix(m), None))
+            continue
+        ks, js, is_ = (np.flatnonzero(mask.any(axis=a)) for a in ((1, 2), (0, 2), (0, 1)))
+        extent = (e[0] + is_[0], e[0] + is_[-1], e[2] + js[0], e[2] + js[-1], e[4] + ks[0], e[4] + ks[-1])
+        out.append((segment.GetName(), to_world @ _numpy_matrix(m), tuple(int(v) for v in extent)))
+    return out
+
+
+def volume_dims(volume_node) -> tuple[int, int, int]:
+    return tuple(volume_node.GetImageData().GetDimensions())

@@ -206,3 +206,10 @@ def format_version_entry(v: Any, current: str | None = None) -> str:
     if current is not None and version == str(current):
         text += "  [current]"
     return text
+
+
+def result_lines(display: Mapping[str, str]) -> list[str]:
+    """The results as text lines, the research-use notice first (status line, logs, rendered pictures)."""
+    from .panel import RESEARCH_NOTICE
+
+    return [RESEARCH_NOTICE] + [f"{label}: {display.get(key, NA)}" for key, label in RESULT_FIELDS]

@@ -1,7 +1,10 @@
-"""Server URL handling (the Qt side stores it with ``qt.QSettings``; this side only validates it)."""
+"""Server URL handling (the Qt side stores it with ``qt.QSettings``; this side only validates it) and the
+module's parameter node (:class:`ModuleParameters`: saved with the scene AND read back when a scene is
+loaded or the module is entered, the job ``parameterNodeWrapper`` does in Slicer >= 5.4)."""
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass, fields
 from urllib.parse import urlsplit, urlunsplit
 
 #: QSettings key under which HybridCT.py remembers the server URL.
@@ -58,3 +61,53 @@ def is_valid_server_url(url: str | None) -> bool:
     except ValueError:
         return False
     return True
+
+
+#: QSettings key of an optional CA bundle (PEM) for https with a hospital certificate authority
+SETTINGS_KEY_CA_BUNDLE = "HybridCT/caBundle"
+
+
+@dataclass
+class ModuleParameters:
+    """What the panel keeps in its parameter node (a ``vtkMRMLScriptedModuleNode``): plain values as node
+    parameters, the selected nodes as node references. Read back with :meth:`load`."""
+    server_url: str = ""
+    model: str = ""
+    strategy: str = ""
+    ignore_extra_segments: bool = False
+    input_volume_id: str | None = None  # node references
+    segmentation_id: str | None = None
+    results_volume_id: str | None = None  # the volume whose results the panel shows
+
+    _REFERENCES = {"input_volume_id": "InputVolume", "segmentation_id": "Segmentation",
+                   "results_volume_id": "ResultsVolume"}
+
+    def save(self, node) -> None:
+        """Write into a parameter node (any object with Set/GetParameter and Set/GetNodeReferenceID)."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in self._REFERENCES:
+                node.SetNodeReferenceID(self._REFERENCES[f.name], value or None)
+            elif isinstance(value, bool):
+                node.SetParameter(f.name, "true" if value else "false")
+            else:
+                node.SetParameter(f.name, str(value or ""))
+
+    @classmethod
+    def load(cls, node) -> "ModuleParameters":
+        """Read a parameter node back; missing values keep their defaults."""
+        out = cls()
+        if node is None:
+            return out
+        for f in fields(cls):
+            if f.name in cls._REFERENCES:
+                setattr(out, f.name, node.GetNodeReferenceID(cls._REFERENCES[f.name]) or None)
+                continue
+            text = node.GetParameter(f.name)
+            if not text:
+                continue
+            setattr(out, f.name, text == "true" if isinstance(getattr(out, f.name), bool) else text)
+        return out
+
+    def as_dict(self) -> dict:
+        return asdict(self)

@@ -96,6 +96,8 @@ class InferResult:
     display: dict
     uploaded: bool
     file_sha256: str | None = None
+    label_array: Any = None  # the label file read in the worker thread (then removed), see ModuleLogic.runVolume
+    label_geometry: Any = None
 
 
 @dataclass
@@ -133,11 +135,12 @@ class Workflow:
     """One radiologist's session with one server."""
 
     def __init__(self, client: HybridCTClient, work_dir: str | None = None, progress: Progress | None = None,
-                 cancelled: Callable[[], bool] | None = None):
+                 cancelled: Callable[[], bool] | None = None, sent: Callable[[str], None] | None = None):
         self.client = client
         self.work_dir = work_dir or tempfile.mkdtemp(prefix="hybrid_ct_slicer_")
         self.progress = progress or _noop
         self.cancelled = cancelled or _never
+        self.sent = sent or (lambda _what: None)  # told before each request that changes the server
         self.info: ServerInfo | None = None
 
     def check_cancelled(self) -> None:
@@ -174,6 +177,7 @@ class Workflow:
                               kind="protocol")
         self.check_cancelled()
         self.progress(10, "Uploading the volume ...")
+        self.sent("saved the uploaded volume in its datastore")
         answer = self.client.upload_image(image_file, image_id, progress=self._upload_progress,
                                           cancelled=self.cancelled)
         return not (isinstance(answer, Mapping) and answer.get("unchanged"))
@@ -235,6 +239,7 @@ class Workflow:
         with temp_path(self.work_dir, file_ext, prefix="HybridCT_correction_") as path:
             write_image(path, np.asarray(labelmap, dtype=np.uint8), geometry)
             self.check_cancelled()
+            self.sent("saved the correction as the final label (and may retrain on it)")
             return self.client.save_label(image_id, path, server_label_info(), filename=f"label{file_ext}",
                                           tag=tag, params=params)
 
@@ -281,6 +286,7 @@ class Workflow:
         trainer = self.info.default_trainer(model) if self.info else model
         if not trainer:
             raise ServerError("The server has no trainer for this model.", kind="protocol")
+        self.sent("started the training")
         return self.client.train_start(trainer, params or {})
 
     def stop_training(self) -> dict | None:
@@ -305,4 +311,5 @@ class Workflow:
         return current, entries, [format_version_entry(v, current) for v in entries]
 
     def rollback(self, version: str) -> dict:
+        self.sent("switched the model version")
         return self.client.rollback(version)

@@ -110,6 +110,25 @@ def _existing_image(ds, image_id: str) -> str:
     return uri
 
 
+def same_image_content(stored: str, uploaded: str, tol_mm: float = 1e-4) -> bool:
+    """Same size, spacing, origin, direction and voxel values, whatever the file bytes: SimpleITK 2.3 and 2.5
+    write one NIfTI header byte differently (issue 28). Headers first; voxels only when they match the
+    stored (already checked) image, so an oversized upload is never decoded here."""
+    import numpy as np
+
+    try:
+        a, b = (sitk.ImageFileReader() for _ in range(2))
+        for reader, path in ((a, stored), (b, uploaded)):
+            reader.SetFileName(path)
+            reader.ReadImageInformation()
+        return (a.GetSize() == b.GetSize() and a.GetNumberOfComponents() == b.GetNumberOfComponents()
+                and all(np.allclose(getattr(a, g)(), getattr(b, g)(), rtol=0, atol=tol_mm)
+                        for g in ("GetSpacing", "GetOrigin", "GetDirection"))
+                and np.array_equal(sitk.GetArrayFromImage(a.Execute()), sitk.GetArrayFromImage(b.Execute())))
+    except RuntimeError:  # not readable by SimpleITK (a DICOM zip, a corrupt file): not the same image
+        return False
+
+
 # ------------------------------------------------------------------------------------ datastore
 def add_image(image: Optional[str], params: str, file: UploadFile, user: Optional[str]) -> dict:
     p = parse_json_param(params)
@@ -132,7 +151,8 @@ def add_image(image: Optional[str], params: str, file: UploadFile, user: Optiona
             raise InputError(f"{name} is empty (0 bytes)")
         uri = ds.get_image_uri(image)
         if uri and os.path.exists(uri):
-            if os.path.isfile(uri) and file_extension(uri) == ext and file_checksum(uri) == file_checksum(tmp):
+            if os.path.isfile(uri) and ((file_extension(uri) == ext and file_checksum(uri) == file_checksum(tmp))
+                                        or same_image_content(uri, tmp)):
                 return {"image": image, "unchanged": True}
             raise Conflict(f"image id {image!r} already exists in the datastore with other content: "
                            "choose another id (or delete the image first)")
