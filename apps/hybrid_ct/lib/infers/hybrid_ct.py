@@ -35,6 +35,7 @@ from hybrid_ct.model import NetConfig
 from hybrid_ct.report import jsonable
 from hybrid_ct.transforms import post_transforms, pre_transforms
 
+from ..recovery import temp_prefix
 from ..store import ModelStore
 
 logger = logging.getLogger(__name__)
@@ -180,7 +181,7 @@ class HybridCTInfer(InferTask):
 
         t0 = time.perf_counter()
         label = sitk.Cast(label, sitk.sitkUInt8)
-        fd, out_path = tempfile.mkstemp(prefix="hybrid_ct_label_", suffix=ext)
+        fd, out_path = tempfile.mkstemp(prefix=temp_prefix("result"), suffix=ext)
         os.close(fd)
         sitk.WriteImage(label, out_path, useCompression=ext in (".nrrd", ".mha"))
         t_write = time.perf_counter() - t0
