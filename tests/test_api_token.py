@@ -1,6 +1,7 @@
 """Closed by default, part 2: with an API token (``--conf api_token_file`` or $HYBRID_CT_API_TOKEN) every
-write and inference needs ``Authorization: Bearer <token>`` (401 without it, 200 with it); reads stay
-open; the token never reaches the logs."""
+write and inference needs ``Authorization: Bearer <token>`` (401 without it, 200 with it); deleting images and
+labels needs the admin token (``--conf admin_token_file``: 403 with the annotators' token); reads stay
+open; the tokens never reach the logs."""
 import json
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ if APP_DIR not in sys.path:
     sys.path.insert(0, APP_DIR)
 
 TOKEN = "s3cret-token-for-tests-7f1c"
+ADMIN = "adm1n-token-for-tests-93e0"
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +25,10 @@ def closed(tmp_path_factory):
     token_file = work / "api_token"
     token_file.write_text(TOKEN + "\n")
     token_file.chmod(0o600)
-    server = start_server(work, model=default_model_path(), conf={"api_token_file": str(token_file)})
+    admin_file = work / "admin_token"
+    admin_file.write_text(ADMIN + "\n")
+    server = start_server(work, model=default_model_path(), conf={"api_token_file": str(token_file),
+                                                                  "admin_token_file": str(admin_file)})
     yield server
     stop_server(server)
 
@@ -33,7 +38,8 @@ def _auth(token=TOKEN):
 
 
 def _calls(tmp_path):
-    """(name, method, path, kwargs factory): every write route and infer, in an order that works with a token."""
+    """(name, method, path, kwargs factory, token): every write route and infer, in an order that works with a
+    token; the deletes need the admin token."""
     img, lab, _, _ = phantom_files(tmp_path, seed=11)
     label = {"label": ("l.nii.gz", lab.read_bytes()), "params": (None, "{}")}
     return [
@@ -45,8 +51,8 @@ def _calls(tmp_path):
                                                                      data={"info": json.dumps({"diagnosis": "negative"})})),
         ("save label", "PUT", "/datastore/label", lambda: dict(params={"image": "tok_case", "tag": "final"},
                                                                 files=dict(label))),
-        ("delete label", "DELETE", "/datastore/label", lambda: dict(params={"id": "tok_case", "tag": "final"})),
-        ("delete image", "DELETE", "/datastore/image", lambda: dict(params={"id": "tok_case"})),
+        ("delete label", "DELETE", "/datastore/label", lambda: dict(params={"id": "tok_case", "tag": "final"}), ADMIN),
+        ("delete image", "DELETE", "/datastore/image", lambda: dict(params={"id": "tok_case"}), ADMIN),
         ("train", "POST", "/train/hybrid_ct", lambda: dict(json={"max_epochs": 1})),
         ("stop training", "DELETE", "/train/", lambda: {}),
     ]
@@ -54,12 +60,16 @@ def _calls(tmp_path):
 
 def test_writes_and_infer_need_the_token(closed, tmp_path):
     s, url = http(), closed.url
-    for name, method, path, kw in _calls(tmp_path):
+    for name, method, path, kw, *token in _calls(tmp_path):
+        token = token[0] if token else TOKEN
         for headers in ({}, _auth("wrong"), {"Authorization": f"Basic {TOKEN}"}):
             r = s.request(method, url + path, headers=headers, timeout=60, **kw())
             assert r.status_code == 401, (name, headers, r.status_code, r.text)
-            assert r.headers.get("WWW-Authenticate") == "Bearer" and TOKEN not in r.text
-        r = s.request(method, url + path, headers=_auth(), timeout=600, **kw())
+            assert r.headers.get("WWW-Authenticate") == "Bearer" and TOKEN not in r.text and ADMIN not in r.text
+        if token == ADMIN:  # the annotators' token may not delete: final labels are training data
+            r = s.request(method, url + path, headers=_auth(), timeout=60, **kw())
+            assert r.status_code == 403 and "admin token" in r.json()["detail"], (name, r.status_code, r.text)
+        r = s.request(method, url + path, headers=_auth(token), timeout=600, **kw())
         assert r.status_code == 200, (name, r.status_code, r.text)
 
 
@@ -82,11 +92,13 @@ def test_reads_stay_open(closed):
 def test_token_never_logged(closed):
     text = closed.log_path.read_text(errors="replace") + (closed.workdir / "server.stdout").read_text(errors="replace")
     assert "API token (from --conf api_token_file) is required" in text
-    assert TOKEN not in text
+    assert "role admin" in text
+    assert TOKEN not in text and ADMIN not in text
 
 
 def test_token_sources(tmp_path, monkeypatch):
-    from lib.routes import TOKEN_ENV, api_token, needs_token
+    from lib.guard import TOKEN_ENV, api_token
+    from lib.routes import needs_token
 
     monkeypatch.delenv(TOKEN_ENV, raising=False)
     assert api_token({}) is None
@@ -100,6 +112,18 @@ def test_token_sources(tmp_path, monkeypatch):
         api_token({"api_token_file": str(f)})
     with pytest.raises(ValueError, match="cannot read"):
         api_token({"api_token_file": str(tmp_path / "missing")})
+    from lib.guard import ADMIN_TOKEN_ENV, api_tokens
+    from lib.routes import token_rule
+
+    monkeypatch.delenv(ADMIN_TOKEN_ENV, raising=False)
+    assert api_tokens({}) == {"from-env": "annotator"}
+    monkeypatch.setenv(ADMIN_TOKEN_ENV, "boss")
+    assert api_tokens({}) == {"from-env": "annotator", "boss": "admin"}
+    monkeypatch.setenv(ADMIN_TOKEN_ENV, "from-env")
+    with pytest.raises(ValueError, match="same"):
+        api_tokens({})
+    assert token_rule("DELETE", "/datastore/label") == token_rule("DELETE", "/datastore/") == "admin"
+    assert token_rule("PUT", "/datastore/label") == "any" and token_rule("GET", "/datastore/label/info") == ""
     assert needs_token("POST", "/infer/hybrid_ct") and needs_token("DELETE", "/train/")
     assert not needs_token("GET", "/info/") and not needs_token("POST", "/activelearning/random")
 

@@ -21,7 +21,9 @@ from lib.datastore import HybridCTDatastore
 from lib.endpoints import check_param_names, start_training, training_active
 from lib.lifecycle import (TrainingLock, die_with_parent, is_task_subprocess, mark_server_process,
                            shutdown_children_on_signals)
-from lib.routes import expose_groups, install
+from lib.recovery import remove_stale_uploads
+from lib.guard import install
+from lib.routes import expose_groups
 from lib.validation import MIN_SLICES, Conflict
 
 from monailabel.config import settings
@@ -165,9 +167,22 @@ class HybridCTApp(MONAILabelApp):
         # fails closed: an exception here stops the server's start-up (uvicorn exits), so it never
         # serves MONAI Label's unguarded routes
         install(fastapi_app, self.conf)
+        self.recover_after_kill()
         mark_server_process()
         shutdown_children_on_signals()
         super().on_init_complete()
+
+    def recover_after_kill(self) -> dict:
+        """What a killed server or training left: stale temporary files (model store, studies folder, temp
+        folder) removed, versions that do not load set aside, the pointer on a servable version. Logged."""
+        out = {"model_store": self.model_store.recover(), "uploads": remove_stale_uploads()}
+        if hasattr(self._datastore, "remove_stale_temps"):
+            out["studies"] = self._datastore.remove_stale_temps()
+        if out["uploads"]:
+            logger.warning("removed %d temporary upload files left by killed servers", len(out["uploads"]))
+        logger.info("start-up check of the stores: serving %s; skipped versions %s", out["model_store"]["current"],
+                    [s["version"] for s in out["model_store"]["skipped"]] or "none")
+        return out
 
     def train(self, request):
         # runs in the training subprocess: the lock file names it, so that a restarted server does not

@@ -7,7 +7,8 @@ app's checks (``lib/validation.py``, ``hybrid_ct.imaging.filecheck``) on tempora
 request never reaches the datastore, leaves the studies folder byte-for-byte unchanged and leaves no
 temporary file; messages name the upload by its client-side file name and field, never a server path.
 
-Errors: malformed id / tag / params 400, unknown image / label / model / version / scoring method 404,
+Errors: malformed id / tag / params 400, deleting a final label without the admin role 403, unknown
+image / label / model / version / scoring method 404,
 training already running (here or in a process left from before a restart) 409, content that is not a
 whole chest CT volume / label map (truncated, corrupt, oversized, zero spacing, 2D) 422, no trained
 model yet 503.
@@ -28,13 +29,10 @@ from typing import Optional
 
 import SimpleITK as sitk
 from fastapi import BackgroundTasks, HTTPException, UploadFile
-from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 from monailabel.config import settings
 from monailabel.endpoints.infer import ResultType, send_response
 from monailabel.interfaces.datastore import DefaultLabelTag
-from monailabel.interfaces.exception import (ImageNotFoundException, LabelNotFoundException, MONAILabelError,
-                                             MONAILabelException)
 from monailabel.interfaces.utils.app import app_instance
 from monailabel.utils.async_tasks.task import AsyncTask
 from monailabel.utils.async_tasks.utils import processes, stop_background_task, tasks
@@ -44,12 +42,13 @@ from hybrid_ct.errors import InputError, ModelNotReadyError
 from hybrid_ct.imaging.filecheck import DEFAULT_MAX_VOXELS
 from hybrid_ct.imaging.reader import write_image
 
+from .http_errors import in_thread, to_http  # noqa: F401  (in_thread, to_http: part of this module's API)
 from .lifecycle import TrainingLock
-from .store import UnknownVersionError
+from .recovery import temp_prefix
 from .trainers.params import BOOLS, LISTS, PARAMS, validate_params
-from .validation import (LABEL_EXT, MIN_SLICES, STORED_EXT, UPLOAD_EXT, BadRequest, Conflict, NotFound,
+from .validation import (LABEL_EXT, MIN_SLICES, STORED_EXT, UPLOAD_EXT, BadRequest, Conflict, Forbidden, NotFound,
                          canonicalise_label, check_id, check_tag, check_upload_file, file_extension, load_upload,
-                         normalise_diagnosis, parse_json_param, scrub, upload_name)
+                         normalise_diagnosis, parse_json_param, upload_name)
 
 logger = logging.getLogger(__name__)
 
@@ -57,46 +56,14 @@ ANNOTATOR = settings.MONAI_LABEL_AUTH_ROLE_ANNOTATOR
 ADMIN = settings.MONAI_LABEL_AUTH_ROLE_ADMIN
 USER = settings.MONAI_LABEL_AUTH_ROLE_USER
 
+FINAL_DELETE = ("only an admin may delete it (the admin API token, --conf admin_token_file, or MONAI Label's "
+                "admin role): final labels are training data")
 _train_lock = threading.Lock()  # check-and-start of a training is atomic
 _sync_training = threading.Event()  # a run_sync training is running in this process
 
 
-# ------------------------------------------------------------------------------------ errors
-def to_http(e: Exception) -> HTTPException:
-    if isinstance(e, HTTPException):
-        return e
-    if isinstance(e, (NotFound, UnknownVersionError, ImageNotFoundException, LabelNotFoundException)):
-        return HTTPException(404, _msg(e))
-    if isinstance(e, Conflict):
-        return HTTPException(409, _msg(e))
-    if isinstance(e, BadRequest):
-        return HTTPException(400, _msg(e))
-    if isinstance(e, InputError):
-        return HTTPException(422, _msg(e))
-    if isinstance(e, ModelNotReadyError):
-        return HTTPException(503, _msg(e))
-    if isinstance(e, MONAILabelException):
-        return HTTPException(400 if e.error == MONAILabelError.INVALID_INPUT else 500, _msg(e))
-    raise e
-
-
-def _msg(e: Exception) -> str:
-    return scrub(getattr(e, "msg", None) or str(e) or type(e).__name__, {})
-
-
-def guarded(fn, *args, **kwargs):
-    try:
-        return fn(*args, **kwargs)
-    except (InputError, ModelNotReadyError, MONAILabelException) as e:
-        raise to_http(e) from None
-
-
-async def in_thread(fn, *args, **kwargs):
-    return await run_in_threadpool(guarded, fn, *args, **kwargs)
-
-
 def _save_upload(upload: UploadFile, suffix: str) -> str:
-    fd, path = tempfile.mkstemp(prefix="hybrid_ct_upload_", suffix=suffix)
+    fd, path = tempfile.mkstemp(prefix=temp_prefix("upload"), suffix=suffix)
     with os.fdopen(fd, "wb") as f:
         shutil.copyfileobj(upload.file, f)
     return path
@@ -160,7 +127,7 @@ def add_image(image: Optional[str], params: str, file: UploadFile, user: Optiona
         img = load_upload(tmp, ext, name, **upload_limits(instance))
         src = tmp
         if ext not in STORED_EXT:  # .mha / DICOM / zip of a DICOM series -> stored as NIfTI
-            fd, tmp_nii = tempfile.mkstemp(prefix="hybrid_ct_upload_", suffix=".nii.gz")
+            fd, tmp_nii = tempfile.mkstemp(prefix=temp_prefix("upload"), suffix=".nii.gz")
             os.close(fd)
             src = write_image(img, tmp_nii)
         info = dict(p)
@@ -186,7 +153,7 @@ def save_label(image: str, params: str, tag: str, label: UploadFile, user: Optio
         raise InputError(f"unsupported label file type {ext!r}: send a label map as {', '.join(LABEL_EXT)}")
     name = upload_name(label.filename, "label")
     tmp = _save_upload(label, ".nrrd" if ext == ".seg.nrrd" else ext)
-    fd, canon_path = tempfile.mkstemp(prefix="hybrid_ct_label_", suffix=".nii.gz")
+    fd, canon_path = tempfile.mkstemp(prefix=temp_prefix("label"), suffix=".nii.gz")
     os.close(fd)
     try:
         if os.path.getsize(tmp) == 0:
@@ -216,20 +183,24 @@ def save_label(image: str, params: str, tag: str, label: UploadFile, user: Optio
     return res
 
 
-def remove_image(id: str) -> dict:
+def remove_image(id: str, may_delete_final: bool = False) -> dict:
     ds = app_instance().datastore()
     _existing_image(ds, id)
+    if not may_delete_final and ds.get_label_uri(id, DefaultLabelTag.FINAL.value):
+        raise Forbidden(f"image {id!r} has a final label: {FINAL_DELETE}")
     ds.remove_image(id)
     return {}
 
 
-def remove_label(id: str, tag: str) -> dict:
+def remove_label(id: str, tag: str, may_delete_final: bool = False) -> dict:
     ds = app_instance().datastore()
     check_id(id, "label id")
     check_tag(tag)
     uri = ds.get_label_uri(id, tag)
     if not uri or not os.path.exists(uri):
         raise NotFound(f"no {tag!r} label for {id!r}")
+    if tag == DefaultLabelTag.FINAL.value and not may_delete_final:
+        raise Forbidden(f"the final label of {id!r}: {FINAL_DELETE}")
     ds.remove_label(id, tag)
     return {}
 
@@ -358,7 +329,7 @@ def _dicom_seg_of(result: dict, source: str, background_tasks: BackgroundTasks) 
     from hybrid_ct.predict.dicom_seg import write_dicom_seg
 
     label = result.get("file") or result.get("label")
-    fd, path = tempfile.mkstemp(prefix="hybrid_ct_seg_", suffix=".dcm")
+    fd, path = tempfile.mkstemp(prefix=temp_prefix("seg"), suffix=".dcm")
     os.close(fd)
     try:
         write_dicom_seg(sitk.ReadImage(label), source, path,
@@ -501,7 +472,7 @@ def _store():
 
 def versions() -> dict:
     _, store = _store()
-    return {"current": store.current(), "versions": store.versions()}
+    return {"current": store.current(), "versions": store.versions(), "skipped": store.skipped()}
 
 
 def rollback(version: str) -> dict:

@@ -19,6 +19,7 @@ but not served: the pointer is written with the version served before, so that f
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -33,7 +34,8 @@ from filelock import FileLock
 
 from hybrid_ct.net.checkpoint import load_checkpoint, save_checkpoint
 from hybrid_ct.errors import InputError, ModelNotReadyError
-from hybrid_ct.files import write_atomic
+
+from .recovery import fault_point, remove_stale_temps
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +49,45 @@ class UnknownVersionError(InputError):
 
 def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        fault_point(f"write:{path.name}")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _fsync_and_hash(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+        os.fsync(f.fileno())
+    return h.hexdigest()
+
+
+def _fsync_dir(folder) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def json_safe(obj):
@@ -76,6 +117,7 @@ class ModelStore:
         self.pointer = self.dir / "current"
         self.shipped = None if shipped is None else self.dir / shipped
         self.stats_path = self.dir / "train_stats.json"
+        self.quarantine_dir = self.versions_dir / "quarantine"
         self._shipped_meta_cache: tuple = (None, {})
 
     # ------------------------------------------------------------------ naming
@@ -104,6 +146,91 @@ class ModelStore:
             if m:
                 out.append(int(m.group(1)))
         return sorted(out)
+
+    def _quarantined(self) -> list:
+        if not self.quarantine_dir.is_dir():
+            return []
+        return sorted(int(m.group(1)) for p in self.quarantine_dir.glob("v*.pt") if (m := VERSION_RE.match(p.stem)))
+
+    def skipped(self) -> list:
+        """[{version, reason, at}] of the versions set aside because they did not load (see :meth:`recover`)."""
+        return read_json(self.quarantine_dir / "skipped.json", []) or []
+
+    # ------------------------------------------------------------------ start-up
+    def check_version(self, version: str) -> str | None:
+        """Why ``version`` cannot be served (its file differs from the hash written when it was published, or
+        it does not load), or None when it can."""
+        path = self.path(version)
+        side = read_json(path.with_suffix(".json"), {}) or {}
+        digest = side.get("sha256") if isinstance(side, dict) else None
+        try:
+            if digest:
+                return None if _fsync_and_hash(path) == digest else "its file differs from the one published (sha256)"
+            load_checkpoint(path)
+        except (OSError, ModelNotReadyError) as e:
+            return str(e).replace(str(self.dir), "<model_dir>")
+        return None
+
+    def recover(self) -> dict:
+        """At the server's start: remove what killed writers left (temporary files), set aside versions that
+        do not load (to ``versions/quarantine/``, never deleted; their numbers are never reused) and, when
+        the pointer named one of them, serve its parent (the version served before it) or else the newest
+        good version. Returns {"removed": [...], "skipped": [{version, reason}], "current": ...}."""
+        with self._lock():
+            removed = remove_stale_temps(self.dir)
+            skipped = []
+            for n in self._numbers():
+                version = f"v{n:04d}"
+                reason = self.check_version(version)
+                if reason is None:
+                    continue
+                self.quarantine_dir.mkdir(parents=True, exist_ok=True)
+                parent = (read_json(self.path(version).with_suffix(".json"), {}) or {}).get("parent")
+                for src in (self.path(version), self.path(version).with_suffix(".json")):
+                    if src.exists():
+                        os.replace(src, self.quarantine_dir / src.name)
+                skipped.append({"version": version, "reason": reason, "parent": parent, "at": _iso(time.time())})
+                logger.error("model version %s skipped: %s (moved to %s)", version, reason, self.quarantine_dir)
+            if skipped:
+                write_atomic(self.quarantine_dir / "skipped.json", json.dumps(self.skipped() + skipped, indent=2))
+                named = (self.pointer.read_text().strip() if self.pointer.is_file() else "")
+                bad = {s["version"]: s.get("parent") for s in skipped}
+                if named in bad:
+                    fallback = bad[named]
+                    while fallback in bad:
+                        fallback = bad[fallback]
+                    if not (fallback and self._servable(fallback)):
+                        fallback = self._last_promoted()
+                    if fallback:
+                        self.set_current(fallback)
+                    else:
+                        self.pointer.unlink(missing_ok=True)
+                    logger.error("the served model version %s did not load: now serving %s", named, fallback)
+            named = self.pointer.read_text().strip() if self.pointer.is_file() else ""
+            if named and not self._servable(named):  # garbage or a missing file: the last promoted version
+                fallback = self._last_promoted()
+                logger.error("the model pointer names %r, which cannot be served: now serving %s", named[:80], fallback)
+                if fallback:
+                    self.set_current(fallback)
+                else:
+                    self.pointer.unlink(missing_ok=True)
+            if removed:
+                logger.warning("removed temporary files left by killed writers in %s: %s", self.dir, removed)
+        return {"removed": removed, "skipped": skipped, "current": self.current()}
+
+    def _last_promoted(self) -> str | None:
+        """The newest version a publish made current (not one kept as worse), else the shipped model."""
+        for n in reversed(self._numbers()):
+            meta = read_json(self.path(f"v{n:04d}").with_suffix(".json"), {}) or {}
+            if (meta.get("promotion") or {}).get("decision") != "kept":
+                return f"v{n:04d}"
+        return SHIPPED if self.has_shipped() else None
+
+    def _servable(self, version: str) -> bool:
+        try:
+            return self.path(version).is_file()
+        except UnknownVersionError:
+            return False
 
     # ------------------------------------------------------------------ reading
     def _shipped_meta(self) -> dict:
@@ -189,7 +316,8 @@ class ModelStore:
             current = self.current()
         except OSError:
             current = None
-        return {"current": current, "ready": current is not None, "model_dir": str(self.dir)}
+        return {"current": current, "ready": current is not None, "model_dir": str(self.dir),
+                "skipped": [{k: v for k, v in s.items() if k != "parent"} for s in self.skipped()]}
 
     # ------------------------------------------------------------------ writing
     def set_current(self, version: str) -> None:
@@ -202,29 +330,40 @@ class ModelStore:
         pointer file), unless there is none, when the new version is the only model and is served."""
         meta = dict(meta or {})
         self.versions_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.versions_dir, prefix=".publish.", suffix=".tmp")
-        os.close(fd)
+        tmp = None
         try:
             with self._lock():
+                fd, tmp = tempfile.mkstemp(dir=self.versions_dir, prefix=f".publish.{os.getpid()}.", suffix=".tmp")
+                os.close(fd)
                 previous = self.current()
-                n = (self._numbers() or [0])[-1] + 1
+                if previous is not None and not self.pointer.is_file():
+                    self.set_current(previous)  # pinned first: a kill after the link must not serve an unvetted version
+                n = max(self._numbers() + self._quarantined() + [0]) + 1  # a skipped number is never reused
                 while True:
                     version = f"v{n:04d}"
                     meta.update(version=version, created=_iso(time.time()), parent=previous)
+                    fault_point("publish.start")
                     save_checkpoint(tmp, model, meta)
+                    fault_point("publish.saved")
+                    digest = _fsync_and_hash(tmp)  # on disk before it gets a name; its hash goes in the sidecar
                     try:
                         os.link(tmp, self.path(version))  # claims the name; fails when it exists
                         break
                     except FileExistsError:
                         n += 1
+                _fsync_dir(self.versions_dir)
+                fault_point("publish.linked")
                 side = {k: v for k, v in meta.items() if k not in ("history",)}
+                side["sha256"] = digest
                 write_atomic(self.path(version).with_suffix(".json"), json.dumps(side, indent=2, default=str))
+                fault_point("publish.sidecar")
                 if make_current or previous is None:
                     self.set_current(version)
                 else:
                     self.set_current(previous)  # without a pointer the newest version would be served
+                fault_point("publish.pointer")
         finally:
-            if os.path.exists(tmp):
+            if tmp and os.path.exists(tmp):
                 os.unlink(tmp)
         logger.info("published model %s (metric %s)%s", version, meta.get("metric"),
                     " and made it current" if make_current or previous is None else f"; {previous} stays current")

@@ -27,6 +27,8 @@ from hybrid_ct.imaging.filecheck import DEFAULT_MAX_VOXELS, check_volume_file, v
 from hybrid_ct.imaging.chest import check_ct
 from hybrid_ct.imaging.reader import read_image
 
+from .recovery import temp_prefix
+
 
 class BadRequest(InputError):
     """Malformed request parameter (HTTP 400)."""
@@ -38,6 +40,10 @@ class NotFound(InputError):
 
 class Conflict(InputError):
     """The request conflicts with the server state (HTTP 409)."""
+
+
+class Forbidden(InputError):
+    """The caller's role may not do this (HTTP 403), e.g. delete a final label without the admin token."""
 
 
 ID_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9 _.+\-]{0,199}$")
@@ -189,7 +195,7 @@ def load_upload(path: str, ext: str, name: str = "the uploaded file", max_voxels
     tmp_dir = None
     try:
         if ext == ".zip":
-            with tempfile.TemporaryDirectory(prefix="hybrid_ct_dicom_") as tmp_dir:
+            with tempfile.TemporaryDirectory(prefix=temp_prefix("dicom")) as tmp_dir:
                 img = read_image(_extract_dicom_zip(path, tmp_dir, 2 * max_voxels + (64 << 20)))
         else:
             img = read_image(path)

@@ -33,6 +33,7 @@ from hybrid_ct.imaging.reader import read_image
 from hybrid_ct.net.device import choose_device
 from hybrid_ct.files import jsonable
 
+from ..recovery import temp_prefix
 from ..store import ModelStore
 
 logger = logging.getLogger(__name__)
@@ -151,7 +152,7 @@ class HybridCTInfer(InferTask):
 
         t0 = time.perf_counter()
         label = sitk.Cast(label, sitk.sitkUInt8)
-        fd, out_path = tempfile.mkstemp(prefix="hybrid_ct_label_", suffix=ext)
+        fd, out_path = tempfile.mkstemp(prefix=temp_prefix("result"), suffix=ext)
         os.close(fd)
         sitk.WriteImage(label, out_path, useCompression=ext in (".nrrd", ".mha"))
         t_write = time.perf_counter() - t0
