@@ -103,3 +103,20 @@ def test_one_label_table():
             text = path.read_text(encoding="utf-8", errors="replace")
             hits += [f"{path.relative_to(ROOT)}: {p}" for p in patterns if re.search(p, text)]
     assert not hits, hits
+
+
+def test_report_keys_are_read_by_name():
+    """A key added to the contract's report moves no reader: nothing unpacks a report section by position."""
+    import re
+    from pathlib import Path
+
+    from hybrid_ct.contract import report_key
+
+    assert report_key("burden", "total_pct") == "total_pct"
+    with pytest.raises(KeyError):
+        report_key("burden", "no_such_key")
+    root = Path(__file__).resolve().parents[1]
+    positional = re.compile(r"^\s*\w+(\s*,\s*\w+)+\s*=\s*(_?REPORT\[|BURDEN_KEYS|REPORT_KEYS)", re.M)
+    offenders = [str(p.relative_to(root)) for folder in ("lib", "apps", "slicer_extension")
+                 for p in (root / folder).rglob("*.py") if positional.search(p.read_text(encoding="utf-8"))]
+    assert not offenders, f"report keys unpacked by position in {offenders}"

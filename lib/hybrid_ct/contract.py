@@ -27,6 +27,15 @@ REPORT_KEYS: tuple[str, ...] = tuple(REPORT["keys"])
 BURDEN_KEYS: tuple[str, ...] = tuple(REPORT["burden"])
 
 
+def report_key(section: str, name: str) -> str:
+    """``name``, a key of the report's ``section`` ("keys": the top level), checked against the contract: code
+    reads report keys by name, never by position, so a key added to the contract moves no other."""
+    keys = REPORT["keys"] if section == "keys" else REPORT[section]
+    if name not in keys:
+        raise KeyError(f"report key {name!r} is not in contract.json's report {section!r}: {list(keys)}")
+    return name
+
+
 def normalise_name(name: str) -> str:
     """Lower case; runs of blanks, '_' and '-' become one blank; no surrounding blanks."""
     return re.sub(r"[\s_\-]+", " ", str(name)).strip().lower()
@@ -41,4 +50,4 @@ def canonical_name(name) -> str | None:
 
 
 __all__ = ["CONTRACT", "LABELS", "LABEL_NAMES", "FOREGROUND", "COLORS", "SEGMENT_NAMES", "REPORT", "REPORT_KEYS",
-           "BURDEN_KEYS", "normalise_name", "canonical_name"]
+           "BURDEN_KEYS", "report_key", "normalise_name", "canonical_name"]

@@ -15,10 +15,23 @@ NA = "n/a"
 
 # Report keys and grades: the project's contract (contract.json, see segments.py).
 _REPORT = CONTRACT["report"]
-CLASSIFICATION, BURDEN, GRADE, ENERGY, LATENCY_S, MODEL_VERSION, _LABEL_NAMES = _REPORT["keys"]
-LABEL, PROBABILITY, _FIRING_RATES, CALIBRATED, INFECTION_FOUND, FINDING = _REPORT["classification"]
-TOTAL_PCT, LEFT_PCT, RIGHT_PCT = _REPORT["burden"]
-E_HYBRID_UJ, E_CONV_UJ, RATIO, MEAN_FIRING_RATE = _REPORT["energy"]
+
+
+def _keys(section: str, *names: str) -> tuple:
+    """Report keys by name, checked against the contract (never by position: a key the server adds moves none)."""
+    known = _REPORT[section]
+    missing = [n for n in names if n not in known]
+    if missing:
+        raise KeyError(f"contract.json's report {section!r} has no {missing}")
+    return names if len(names) > 1 else names[0]
+
+
+CLASSIFICATION, BURDEN, GRADE, ENERGY, LATENCY_S, MODEL_VERSION = _keys(
+    "keys", "classification", "burden", "grade", "energy", "latency_s", "model_version")
+LABEL, PROBABILITY, CALIBRATED, INFECTION_FOUND, FINDING = _keys(
+    "classification", "label", "probability", "calibrated", "infection_found", "finding")
+TOTAL_PCT, LEFT_PCT, RIGHT_PCT = _keys("burden", "total_pct", "left_pct", "right_pct")
+E_HYBRID_UJ, E_CONV_UJ, RATIO, MEAN_FIRING_RATE = _keys("energy", "e_hybrid_uj", "e_conv_uj", "ratio", "mean_firing_rate")
 GRADE_TEXT = {grade: f"{grade} ({meaning})" for grade, meaning in _REPORT["grades"].items()}
 
 #: Keys of :func:`format_results`, in display order, with their labels.

@@ -9,11 +9,11 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage as ndi
 
-from hybrid_ct.contract import BURDEN_KEYS
+from hybrid_ct.contract import report_key
 from hybrid_ct.processing.crop import box_offset, foreground_box
 from hybrid_ct.errors import InputError
 
-TOTAL_PCT, LEFT_PCT, RIGHT_PCT = BURDEN_KEYS  # report keys: hybrid_ct/contract.json
+TOTAL_PCT, LEFT_PCT, RIGHT_PCT = (report_key("burden", k) for k in ("total_pct", "left_pct", "right_pct"))
 
 
 def _pct(part: int, whole: int) -> float:
