@@ -234,6 +234,8 @@ def hybridct_module(monkeypatch):
     monkeypatch.setitem(sys.modules, "qt", qt)
     monkeypatch.setitem(sys.modules, "ctk", types.ModuleType("ctk"))
     monkeypatch.setitem(sys.modules, "slicer.ScriptedLoadableModule", slm)
+    for name in [m for m in sys.modules if m == "HybridCTLib" or m.startswith("HybridCTLib.")]:
+        monkeypatch.delitem(sys.modules, name)  # the module's Qt helpers, imported afresh with these stand-ins
     monkeypatch.setattr(slicer, "ScriptedLoadableModule", slm, raising=False)
     monkeypatch.setattr(slicer, "mrmlScene", mrml.new_scene(), raising=False)
     monkeypatch.delenv("HYBRID_CT_SERVER_URL", raising=False)

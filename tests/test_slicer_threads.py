@@ -283,3 +283,42 @@ def test_timer_ticks_fast_only_while_a_job_runs(harness, server):
     w._poller.stop()
     w._tick()
     assert not timer.active  # nothing left to do: the timer is stopped
+
+
+def test_widget_switching_patient_clears_the_panel(harness, server):
+    """Point 1 at the widget: the views switch from A to B -> results n/a, A's segmentation hidden and
+    deselected, Edit refuses A's segments over B; back to A -> its segmentation and results again."""
+    w = harness.widget
+    a = mrml.add_volume(harness.scene, *_ct(41), "Patient A")
+    b = mrml.add_volume(harness.scene, *_ct(42), "Patient B")
+    w._pickedVolumeId = a.GetID()
+    w._followView()
+    w.ui.serverUrlLineEdit.text = server.url
+    w.onConnect()
+    _drive(w, lambda: not w.jobs.busy)
+    w.onRun()
+    _drive(w, lambda: not w.jobs.busy)
+    seg_a = w.ui.segmentationSelector.currentNode()
+    shown = w.ui.classificationValueLabel.text
+    assert seg_a is not None and shown != "n/a" and seg_a.GetDisplayNode().GetVisibility()
+
+    w._pickedVolumeId = b.GetID()  # what a new volume in the red view does
+    w._followView()
+    assert w.ui.classificationValueLabel.text == "n/a" and w.ui.gradeValueLabel.text == "n/a"
+    assert w.ui.segmentationSelector.currentNode() is None
+    assert not seg_a.GetDisplayNode().GetVisibility()
+    w.ui.segmentationSelector.setCurrentNode(seg_a)  # picked by hand anyway
+    w.onEditSegments()
+    assert "made on volume 'Patient A', not on volume 'Patient B'" in w.ui.statusLabel.text
+    assert harness.messages and "Patient A" in harness.messages[-1]
+
+    w._pickedVolumeId = a.GetID()
+    w._followView()
+    assert w.ui.segmentationSelector.currentNode() is seg_a and w.ui.classificationValueLabel.text == shown
+    assert seg_a.GetDisplayNode().GetVisibility()
+    _drive(w, lambda: not w.jobs.running)
+
+
+def _ct(seed):
+    ct, _label, geometry = make_chest_volume(shape=(12, 64, 64), seed=seed)
+    return ct, geometry
