@@ -174,7 +174,7 @@ class HybridCTDatastore(LocalDatastore):
             if label is None:
                 raise LabelNotFoundException(f"Label: {label_id} Tag: {label_tag} not found")
             _remove_quietly(os.path.join(self._datastore.label_path(label_tag), self._filename(label_id, label.ext)))
-            del obj.labels[label_tag]
+            obj.labels.pop(label_tag, None)  # the file watcher's reconcile may have dropped it meanwhile
             self._update_datastore_file(lock=False)
         logger.info("removed label %s / %s", label_id, label_tag)
 
@@ -185,10 +185,10 @@ class HybridCTDatastore(LocalDatastore):
             obj = self._datastore.objects.get(image_id)
             if obj is None:
                 raise ImageNotFoundException(f"Image {image_id} not found")
-            for tag, label in obj.labels.items():
+            for tag, label in list(obj.labels.items()):
                 _remove_quietly(os.path.join(self._datastore.label_path(tag), self._filename(image_id, label.ext)))
             _remove_quietly(os.path.join(self._datastore.image_path(), self._filename(image_id, obj.image.ext)))
-            del self._datastore.objects[image_id]
+            self._datastore.objects.pop(image_id, None)  # the file watcher's reconcile may have dropped it meanwhile
             self._update_datastore_file(lock=False)
         logger.info("removed image %s and its labels", image_id)
 

@@ -150,6 +150,68 @@ def _extract_dicom_zip(path: str, out_dir: str, max_bytes: int) -> str:
     return out_dir
 
 
+BIG_ENDIAN = "1.2.840.10008.1.2.2"
+
+
+def _read_dicom_header(path: str):
+    """pydicom's header of ``path`` (None when it is not DICOM). A file whose encoding contradicts its
+    transfer syntax (pydicom falls back with a warning; GDCM then spent 45 s on an 8-slice series, found by
+    the fuzzer) or in the retired big-endian syntax is refused."""
+    import warnings
+
+    import pydicom
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=r"Expected (explicit|implicit) VR")
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+        except UserWarning as w:
+            raise InputError(f"a DICOM file's encoding does not match its transfer syntax ({w})") from None
+        except Exception:  # noqa: BLE001 - not DICOM: the series reader decides what it makes of it
+            return None
+    syntax = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "")
+    if syntax == BIG_ENDIAN:
+        raise InputError("a DICOM file uses the retired Explicit VR Big Endian transfer syntax: export the series "
+                         "as little endian (or JPEG / JPEG 2000 / RLE)")
+    return ds
+
+
+def _check_series_geometry(folder: str) -> None:
+    """The slices of a DICOM series must be placeable and evenly spaced: GDCM silently reads a duplicated
+    file as an extra slice and a missing one as a normal gap, so the volume would have the wrong length or
+    spacing (the fuzzer found both). InputError (422) otherwise."""
+    where, missing = [], 0
+    for f in sorted(os.listdir(folder)):
+        ds = _read_dicom_header(os.path.join(folder, f))
+        if ds is None or "Rows" not in ds:  # not DICOM, or not an image (e.g. a DICOMDIR)
+            continue
+        try:
+            iop = np.array([float(v) for v in ds.ImageOrientationPatient], dtype=float)
+            ipp = np.array([float(v) for v in ds.ImagePositionPatient], dtype=float)
+            normal = np.cross(iop[:3], iop[3:6])
+            if iop.size != 6 or ipp.size != 3 or not np.isfinite(normal).all() or np.linalg.norm(normal) < 0.5:
+                raise ValueError
+            where.append(float(np.dot(normal / np.linalg.norm(normal), ipp)))
+        except (AttributeError, TypeError, ValueError, IndexError):
+            missing += 1
+    if len(where) + missing < 2:
+        return
+    if missing:
+        raise InputError(f"{missing} of the {len(where) + missing} DICOM slices have no usable ImagePositionPatient "
+                         "/ ImageOrientationPatient: the slices cannot be placed")
+    z = np.sort(np.array(where))
+    gaps = np.diff(z)
+    same = int((gaps < 1e-3).sum())
+    if same:
+        raise InputError(f"the DICOM series has {same} slice(s) at the same position as another (a duplicated file?): "
+                         "send each slice once")
+    step = float(np.median(gaps))
+    worst = float(np.abs(gaps - step).max())
+    if worst > max(0.1 * step, 0.05):
+        raise InputError(f"the DICOM slices are not evenly spaced (gaps from {gaps.min():.3g} to {gaps.max():.3g} mm, "
+                         f"typically {step:.3g} mm): a slice is missing or the series is mixed")
+
+
 def _check_dicom_file(path: str, max_voxels: int) -> int:
     """Voxels a single DICOM file claims (rows x columns x frames), checked against the cap before reading."""
     import pydicom
@@ -165,6 +227,33 @@ def _check_dicom_file(path: str, max_voxels: int) -> int:
     return n
 
 
+MHA_DATA_RE = re.compile(rb"ElementDataFile\s*=\s*[^\r\n]*\r?\n")
+MHA_CSIZE_RE = re.compile(rb"(?mi)^\s*CompressedDataSize\s*=\s*([^\r\n]*)$")
+
+
+def _check_mha_compressed_size(path: str, name: str) -> None:
+    """A compressed .mha whose CompressedDataSize is not the size of its data: SimpleITK then reads zeros
+    (silently) while a stream reader reads the voxels, so the file means two things; refused (found by the
+    fuzzer)."""
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+    m = MHA_DATA_RE.search(head)
+    header = head[: m.start()] if m else head
+    sizes = MHA_CSIZE_RE.findall(header)
+    compressed = re.findall(rb"(?mi)^\s*CompressedData\s*=\s*(\S*)", header)
+    if not m or not sizes or not compressed or compressed[-1].lower() != b"true":
+        return
+    actual = os.path.getsize(path) - m.end()
+    for claimed in sizes:
+        try:
+            ok = int(claimed.strip()) == actual
+        except ValueError:
+            ok = False
+        if not ok:
+            raise InputError(f"{name}: CompressedDataSize says {claimed.strip().decode('latin-1')[:40]!r} bytes, "
+                             f"the file holds {actual} bytes of data after its header")
+
+
 def check_upload_file(path: str, ext: str, name: str, max_voxels: int = DEFAULT_MAX_VOXELS):
     """Cheap checks before an upload is read: header size cap, spacing, completeness (volumes) or the
     DICOM header cap. InputError (422) naming the upload; returns the volume facts (None for DICOM/zip)."""
@@ -173,9 +262,13 @@ def check_upload_file(path: str, ext: str, name: str, max_voxels: int = DEFAULT_
                          f"{', '.join(UPLOAD_EXT)} (.zip: the DICOM files of one series)")
     try:
         if ext == ".dcm":
+            _read_dicom_header(path)
             _check_dicom_file(path, max_voxels)
         elif ext != ".zip":
-            return check_volume_file(path, name, max_voxels)
+            facts = check_volume_file(path, name, max_voxels)
+            if ext == ".mha":
+                _check_mha_compressed_size(path, name)
+            return facts
     except InputError as e:
         raise InputError(scrub(str(e), {path: name}) if name in str(e) else f"{name}: {scrub(str(e), {path: name})}") \
             from None
@@ -196,7 +289,9 @@ def load_upload(path: str, ext: str, name: str = "the uploaded file", max_voxels
     try:
         if ext == ".zip":
             with tempfile.TemporaryDirectory(prefix=temp_prefix("dicom")) as tmp_dir:
-                img = read_image(_extract_dicom_zip(path, tmp_dir, 2 * max_voxels + (64 << 20)))
+                folder = _extract_dicom_zip(path, tmp_dir, 2 * max_voxels + (64 << 20))
+                _check_series_geometry(folder)
+                img = read_image(folder)
         else:
             img = read_image(path)
         if img.GetSize()[2] < min_slices:
