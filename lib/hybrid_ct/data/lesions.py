@@ -132,12 +132,16 @@ def _focus(hu, lung, pleura_mm, rng, spacing, centre, kind, radius, density, par
     alpha = np.where(mask, np.maximum(soft, 0.5), np.minimum(soft, 0.49)) * sub_lung
     sub = hu[box]
     texture = _smooth_noise(rng, shape, np.maximum(0.8 / sp, 0.5))
+    core = np.clip(occ * rng.uniform(2.0, 4.0), 0.0, 1.0)  # 0 at the border, 1 inside: lesions fade outwards
+    patchy = np.clip(1.0 + 0.3 * _smooth_noise(rng, shape, np.maximum(sigma / 1.5, 0.7)), 0.4, 1.5)
     if kind in ("ggo", "crazy_paving"):
-        # additive blend: raise the parenchyma's background towards the target, keep what lies above it
-        # (vessels, fissures, bronchial walls) as much above it as it was -- they stay visible
-        bg = ndimage.gaussian_filter(np.minimum(sub, density), np.maximum(3.0 / sp, 1.0))
-        delta = np.maximum(density - bg, 0.0) + 25.0 * texture
-        delta = delta * np.clip((density + 200.0 - sub) / 400.0, 0.0, 1.0)  # vessels above it barely move
+        # additive blend: raise the parenchyma's background towards a target that fades towards the border and
+        # varies in patches, keep what lies above it (vessels, fissures, bronchial walls) as much above it as it
+        # was -- they stay visible
+        target = np.minimum(parenchyma + (density - parenchyma) * (0.45 + 0.55 * core) * patchy, -150.0)
+        bg = ndimage.gaussian_filter(np.minimum(sub, target), np.maximum(3.0 / sp, 1.0))
+        delta = np.maximum(target - bg, 0.0) + 25.0 * texture
+        delta = delta * np.clip((target + 200.0 - sub) / 400.0, 0.0, 1.0)  # vessels above it barely move
         new = sub + alpha * delta
         if kind == "crazy_paving":  # thickened interlobular septa: a polygonal network of lines
             cell = np.maximum(rng.uniform(3.0, 6.0) / sp, 1.0)
@@ -145,9 +149,10 @@ def _focus(hu, lung, pleura_mm, rng, spacing, centre, kind, radius, density, par
             lines = np.clip(1.0 - net / 0.25, 0.0, 1.0)
             new = new + alpha * lines * rng.uniform(150.0, 300.0)
     else:
-        # consolidation / band: the parenchyma filled up to the target; denser structures kept
-        spread = 45.0
-        target = density + spread * texture
+        # consolidation / band: the parenchyma filled up to the target, with a ground-glass halo towards the
+        # border (the mixed lesions of COVID-19) and patches; denser structures kept
+        halo = float(rng.uniform(-650.0, -400.0))
+        target = halo + (density - halo) * core + 60.0 * (patchy - 1.0) / 0.3 * 0.5 + 45.0 * texture
         new = sub + alpha * np.maximum(target - sub, 0.0)
         if kind == "consolidation" and radius >= 6.0:  # air bronchograms: branching lines of air
             tubes = np.abs(_smooth_noise(rng, shape, np.maximum(radius / 3.0 / sp, 1.0)))
