@@ -59,7 +59,7 @@ def test_infer_returns_label_map_in_image_geometry_and_the_report(server):
     assert REPORT_KEYS <= set(params), params
     assert params["label_names"] == {"lung": 1, "infection": 2}
     cls = params["classification"]
-    assert cls["label"] in ("positive", "negative") and 0.0 <= cls["probability"] <= 1.0
+    assert cls["label"] in ("positive", "negative", "indeterminate") and 0.0 <= cls["probability"] <= 1.0
     assert set(params["burden"]) >= {"total_pct", "left_pct", "right_pct"}
     assert all(0.0 <= params["burden"][k] <= 100.0 for k in ("total_pct", "left_pct", "right_pct"))
     assert params["grade"] in {f"CT-{i}" for i in range(5)}

@@ -73,3 +73,28 @@ def test_the_same_scan_with_every_slice_twice_gets_the_same_call():
     assert abs(a["classification"]["probability"] - b["classification"]["probability"]) < 0.02
     assert a["classification"]["infection_found"] == b["classification"]["infection_found"]
     assert a["grade"] == b["grade"]
+
+
+def test_one_coherent_call_from_the_two_heads():
+    """Issue 27 point 4: never "positive" beside "no infection found"; the wording is the contract's."""
+    from hybrid_ct.contract import REPORT
+    from hybrid_ct.processing.scan_call import combine
+
+    text = REPORT["call"]["text"]
+    feats = {"score": 0.8, "infection_ml": 0.0, "lesions": 0, "lung_slices": 10, "lung_ml": 4000.0}
+    cal = Calibration(noise_floor_ml=1.0)
+    out = decide(feats, cal)  # the classifier says positive, nothing outlined
+    assert out["label"] == "indeterminate" and out["classifier_label"] == "positive"
+    assert out["finding"] == "no infection found" and out["call_text"] == text["indeterminate_classifier"]
+    out = decide({**feats, "infection_ml": 20.0, "lesions": 3}, cal)
+    assert out["label"] == "positive" and out["call_text"] == text["positive"] == "infection pattern found"
+    out = decide({**feats, "score": 0.2, "infection_ml": 20.0, "lesions": 3}, cal)
+    assert out["label"] == "indeterminate" and out["call_text"] == text["indeterminate_outlined"]
+    out = decide({**feats, "score": 0.2}, cal)
+    assert out["label"] == "negative" and out["call_text"] == text["negative"]
+    for c in (True, False):
+        for f in (True, False):
+            label, _ = combine(c, f)
+            assert label in REPORT["call"]["labels"]
+            assert not (label == "positive" and not f) and not (label == "negative" and f)
+    assert "COVID" not in text["positive"]

@@ -7,6 +7,8 @@ The public surface, importable from here (each name loads its module on first us
 - ``sources``: ``load_sources``, ``load_medseg``, ``load_cls2d``, ``load_imlab``, ``load_majun``, ``load_phantoms``, ``load_prepared``
 - ``wholescans``: ``load_wholescans``
 - ``phantom``: ``make_phantom``, ``write_phantom_set``
+- ``lesions``: ``synthesize``, ``lesion_slice``, ``KINDS`` (issue 27)
+- ``protocol``: ``protocol_slice``, ``variant``, ``VARIANTS`` (issue 27)
 - ``download``: ``download``, ``REGISTRY``
 """
 
@@ -34,6 +36,12 @@ _HOME = {
     "load_wholescans": "wholescans",
     "make_phantom": "phantom",
     "write_phantom_set": "phantom",
+    "synthesize": "lesions",
+    "lesion_slice": "lesions",
+    "KINDS": "lesions",
+    "protocol_slice": "protocol",
+    "variant": "protocol",
+    "VARIANTS": "protocol",
     "download": "download",
     "REGISTRY": "download",
 }

@@ -27,9 +27,21 @@ def _lines(report: dict, case: str) -> list:
     pct = {k: b.get(k) for k in ("total_pct", "left_pct", "right_pct")}
     burden = ("n/a" if pct["total_pct"] is None else
               f"{pct['total_pct']:.1f} % of lung (left {pct['left_pct']:.1f} %, right {pct['right_pct']:.1f} %)")
-    return [("Scan", case), ("Call", call), ("Finding", c.get("finding", "n/a")), ("Infection burden", burden),
-            ("Severity grade", report.get("grade", "n/a")), ("Model version", report.get("model_version", "n/a")),
-            ("Written", datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))]
+    rows = [("Scan", case), ("Call", call)]
+    if c.get("call_text"):  # the combined answer in the contract's words (issue 27, point 4)
+        rows.append(("Answer", c["call_text"]))
+    rows += [("Finding", c.get("finding", "n/a")), ("Infection burden", burden),
+             ("Severity grade", report.get("grade", "n/a"))]
+    if c.get("meaning"):
+        rows.append(("A positive call means", c["meaning"]))
+    density = report.get("lung_density") or {}
+    if isinstance(density.get("median_hu"), (int, float)):
+        text = f"median {density['median_hu']:.0f} HU (validated up to {density.get('max_median_hu', -750):.0f} HU)"
+        if density.get("warning"):
+            text += f" - WARNING: {density['warning']}"
+        rows.append(("Lung parenchyma", text))
+    return rows + [("Model version", report.get("model_version", "n/a")),
+                   ("Written", datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))]
 
 
 def write_scan_report(slices: list, report: dict, case: str, out_pdf) -> tuple:
@@ -40,8 +52,9 @@ def write_scan_report(slices: list, report: dict, case: str, out_pdf) -> tuple:
     y = 0.91
     for field, value in _lines(report, case):
         fig.text(0.06, y, f"{field}:", fontsize=10, weight="bold", va="top")
-        fig.text(0.30, y, textwrap.fill(str(value), 70), fontsize=10, va="top")
-        y -= 0.03
+        text = textwrap.fill(str(value), 70)
+        fig.text(0.30, y, text, fontsize=10, va="top")
+        y -= 0.03 + 0.016 * text.count("\n")
     fig.text(0.06, y - 0.01, "Most affected slices (lung outlined in tan, infection in yellow)", fontsize=10,
              weight="bold", va="top")
     n = max(1, min(3, len(slices)))

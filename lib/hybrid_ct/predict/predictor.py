@@ -28,6 +28,7 @@ from hybrid_ct.imaging.chest import check_ct
 from hybrid_ct.net.network import HybridMultiTaskNet, fold_batchnorm
 from hybrid_ct.processing.grid import array_to_image, check_size
 from hybrid_ct.processing.burden import infection_burden, severity_grade
+from hybrid_ct.processing.density import lung_density
 from hybrid_ct.processing.transforms import post_transforms, pre_transforms, run
 from hybrid_ct.net.energy import EnergyMeter
 
@@ -151,16 +152,19 @@ class Predictor:
         data["pred"] = np.concatenate([so.lung, so.infection], axis=1)
         label_arr = run(post_transforms(pre), data)["label"]
         label = array_to_image(label_arr, image)
-        report = self._report(label, label_arr, so, meter, time.perf_counter() - t0)
+        # a whole volume in HU: the parenchyma's density (a picture's grey values are not HU)
+        hu = sitk.GetArrayViewFromImage(image) if label_arr.shape[0] >= MIN_3D_SLICES else None
+        report = self._report(label, label_arr, so, meter, time.perf_counter() - t0, hu)
         return label, report
 
     def _report(self, label: sitk.Image, label_arr: np.ndarray, so: SliceOutputs, meter: EnergyMeter,
-                latency: float) -> dict:
+                latency: float, hu: np.ndarray | None = None) -> dict:
         features = scan_features(label_arr, label.GetSpacing(), so.positive_prob, (so.lung[:, 0] > 0.5).sum(axis=(1, 2)))
         call = decide(features, self.calibration)
         ran = so.ran if so.ran is not None else np.ones(len(so.rates), bool)
         burden = infection_burden(label)
         energy = meter.report()
+        density = lung_density(hu, label_arr) if hu is not None else None  # issue 27: the report's guard
         return {
             "classification": {
                 **call,
@@ -175,6 +179,7 @@ class Predictor:
             "slices_run": int(ran.sum()),
             "model_version": self.version,
             "label_names": {"lung": LABELS["lung"], "infection": LABELS["infection"]},
+            "lung_density": density,
         }
 
 

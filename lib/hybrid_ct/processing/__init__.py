@@ -7,7 +7,8 @@ The public surface, importable from here (each name loads its module on first us
 - ``postprocess``: ``mask_label``, ``keep_lung_components``
 - ``anatomy``: ``plausible_lungs``
 - ``burden``: ``infection_burden``, ``severity_grade``
-- ``scan_call``: ``Calibration``, ``decide``, ``scan_features``, ``slice_call``, ``load_calibration``
+- ``scan_call``: ``Calibration``, ``decide``, ``combine``, ``scan_features``, ``slice_call``, ``load_calibration``
+- ``density``: ``lung_density``
 - ``context``: ``with_context``
 """
 
@@ -33,6 +34,8 @@ _HOME = {
     "scan_features": "scan_call",
     "slice_call": "scan_call",
     "load_calibration": "scan_call",
+    "combine": "scan_call",
+    "lung_density": "density",
     "with_context": "context",
 }
 __getattr__, __all__ = lazy_surface(__name__, _HOME)

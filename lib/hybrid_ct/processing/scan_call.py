@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from hybrid_ct.contract import REPORT
 from hybrid_ct.processing.crop import foreground_box
 
 LUNG_SLICE_FRACTION = 0.1  # a slice is a lung slice from 10 % of the largest lung cross-section
@@ -97,14 +98,32 @@ def scan_features(label: np.ndarray, spacing_xyz, slice_prob: np.ndarray, lung_a
             "lung_ml": float((label > 0).sum() * vox_ml)}
 
 
+CALL = REPORT["call"]  # the wording of the scan-level answer (contract.json)
+
+
+def combine(classifier_positive: bool, infection_found: bool) -> tuple:
+    """One coherent scan-level answer from the two heads (issue 27, point 4) -> ``(label, text)``: positive
+    only when the classifier and the outlined infection agree on it, negative only when both say none,
+    else indeterminate -- never "positive" beside "no infection found"."""
+    if classifier_positive and infection_found:
+        return "positive", CALL["text"]["positive"]
+    if not classifier_positive and not infection_found:
+        return "negative", CALL["text"]["negative"]
+    return "indeterminate", CALL["text"]["indeterminate_outlined" if infection_found else "indeterminate_classifier"]
+
+
 def decide(features: dict, cal: Calibration) -> dict:
-    """The classification block of the report (see docs/CONTRACTS.md)."""
+    """The classification block of the report (see docs/CONTRACTS.md). ``label`` is the combined call
+    (``combine``); ``classifier_label`` what the classifier alone says (``probability`` >= 0.5)."""
     p = cal.probability(features["score"]) if cal.calibrated else float(features["score"])
     found = features["infection_ml"] >= cal.noise_floor_ml
-    return {"label": "positive" if p >= 0.5 else "negative", "probability": p, "calibrated": cal.calibrated,
+    label, text = combine(p >= 0.5, bool(found))
+    return {"label": label, "probability": p, "calibrated": cal.calibrated,
             "score": features["score"], "infection_found": bool(found),
             "finding": (f"infection outlined: {features['infection_ml']:.1f} mL in {features['lesions']} lesion(s)"
                         if found else "no infection found"),
+            "call_text": text, "meaning": CALL["meaning"],
+            "classifier_label": "positive" if p >= 0.5 else "negative",
             "infection_ml": features["infection_ml"], "noise_floor_ml": cal.noise_floor_ml,
             "lung_slices": features["lung_slices"]}
 

@@ -335,7 +335,8 @@ class Trainer:
                 loader = DataLoader(SliceDataset(self.train_set.subset(idx), augment=cfg.augment, style=cfg.style_augment,
                                                  rotate_pictures=cfg.rotate_pictures, seed=cfg.seed * 1000 + epoch,
                                                  channels=self.model.cfg.in_channels,
-                                                 context_dropout=cfg.context_dropout),
+                                                 context_dropout=cfg.context_dropout,
+                                                 synth_lesions=cfg.synth_lesions, protocol_aug=cfg.protocol_aug),
                                     batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers)
                 losses = self.train_epoch(net, loader, idx)
                 self.sched.step()
