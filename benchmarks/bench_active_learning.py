@@ -49,7 +49,7 @@ import al_report  # noqa: E402
 import server_fixture as sf  # noqa: E402
 
 LABEL_INFO = [{"name": "lung", "idx": 1}, {"name": "infection", "idx": 2}]
-SCORED = {"uncertainty": "uncertainty"}  # strategy -> the scoring method that must run before it picks
+SCORED = {"uncertainty": "uncertainty", "uncertainty_diverse": "uncertainty"}  # strategy -> the scoring method that must run before it picks
 
 
 def train_initial_model(path: Path, seed: int, shape, epochs: int, n: int = 4) -> dict:
