@@ -1,3 +1,5 @@
-from .uncertainty import SpikeUncertainty, SpikeUncertaintyScoring, spike_uncertainty
+from .diverse import DiverseUncertainty, novelty
+from .uncertainty import SpikeUncertainty, SpikeUncertaintyScoring, descriptor, spike_uncertainty
 
-__all__ = ["SpikeUncertainty", "SpikeUncertaintyScoring", "spike_uncertainty"]
+__all__ = ["DiverseUncertainty", "SpikeUncertainty", "SpikeUncertaintyScoring", "descriptor", "novelty",
+           "spike_uncertainty"]

@@ -57,7 +57,20 @@ def spike_uncertainty(predictor, image, max_slices: int = 16) -> dict:
     firing_var = float((4 * rates * (1 - rates)).mean()) if rates.size else 0.0
     seg_entropy = float(np.mean(per_slice)) if per_slice else 0.0
     return {"score": round((seg_entropy + firing_var) / 2, 6), "seg_entropy": round(seg_entropy, 6),
-            "firing_variance": round(firing_var, 6), "slices": int(len(x))}
+            "firing_variance": round(firing_var, 6), "slices": int(len(x)),
+            "descriptor": descriptor(x, lung, inf, float(ctx.canon_spacing[0]))}
+
+
+def descriptor(x: np.ndarray, lung: np.ndarray, inf: np.ndarray, dz_mm: float) -> list:
+    """What kind of scan this is, for diversity (``diverse.DiverseUncertainty``): an 8-bin histogram of the
+    windowed input inside the body, the in-plane noise (median absolute difference of neighbouring
+    pixels), the slice spacing (cm), and the network's mean lung / infection probability."""
+    centre = x[:, x.shape[1] // 2] if x.ndim == 4 else x  # the slice itself of a 2.5D stack
+    body = centre > 0.02
+    vals = centre[body] if body.any() else centre.ravel()
+    hist = np.histogram(vals, bins=8, range=(0.0, 1.0))[0] / max(vals.size, 1)
+    noise = float(np.median(np.abs(np.diff(centre, axis=-1))[body[..., 1:]])) if body.any() else 0.0
+    return [round(float(v), 5) for v in (*hist, noise, dz_mm / 10.0, float(lung.mean()), float(inf.mean()))]
 
 
 class SpikeUncertaintyScoring(ScoringMethod):

@@ -26,7 +26,7 @@ from monailabel.interfaces.config import TaskConfig
 from hybrid_ct.errors import ModelNotReadyError
 from hybrid_ct.net.model_files import default_model_path
 
-from ..activelearning import SpikeUncertainty, SpikeUncertaintyScoring
+from ..activelearning import DiverseUncertainty, SpikeUncertainty, SpikeUncertaintyScoring
 from ..infers import HybridCTInfer, ModelServer
 from ..store import ModelStore
 from ..trainers import HybridCTTrain
@@ -90,7 +90,7 @@ class HybridCT(TaskConfig):
                              config=self.train_defaults, replay=self.conf.get("replay") or None)
 
     def strategy(self):
-        return {"uncertainty": SpikeUncertainty()}
+        return {"uncertainty": SpikeUncertainty(), "uncertainty_diverse": DiverseUncertainty()}
 
     def scoring_method(self):
         return {"uncertainty": SpikeUncertaintyScoring(self.server,

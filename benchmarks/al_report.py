@@ -1,0 +1,189 @@
+"""docs/active_learning.md and its learning-curve plot from a bench_active_learning.py JSON."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+METRICS = (("dice", "test Dice (mean of lung and infection)"), ("lung_dice", "lung Dice 3D"),
+           ("infection_dice", "infection Dice 3D (positive scans)"),
+           ("false_infection_ml", "false infection mL (infection-free scans)"),
+           ("scan_call_accuracy", "scan call accuracy"), ("real_lung_dice", "lung Dice, real test scan(s)"))
+NOTES = Path(__file__).resolve().parent / "al_notes.md"  # the analysis written after a campaign (included verbatim)
+
+
+def curves(out: dict, metric: str) -> dict:
+    """-> {strategy: (corrections [n], values [seeds, n])}; a run that stopped early is padded with its last value."""
+    by = {}
+    for run in out["runs"]:
+        by.setdefault(run["strategy"], []).append(
+            [(r["corrections"], r["test"].get(metric)) for r in run["rounds"]])
+    res = {}
+    for strat, runs in by.items():
+        n = max(len(r) for r in runs)
+        xs = [c for c, _ in max(runs, key=len)]
+        vals = np.array([[(r[i] if i < len(r) else r[-1])[1] for i in range(n)] for r in runs], dtype=float)
+        res[strat] = (xs, vals)
+    return res
+
+
+def saving(out: dict, strategy: str, baseline: str = "random", metric: str = "dice"):
+    """Share of ``baseline``'s corrections ``strategy`` needs to reach ``baseline``'s final mean ``metric``."""
+    c = curves(out, metric)
+    if strategy not in c or baseline not in c:
+        return None
+    bx, bv = c[baseline]
+    target = float(np.nanmean(bv[:, -1]))
+    sx, sv = c[strategy]
+    mean = np.nanmean(sv, axis=0)
+    for x, m in zip(sx, mean):
+        if m >= target - 1e-9:
+            return {"target": round(target, 4), "corrections": x, "baseline_corrections": bx[-1],
+                    "share": round(x / bx[-1], 3) if bx[-1] else None}
+    return {"target": round(target, 4), "corrections": None, "baseline_corrections": bx[-1], "share": None}
+
+
+def plot(out: dict, png: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = ("dice", "lung_dice", "infection_dice", "false_infection_ml")
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6))
+    for ax, metric in zip(axes, panels):
+        for strat, (xs, vals) in sorted(curves(out, metric).items()):
+            mean = np.nanmean(vals, axis=0)
+            line, = ax.plot(xs, mean, marker="o", label=f"{strat} (n={len(vals)})")
+            ax.fill_between(xs, np.nanmin(vals, axis=0), np.nanmax(vals, axis=0), color=line.get_color(), alpha=0.15)
+        ax.set_xlabel("corrections submitted")
+        ax.set_title(dict(METRICS)[metric], fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Simulated annotation campaign through the Hybrid CT server (mean, band = min-max over seeds)",
+                 fontsize=9)
+    fig.tight_layout()
+    Path(png).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+def _fmt(vals) -> str:
+    v = np.asarray(vals, dtype=float)
+    v = v[~np.isnan(v)]
+    if not v.size:
+        return "–"
+    return f"{v.mean():.3f} [{v.min():.3f}–{v.max():.3f}]" if v.size > 1 else f"{v.mean():.3f}"
+
+
+def gate_rows(out: dict) -> list:
+    rows = []
+    for run in out["runs"]:
+        prev = run["rounds"][0]["test"]
+        for r in run["rounds"][1:]:
+            g = r.get("gate") or {}
+            d_before, d_after = prev.get("dice"), r["test"].get("dice")
+            rows.append({"strategy": run["strategy"], "seed": run["seed"], "round": r["round"],
+                         "decision": g.get("decision") or ((r.get("retrain") or {}).get("error") or "no retrain")[:60], "val_images": g.get("val_images"),
+                         "on_train": g.get("val_on_training_set"), "new": (g.get("new") or {}).get("score"),
+                         "served": (g.get("served") or {}).get("score"), "before": d_before, "after": d_after,
+                         "round_s": r.get("round_s"), "scoring_s": r.get("scoring_s"),
+                         "budget_hit": ((r.get("retrain") or {}).get("time_budget") or {}).get("hit"),
+                         "epochs": (r.get("retrain") or {}).get("epoch")})
+            prev = r["test"]
+    return rows
+
+
+def write(out: dict, doc: str, png: str) -> None:
+    plot(out, png)
+    st, m = out["settings"], out["machine"]
+    strategies = st["strategies"]
+    lines = ["# Active learning, measured: a simulated annotation campaign through the server", "",
+             f"**{'A SMALL campaign' if len(st['seeds']) < 3 or st['rounds'] < 8 else 'Campaign'}**: "
+             f"{len(strategies)} strategies x {len(st['seeds'])} seed(s) x {st['rounds']} round(s) of "
+             f"{st['per_round']} correction(s), pool of {st['pool']} phantoms"
+             f"{' + real scans' if st['real'] else ''}, test pool of {st['test']} phantoms"
+             f"{' + real scans' if st['real'] else ''}, phantom shape {tuple(st['shape'])}; tiny network "
+             f"(the test architecture, 64x64). Read the numbers as what this loop does at this scale, not as "
+             "what a lab gets with the shipped model.", "",
+             "Regenerate (writes the JSON, this page and the plot):", "", "```",
+             *out.get("commands", [out["command"]]), "```", "",
+             f"Run {out.get('started')} – {out.get('finished')} on {m['cpus']} CPU cores "
+             f"(OMP_NUM_THREADS={m.get('omp_threads')}; load average at start {m.get('load_avg_at_start')}: the "
+             "machine was shared, so times are upper bounds). Retrain params of the server's auto-retrain: "
+             f"`{st['auto_train_params']}` (empty = the app's defaults: 10 epochs, 5 min bound, replay 256 slices).",
+             "", "## How it works", "",
+             "Each (strategy, seed) starts a fresh server exactly as the README does (`monailabel start_server --app "
+             "apps/hybrid_ct`, via `tests/server_fixture.py`, 127.0.0.1, its own temp studies and model folders). "
+             "The studies folder holds the unlabelled pool (truth hidden in the benchmark). Each round: the "
+             "strategy is asked over HTTP (`POST /activelearning/<strategy>`; for `uncertainty` a `POST "
+             "/scoring/uncertainty` first, as `auto_scoring` would after a model change), the pick's truth is "
+             "submitted as the radiologist's correction with the request Slicer sends (`PUT /datastore/label"
+             "?tag=final`, `label_info` lung 1 / infection 2), the app's auto-retrain (`auto_train_after` = "
+             "corrections per round) and promotion gate run, and the served version (`GET /hybrid_ct/versions`) "
+             "is scored on the test pool, which never enters the datastore, by running its checkpoint through "
+             "`hybrid_ct.predict.Predictor` in the benchmark process (the class the server's infer task uses).",
+             "", "Pool and test pool (per seed; the same for every strategy):", ""]
+    for seed, p in out["pools"].items():
+        desc = lambda d: ", ".join(f"{k} {v['scans']} ({v['positive']} positive)" for k, v in d.items())  # noqa: E731
+        lines.append(f"- seed {seed}: pool {desc(p['pool'])}; test {desc(p['test'])}; initial model "
+                     f"{p['initial_model']['epochs']} epochs on {p['initial_model']['phantoms']} plain phantoms "
+                     f"(score {p['initial_model']['metric']}). {'; '.join(p['notes'])}")
+    lines += ["", "Kinds (benchmarks/al_pools.py): `phantom` plain; `lowdose` + correlated noise 60–110 HU; `thick` "
+              "slices averaged in pairs; `distractor` infection-free with a dependent posterior density gradient and "
+              "calcified nodules; `real` real HU volumes with expert lung contours (imlab id001 and NSCLC LUNG1-001 "
+              "in the pool, imlab id002 in the test pool; no infection; at most 48 slices kept).", "",
+              "## Learning curves", "", f"![learning curves]({os.path.relpath(png, Path(doc).parent)})", "",
+              "| strategy | corrections | test Dice | lung Dice | infection Dice | false infection mL | scan call | "
+              "real lung Dice |", "|---|---|---|---|---|---|---|---|"]
+    for strat in strategies:
+        cs = {k: curves(out, k).get(strat) for k, _ in METRICS}
+        if not cs["dice"]:
+            continue
+        xs = cs["dice"][0]
+        for i, x in enumerate(xs):
+            lines.append(f"| {strat} | {x} | " + " | ".join(_fmt(cs[k][1][:, i]) if cs[k] else "–"
+                                                             for k, _ in METRICS) + " |")
+    lines += ["", "Mean [min–max] over seeds.", "", "## Annotation saving", ""]
+    for strat in strategies:
+        if strat == "random":
+            continue
+        sv = saving(out, strat)
+        if sv is None:
+            continue
+        if sv["corrections"] is None:
+            lines.append(f"- `{strat}` never reached random's final mean test Dice {sv['target']} within "
+                         f"{sv['baseline_corrections']} corrections.")
+        else:
+            lines.append(f"- `{strat}` reached random's final mean test Dice {sv['target']} after {sv['corrections']} "
+                         f"of random's {sv['baseline_corrections']} corrections: {100 * sv['share']:.0f} %.")
+    rows = gate_rows(out)
+    lines += ["", "## The promotion gate and time per round", ""]
+    for strat in strategies:
+        rs = [r for r in rows if r["strategy"] == strat]
+        if not rs:
+            continue
+        promoted = [r for r in rs if r["decision"] in ("promoted", "forced")]
+        better = [r for r in promoted if r["after"] is not None and r["before"] is not None and r["after"] >= r["before"]]
+        lines.append(f"- `{strat}`: {len(promoted)} of {len(rs)} retrains promoted; {len(better)} of those not worse "
+                     "on the test pool (test Dice).")
+    times = [r["round_s"] for r in rows if r["round_s"] is not None]
+    if times:
+        lines.append(f"- time per round (last correction submitted -> new model served or kept): median "
+                     f"{np.median(times):.0f} s, max {max(times):.0f} s on this machine"
+                     + (f"; uncertainty scoring before a pick: median "
+                        f"{np.median([r['scoring_s'] for r in rows if r['scoring_s']]):.0f} s"
+                        if any(r["scoring_s"] for r in rows) else "") + ".")
+    lines += ["", "| strategy | seed | round | gate | validation images (on training set?) | gate score new / served | "
+              "test Dice before -> after | epochs (budget hit) | round s |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['strategy']} | {r['seed']} | {r['round']} | {r['decision']} | {r['val_images']} "
+                     f"({'yes' if r['on_train'] else 'no'}) | {r['new']} / {r['served']} | {r['before']} -> {r['after']} "
+                     f"| {r['epochs']} ({r['budget_hit']}) | {r['round_s']} |")
+    lines += ["", "## What each strategy picked", ""]
+    for run in out["runs"]:
+        picks = [f"{p['id']} ({p['kind']}{', +' if p['positive'] else ''})" for r in run["rounds"][1:] for p in r["picks"]]
+        lines.append(f"- `{run['strategy']}` seed {run['seed']}: " + ", ".join(picks))
+    if NOTES.is_file():
+        lines += ["", NOTES.read_text().strip()]
+    Path(doc).write_text("\n".join(lines) + "\n")

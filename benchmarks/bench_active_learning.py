@@ -1,0 +1,295 @@
+"""A simulated annotation campaign through the real Hybrid CT server: does each radiologist correction make
+the served model better, and does the app's strategy pick better scans than random / MONAI Label's ``first``?
+
+Per (strategy, seed): a fresh server started as the README does (``monailabel start_server --app apps/hybrid_ct``,
+via ``tests/server_fixture.py``: 127.0.0.1, its own temp studies folder, model folder and sessions) whose studies
+folder holds the UNLABELLED pool (``al_pools.py``: harder phantoms + real HU volumes with expert lungs; the
+truth stays hidden in this process), and whose shipped model is a small network trained here on plain
+phantoms (with its replay sample, as ``hybrid-ct train`` writes it). Then ``--rounds`` rounds of:
+
+1. for ``uncertainty``-type strategies, ``POST /scoring/<method>`` and wait (what ``auto_scoring`` does after
+   each model change; done explicitly so that the pick never uses stale scores);
+2. ``POST /activelearning/<strategy>`` -> the next image (``--per-round`` times);
+3. its truth submitted as the radiologist's correction: ``PUT /datastore/label?image=<id>&tag=final`` with
+   the label file and ``params = {"label_info": [{"name": "lung", "idx": 1}, {"name": "infection", "idx": 2}]}``,
+   exactly the request of ``hybrid_ct_slicer.client.HybridCTClient.save_label``;
+4. the server's own auto-retrain (``--conf auto_train_after <per-round>``) and promotion gate run; we wait for
+   the training task to end and read the decision from ``/info/`` ``train_stats``;
+5. the served version (``GET /hybrid_ct/versions``) is scored on the fixed TEST pool, which never enters the
+   datastore: its checkpoint file in the server's model folder is run through ``hybrid_ct.predict.Predictor``
+   in this process (the class the server's infer task uses, same calibration rule), not uploaded to /infer.
+
+Metrics per round: 3D lung Dice (every test scan), 3D infection Dice (positive test scans), false infection
+mL (infection-free test scans: every voxel labelled infection), scan call accuracy (``classification.label``),
+and the time from the correction submitted to the new model served or kept. Nothing calls the trainer.
+
+    python benchmarks/bench_active_learning.py --seeds 0,1,2 --rounds 4        # the campaign
+    python benchmarks/bench_active_learning.py --report results.json          # the doc again from a JSON
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import al_pools  # noqa: E402
+import al_report  # noqa: E402
+import server_fixture as sf  # noqa: E402
+
+LABEL_INFO = [{"name": "lung", "idx": 1}, {"name": "infection", "idx": 2}]
+SCORED = {"uncertainty": "uncertainty", "uncertainty_diverse": "uncertainty"}  # strategy -> the scoring method that must run before it picks
+
+
+def train_initial_model(path: Path, seed: int, shape, epochs: int, n: int = 4) -> dict:
+    """The 'shipped' model: the tiny test architecture trained on ``n`` plain phantoms, with its replay sample."""
+    import torch
+
+    from hybrid_ct.data.phantom import make_phantom
+    from hybrid_ct.data.slice_store import SliceSet, replay_path, save_replay, slices_from_volume
+    from hybrid_ct.net.checkpoint import save_checkpoint
+    from hybrid_ct.net.network import HybridMultiTaskNet, NetConfig
+    from hybrid_ct.train.config import TrainConfig
+    from hybrid_ct.train.trainer import fit
+
+    torch.manual_seed(seed)
+    data = SliceSet.empty(sf.TINY_NET["in_size"])
+    for i in range(n):
+        img, lab, _ = make_phantom(9000 + 31 * seed + i, shape=shape, positive=i % 2 == 0)
+        data = data.extend(slices_from_volume(img, lab, f"init{i}", size=sf.TINY_NET["in_size"]))
+    model = HybridMultiTaskNet(NetConfig(**sf.TINY_NET))
+    hist = fit(model, data, data, TrainConfig(epochs=epochs, batch_size=8, lr=3e-3, negative_fraction=1.0,
+                                              augment=False, seed=seed), progress=False)
+    save_checkpoint(path, model, {"version": f"al-initial-s{seed}", "metric": hist[-1]["val"]["score"]})
+    save_replay(data, replay_path(path), n=len(data), seed=seed)
+    return {"epochs": epochs, "phantoms": n, "slices": len(data), "metric": round(float(hist[-1]["val"]["score"]), 4),
+            "net": sf.TINY_NET}
+
+
+class TestScorer:
+    """Scores a checkpoint on the test pool (cached by file: a kept retrain leaves the served model as it was)."""
+
+    def __init__(self, cases: list):
+        self.cases, self.cache = cases, {}
+
+    def __call__(self, path: Path) -> dict:
+        import SimpleITK as sitk
+
+        from hybrid_ct.predict.predictor import Predictor
+
+        key = hashlib.sha256(path.read_bytes()).hexdigest()  # the same weights under another path: scored once
+        if key in self.cache:
+            return self.cache[key]
+        pred = Predictor.from_checkpoint(path, device="cpu", batch_size=8)
+        per = []
+        for c in self.cases:
+            lab, rep = pred.predict(c.image)
+            p, t = sitk.GetArrayFromImage(lab), sitk.GetArrayFromImage(c.label)
+            vox_ml = float(np.prod(c.image.GetSpacing())) / 1000.0
+            row = {"id": c.id, "kind": c.kind, "positive": c.positive, "lung_dice": _dice(p > 0, t > 0),
+                   "call": rep["classification"]["label"], "call_ok": (rep["classification"]["label"] == "positive") == c.positive}
+            if c.positive:
+                row["infection_dice"] = _dice(p == 2, t == 2)
+            else:
+                row["false_infection_ml"] = round(float((p == 2).sum()) * vox_ml, 3)
+                row["reported_infection_ml"] = float(rep["classification"].get("infection_ml", 0.0))
+            per.append(row)
+        out = {"lung_dice": _mean([r["lung_dice"] for r in per]),
+               "infection_dice": _mean([r["infection_dice"] for r in per if "infection_dice" in r]),
+               "false_infection_ml": _mean([r["false_infection_ml"] for r in per if "false_infection_ml" in r]),
+               "scan_call_accuracy": _mean([float(r["call_ok"]) for r in per]),
+               "real_lung_dice": _mean([r["lung_dice"] for r in per if r["kind"] == "real"]),
+               "per_scan": per}
+        out["dice"] = _mean([v for v in (out["lung_dice"], out["infection_dice"]) if v is not None])
+        self.cache[key] = out
+        return out
+
+
+def _dice(a, b) -> float:
+    s = int(a.sum()) + int(b.sum())
+    return round(2.0 * int((a & b).sum()) / s, 5) if s else 1.0
+
+
+def _mean(v):
+    return round(float(np.mean(v)), 5) if len(v) else None
+
+
+def _served(live) -> tuple:
+    v = sf.http().get(f"{live.url}/hybrid_ct/versions", timeout=60).json()
+    cur = v["current"]
+    path = live.model_dir / "pretrained.pt" if cur == "shipped" else live.model_dir / "versions" / f"{cur}.pt"
+    return cur, path
+
+
+def _score_for(live, method: str, timeout_s: float) -> dict:
+    s = sf.http()
+    r = s.post(f"{live.url}/scoring/{method}", json={}, timeout=120)
+    r.raise_for_status()
+    task_id = r.json()["id"]
+
+    def done():
+        t = s.get(f"{live.url}/scoring/", timeout=60).json()
+        return t if t.get("id") == task_id and t.get("status") in ("DONE", "ERROR") else None
+
+    t = sf.wait_until(done, "the scoring task", timeout_s=timeout_s)
+    return {"status": t["status"]}
+
+
+def run_one(strategy: str, seed: int, pools: dict, args, workdir: Path, initial: Path) -> dict:
+    """One campaign: a fresh server, ``args.rounds`` rounds of ``args.per_round`` corrections."""
+    s = sf.http()
+    truth = {c.id: c for c in pools["pool"]}
+    hidden = workdir / "hidden"
+
+    def studies_writer(studies: Path):
+        studies.mkdir(parents=True, exist_ok=True)
+        for c in pools["pool"]:
+            ip, lp = al_pools.write_case(c, hidden)
+            os.replace(ip, studies / ip.name)  # the image only: the label stays hidden
+
+    train_params = dict(json.loads(args.auto_train_params or "{}"), seed=seed)
+    from hybrid_ct.data.slice_store import replay_path
+
+    conf = {"auto_train_after": str(args.per_round), "auto_train_params": json.dumps(train_params),
+            "auto_scoring": "false", "replay": str(replay_path(initial))}
+    t0 = time.time()
+    live = sf.start_server(workdir, conf=conf, model=initial, studies_writer=studies_writer)
+    rounds = []
+    try:
+        startup_s = round(time.time() - t0, 1)
+        version, path = _served(live)
+        rounds.append({"round": 0, "corrections": 0, "version": version, "test": args.scorer(path)})
+        picked = []
+        for r in range(1, args.rounds + 1):
+            row = {"round": r, "picks": []}
+            if strategy in SCORED:
+                t = time.time()
+                row["scoring"] = _score_for(live, SCORED[strategy], args.timeout)
+                row["scoring_s"] = round(time.time() - t, 1)
+            for _ in range(args.per_round):
+                pick = s.post(f"{live.url}/activelearning/{strategy}", json={}, timeout=120).json()
+                if not pick or not pick.get("id"):
+                    break
+                image_id = pick["id"]
+                c = truth[image_id]
+                lp = hidden / f"{image_id}_label.nii.gz"
+                t_submit = time.time()
+                resp = s.put(f"{live.url}/datastore/label", params={"image": image_id, "tag": "final"},
+                             files={"params": (None, json.dumps({"label_info": LABEL_INFO})),
+                                    "label": (lp.name, lp.read_bytes())}, timeout=300)
+                resp.raise_for_status()
+                picked.append(image_id)
+                row["picks"].append({"id": image_id, "kind": c.kind, "positive": c.positive,
+                                     "source": c.info.get("source_id"),
+                                     **{k: v for k, v in pick.items() if k in ("uncertainty", "weight")}})
+                row["auto_train"] = resp.json().get("auto_train")
+            if not row["picks"]:
+                break
+            started = (row.get("auto_train") or {}).get("started")
+            if started:
+                time.sleep(1.0)
+                sf.wait_training_idle(live, timeout_s=args.timeout)
+            row["round_s"] = round(time.time() - t_submit, 1)  # last correction submitted -> model served or kept
+            stats = s.get(f"{live.url}/info/", timeout=60).json()["train_stats"]["hybrid_ct"]
+            prom = stats.get("promotion") or {}
+            row["retrain"] = {k: stats.get(k) for k in ("status", "published_version", "current_version", "epoch",
+                                                        "total_epochs", "best_metric", "time_budget", "train", "val",
+                                                        "replay", "total_time", "error")} if started else None
+            row["gate"] = {k: prom.get(k) for k in ("decision", "reason", "new", "served", "val_images",
+                                                    "val_slices", "val_on_training_set")} if started else None
+            version, path = _served(live)
+            row.update(corrections=len(picked), version=version, test=args.scorer(path))
+            rounds.append(row)
+            print(f"[al] {strategy} seed {seed} round {r}: picks {[p['id'] + '/' + p['kind'] for p in row['picks']]} "
+                  f"-> {(row['gate'] or {}).get('decision')} served {version} dice {row['test']['dice']} "
+                  f"({row['round_s']} s)", flush=True)
+    finally:
+        sf.stop_server(live)
+    return {"strategy": strategy, "seed": seed, "startup_s": startup_s, "rounds": rounds}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--strategies", default="uncertainty,random,first")
+    ap.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (pools, initial model, retrain seed)")
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--per-round", type=int, default=1, help="corrections per round (= the server's auto_train_after)")
+    ap.add_argument("--pool", type=int, default=8, help="phantoms in the unlabelled pool (+ real scans)")
+    ap.add_argument("--test", type=int, default=6, help="phantoms in the test pool (+ real scans)")
+    ap.add_argument("--shape", default="16,64,64", help="phantom shape z,y,x")
+    ap.add_argument("--no-real", action="store_true", help="phantoms only (no ../shared/data volumes)")
+    ap.add_argument("--real-max-slices", type=int, default=48)
+    ap.add_argument("--init-epochs", type=int, default=30)
+    ap.add_argument("--init-phantoms", type=int, default=6)
+    ap.add_argument("--auto-train-params", default="",
+                    help='JSON train params of the auto-retrain ("" = the app defaults, max_minutes 5)')
+    ap.add_argument("--timeout", type=float, default=1800, help="seconds to wait for one retrain / scoring")
+    ap.add_argument("--workdir", default=None)
+    ap.add_argument("--json", default=str(REPO / "docs" / "active_learning.json"))
+    ap.add_argument("--doc", default=str(REPO / "docs" / "active_learning.md"))
+    ap.add_argument("--png", default=str(REPO / "docs" / "img" / "active_learning.png"))
+    ap.add_argument("--report", default=None, help="only rewrite the doc and plot from this JSON")
+    ap.add_argument("--merge", default=None, help="add this run's strategies to an earlier JSON of the same settings")
+    args = ap.parse_args(argv)
+    if args.report:
+        al_report.write(json.loads(Path(args.report).read_text()), args.doc, args.png)
+        return 0
+    previous = json.loads(Path(args.merge).read_text()) if args.merge else None
+
+    shape = tuple(int(v) for v in args.shape.split(","))
+    seeds = [int(v) for v in args.seeds.split(",") if v.strip()]
+    strategies = [v.strip() for v in args.strategies.split(",") if v.strip()]
+    root = Path(args.workdir or tempfile.mkdtemp(prefix="hybrid_ct_al_"))
+    command = "python benchmarks/bench_active_learning.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    out = {"command": command, "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                                           "omp_threads": os.environ.get("OMP_NUM_THREADS"),
+                                           "load_avg_at_start": os.getloadavg()},
+           "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+           "settings": {"rounds": args.rounds, "per_round": args.per_round, "pool": args.pool, "test": args.test,
+                        "shape": shape, "real": not args.no_real, "auto_train_params": args.auto_train_params or "{}",
+                        "strategies": strategies, "seeds": seeds},
+           "runs": [], "pools": {}}
+    if previous:  # another strategy on the same pools and seeds: one table, one plot
+        out["runs"] = previous["runs"]
+        out["commands"] = previous.get("commands", [previous["command"]]) + [command]
+        out["started"] = previous["started"]
+        out["settings"]["strategies"] = list(dict.fromkeys(previous["settings"]["strategies"] + strategies))
+    for seed in seeds:
+        pools = al_pools.build_pools(seed, args.pool, args.test, shape, real=not args.no_real,
+                                     real_max_slices=args.real_max_slices)
+        out["pools"][str(seed)] = {"pool": al_pools.describe(pools["pool"]), "test": al_pools.describe(pools["test"]),
+                                   "notes": pools["notes"],
+                                   "pool_ids": {c.id: [c.kind, c.positive, c.info.get("source_id")] for c in pools["pool"]}}
+        initial = root / f"initial_s{seed}.pt"
+        if initial.is_file() and (root / f"initial_s{seed}.json").is_file():  # --workdir reused: the same start
+            out["pools"][str(seed)]["initial_model"] = json.loads((root / f"initial_s{seed}.json").read_text())
+        else:
+            out["pools"][str(seed)]["initial_model"] = train_initial_model(initial, seed, shape, args.init_epochs,
+                                                                           args.init_phantoms)
+            (root / f"initial_s{seed}.json").write_text(json.dumps(out["pools"][str(seed)]["initial_model"]))
+        args.scorer = TestScorer(pools["test"])  # one cache per seed: the initial model is scored once
+        for strategy in strategies:
+            run = run_one(strategy, seed, pools, args, root / f"{strategy}_s{seed}", initial)
+            out["runs"].append(run)
+            out["finished"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(out, indent=1, default=str))  # after every run: partial results kept
+    if args.doc:
+        al_report.write(out, args.doc, args.png)
+    print(f"[al] wrote {args.json}" + (f", {args.doc}, {args.png}" if args.doc else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
