@@ -3,7 +3,6 @@ no CUDA device the CUDA tests skip with that reason; asking the CLI for CUDA wit
 error either way."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch

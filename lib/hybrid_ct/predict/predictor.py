@@ -29,7 +29,7 @@ from hybrid_ct.net.network import HybridMultiTaskNet, fold_batchnorm
 from hybrid_ct.processing.grid import array_to_image, check_size
 from hybrid_ct.processing.burden import infection_burden, severity_grade
 from hybrid_ct.processing.density import lung_density
-from hybrid_ct.processing.transforms import post_transforms, pre_transforms, run
+from hybrid_ct.processing.transforms import MIN_3D_SLICES, post_transforms, pre_transforms, run
 from hybrid_ct.net.energy import EnergyMeter
 
 
@@ -164,7 +164,7 @@ class Predictor:
         ran = so.ran if so.ran is not None else np.ones(len(so.rates), bool)
         burden = infection_burden(label)
         energy = meter.report()
-        density = lung_density(hu, label_arr) if hu is not None else None  # issue 27: the report's guard
+        density = lung_density(hu, label_arr) if hu is not None else None  # the report's guard on expiration / free-breathing scans
         return {
             "classification": {
                 **call,
