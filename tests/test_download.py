@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from hybrid_ct.data.download import download as dl
+import hybrid_ct.data.download as dl
 from hybrid_ct.cli import main
 from hybrid_ct.data.sources import load_prepared
 from hybrid_ct.data.phantom import make_phantom

@@ -9,7 +9,7 @@ The public surface, importable from here (each name loads its module on first us
 - ``phantom``: ``make_phantom``, ``write_phantom_set``
 - ``lesions``: ``synthesize``, ``lesion_slice``, ``KINDS`` (issue 27)
 - ``protocol``: ``protocol_slice``, ``variant``, ``VARIANTS`` (issue 27)
-- ``download``: ``download``, ``REGISTRY``
+- ``download``: ``REGISTRY`` (and ``hybrid_ct.data.download.download``: a function may not share its module's name here)
 """
 
 from hybrid_ct.lazy import lazy_surface
@@ -42,7 +42,6 @@ _HOME = {
     "protocol_slice": "protocol",
     "variant": "protocol",
     "VARIANTS": "protocol",
-    "download": "download",
     "REGISTRY": "download",
 }
 __getattr__, __all__ = lazy_surface(__name__, _HOME)
