@@ -22,7 +22,6 @@ import argparse
 import gzip
 import io
 import json
-import os
 import random
 import re
 import struct

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 from server_fixture import (LABELLED, UNLABELLED, http, launch_server, phantom_files, start_server, stop_server,
-                            wait_training_idle, wait_until)
+                            wait_training_idle)
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
