@@ -16,8 +16,10 @@ TOKEN_ROLE_STATE = "hybrid_ct_token_role"
 
 def get_image_info(image: str) -> dict:
     ds = app_instance().datastore()
-    info = ds.get_image_info(image) if isinstance(image, str) and image else {}
-    if not info:
+    if not (isinstance(image, str) and image):
+        raise NotFound("no image id given")
+    info = ds.get_image_info(image)
+    if not info and image not in set(ds.list_images()):  # a PACS series has no local info until it is used
         raise NotFound(f"image {image!r} is not in the datastore")
     return info
 

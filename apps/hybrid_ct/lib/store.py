@@ -6,13 +6,16 @@ Layout of the model folder (``apps/hybrid_ct/model`` unless ``--conf model_dir``
                            package when this folder has none); version name "shipped"
     versions/v0001.pt     every published version is kept
     versions/v0001.json   its metadata (created, metric, training summary, ``promotion``: the retrain's
-                          comparison with the model served when it started, and whether it was made current)
+                          comparison with the model served when it started, and whether it was made current;
+                          ``sha256`` of the checkpoint)
+    versions/quarantine/  versions set aside at start-up because they did not load (skipped.json says why)
     current               one line: the version being served; replaced with os.replace (atomic)
     train_stats.json      progress and metrics of the last training run (MONAI Label train_stats)
 
 Readers never see a half-written file: checkpoints and metadata are written to a temporary file in the
 same folder and renamed; a new version number is claimed with ``os.link`` (fails if it exists), so
-two publishers can never overwrite each other. Without a ``current`` pointer the newest version is
+two publishers can never overwrite each other. Temporary names carry the writer's PID: a start removes
+those of dead writers (:meth:`ModelStore.recover`, ``lib/recovery.py``). Without a ``current`` pointer the newest version is
 served, else the shipped checkpoint; with neither, :class:`ModelNotReadyError` ("no trained model yet").
 A version published with ``make_current=False`` (a retrain that was worse than the served model) is kept
 but not served: the pointer is written with the version served before, so that fallback never picks it.
