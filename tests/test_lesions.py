@@ -134,9 +134,16 @@ def test_slice_dataset_default_unchanged_and_synthesis():
     s = slice_set()
     a = SliceDataset(s, augment=True, style=True, seed=3)
     b = SliceDataset(s, augment=True, style=True, seed=3, synth_lesions=0.0, protocol_aug=0.0)
+    state = b._synth_rng.bit_generator.state
     for i in range(len(s)):
         x, y = a[i], b[i]
         assert all(torch.equal(x[k], y[k]) for k in x)
+    assert b._synth_rng.bit_generator.state == state  # at 0 nothing is drawn: the old samples, bit for bit
+    plain = SliceDataset(s, seed=3)  # no augmentation: the stored slice and targets as they are
+    for i in range(len(s)):
+        out = plain[i]
+        assert torch.equal(out["image"], torch.from_numpy(s.inputs(i)[0]))
+        assert int(out["cls"]) == max(int(s.cls[i]), 0) and bool(out["cls_mask"]) == (s.cls[i] >= 0)
     c = SliceDataset(s, augment=False, seed=3, synth_lesions=1.0)  # no augmentation: nothing synthesised
     assert int(c[0]["cls_mask"]) == 0
     d = SliceDataset(s, augment=True, seed=3, synth_lesions=1.0)

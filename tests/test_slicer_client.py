@@ -433,3 +433,19 @@ def test_geometry_ras_conversion():
     assert Geometry.from_ijk_to_ras(ras).almost_equal(g)
     with pytest.raises(ValueError, match="positive"):
         Geometry(spacing=(1, 0, 1))
+
+
+def test_panel_shows_the_combined_answer_and_the_density_warning():
+    """Issue 27: the call's wording and the density guard from the contract reach the results panel."""
+    from hybrid_ct_slicer.segments import CONTRACT
+
+    call, dens = CONTRACT["report"]["call"], CONTRACT["report"]["lung_density"]
+    report = {"classification": {"label": "indeterminate", "probability": 0.31, "calibrated": False,
+                                 "infection_found": True, call["key"]: call["text"]["indeterminate_outlined"]},
+              "burden": {"total_pct": 40.0, "left_pct": 41.0, "right_pct": 39.0},
+              dens["key"]: {"median_hu": -690.0, "max_median_hu": -750.0, "warning": dens["warning"]}}
+    d = format_results(report)
+    assert d["classification"].startswith("Indeterminate (score 0.31, not calibrated) - infection outlined")
+    assert "median -690 HU - WARNING: expiration or free-breathing scan" in d["burden"]
+    report["classification"] = {"label": "positive", "probability": 0.9, call["key"]: call["text"]["positive"]}
+    assert format_results(report)["classification"] == "Positive (P(positive) = 0.90) - infection pattern found"

@@ -33,6 +33,11 @@ LABEL, PROBABILITY, CALIBRATED, INFECTION_FOUND, FINDING = _keys(
 TOTAL_PCT, LEFT_PCT, RIGHT_PCT = _keys("burden", "total_pct", "left_pct", "right_pct")
 E_HYBRID_UJ, E_CONV_UJ, RATIO, MEAN_FIRING_RATE = _keys("energy", "e_hybrid_uj", "e_conv_uj", "ratio", "mean_firing_rate")
 GRADE_TEXT = {grade: f"{grade} ({meaning})" for grade, meaning in _REPORT["grades"].items()}
+# issue 27: the combined call's wording and the lung density guard (absent from older servers' reports)
+CALL_TEXT = _REPORT.get("call", {}).get("key", "call_text")
+LUNG_DENSITY = _REPORT.get("lung_density", {}).get("key", "lung_density")
+MEDIAN_HU, _MAX_MEDIAN_HU, DENSITY_WARNING = _REPORT.get("lung_density", {}).get(
+    "fields", ["median_hu", "max_median_hu", "warning"])
 
 #: Keys of :func:`format_results`, in display order, with their labels.
 RESULT_FIELDS = (
@@ -92,6 +97,12 @@ def format_classification(report: Mapping) -> str:
         # probability is that of the POSITIVE class (CONTRACTS.md); an uncalibrated one is only a score
         text += f" (P(positive) = {prob:.2f})" if cls.get(CALIBRATED, True) is not False else \
             f" (score {prob:.2f}, not calibrated)"
+    call_text = cls.get(CALL_TEXT)
+    if isinstance(call_text, str) and call_text.strip():
+        call_text = call_text.strip()
+        if call_text.lower().startswith(label + ":"):  # "indeterminate: ..." -> the reason only
+            call_text = call_text[len(label) + 1:].strip()
+        text += f" - {call_text}"
     return text
 
 
@@ -105,6 +116,13 @@ def format_burden(report: Mapping) -> str:
         text += f" (left {_pct(left)}, right {_pct(right)})"
     if _dict(report.get(CLASSIFICATION)).get(INFECTION_FOUND) is False:  # below the noise floor
         text += " - no infection found"
+    density = _dict(report.get(LUNG_DENSITY))
+    median = _num(density.get(MEDIAN_HU))
+    if median is not None:
+        text += f"; lung parenchyma median {median:.0f} HU"
+        warning = density.get(DENSITY_WARNING)
+        if isinstance(warning, str) and warning.strip():
+            text += f" - WARNING: {warning.strip()}"
     return text
 
 

@@ -122,7 +122,7 @@ def decide(features: dict, cal: Calibration) -> dict:
             "score": features["score"], "infection_found": bool(found),
             "finding": (f"infection outlined: {features['infection_ml']:.1f} mL in {features['lesions']} lesion(s)"
                         if found else "no infection found"),
-            "call_text": text, "meaning": CALL["meaning"],
+            CALL["key"]: text, "meaning": CALL["meaning"],
             "classifier_label": "positive" if p >= 0.5 else "negative",
             "infection_ml": features["infection_ml"], "noise_floor_ml": cal.noise_floor_ml,
             "lung_slices": features["lung_slices"]}
