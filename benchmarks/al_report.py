@@ -115,6 +115,8 @@ def write(out: dict, doc: str, png: str) -> None:
              "what a lab gets with the shipped model.", "",
              "Regenerate (writes the JSON, this page and the plot):", "", "```",
              *out.get("commands", [out["command"]]), "```", "",
+             "This page and the plot again from the JSON it wrote (kept as `docs/active_learning.json`): "
+             "`python benchmarks/bench_active_learning.py --report docs/active_learning.json`.", "",
              f"Run {out.get('started')} – {out.get('finished')} on {m['cpus']} CPU cores "
              f"(OMP_NUM_THREADS={m.get('omp_threads')}; load average at start "
              f"{', '.join(f'{v:.1f}' for v in m.get('load_avg_at_start') or [])}, other engineers' jobs: the "
