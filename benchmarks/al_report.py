@@ -176,8 +176,9 @@ def write(out: dict, doc: str, png: str) -> None:
             continue
         promoted = [r for r in rs if r["decision"] in ("promoted", "forced")]
         better = [r for r in promoted if r["after"] is not None and r["before"] is not None and r["after"] >= r["before"]]
-        lines.append(f"- `{strat}`: {len(promoted)} of {len(rs)} retrains promoted; {len(better)} of those not worse "
-                     "on the test pool (test Dice).")
+        ran = [r for r in rs if not r["decision"].startswith("no retrain")]
+        lines.append(f"- `{strat}`: {len(promoted)} of {len(ran)} retrains promoted ({len(rs)} rounds); {len(better)} of "
+                     "those not worse on the test pool (test Dice).")
     times = [r["round_s"] for r in rows if r["round_s"] is not None]
     if times:
         lines.append(f"- time per round (last correction submitted -> new model served or kept): median "
