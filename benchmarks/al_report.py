@@ -76,6 +76,13 @@ def _fmt(vals) -> str:
     return f"{v.mean():.3f} [{v.min():.3f}–{v.max():.3f}]" if v.size > 1 else f"{v.mean():.3f}"
 
 
+def _no_gate(retrain) -> str:
+    err = (retrain or {}).get("error") or ""
+    if "nothing to train on" in err:
+        return "no retrain (the only label is a validation image)"
+    return f"error: {err[:50]}" if err else "no retrain"
+
+
 def gate_rows(out: dict) -> list:
     rows = []
     for run in out["runs"]:
@@ -84,7 +91,7 @@ def gate_rows(out: dict) -> list:
             g = r.get("gate") or {}
             d_before, d_after = prev.get("dice"), r["test"].get("dice")
             rows.append({"strategy": run["strategy"], "seed": run["seed"], "round": r["round"],
-                         "decision": g.get("decision") or ((r.get("retrain") or {}).get("error") or "no retrain")[:60], "val_images": g.get("val_images"),
+                         "decision": g.get("decision") or _no_gate(r.get("retrain")), "val_images": g.get("val_images"),
                          "on_train": g.get("val_on_training_set"), "new": (g.get("new") or {}).get("score"),
                          "served": (g.get("served") or {}).get("score"), "before": d_before, "after": d_after,
                          "round_s": r.get("round_s"), "scoring_s": r.get("scoring_s"),
@@ -108,10 +115,14 @@ def write(out: dict, doc: str, png: str) -> None:
              "what a lab gets with the shipped model.", "",
              "Regenerate (writes the JSON, this page and the plot):", "", "```",
              *out.get("commands", [out["command"]]), "```", "",
+             "This page and the plot again from the JSON it wrote (kept as `docs/active_learning.json`): "
+             "`python benchmarks/bench_active_learning.py --report docs/active_learning.json`.", "",
              f"Run {out.get('started')} – {out.get('finished')} on {m['cpus']} CPU cores "
-             f"(OMP_NUM_THREADS={m.get('omp_threads')}; load average at start {m.get('load_avg_at_start')}: the "
+             f"(OMP_NUM_THREADS={m.get('omp_threads')}; load average at start "
+             f"{', '.join(f'{v:.1f}' for v in m.get('load_avg_at_start') or [])}, other engineers' jobs: the "
              "machine was shared, so times are upper bounds). Retrain params of the server's auto-retrain: "
-             f"`{st['auto_train_params']}` (empty = the app's defaults: 10 epochs, 5 min bound, replay 256 slices).",
+             f"`{st['auto_train_params']}` plus the seed (`{{}}`: the app's defaults, 10 epochs, 5 min bound, replay "
+             "up to 256 slices of the initial model's training data).",
              "", "## How it works", "",
              "Each (strategy, seed) starts a fresh server exactly as the README does (`monailabel start_server --app "
              "apps/hybrid_ct`, via `tests/server_fixture.py`, 127.0.0.1, its own temp studies and model folders). "
@@ -165,8 +176,9 @@ def write(out: dict, doc: str, png: str) -> None:
             continue
         promoted = [r for r in rs if r["decision"] in ("promoted", "forced")]
         better = [r for r in promoted if r["after"] is not None and r["before"] is not None and r["after"] >= r["before"]]
-        lines.append(f"- `{strat}`: {len(promoted)} of {len(rs)} retrains promoted; {len(better)} of those not worse "
-                     "on the test pool (test Dice).")
+        ran = [r for r in rs if not r["decision"].startswith("no retrain")]
+        lines.append(f"- `{strat}`: {len(promoted)} of {len(ran)} retrains promoted ({len(rs)} rounds); {len(better)} of "
+                     "those not worse on the test pool (test Dice).")
     times = [r["round_s"] for r in rows if r["round_s"] is not None]
     if times:
         lines.append(f"- time per round (last correction submitted -> new model served or kept): median "
@@ -174,7 +186,7 @@ def write(out: dict, doc: str, png: str) -> None:
                      + (f"; uncertainty scoring before a pick: median "
                         f"{np.median([r['scoring_s'] for r in rows if r['scoring_s']]):.0f} s"
                         if any(r["scoring_s"] for r in rows) else "") + ".")
-    lines += ["", "| strategy | seed | round | gate | validation images (on training set?) | gate score new / served | "
+    lines += ["", "| strategy | seed | round | gate | gate scored on: images (training images?) | gate score new / served | "
               "test Dice before -> after | epochs (budget hit) | round s |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['strategy']} | {r['seed']} | {r['round']} | {r['decision']} | {r['val_images']} "

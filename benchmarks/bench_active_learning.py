@@ -265,6 +265,8 @@ def main(argv=None) -> int:
         out["commands"] = previous.get("commands", [previous["command"]]) + [command]
         out["started"] = previous["started"]
         out["settings"]["strategies"] = list(dict.fromkeys(previous["settings"]["strategies"] + strategies))
+        out["settings"]["seeds"] = list(dict.fromkeys(previous["settings"]["seeds"] + seeds))
+        out["pools"] = dict(previous["pools"])
     for seed in seeds:
         pools = al_pools.build_pools(seed, args.pool, args.test, shape, real=not args.no_real,
                                      real_max_slices=args.real_max_slices)
