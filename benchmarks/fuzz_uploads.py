@@ -55,7 +55,7 @@ def seed_files(folder: Path) -> dict:
     sys.path.insert(0, str(REPO / "tests"))
     from server_fixture import write_dicom_series
 
-    from hybrid_ct.phantom import make_phantom
+    from hybrid_ct.data.phantom import make_phantom
 
     img, _, _ = make_phantom(4242, shape=SHAPE, positive=True)
     img = sitk.Cast(img, sitk.sitkInt16)
@@ -310,7 +310,7 @@ def mutate(rng, fmt: str, data: bytes) -> tuple:
 # ------------------------------------------------------------------------------ checking an accepted upload
 def _read_local(fmt: str, data: bytes):
     """The volume SimpleITK / the app's reader makes of the uploaded bytes, or None when it reads nothing."""
-    from hybrid_ct.io import read_image
+    from hybrid_ct.imaging.reader import read_image
 
     with tempfile.TemporaryDirectory() as d:
         p = Path(d) / f"x.{fmt}"

@@ -112,7 +112,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     from hybrid_ct.data.manifest import data_root
     from hybrid_ct.net.model_files import default_model_path
-    from hybrid_ct.predict import Predictor
+    from hybrid_ct.predict.predictor import Predictor
 
     root = data_root(args.data)
     model = args.model or default_model_path()

@@ -80,7 +80,7 @@ def main(argv=None) -> int:
 
     # real: P001's infected slices with the shipped model's outline
     from hybrid_ct.net.model_files import default_model_path
-    from hybrid_ct.predict import Predictor
+    from hybrid_ct.predict.predictor import Predictor
 
     p001 = read_image(root / "volumes_covid_ct_md/P001")
     label, _ = Predictor.from_checkpoint(default_model_path()).predict(p001)

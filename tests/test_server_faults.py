@@ -63,7 +63,7 @@ def leftovers(workdir: Path) -> list:
 
 def check_store(workdir: Path, labels: dict | None = None) -> str:
     """The stores are sound; returns the current version."""
-    from hybrid_ct.checkpoint import load_checkpoint
+    from hybrid_ct.net.checkpoint import load_checkpoint
     from lib.store import ModelStore
 
     store = ModelStore(workdir / "model")
@@ -233,7 +233,7 @@ def test_sigkill_during_uploads(tmp_path, fault_env):
 
 # ------------------------------------------------------------------------------ corrupt files at start-up
 def test_corrupt_version_at_startup_serves_the_last_good_one(tmp_path):
-    from hybrid_ct.checkpoint import load_checkpoint
+    from hybrid_ct.net.checkpoint import load_checkpoint
     from lib.store import ModelStore
 
     work = tmp_path / "srv"
