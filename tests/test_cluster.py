@@ -268,3 +268,29 @@ def test_the_manifest_redoes_other_model_other_settings_and_changed_inputs(studi
     sixth = mtimes()
     assert sixth["copy.json"] != fifth["copy.json"]  # the input changed: run again
     assert sixth[f"{inputs[1].name[:-7]}.json"] == fifth[f"{inputs[1].name[:-7]}.json"]
+
+
+def test_a_worker_refuses_a_model_file_that_is_not_the_clients(model_path, tmp_path):
+    """The plugin checks the checkpoint's sha256 on every worker before loading it (a node whose shared storage
+    holds another file at the same path); the client re-raises it (``Client.register_plugin``) -> exit 2."""
+    from hybrid_ct.errors import ModelNotReadyError
+    from hybrid_ct.predict.cluster import PredictorPlugin
+    from hybrid_ct.predict.manifest import file_sha256
+
+    class FakeWorker:
+        address = "tcp://node-7:40000"
+
+    kw = {"device": "cpu", "batch_size": 8, "require_chest": True, "amp": False}
+    plugin = PredictorPlugin(str(model_path), file_sha256(model_path), kw, threads=1)
+    plugin.setup(FakeWorker())
+    assert plugin.predictor is not None and plugin.predictor.version == "tiny-test"
+    with pytest.raises(ModelNotReadyError, match="not the same model"):
+        PredictorPlugin(str(model_path), "0" * 64, kw).setup(FakeWorker())
+    with pytest.raises(ModelNotReadyError, match="no model file"):
+        PredictorPlugin(str(tmp_path / "absent.pt"), "0" * 64, kw).setup(FakeWorker())
+
+
+def test_cluster_options_are_checked_before_anything_starts(studies, model_path, tmp_path, capsys):
+    assert _predict(model_path, tmp_path / "a", studies, extra=("--workers", "2", "--cluster", "tcp://x:8786")) == 2
+    assert _predict(model_path, tmp_path / "b", studies, extra=("--workers", "0")) == 2
+    assert "--workers must be at least 1" in capsys.readouterr().err

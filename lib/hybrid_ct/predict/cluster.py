@@ -201,10 +201,10 @@ def predict_on_cluster(model_path, inputs, out_dir, *, workers: int | None = Non
     _require_dask()
     from hybrid_ct.net.checkpoint import load_checkpoint
 
-    if bool(workers) == bool(address):
-        raise InputError("give either a number of local workers or the address of a Dask scheduler")
     if workers is not None and int(workers) < 1:
         raise InputError(f"--workers must be at least 1, got {workers}")
+    if bool(workers) == bool(address):
+        raise InputError("give either a number of local workers or the address of a Dask scheduler")
     on_error = on_error or log.error
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
