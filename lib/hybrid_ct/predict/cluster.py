@@ -109,6 +109,10 @@ def run_case(case, out_dir: str, opts: CaseOptions, plugin_name: str):
     if plugin is None or plugin.predictor is None:
         raise CaseFailed(f"ModelNotReadyError: the model is not loaded on worker {get_worker().address}")
     with plugin.lock:
+        if plugin.threads:  # OpenMP's thread count is per calling thread: set it in the one that runs the case
+            import torch
+
+            torch.set_num_threads(int(plugin.threads))
         try:
             return attempt(plugin.predictor, case, Path(out_dir), opts)
         except Exception as e:  # noqa: BLE001 - sent back as text: any exception, picklable or not
@@ -206,8 +210,10 @@ def predict_on_cluster(model_path, inputs, out_dir, *, workers: int | None = Non
     if bool(workers) == bool(address):
         raise InputError("give either a number of local workers or the address of a Dask scheduler")
     on_error = on_error or log.error
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
+    if address:  # a remote worker has its own working folder: it gets absolute paths (shown so in the reports)
+        inputs = [os.path.abspath(p) for p in inputs]
     model_path = Path(model_path).resolve()
     load_checkpoint(model_path)  # a broken model fails here, once, not on every worker
     model_sha256 = file_sha256(model_path)
