@@ -69,7 +69,8 @@ def table(results: list, args, same: bool) -> str:
              f"{cores} cores, no GPU; {args.n} phantom studies {' x '.join(map(str, args.shape))} "
              f"(`write_phantom_set`), the shipped model, the same inputs in one run; each row a fresh "
              f"`hybrid-ct predict` process (start, imports, model load and cluster start included):", "",
-             "```", f"python benchmarks/bench_cluster.py --n {args.n} --shape {' '.join(map(str, args.shape))}", "```",
+             "```", f"python benchmarks/bench_cluster.py --n {args.n} --shape {' '.join(map(str, args.shape))}"
+             + (f" --threads {args.threads}" if args.threads else ""), "```",
              "",
              "| run | torch threads | wall s | scans / hour | × single | median case latency s | load avg before → after |",
              "|---|---|---|---|---|---|---|"]
@@ -98,6 +99,9 @@ def main() -> int:
     ap.add_argument("--n", type=int, default=12, help="studies")
     ap.add_argument("--shape", type=int, nargs=3, default=[48, 192, 192], metavar=("D", "H", "W"))
     ap.add_argument("--quick", action="store_true", help="4 studies 24 x 96 x 96")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads for every process (default: the cores, shared among the workers; 1 on a "
+                         "machine shared with other work, where extra threads only wait)")
     ap.add_argument("--out", default=None, help="Markdown file to write the section into (docs/benchmarks.md)")
     args = ap.parse_args()
     if args.quick:
@@ -109,12 +113,13 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench_cluster_") as tmp:
         tmp = Path(tmp)
         write_phantom_set(tmp / "studies", n=args.n, seed=11, shape=tuple(args.shape), with_labels=False)
-        results = [run("single process", tmp / "studies", tmp / "single", cores)]
-        if cores > 1:  # what the threads alone change (on a machine shared with other work: a lot)
+        t = args.threads
+        results = [run("single process", tmp / "studies", tmp / "single", t or cores)]
+        if cores > 1 and not t:  # what the threads alone change (on a machine shared with other work: a lot)
             results.append(run("single process", tmp / "studies", tmp / "single1", 1))
-        results += [run("1 worker", tmp / "studies", tmp / "w1", cores, ("--workers", "1")),
-                   run("2 workers", tmp / "studies", tmp / "w2", max(1, cores // 2), ("--workers", "2"))]
-        same = all(same_labels(tmp / "single", tmp / d) for d in ("w1", "w2") + (("single1",) if cores > 1 else ()))
+        results += [run("1 worker", tmp / "studies", tmp / "w1", t or cores, ("--workers", "1")),
+                    run("2 workers", tmp / "studies", tmp / "w2", t or max(1, cores // 2), ("--workers", "2"))]
+        same = all(same_labels(tmp / "single", tmp / d) for d in ("w1", "w2") + (("single1",) if len(results) > 3 else ()))
     text = table(results, args, same)
     print(text)
     for r in results:
