@@ -63,7 +63,7 @@ def main(argv=None) -> int:
         from hybrid_ct.data.manifest import data_root
         from hybrid_ct.net.model_files import default_model_path
         from hybrid_ct.predict.predictor import Predictor
-        from hybrid_ct.predict.batch import predict_batch
+        from hybrid_ct.predict.runner import predict_batch
 
         root = data_root(args.data)
         inputs = [str(root / c) for c in CASES if (root / c).exists()]

@@ -37,7 +37,7 @@ pip_() { .venv/bin/python -m pip install --disable-pip-version-check "$@"; }
 # (without --no-build-isolation monailabel's sam2 dependency downloads a second torch).
 pip_ -q "torch==2.14.1" "torchvision==0.29.1"
 pip_ -q setuptools wheel
-pip_ -q --no-build-isolation -e ".[test]"
+pip_ -q --no-build-isolation -e ".[test,cluster]"  # cluster: Dask for predict --workers (tests/test_cluster.py)
 # slicer-core gives headless MRML segmentation nodes for the Slicer-side tests; optional.
 if ! pip_ -q -e ".[slicer]"; then
   echo "[setup] slicer-core could not be installed: the MRML tests will be skipped"

@@ -1,13 +1,16 @@
 """``hybrid-ct``: predict, train, evaluate, phantoms, download.
 
     hybrid-ct predict scan.nii.gz dicom_dir/ slice.png --out results/            # the shipped model
+    hybrid-ct predict pacs_export/ --out results/ --workers 2                    # a local Dask cluster
+    hybrid-ct predict /shared/pacs/ --out /shared/results/ --cluster tcp://scheduler:8786
     hybrid-ct train --recipe shipped --out lib/hybrid_ct/net/models/pretrained.pt --twin-out runs/twin.pt
     hybrid-ct evaluate --twin runs/twin.pt --out docs/results.md
     hybrid-ct evaluate --twin runs/twin.pt --loso runs/loso_*.pt     # + leave-one-source-out (scripts/loso.sh)
     hybrid-ct phantoms --out phantoms/ -n 20
     hybrid-ct download covid19-ct-seg --dest data/
 
-Each command is a thin layer over one library call: ``batch.predict_batch``, ``pipeline.train_recipe``,
+Each command is a thin layer over one library call: ``runner.predict_batch`` (``cluster.predict_on_cluster``
+with ``--workers`` / ``--cluster``), ``pipeline.train_recipe``,
 ``evaluation.evaluate_checkpoints`` + ``reporting.write_results``, ``phantom.write_phantom_set``,
 ``download.download``. The default model is ``model_files.default_model_path()`` ($HYBRID_CT_MODEL, else
 the checkpoint shipped in the package); relative default paths are relative to the current folder.
@@ -15,7 +18,8 @@ the checkpoint shipped in the package); relative default paths are relative to t
 Exit status: 0 success; 3 ``predict`` refused some inputs (not readable as a chest CT: listed in
 summary.csv with status "refused" and the reason) and ran the others, or ran nothing because every DICOM
 series it found was skipped; 1 some inputs failed unexpectedly (status "error"); 2 bad usage, no input,
-no model, or a failed command. DICOM series skipped in a folder (localizer, non-CT, too few slices,
+no model, a failed command, or the Dask scheduler lost mid-run (what finished is in <out>/manifest.jsonl: the
+same command goes on from there). DICOM series skipped in a folder (localizer, non-CT, too few slices,
 unreadable: status "skipped") do not change the exit status when something else ran.
 """
 from __future__ import annotations
@@ -37,7 +41,7 @@ RESULTS_OUT = Path("docs") / "results.md"
 def _setup_logging(verbose: int, quiet: bool) -> None:
     level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)
-    for noisy in ("PIL", "matplotlib", "urllib3"):
+    for noisy in ("PIL", "matplotlib", "urllib3", "distributed", "bokeh", "tornado"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -66,19 +70,38 @@ def _command(args) -> str:
 # commands
 
 def cmd_predict(args) -> int:
-    from hybrid_ct.predict.batch import predict_batch
-    from hybrid_ct.predict.predictor import Predictor
-
     if args.min_slices < 1:
         raise InputError(f"--min-slices must be at least 1, got {args.min_slices}")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    predictor = Predictor.from_checkpoint(_model_arg(args.model), device=_device(args.device),
-                                          batch_size=args.batch_size, require_chest=not args.no_chest_check,
-                                          amp=args.amp)
-    rows = predict_batch(predictor, args.inputs, out_dir, args.intensity, args.overlays, progress=not args.quiet,
-                         on_error=_error, formats=("nifti", args.format) + (("report",) if args.report else ()),
-                         min_slices=args.min_slices)
+    formats = ("nifti", args.format) + (("report",) if args.report else ())
+    if args.workers is not None or args.cluster:
+        from hybrid_ct.predict.cluster import ClusterError, predict_on_cluster
+
+        if args.workers is not None and args.cluster:
+            raise InputError("--workers starts a local cluster, --cluster uses a running one: not both")
+        try:
+            rows = predict_on_cluster(
+                _model_arg(args.model), args.inputs, out_dir, workers=args.workers, address=args.cluster,
+                intensity=args.intensity, overlays=args.overlays, formats=formats, min_slices=args.min_slices,
+                device=args.device, batch_size=args.batch_size, require_chest=not args.no_chest_check, amp=args.amp,
+                threads=args.threads, memory_limit=args.memory_limit,
+                dashboard=None if args.dashboard == "none" else args.dashboard, progress=not args.quiet,
+                on_error=_error, resume=not args.no_resume)
+        except ClusterError as e:
+            _error(str(e))
+            return 2
+    else:
+        from hybrid_ct.predict.manifest import file_sha256
+        from hybrid_ct.predict.predictor import Predictor
+        from hybrid_ct.predict.runner import predict_batch
+
+        model = _model_arg(args.model)
+        predictor = Predictor.from_checkpoint(model, device=_device(args.device), batch_size=args.batch_size,
+                                              require_chest=not args.no_chest_check, amp=args.amp)
+        rows = predict_batch(predictor, args.inputs, out_dir, args.intensity, args.overlays, progress=not args.quiet,
+                             on_error=_error, formats=formats, min_slices=args.min_slices,
+                             model_sha256=file_sha256(model), resume=not args.no_resume)
     ok, refused, skipped, failed = (sum(r["status"] == s for r in rows) for s in ("ok", "refused", "skipped", "error"))
     print(f"{ok}/{len(rows) - skipped} case(s) predicted, {refused} refused, {skipped} DICOM series skipped; "
           f"summary: {out_dir / 'summary.csv'}")
@@ -199,7 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "named after the folder.",
                         epilog="exit status: 0 every input ran; 3 some inputs were refused (summary.csv: status "
                                "'refused' and why), the others ran, or nothing ran because every DICOM series found "
-                               "was skipped; 1 some inputs failed unexpectedly; 2 bad usage, no input or no model. "
+                               "was skipped; 1 some inputs failed unexpectedly; 2 bad usage, no input or no model, or the Dask "
+                               "scheduler lost (rerun: finished cases are not run again). "
                                "Skipped DICOM series (status 'skipped') do not count when something else ran")
     pr.add_argument("inputs", nargs="+", metavar="INPUT", help="NIfTI file, DICOM file, DICOM folder or PACS export "
                     "tree (one case per CT series), PNG/JPG/NPY slice, or a folder of such files (each file is "
@@ -223,6 +247,22 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--batch-size", type=int, default=8)
     pr.add_argument("--device", default="auto", help="auto (default: cuda when available) | cpu | cuda[:N]")
     pr.add_argument("--amp", action="store_true", help="fp16 autocast on CUDA (ignored on the CPU)")
+    pr.add_argument("--no-resume", action="store_true",
+                    help="run every case again (default: cases that <out>/manifest.jsonl lists as done with the "
+                         "same input files, model and settings, their outputs intact, are not run again)")
+    cl = pr.add_argument_group("on a Dask cluster (pip install 'hybrid-ct[cluster]'; docs/cluster.md)")
+    cl.add_argument("--workers", type=int, default=None, metavar="N",
+                    help="start a local Dask cluster of N worker processes on this machine (each loads the model "
+                         "once; torch threads per worker: --threads, default cores / N)")
+    cl.add_argument("--cluster", default=None, metavar="ADDRESS",
+                    help="use a running Dask scheduler, e.g. tcp://scheduler:8786; inputs, output folder and model "
+                         "must be at the same paths on every worker (shared storage)")
+    cl.add_argument("--memory-limit", default="auto", metavar="BYTES",
+                    help="per local worker, e.g. 6GB (default auto: the machine's memory shared by the workers); "
+                         "a worker over it is restarted and its case runs elsewhere (a 512x512x600 scan peaks "
+                         "at about 4.7 GB, docs/cluster.md)")
+    cl.add_argument("--dashboard", default=":8787", metavar="ADDRESS",
+                    help="the local cluster's Dask dashboard (default :8787, another port when taken; none: off)")
     pr.set_defaults(func=cmd_predict)
 
     tr = sub.add_parser("train", help="train the hybrid network and its CNN twin by a recipe")

@@ -124,7 +124,7 @@ class ModuleLogic:
         edited = segNode.GetAttribute(FINGERPRINT_ATTRIBUTE) != mrml.segmentation_fingerprint(segNode)
         return replace_decision(edited, sameImage)
 
-    # ---------------------------------------------------------------- patients and edits (issue 28)
+    # ---------------------------------------------------------------- patients and edits
     def segmentationVolumeId(self, segNode):
         """The volume a segmentation belongs to: the one the module ran on, else the one it references."""
         return segNode.GetAttribute(VOLUME_NODE_ATTRIBUTE) or mrml.referenced_volume_id(segNode)

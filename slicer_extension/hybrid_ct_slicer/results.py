@@ -33,7 +33,7 @@ LABEL, PROBABILITY, CALIBRATED, INFECTION_FOUND, FINDING = _keys(
 TOTAL_PCT, LEFT_PCT, RIGHT_PCT = _keys("burden", "total_pct", "left_pct", "right_pct")
 E_HYBRID_UJ, E_CONV_UJ, RATIO, MEAN_FIRING_RATE = _keys("energy", "e_hybrid_uj", "e_conv_uj", "ratio", "mean_firing_rate")
 GRADE_TEXT = {grade: f"{grade} ({meaning})" for grade, meaning in _REPORT["grades"].items()}
-# issue 27: the combined call's wording and the lung density guard (absent from older servers' reports)
+# the combined call's wording and the lung density guard (absent from older servers' reports)
 CALL_TEXT = _REPORT.get("call", {}).get("key", "call_text")
 LUNG_DENSITY = _REPORT.get("lung_density", {}).get("key", "lung_density")
 MEDIAN_HU, _MAX_MEDIAN_HU, DENSITY_WARNING = _REPORT.get("lung_density", {}).get(

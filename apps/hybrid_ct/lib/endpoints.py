@@ -79,7 +79,7 @@ def _existing_image(ds, image_id: str) -> str:
 
 def same_image_content(stored: str, uploaded: str, tol_mm: float = 1e-4) -> bool:
     """Same size, spacing, origin, direction and voxel values, whatever the file bytes: SimpleITK 2.3 and 2.5
-    write one NIfTI header byte differently (issue 28). Headers first; voxels only when they match the
+    write one NIfTI header byte differently. Headers first; voxels only when they match the
     stored (already checked) image, so an oversized upload is never decoded here."""
     import numpy as np
 

@@ -7,8 +7,8 @@ The public surface, importable from here (each name loads its module on first us
 - ``sources``: ``load_sources``, ``load_medseg``, ``load_cls2d``, ``load_imlab``, ``load_majun``, ``load_phantoms``, ``load_prepared``
 - ``wholescans``: ``load_wholescans``
 - ``phantom``: ``make_phantom``, ``write_phantom_set``
-- ``lesions``: ``synthesize``, ``lesion_slice``, ``KINDS`` (issue 27)
-- ``protocol``: ``protocol_slice``, ``variant``, ``VARIANTS`` (issue 27)
+- ``lesions``: ``synthesize``, ``lesion_slice``, ``KINDS``
+- ``protocol``: ``protocol_slice``, ``variant``, ``VARIANTS``
 - ``download``: ``REGISTRY`` (and ``hybrid_ct.data.download.download``: a function may not share its module's name here)
 """
 

@@ -1,4 +1,4 @@
-"""COVID-like lesions synthesised inside real, infection-free lungs, with exact masks (issue 27, point 1).
+"""COVID-like lesions synthesised inside real, infection-free lungs, with exact masks.
 
 The infection head has expert masks for 50 cropped 8-bit pictures and the phantoms only; the whole HU scans
 (LUNG1-001, the imlab volumes, the clean slices of the COVID-CT-MD scans) have lungs but no infection. Here

@@ -1,4 +1,4 @@
-"""Scan-protocol variation (issue 27, point 3): the same lungs as another scanner or another breath would show them.
+"""Scan-protocol variation: the same lungs as another scanner or another breath would show them.
 
 The shipped model learned "denser than usual lung = infection": an expiration, free-breathing, low-dose or
 soft-kernel scan lights up as infection. Two uses of the same operations:

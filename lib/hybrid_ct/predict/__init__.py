@@ -3,7 +3,10 @@
 The public surface, importable from here (each name loads its module on first use):
 
 - ``predictor``: ``Predictor``
-- ``batch``: ``predict_batch``, ``expand_inputs``
+- ``batch``: ``expand_inputs``
+- ``runner``: ``predict_batch`` (one process, resumable through ``manifest.jsonl``)
+- ``cluster``: ``predict_on_cluster`` (the same batch on a Dask cluster: ``--workers N`` / ``--cluster ADDRESS``)
+- ``manifest``: ``Manifest``, ``file_sha256``
 - ``dicom_seg``: ``write_dicom_seg``, ``read_dicom_seg``
 - ``pdf_report``: ``write_scan_report``
 - ``overlays``: ``overlay_panels``, ``results_view``
@@ -13,7 +16,10 @@ from hybrid_ct.lazy import lazy_surface
 
 _HOME = {
     "Predictor": "predictor",
-    "predict_batch": "batch",
+    "predict_batch": "runner",
+    "predict_on_cluster": "cluster",
+    "Manifest": "manifest",
+    "file_sha256": "manifest",
     "expand_inputs": "batch",
     "write_dicom_seg": "dicom_seg",
     "read_dicom_seg": "dicom_seg",

@@ -1,9 +1,10 @@
 """Batch prediction: inputs (files, DICOM folders and PACS export trees, folders of files) -> cases (one
-per file, one per DICOM series) -> label, JSON report and overlay per case, plus ``summary.csv`` (what
-``hybrid-ct predict`` runs; DICOM series that are not CT volumes are listed there as skipped).
+per file, one per DICOM series) -> label, JSON report and overlay per case (``predict_case``), and the rows
+of ``summary.csv`` (DICOM series that are not CT volumes are listed there as skipped). The loop over the cases,
+resumable, is ``hybrid_ct.predict.runner.predict_batch`` (one process) or ``hybrid_ct.predict.cluster`` (Dask).
 
     cases, problems = expand_inputs(["scan.nii.gz", "dicom_dir/", "slices/"])
-    rows = predict_batch(Predictor.from_checkpoint(default_model_path()), ["scan.nii.gz"], "results/")
+    row = predict_case(Predictor.from_checkpoint(default_model_path()), cases[0], Path("results/"))
 """
 from __future__ import annotations
 
@@ -422,51 +423,6 @@ def predict_case(predictor, case: Case, out_dir: Path, intensity: str = "auto", 
 SUMMARY_FIELDS = ["case", "input", "kind", "status", "error", "class", "probability", "burden_total_pct",
                   "burden_left_pct", "burden_right_pct", "grade", "energy_ratio", "mean_firing_rate", "latency_s",
                   "label_file", "series_uid"]
-
-
-def predict_batch(predictor, inputs, out_dir, intensity: str = "auto", overlays: int = 3, progress: bool = True,
-                  on_error=None, formats=("nifti",), min_slices: int = MIN_SERIES_SLICES) -> list:
-    """Predict every case of ``inputs`` (see ``expand_inputs``) into ``out_dir``; one bad case does not stop
-    the batch. Writes ``summary.csv`` and returns its rows: ``status`` "ok", "refused" (the input cannot be
-    read as a chest CT: ``io.read_image`` / ``io.check_ct`` raised InputError; ``error`` says why),
-    "skipped" (a DICOM series found in a folder that is not a CT volume to run: localizer / scout,
-    non-CT, too few slices, unreadable; ``error`` says which; not run) or "error" (an unexpected failure).
-    ``on_error(message)`` is told about each refused or failed input (default: logged)."""
-    from tqdm import tqdm
-
-    on_error = on_error or log.error
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    cases, problems = expand_inputs(inputs, min_slices)
-    rows = [{"case": Path(p).name, "input": p, "status": "refused", "error": msg} for p, msg in problems]
-    for p, msg in problems:
-        on_error(msg)
-    for case in (c for c in cases if c.skipped):
-        log.warning("skipped %s (%s): %s", case.name, case.series or case.path, case.skipped)
-        rows.append({"case": case.name, "input": str(case.path), "kind": case.kind, "status": "skipped",
-                     "error": case.skipped, "series_uid": case.series_uid})
-    cases = [c for c in cases if not c.skipped]
-    for case in tqdm(cases, desc="predict", unit="case", disable=not progress or len(cases) < 2):
-        try:
-            row = predict_case(predictor, case, out_dir, intensity, overlays, formats)
-            log.info("%s: %s p=%.3f burden %.2f %% %s", case.name, row["class"], row["probability"],
-                     row["burden_total_pct"], row["grade"])
-        except InputError as e:  # the input's problem (unreadable, not a chest, not axial...): refused
-            msg = " ".join(str(e).split())
-            if "not a chest" in msg:
-                msg += " (--no-chest-check skips this check)"
-            on_error(f"{case.path}: {msg}")
-            row = {"case": case.name, "input": str(case.path), "kind": case.kind, "status": "refused", "error": msg,
-                   "series_uid": case.series_uid}
-        except Exception as e:  # noqa: BLE001 - one bad case must not stop the batch
-            msg = f"{e.__class__.__name__}: {' '.join(str(e).split())}"
-            log.debug("traceback", exc_info=True)
-            on_error(f"{case.path}: {msg}")
-            row = {"case": case.name, "input": str(case.path), "kind": case.kind, "status": "error", "error": msg,
-                   "series_uid": case.series_uid}
-        rows.append(row)
-    write_summary(rows, out_dir / "summary.csv")
-    return rows
 
 
 def write_summary(rows: list, path) -> None:

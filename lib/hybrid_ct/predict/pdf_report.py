@@ -28,7 +28,7 @@ def _lines(report: dict, case: str) -> list:
     burden = ("n/a" if pct["total_pct"] is None else
               f"{pct['total_pct']:.1f} % of lung (left {pct['left_pct']:.1f} %, right {pct['right_pct']:.1f} %)")
     rows = [("Scan", case), ("Call", call)]
-    if c.get("call_text"):  # the combined answer in the contract's words (issue 27, point 4)
+    if c.get("call_text"):  # the combined answer in the contract's words
         rows.append(("Answer", c["call_text"]))
     rows += [("Finding", c.get("finding", "n/a")), ("Infection burden", burden),
              ("Severity grade", report.get("grade", "n/a"))]

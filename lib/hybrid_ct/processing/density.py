@@ -1,4 +1,4 @@
-"""The lung parenchyma's density: is the scan one the model was validated on? (issue 27, point 3: the guard)
+"""The lung parenchyma's density: is the scan one the model was validated on? (the guard)
 
 The shipped model reads "denser than usual lung" as infection: an expiration, free-breathing, low-dose or
 soft-kernel scan whose normal parenchyma sits at a median of about -690 HU instead of the usual -850 came back

@@ -102,7 +102,7 @@ CALL = REPORT["call"]  # the wording of the scan-level answer (contract.json)
 
 
 def combine(classifier_positive: bool, infection_found: bool) -> tuple:
-    """One coherent scan-level answer from the two heads (issue 27, point 4) -> ``(label, text)``: positive
+    """One coherent scan-level answer from the two heads -> ``(label, text)``: positive
     only when the classifier and the outlined infection agree on it, negative only when both say none,
     else indeterminate -- never "positive" beside "no infection found"."""
     if classifier_positive and infection_found:

@@ -72,7 +72,7 @@ PICTURE_ROTATION = Compose([RandRotate90d(["image", "lung", "infection"], prob=0
 
 
 KNOWN_ORIENTATION = ("phantom", "imlab", "wholescan")  # HU volumes keep their known orientation
-# where synthetic lesions and protocol variation go (issue 27): HU volumes of infection-free lungs with a lung
+# where synthetic lesions and protocol variation go: HU volumes of infection-free lungs with a lung
 # mask. Not Ma Jun's slices ("majun20"): they come from COVID-19 patients whose real lesions have no mask.
 HU_FAMILIES = ("phantom", "imlab", "wholescan")
 MIN_SYNTH_LUNG = 0.02  # a slice gets a lesion from this share of lung pixels on (not the apex or the domes' tips)
@@ -88,7 +88,7 @@ class SliceDataset(Dataset):
     ``synth_lesions``: the share of infection-free HU slices with a lung mask (``HU_FAMILIES``) that get a
     synthetic lesion (``data.lesions``) and its mask, and so become positive; ``protocol_aug``: the share of
     HU slices shown under a random scan protocol (``data.protocol``). Both draw from a generator of their own:
-    at 0 nothing is drawn and the samples are those of before (issue 27)."""
+    at 0 nothing is drawn and the samples are those of before."""
 
     def __init__(self, data: SliceSet, augment: bool = False, style: bool = False, rotate_pictures: bool = False,
                  seed: int | None = None, channels: int = 1, context_dropout: float = 0.0,

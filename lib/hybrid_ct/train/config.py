@@ -57,7 +57,7 @@ class TrainConfig:
     spike_rate_weight: float = 0.0  # > 0: add weight x mean firing rate of the spiking layers (sparse spikes)
     context_dropout: float = 0.0  # 2.5D input: share of training slices shown without neighbours (SliceDataset)
     hard_negatives: float = 0.0  # share of each epoch's negatives that are the model's worst (epoch_indices)
-    # issue 27: share of infection-free HU slices with a lung mask given a synthetic lesion (data.lesions), and
+    # share of infection-free HU slices with a lung mask given a synthetic lesion (data.lesions), and
     # share of HU slices shown under a random scan protocol (data.protocol); 0: training as before
     synth_lesions: float = 0.0
     protocol_aug: float = 0.0
