@@ -325,7 +325,8 @@ def test_recipes_are_package_data_without_their_notes():
     from hybrid_ct.train.recipes import ENERGY_RATIO_TARGET, load_recipe, recipe_names, resolve_recipe
 
     assert recipe_names() == ["quick", "shipped", "shipped_2026_12_01", "shipped_2p5d", "shipped_2p5d_dropout",
-                              "shipped_adaptive", "shipped_deepsup", "shipped_hardneg", "shipped_lungbox"]
+                              "shipped_adaptive", "shipped_deepsup", "shipped_hardneg", "shipped_lungbox",
+                              "shipped_synth", "shipped_synth_protocol"]
     for name in recipe_names():  # every shipped recipe resolves, and its network can be built
         NetConfig(**load_recipe(name)["net"])
     assert load_recipe("shipped_2p5d")["net"]["in_channels"] == 3

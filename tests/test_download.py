@@ -11,6 +11,7 @@ import pytest
 import SimpleITK as sitk
 
 import hybrid_ct.data.download as dl
+from hybrid_ct.files import file_sha256
 from hybrid_ct.cli import main
 from hybrid_ct.data.sources import load_prepared
 from hybrid_ct.data.phantom import make_phantom
@@ -107,7 +108,7 @@ def test_checksum_verified_when_it_matches(server, tmp_path, monkeypatch):
     root, url = server
     _covid_zips(root, tmp_path)
     spec = dl.REGISTRY["covid19-ct-seg"]
-    files = [replace(f, sha256=dl.sha256sum(root / f.name)) for f in spec.files]
+    files = [replace(f, sha256=file_sha256(root / f.name)) for f in spec.files]
     monkeypatch.setitem(dl.REGISTRY, "covid19-ct-seg", replace(spec, files=files))
     s = dl.download("covid19-ct-seg", tmp_path / "d", base_url=url, include_optional=True, keep_archives=True,
                     progress=False)

@@ -1,13 +1,23 @@
-"""Writing files a reader may see at any moment: atomically (temp file in the same folder + ``os.replace``),
-and JSON with plain types only."""
+"""Files: writing them so a reader never sees half of one (temp file in the same folder + ``os.replace``),
+JSON with plain types only, and a file's sha256 (models, downloads, batch inputs)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
 from pathlib import Path
 
 import numpy as np
+
+
+def file_sha256(path, chunk: int = 1 << 20) -> str:
+    """The hex sha256 of a file's bytes, read in chunks (checkpoints and downloads are large)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def write_atomic(path, data, mode: str = "w") -> Path:

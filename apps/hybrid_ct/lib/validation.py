@@ -9,10 +9,12 @@ Errors: :class:`BadRequest` (HTTP 400: malformed ids, tags, params) and every ot
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
 import shutil
+import struct
 import tempfile
 import zipfile
 import zlib
@@ -145,8 +147,15 @@ def _extract_dicom_zip(path: str, out_dir: str, max_bytes: int) -> str:
             for i, m in enumerate(members):
                 with z.open(m) as src, open(os.path.join(out_dir, f"{i:06d}.dcm"), "wb") as dst:
                     shutil.copyfileobj(src, dst)
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, EOFError, zlib.error) as e:
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, EOFError, zlib.error, ValueError,
+            RuntimeError, UnicodeDecodeError, struct.error) as e:  # RuntimeError: an encrypted member
         raise InputError(f"not a readable zip archive: {e}") from None
+    except OSError as e:
+        # a corrupt member offset seeks before the start (EINVAL) and a bz2/lzma member with bad data raises
+        # without an errno (both found by the fuzzer, CI seed 32); a failed write (ENOSPC, EIO) is the server's
+        if e.errno not in (None, errno.EINVAL):
+            raise
+        raise InputError(f"not a readable zip archive: a member is corrupt ({e.strerror or e})") from None
     return out_dir
 
 

@@ -19,7 +19,6 @@ are prepared:
 from __future__ import annotations
 
 import csv
-import hashlib
 import logging
 import re
 import shutil
@@ -33,6 +32,7 @@ from tqdm import tqdm
 
 from hybrid_ct.contract import LABELS
 from hybrid_ct.errors import InputError
+from hybrid_ct.files import file_sha256
 from hybrid_ct.data.manifest import canonical_group
 from hybrid_ct.imaging.reader import read_image
 
@@ -120,14 +120,6 @@ REGISTRY = {
 # ----------------------------------------------------------------------------------------------------
 # fetching, verifying, unpacking
 
-def sha256sum(path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def fetch(url: str, dest: Path, timeout: float = 60.0, progress: bool = True) -> Path:
     """Stream ``url`` to ``dest`` (via ``dest.part``, renamed when complete)."""
     import requests
@@ -158,7 +150,7 @@ def verify(path: Path, f: RemoteFile) -> None:
     if f.size is not None and path.stat().st_size != f.size:
         raise DownloadError(f"{path.name}: size {path.stat().st_size} bytes, expected {f.size}")
     if f.sha256:
-        got = sha256sum(path)
+        got = file_sha256(path)
         if got != f.sha256:
             raise DownloadError(f"{path.name}: SHA-256 {got[:16]}... does not match the published "
                                 f"{f.sha256[:16]}... (corrupt or different file; --no-verify skips the check)")
@@ -307,7 +299,7 @@ def download(name: str, dest, base_url: str | None = None, verify_checksums: boo
     files = [f for f in spec.files if f.required or include_optional]
     for f in files:
         target = archives / f.name
-        if target.is_file() and (not verify_checksums or not f.sha256 or sha256sum(target) == f.sha256):
+        if target.is_file() and (not verify_checksums or not f.sha256 or file_sha256(target) == f.sha256):
             log.info("%s: already downloaded", f.name)
         else:
             url = spec.url(f, base_url)

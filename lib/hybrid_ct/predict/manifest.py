@@ -30,20 +30,12 @@ import time
 from pathlib import Path
 
 from hybrid_ct.errors import InputError
-from hybrid_ct.files import write_atomic
+from hybrid_ct.files import file_sha256, write_atomic
 
 log = logging.getLogger("hybrid_ct")
 
 MANIFEST_NAME = "manifest.jsonl"
 FINAL_STATUSES = ("ok", "refused")
-
-
-def file_sha256(path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def input_files(path: Path, files=()) -> list:

@@ -19,7 +19,6 @@ it leave-one-scan-out and writes the table and the reliability plot.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -29,6 +28,7 @@ import numpy as np
 from scipy import ndimage
 
 from hybrid_ct.contract import REPORT
+from hybrid_ct.files import file_sha256
 from hybrid_ct.processing.crop import foreground_box
 
 LUNG_SLICE_FRACTION = 0.1  # a slice is a lung slice from 10 % of the largest lung cross-section
@@ -54,14 +54,6 @@ class Calibration:
         Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
 
 
-def sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def calibration_path(checkpoint) -> Path:
     p = Path(checkpoint)
     return p.with_name(p.stem + ".calibration.json")
@@ -75,7 +67,7 @@ def load_calibration(checkpoint) -> Calibration:
         cal = Calibration(**data)
     except (OSError, ValueError, TypeError):
         return Calibration()
-    if cal.checkpoint_sha256 != sha256(checkpoint):
+    if cal.checkpoint_sha256 != file_sha256(checkpoint):
         return Calibration(noise_floor_ml=cal.noise_floor_ml)  # another model's fit: not applied
     return cal
 
@@ -141,7 +133,7 @@ def fit_calibration(scores, truths, negatives_ml, checkpoint=None, names=()) -> 
     lr = LogisticRegression(C=1e4).fit(np.log(s / (1 - s))[:, None], y)
     return Calibration(a=float(lr.coef_[0, 0]), b=float(lr.intercept_[0]),
                        noise_floor_ml=max(floor, DEFAULT_FLOOR_ML),
-                       checkpoint_sha256=sha256(checkpoint) if checkpoint else "",
+                       checkpoint_sha256=file_sha256(checkpoint) if checkpoint else "",
                        fitted_on=list(names), calibrated=True)
 
 
