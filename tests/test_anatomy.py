@@ -97,3 +97,33 @@ def test_a_large_false_lung_under_the_back_does_not_untrust_the_body():
     out = plausible_lungs(label, hu, SPACING, body=body)
     assert (out[under] == 0).all(), "air under the back is still lung"
     assert (out[truth["lungs"]] > 0).all() and (out[truth["infection"]] == 2).all()
+
+
+def test_coarse_volume_keeps_the_lung_bases(shared_data):
+    """normal001 smoothed and resampled to 128 x 128 x 64 (2.5 x 2.5 x 4.8 mm), as a coarse public volume
+    comes: the served chain (3D lung rule included) keeps the lung down to its bases. The reference is the
+    aerated air inside the body (< -400 HU, not touching the image border: the two largest pieces)."""
+    import SimpleITK as sitk
+    from scipy import ndimage
+
+    from hybrid_ct.imaging.reader import read_image
+    from hybrid_ct.net.model_files import PACKAGED_MODEL
+    from hybrid_ct.predict.predictor import Predictor
+
+    img = read_image(str(shared_data / "volumes_covid_ct_md" / "normal001"))
+    size = (128, 128, 64)
+    sp = [img.GetSpacing()[i] * img.GetSize()[i] / size[i] for i in range(3)]
+    coarse = sitk.Resample(sitk.SmoothingRecursiveGaussian(img, [s / 2 for s in sp]), size, sitk.Transform(),
+                           sitk.sitkLinear, img.GetOrigin(), sp, img.GetDirection(), -1024.0, sitk.sitkFloat32)
+    label, _ = Predictor.from_checkpoint(PACKAGED_MODEL).predict(coarse)
+    lung = sitk.GetArrayFromImage(label) > 0
+    hu = sitk.GetArrayFromImage(coarse)
+    comp, n = ndimage.label(hu < -400)
+    edge = np.unique(np.concatenate([comp[:, 0], comp[:, -1], comp[:, :, 0], comp[:, :, -1]]).ravel())
+    sizes = ndimage.sum_labels(comp > 0, comp, range(1, n + 1))
+    sizes[np.isin(np.arange(1, n + 1), edge)] = 0
+    ref = np.isin(comp, 1 + np.argsort(sizes)[-2:])
+    zs = np.flatnonzero(ref.sum((1, 2)) > 0.05 * ref.sum((1, 2)).max())  # slices with real lung, inferior first
+    for z in zs[:4]:  # the four lowest: the bases
+        kept = (lung[z] & ref[z]).sum() / ref[z].sum()
+        assert kept > 0.8, (int(z), round(float(kept), 3))
