@@ -85,7 +85,7 @@ def cmd_predict(args) -> int:
                 _model_arg(args.model), args.inputs, out_dir, workers=args.workers, address=args.cluster,
                 intensity=args.intensity, overlays=args.overlays, formats=formats, min_slices=args.min_slices,
                 device=args.device, batch_size=args.batch_size, require_chest=not args.no_chest_check, amp=args.amp,
-                threads=args.threads, memory_limit=args.memory_limit,
+                z_step_mm=args.z_step_mm, threads=args.threads, memory_limit=args.memory_limit,
                 dashboard=None if args.dashboard == "none" else args.dashboard, progress=not args.quiet,
                 on_error=_error, resume=not args.no_resume)
         except ClusterError as e:
@@ -98,7 +98,8 @@ def cmd_predict(args) -> int:
 
         model = _model_arg(args.model)
         predictor = Predictor.from_checkpoint(model, device=_device(args.device), batch_size=args.batch_size,
-                                              require_chest=not args.no_chest_check, amp=args.amp)
+                                              require_chest=not args.no_chest_check, amp=args.amp,
+                                              z_step_mm=args.z_step_mm)
         rows = predict_batch(predictor, args.inputs, out_dir, args.intensity, args.overlays, progress=not args.quiet,
                              on_error=_error, formats=formats, min_slices=args.min_slices,
                              model_sha256=file_sha256(model), resume=not args.no_resume)
@@ -247,6 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--batch-size", type=int, default=8)
     pr.add_argument("--device", default="auto", help="auto (default: cuda when available) | cpu | cuda[:N]")
     pr.add_argument("--amp", action="store_true", help="fp16 autocast on CUDA (ignored on the CPU)")
+    pr.add_argument("--z-step-mm", type=float, default=None, metavar="MM",
+                    help="on a series thinner than this, run the network on slices MM apart and interpolate "
+                         "between them (default: every slice; docs/benchmarks.md, thin series)")
     pr.add_argument("--no-resume", action="store_true",
                     help="run every case again (default: cases that <out>/manifest.jsonl lists as done with the "
                          "same input files, model and settings, their outputs intact, are not run again)")

@@ -197,7 +197,8 @@ def _run(client, plan, opts, manifest, plugin_name, progress, on_error, retries,
 def predict_on_cluster(model_path, inputs, out_dir, *, workers: int | None = None, address: str | None = None,
                        intensity: str = "auto", overlays: int = 3, formats=("nifti",),
                        min_slices: int = MIN_SERIES_SLICES, device: str = "auto", batch_size: int = 8,
-                       require_chest: bool = True, amp: bool = False, threads: int | None = None,
+                       require_chest: bool = True, amp: bool = False, z_step_mm: float | None = None,
+                       threads: int | None = None,
                        memory_limit="auto", dashboard: str | None = ":8787", progress: bool = True, on_error=None,
                        resume: bool = True, retries: int = 1, timeout: float = 30.0) -> list:
     """``predict_batch`` on Dask: ``workers`` local worker processes, or the scheduler at ``address``. The same
@@ -221,7 +222,7 @@ def predict_on_cluster(model_path, inputs, out_dir, *, workers: int | None = Non
     load_checkpoint(model_path)  # a broken model fails here, once, not on every worker
     model_sha256 = file_sha256(model_path)
     opts = CaseOptions(intensity, overlays, tuple(formats))
-    settings = opts.settings(require_chest, bool(amp) and device != "cpu")
+    settings = opts.settings(require_chest, bool(amp) and device != "cpu", z_step_mm)
     if workers and threads is None:
         threads = max(1, (os.cpu_count() or 1) // int(workers))
     with Manifest(out_dir) as manifest:
@@ -237,7 +238,8 @@ def predict_on_cluster(model_path, inputs, out_dir, *, workers: int | None = Non
                                 address)
                 log.info("Dask: %s, %d worker(s)%s", address or f"local cluster {client.scheduler.address}", n,
                          f"; dashboard {client.dashboard_link}" if dashboard or address else "")
-                kw = {"device": device, "batch_size": batch_size, "require_chest": require_chest, "amp": amp}
+                kw = {"device": device, "batch_size": batch_size, "require_chest": require_chest, "amp": amp,
+                      "z_step_mm": z_step_mm}
                 # one name per model and predictor settings: another batch on the same cluster keeps its own
                 name = f"hybrid-ct-predictor-{model_sha256[:12]}-{settings_key({**kw, 'threads': threads})[:8]}"
                 try:

@@ -11,7 +11,7 @@ rules run on the lungs' box (``hybrid_ct.processing.crop``): the same label as t
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import SimpleITK as sitk
@@ -30,9 +30,6 @@ from hybrid_ct.processing.grid import array_to_image, check_size
 from hybrid_ct.processing.burden import infection_burden, severity_grade
 from hybrid_ct.processing.density import lung_density
 from hybrid_ct.processing.transforms import MIN_3D_SLICES, post_transforms, pre_transforms, run
-from hybrid_ct.net.energy import EnergyMeter
-
-
 
 @dataclass
 class SliceOutputs:
@@ -55,9 +52,33 @@ class SliceOutputs:
             getattr(self, name)[lo:hi] = getattr(part, name)
         self.ran[lo:hi] = True
 
+    def filled(self, idx: np.ndarray, n: int) -> "SliceOutputs":
+        """Outputs of slices ``idx`` (increasing, first 0, last ``n - 1``) -> ``n`` slices, those between
+        interpolated linearly along z (probabilities, firing rates) or taken from the nearest (classes)."""
+        pos = np.interp(np.arange(n), idx, np.arange(len(idx)))
+        i0 = np.floor(pos).astype(int)
+        i1 = np.minimum(i0 + 1, len(idx) - 1)
+        w = pos - i0
+        out = {}
+        for f in fields(self):
+            a = getattr(self, f.name)
+            if f.name == "ran" or a is None:
+                out[f.name] = None
+            elif a.dtype.kind in "iub":
+                out[f.name] = a[np.rint(pos).astype(int)]
+            else:
+                wa = w.reshape((-1,) + (1,) * (a.ndim - 1)).astype(a.dtype)
+                out[f.name] = (1 - wa) * a[i0] + wa * a[i1]
+        return SliceOutputs(**out)
 
 
-
+def thin_slices(n: int, dz_mm: float, z_step_mm: float | None) -> np.ndarray:
+    """The slices the network runs on when its slices may be ``z_step_mm`` apart: every k-th (k =
+    floor(z_step_mm / dz_mm)) and the last; all ``n`` without a step or when the series is not thinner."""
+    k = int(np.floor(float(z_step_mm) / float(dz_mm))) if z_step_mm and dz_mm and dz_mm > 0 else 1
+    if k <= 1 or n <= 2:
+        return np.arange(n)
+    return np.unique(np.append(np.arange(0, n, k), n - 1))
 
 
 class Predictor:
@@ -66,7 +87,8 @@ class Predictor:
 
     def __init__(self, model: HybridMultiTaskNet, meta: dict | None = None, device: str = "cpu",
                  batch_size: int = 8, require_chest: bool = True, progress: bool = False,
-                 calibration: Calibration | None = None, crop: bool = True, amp: bool = False):
+                 calibration: Calibration | None = None, crop: bool = True, amp: bool = False,
+                 z_step_mm: float | None = None):
         self.model = fold_batchnorm(model.to(device).eval())  # same output, one pass less per layer
         self.meta = dict(meta or {})
         self.device = device
@@ -78,6 +100,10 @@ class Predictor:
         # fp16 autocast on CUDA only (on this CPU bf16/fp16 is ~150x slower, STACK.md); off by default
         # until its labels are measured against fp32 on a GPU (tests/test_gpu.py does that where one exists)
         self.amp = bool(amp) and str(device).startswith("cuda")
+        # None: the network on every slice. A thin series (1 mm) read at about its 2.5D context (5 mm)
+        # repeats nearly the same slice: the network runs on slices z_step_mm apart, the rest interpolated
+        self.z_step_mm = z_step_mm
+        self.slices_interpolated = 0  # of the last volume
 
     @classmethod
     def from_checkpoint(cls, path, device: str = "cpu", **kw) -> "Predictor":
@@ -122,24 +148,33 @@ class Predictor:
         d = len(x)
         # the 2.5D input from the whole stack, before any slab is cut: the slab's edge slices see their neighbours
         x = with_context(x, self.model.cfg.in_channels, data["image"].meta["canon_spacing"][0], self.model.cfg.context_mm)
+        dz = data["image"].meta["canon_spacing"][0]
         slab = data.get("slab") if self.crop else None
         if slab is None or tuple(slab) == (0, d):
-            so = self.run_slices(x, meter)
+            so = self._run_part(x, dz, meter)
             so.ran = np.ones(d, bool)
             return so
         lo, hi = (int(v) for v in slab)
-        step = margin_slices(data["image"].meta["canon_spacing"][0])
+        step = margin_slices(dz)
         so = SliceOutputs.blank(d, x.shape[-1])
-        so.put(lo, self.run_slices(x[lo:hi], meter))
+        so.put(lo, self._run_part(x[lo:hi], dz, meter))
         while True:
             nlo, nhi = grow_slab((so.lung[:, 0] > 0.5).sum(axis=(1, 2)), lo, hi, d, step)
             if (nlo, nhi) == (lo, hi):
                 return so
             if nlo < lo:
-                so.put(nlo, self.run_slices(x[nlo:lo], meter))
+                so.put(nlo, self._run_part(x[nlo:lo], dz, meter))
             if nhi > hi:
-                so.put(hi, self.run_slices(x[hi:nhi], meter))
+                so.put(hi, self._run_part(x[hi:nhi], dz, meter))
             lo, hi = nlo, nhi
+
+    def _run_part(self, x: np.ndarray, dz_mm: float, meter: EnergyMeter | None) -> SliceOutputs:
+        """``run_slices`` on a run of consecutive slices, or with ``z_step_mm`` on ``thin_slices`` of it."""
+        idx = thin_slices(len(x), dz_mm, self.z_step_mm)
+        if len(idx) == len(x):
+            return self.run_slices(x, meter)
+        self.slices_interpolated += len(x) - len(idx)
+        return self.run_slices(x[idx], meter).filled(idx, len(x))
 
     def predict(self, image: sitk.Image, size: int | None = None):
         """-> (label image, uint8 in the input's geometry; report dict, see docs/CONTRACTS.md)."""
@@ -147,6 +182,7 @@ class Predictor:
         check_ct(image, require_chest=self.require_chest)
         pre = pre_transforms(check_size(size or self.model.cfg.in_size), **self.model.cfg.input_spec())
         data = run(pre, {"image": image, "hu": image})  # "hu": the input as it is, for the 3D rules of the post chain
+        self.slices_interpolated = 0
         with EnergyMeter(self.model) as meter:
             so = self.run_volume(data, meter)
         data["pred"] = np.concatenate([so.lung, so.infection], axis=1)
@@ -176,7 +212,8 @@ class Predictor:
             "grade": severity_grade(burden["total_pct"]) if call["infection_found"] else "CT-0",
             "energy": energy.summary(),
             "latency_s": latency,
-            "slices_run": int(ran.sum()),
+            "slices_run": int(ran.sum()) - self.slices_interpolated,  # the network's; the energy counts these
+            "slices_interpolated": self.slices_interpolated,
             "model_version": self.version,
             "label_names": {"lung": LABELS["lung"], "infection": LABELS["infection"]},
             "lung_density": density,

@@ -31,11 +31,13 @@ class CaseOptions:
     overlays: int = 3
     formats: tuple = ("nifti",)
 
-    def settings(self, require_chest: bool, amp: bool) -> str:
+    def settings(self, require_chest: bool, amp: bool, z_step_mm: float | None = None) -> str:
         """The key of everything besides input and model that changes a case's outputs."""
-        return settings_key({"intensity": self.intensity, "overlays": int(self.overlays),
-                             "formats": sorted(set(self.formats)), "require_chest": bool(require_chest),
-                             "amp": bool(amp), "version": PACKAGE_VERSION})
+        key = {"intensity": self.intensity, "overlays": int(self.overlays), "formats": sorted(set(self.formats)),
+               "require_chest": bool(require_chest), "amp": bool(amp), "version": PACKAGE_VERSION}
+        if z_step_mm:  # only when set: the manifests of earlier runs stay valid
+            key["z_step_mm"] = float(z_step_mm)
+        return settings_key(key)
 
 
 @dataclass
@@ -165,7 +167,7 @@ def predict_batch(predictor, inputs, out_dir, intensity: str = "auto", overlays:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     opts = CaseOptions(intensity, overlays, tuple(formats))
-    settings = opts.settings(predictor.require_chest, predictor.amp)
+    settings = opts.settings(predictor.require_chest, predictor.amp, getattr(predictor, "z_step_mm", None))
     with Manifest(out_dir) as manifest:
         plan = plan_batch(inputs, manifest, model_identity(predictor, model_sha256), settings, min_slices,
                           on_error, resume)
