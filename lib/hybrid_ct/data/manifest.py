@@ -46,12 +46,6 @@ _CORONA = re.compile(r"coronacases_(?:org_)?(?:case)?0*(\d+)")
 _RADIO = re.compile(r"radiopaedia(?:_org_covid-19-pneumonia)?[-_]0*(\d+)")
 
 
-def collection(group_id: str) -> str:
-    """The collection a (canonical) group id belongs to: its prefix -- ``ucsd``, ``mosmed``, ``majun20`` in
-    ``cls2d``. Used to report classification per collection (they differ in scanner, crop and window)."""
-    return str(group_id).split("_", 1)[0]
-
-
 def canonical_group(group_id: str) -> str:
     """One id per patient where the same patient appears under several names.
 
@@ -76,7 +70,8 @@ def stable_order(keys, seed=0):
 
 
 def group_family(group_id: str) -> str:
-    """The collection a group comes from: ``ucsd``, ``mosmed``, ``majun20``, ``medseg``, ``imlab``, ``phantom``..."""
+    """The collection a (canonical) group id comes from, its prefix: ``ucsd``, ``mosmed``, ``majun20``, ``medseg``,
+    ``imlab``, ``phantom``... (they differ in scanner, crop and window: classification is reported per collection)."""
     return str(group_id).split("_", 1)[0]
 
 

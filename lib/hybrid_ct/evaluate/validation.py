@@ -19,7 +19,7 @@ from hybrid_ct.errors import InputError
 from hybrid_ct.train.recipes import load_recipe, load_recipe_data
 from hybrid_ct.predict.predictor import run_on_slices
 from hybrid_ct.data.slice_store import MISSING
-from hybrid_ct.data.manifest import collection, data_root, read_slice_labels, split_sets, val_groups_for
+from hybrid_ct.data.manifest import data_root, group_family, read_slice_labels, split_sets, val_groups_for
 from hybrid_ct.evaluate.pictures import weak_mask_agreement
 from hybrid_ct.data.wholescans import SCANS
 from hybrid_ct.evaluate.pictures import medseg_pictures, orientation_check, picture_pixel_mm2
@@ -116,7 +116,7 @@ def evaluate_sets(model, val_sets: list, batch_size: int = 16, progress: bool = 
                     inf_mm2 = (pred == 2).reshape(len(sl), -1).sum(1) * np.asarray(areas)
                     a_call, a_score = slice_call(so.positive_prob, inf_mm2, min_lesion_mm2, cls_call=so.predicted)
                     calls["cls_agree"] = (a_score[known], a_call[known])
-                colls = np.array([collection(g) for g in np.asarray(sl.group)[known]])
+                colls = np.array([group_family(g) for g in np.asarray(sl.group)[known]])
                 names = np.unique(colls)
                 subsets = {s.name: np.ones(len(y), bool)}
                 if len(names) > 1:  # per collection too (cls2d: UCSD, MosMed, Ma Jun)

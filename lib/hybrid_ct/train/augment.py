@@ -9,6 +9,7 @@ from monai.transforms import (Compose, MapTransform, RandAdjustContrastd, RandAf
 from torch.utils.data import Dataset
 
 from hybrid_ct.data.lesions import lesion_slice
+from hybrid_ct.data.manifest import group_family
 from hybrid_ct.data.protocol import protocol_slice
 from hybrid_ct.data.slice_store import MISSING, SliceSet
 from hybrid_ct.processing.context import with_context
@@ -78,10 +79,6 @@ HU_FAMILIES = ("phantom", "imlab", "wholescan")
 MIN_SYNTH_LUNG = 0.02  # a slice gets a lesion from this share of lung pixels on (not the apex or the domes' tips)
 
 
-def family(group) -> str:
-    return str(group).split("_", 1)[0]
-
-
 class SliceDataset(Dataset):
     """Model-space slices as training samples. ``rotate_pictures``: 2D pictures (every group family not in
     ``KNOWN_ORIENTATION``) are also turned by 90/180/270 degrees and flipped, as collections publish them.
@@ -122,7 +119,7 @@ class SliceDataset(Dataset):
         lung, inf = d.lung[i], d.infection[i]
         has_lung, has_inf = bool(lung[0, 0] != MISSING), bool(inf[0, 0] != MISSING)
         image, infection, cls = self._input(i), (inf == 1), int(d.cls[i])
-        if (self.synth_lesions or self.protocol_aug) and family(d.group[i]) in HU_FAMILIES:
+        if (self.synth_lesions or self.protocol_aug) and group_family(d.group[i]) in HU_FAMILIES:
             image, infection, cls, has_inf = self._issue27(i, image, lung, infection, cls, has_lung, has_inf)
         s = {
             "image": torch.from_numpy(image),
