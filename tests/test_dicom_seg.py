@@ -147,6 +147,12 @@ def test_cli_predict_format_dicom_seg(series, tmp_path):
     assert rep["outputs"]["dicom_seg"] == "series_seg.dcm" and rep["outputs"]["dicom_seg_note"] == ""
     label = sitk.ReadImage(str(out / "series_label.nii.gz"))
     check_seg_file(out / "series_seg.dcm", folder, sitk.Cast(label, sitk.sitkUInt8))
+    # a PACS list shows the call in the contract's words (the JSON's label decides which)
+    from hybrid_ct.contract import REPORT
+
+    call = rep["report"]["classification"]["label"] if "report" in rep else rep["classification"]["label"]
+    seg = pydicom.dcmread(out / "series_seg.dcm", stop_before_pixels=True)
+    assert seg.SeriesDescription == REPORT["call"]["series_description"][call] and len(seg.SeriesDescription) <= 64
     # a NIfTI input has no DICOM series to reference: NIfTI only, and the report says why
     rep = json.loads((out / "vol.json").read_text())
     assert rep["outputs"]["dicom_seg"] is None and "not a DICOM series" in rep["outputs"]["dicom_seg_note"]

@@ -21,7 +21,7 @@ import numpy as np
 from hybrid_ct.errors import InputError
 from hybrid_ct.files import jsonable
 from hybrid_ct.imaging.reader import read_image, write_image
-from hybrid_ct.predict.dicom_seg import write_dicom_seg
+from hybrid_ct.predict.dicom_seg import call_series_description, write_dicom_seg
 from hybrid_ct.predict.overlays import overlay_panels
 from hybrid_ct.predict.pdf_report import write_scan_report
 from hybrid_ct.processing.grid import window
@@ -365,7 +365,9 @@ def _write_dicom_seg(case: Case, label, report: dict, out_dir: Path) -> tuple:
         return None, "not written: the input is not a DICOM series"
     try:
         path = write_dicom_seg(label, list(case.files) if case.files else case.path, out_dir / f"{case.name}_seg.dcm",
-                               model_version=str(report.get("model_version") or "") or None)
+                               model_version=str(report.get("model_version") or "") or None,
+                               series_description=call_series_description(
+                                   (report.get("classification") or {}).get("label")))
     except InputError as e:
         return None, f"not written: {' '.join(str(e).split())}"
     return path.name, ""

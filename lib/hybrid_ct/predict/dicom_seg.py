@@ -30,6 +30,13 @@ from hybrid_ct.imaging.reader import series_files as folder_series_files
 log = logging.getLogger("hybrid_ct")
 
 SERIES_DESCRIPTION = "Hybrid CT segmentation"
+# what a PACS list shows of an automatic result: the call in the contract's words (JSON, Slicer, PDF alike)
+CALL_SERIES_DESCRIPTION: dict = CONTRACT["report"]["call"]["series_description"]
+
+
+def call_series_description(call_label) -> str:
+    """The SeriesDescription of a DICOM-SEG made with the scan call ``call_label`` (the generic one without)."""
+    return CALL_SERIES_DESCRIPTION.get(str(call_label or ""), SERIES_DESCRIPTION)
 MANUFACTURER = "Hybrid CT"
 
 
@@ -242,4 +249,4 @@ def read_dicom_seg(path, source=None):
 
 
 __all__ = ["segment_template", "series_files", "reference_grid", "on_source_grid", "build_dicom_seg",
-           "write_dicom_seg", "read_dicom_seg"]
+           "write_dicom_seg", "read_dicom_seg", "call_series_description"]
