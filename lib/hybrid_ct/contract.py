@@ -1,8 +1,9 @@
 """The label and report contract (``contract.json`` beside this file), as Python values.
 
-``contract.json`` is the ONE table of label values, names, synonyms, colours, terminology codes and
-report keys; the core, the MONAI Label app, the plots and (through a byte-identical copy, because
-the Slicer extension ships without this package) the Slicer extension all read it.
+``contract.json`` is the ONE table of label values, names, synonyms, colours, terminology codes, the
+network's heads (what each learns, its loss and lambda, where it is reported) and report keys; the core,
+the MONAI Label app, the plots and (through a byte-identical copy, because the Slicer extension ships
+without this package) the Slicer extension all read it.
 """
 from __future__ import annotations
 
@@ -21,6 +22,26 @@ FOREGROUND: dict[str, int] = {k: v for k, v in LABELS.items() if v}
 COLORS: dict[str, tuple[int, int, int]] = {d["name"]: tuple(d["color"]) for d in _ENTRIES if "color" in d}
 """RGB 0-255 per foreground label (the Slicer segment colours)."""
 SEGMENT_NAMES: dict[str, str] = {d["name"]: d["segment"] for d in _ENTRIES if "segment" in d}
+
+HEADS: dict[str, dict] = {h["name"]: h for h in CONTRACT["heads"]}
+"""Every head, by name: ``kind`` classifier / segmentation (trained) or derived (computed after the network)."""
+TRAINED_HEADS: tuple[str, ...] = tuple(n for n, h in HEADS.items() if h["kind"] != "derived")
+"""The heads a network can have (``NetConfig.heads`` picks among them): ``("cls", "lung", "infection")``."""
+SEG_HEADS: dict[str, tuple[int, ...]] = {n: tuple(LABELS[x] for x in h["labels"]) for n, h in HEADS.items()
+                                          if h["kind"] == "segmentation"}
+"""Each segmentation head's target: the label values whose union it learns (``{"lung": (1, 2), "infection": (2,)}``)."""
+LAMBDAS: dict[str, float] = {n: float(h["lambda"]) for n, h in HEADS.items() if h["kind"] != "derived"}
+SEG_LOSS: dict[str, str] = {n: h["loss"] for n, h in HEADS.items() if h["kind"] == "segmentation"}
+
+
+def head_targets(label, seg_heads: dict | None = None) -> dict:
+    """Label map (any array shape, contract values) -> ``{segmentation head: bool mask}``: each head's target is
+    the union of its declared labels (``seg_heads``: another ``SEG_HEADS``-like table, e.g. a test's)."""
+    import numpy as np
+
+    lab = np.asarray(label)
+    return {name: np.isin(lab, values) for name, values in (SEG_HEADS if seg_heads is None else seg_heads).items()}
+
 
 REPORT: dict = CONTRACT["report"]
 REPORT_KEYS: tuple[str, ...] = tuple(REPORT["keys"])
@@ -44,10 +65,23 @@ def normalise_name(name: str) -> str:
 _CANONICAL = {normalise_name(s): d["name"] for d in _ENTRIES for s in [d["name"], *d["synonyms"]]}
 
 
+def _check_heads() -> None:
+    for name, h in HEADS.items():
+        for label in h.get("labels", []):
+            if label not in LABELS:
+                raise ValueError(f"contract.json head {name!r} names label {label!r}, not in the labels")
+        if h["kind"] == "derived" and h["from"] not in SEG_HEADS:
+            raise ValueError(f"contract.json derived head {name!r} derives from {h['from']!r}, not a segmentation head")
+        report_key("keys", h["report"])
+
+
 def canonical_name(name) -> str | None:
     """'Lungs', 'lung_left', 'GGO', 'COVID-19' ... -> 'lung' / 'infection' / 'background'; None if unknown."""
     return _CANONICAL.get(normalise_name(name)) if isinstance(name, str) else None
 
 
-__all__ = ["CONTRACT", "LABELS", "LABEL_NAMES", "FOREGROUND", "COLORS", "SEGMENT_NAMES", "REPORT", "REPORT_KEYS",
+_check_heads()
+
+__all__ = ["CONTRACT", "LABELS", "LABEL_NAMES", "FOREGROUND", "HEADS", "TRAINED_HEADS", "SEG_HEADS",
+           "LAMBDAS", "SEG_LOSS", "head_targets", "COLORS", "SEGMENT_NAMES", "REPORT", "REPORT_KEYS",
            "BURDEN_KEYS", "report_key", "normalise_name", "canonical_name"]
