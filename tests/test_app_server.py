@@ -10,6 +10,7 @@ import zipfile
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from hybrid_ct.contract import FOREGROUND, PREDICTED
 from server_fixture import (UNLABELLED, http, parse_infer, phantom_files, read_image_bytes, server,  # noqa: F401
                             wait_training_idle, wait_until, write_dicom_series)
 
@@ -32,8 +33,8 @@ def test_info_lists_the_model_with_its_labels(server):
     assert info["name"] == "Hybrid CT"
     model = info["models"]["hybrid_ct"]
     assert model["type"] == "segmentation" and model["dimension"] == 3
-    assert model["labels"] == {"lung": 1, "infection": 2}
-    assert info["labels"] == ["lung", "infection"]
+    assert model["labels"] == PREDICTED == {"right_lung": 3, "left_lung": 4, "infection": 2}
+    assert sorted(info["labels"]) == sorted(PREDICTED)  # MONAI Label lists them by value
     assert set(info["models"]) == {"hybrid_ct"}, "only our own model: no SAM2 / zoo models registered"
     assert "hybrid_ct" in info["trainers"]
     assert {"random", "first", "uncertainty"} <= set(info["strategies"])
@@ -54,10 +55,10 @@ def test_infer_returns_label_map_in_image_geometry_and_the_report(server):
     assert np.allclose(label.GetSpacing(), ref.GetSpacing()) and np.allclose(label.GetOrigin(), ref.GetOrigin())
     assert np.allclose(label.GetDirection(), ref.GetDirection())
     assert label.GetPixelID() == sitk.sitkUInt8
-    assert set(np.unique(sitk.GetArrayFromImage(label)).tolist()) <= {0, 1, 2}
+    assert set(np.unique(sitk.GetArrayFromImage(label)).tolist()) <= {0, 2, 3, 4}
 
     assert REPORT_KEYS <= set(params), params
-    assert params["label_names"] == {"lung": 1, "infection": 2}
+    assert params["label_names"] == PREDICTED
     cls = params["classification"]
     assert cls["label"] in ("positive", "negative", "indeterminate") and 0.0 <= cls["probability"] <= 1.0
     assert set(params["burden"]) >= {"total_pct", "left_pct", "right_pct"}
@@ -132,7 +133,7 @@ def test_submit_corrected_label_is_stored_by_segment_name(server, tmp_path):
                      "params": (None, json.dumps({"label_info": label_info}))}, timeout=120)
     assert r.status_code == 200, r.text
     res = r.json()
-    assert res["label_info"] == [{"name": "lung", "idx": 1}, {"name": "infection", "idx": 2}]
+    assert res["label_info"] == [{"name": n, "idx": v} for n, v in FOREGROUND.items()]
     assert any("Ruler" in w for w in res["warnings"])
 
     got = s.get(f"{server.url}/datastore/label", params={"label": "corrected case", "tag": "final"}, timeout=60)

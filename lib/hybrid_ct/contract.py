@@ -15,10 +15,13 @@ CONTRACT: dict = json.loads((Path(__file__).with_name("contract.json")).read_tex
 
 _ENTRIES = CONTRACT["labels"]
 LABELS: dict[str, int] = {d["name"]: d["value"] for d in _ENTRIES}
-"""``{"background": 0, "lung": 1, "infection": 2}``: the lung is {1, 2}; infection lies inside the lung."""
+"""``{"background": 0, "lung": 1, "right_lung": 3, "left_lung": 4, "infection": 2}``: every value but 0 is lung;
+infection lies inside the lung; 1 is lung without a side (older labels, corrections drawn as one lung)."""
 LABEL_NAMES: dict[int, str] = {v: k for k, v in LABELS.items()}
 FOREGROUND: dict[str, int] = {k: v for k, v in LABELS.items() if v}
-"""The labels a model predicts and a radiologist edits: ``{"lung": 1, "infection": 2}``."""
+"""The labels a radiologist may send back, in drawing order (a later one wins where segments overlap)."""
+PREDICTED: dict[str, int] = {d["name"]: d["value"] for d in _ENTRIES if d["value"] and d.get("predicted", True)}
+"""The labels a prediction holds: ``{"right_lung": 3, "left_lung": 4, "infection": 2}``."""
 COLORS: dict[str, tuple[int, int, int]] = {d["name"]: tuple(d["color"]) for d in _ENTRIES if "color" in d}
 """RGB 0-255 per foreground label (the Slicer segment colours)."""
 SEGMENT_NAMES: dict[str, str] = {d["name"]: d["segment"] for d in _ENTRIES if "segment" in d}
@@ -29,9 +32,13 @@ TRAINED_HEADS: tuple[str, ...] = tuple(n for n, h in HEADS.items() if h["kind"] 
 """The heads a network can have (``NetConfig.heads`` picks among them): ``("cls", "lung", "infection")``."""
 SEG_HEADS: dict[str, tuple[int, ...]] = {n: tuple(LABELS[x] for x in h["labels"]) for n, h in HEADS.items()
                                           if h["kind"] == "segmentation"}
-"""Each segmentation head's target: the label values whose union it learns (``{"lung": (1, 2), "infection": (2,)}``)."""
+"""Each segmentation head's target: the label values whose union it learns (``{"lung": (1, 3, 4, 2), "infection": (2,)}``)."""
 LAMBDAS: dict[str, float] = {n: float(h["lambda"]) for n, h in HEADS.items() if h["kind"] != "derived"}
 SEG_LOSS: dict[str, str] = {n: h["loss"] for n, h in HEADS.items() if h["kind"] == "segmentation"}
+SIDES: dict[str, int] = {side: LABELS[f"{side}_lung"] for side in ("right", "left")}
+"""The sided lung values the derived head ``lung_sides`` writes: ``{"right": 3, "left": 4}``."""
+PARENCHYMA: tuple[int, ...] = tuple(v for v in SEG_HEADS["lung"] if v not in SEG_HEADS["infection"])
+"""Lung without infection, with or without a side: ``(1, 3, 4)``."""
 
 
 def head_targets(label, seg_heads: dict | None = None) -> dict:
@@ -76,12 +83,13 @@ def _check_heads() -> None:
 
 
 def canonical_name(name) -> str | None:
-    """'Lungs', 'lung_left', 'GGO', 'COVID-19' ... -> 'lung' / 'infection' / 'background'; None if unknown."""
+    """'Lungs', 'lung_left', 'GGO', 'COVID-19' ... -> 'lung' / 'left_lung' / 'infection' / 'background'; None if
+    unknown."""
     return _CANONICAL.get(normalise_name(name)) if isinstance(name, str) else None
 
 
 _check_heads()
 
-__all__ = ["CONTRACT", "LABELS", "LABEL_NAMES", "FOREGROUND", "HEADS", "TRAINED_HEADS", "SEG_HEADS",
-           "LAMBDAS", "SEG_LOSS", "head_targets", "COLORS", "SEGMENT_NAMES", "REPORT", "REPORT_KEYS",
+__all__ = ["CONTRACT", "LABELS", "LABEL_NAMES", "FOREGROUND", "PREDICTED", "HEADS", "TRAINED_HEADS", "SEG_HEADS",
+           "LAMBDAS", "SEG_LOSS", "SIDES", "PARENCHYMA", "head_targets", "COLORS", "SEGMENT_NAMES", "REPORT", "REPORT_KEYS",
            "BURDEN_KEYS", "report_key", "normalise_name", "canonical_name"]

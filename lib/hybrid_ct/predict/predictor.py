@@ -18,7 +18,7 @@ import SimpleITK as sitk
 import torch
 from tqdm import tqdm
 
-from hybrid_ct.contract import FOREGROUND, LABELS, SEG_HEADS
+from hybrid_ct.contract import PREDICTED, SEG_HEADS
 from hybrid_ct.net.checkpoint import load_checkpoint
 from hybrid_ct.processing.crop import grow_slab, margin_slices
 from hybrid_ct.processing.scan_call import Calibration, decide, load_calibration, scan_features
@@ -180,7 +180,7 @@ class Predictor:
             "latency_s": latency,
             "slices_run": int(ran.sum()),
             "model_version": self.version,
-            "label_names": {name: LABELS[name] for name in FOREGROUND},
+            "label_names": dict(PREDICTED),
             "lung_density": density,
         }
 
