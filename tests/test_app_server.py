@@ -10,7 +10,8 @@ import zipfile
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from hybrid_ct.contract import FOREGROUND, PREDICTED
+from hybrid_ct.contract import FOREGROUND, LABELS, PREDICTED, SIDES
+from hybrid_ct.processing.sides import lung_sides
 from server_fixture import (UNLABELLED, http, parse_infer, phantom_files, read_image_bytes, server,  # noqa: F401
                             wait_training_idle, wait_until, write_dicom_series)
 
@@ -147,6 +148,22 @@ def test_submit_corrected_label_is_stored_by_segment_name(server, tmp_path):
     info = s.get(f"{server.url}/datastore/label/info", params={"label": "corrected case", "tag": "final"},
                  timeout=30).json()
     assert info["submitted_label_info"] == label_info
+
+    # a correction with the sides, as the Slicer module sends it now, other values and synonyms: stored by name
+    sided = lung_sides(truth, lab)
+    sent = np.zeros_like(sided)
+    sent[sided == SIDES["right"]], sent[sided == SIDES["left"]], sent[sided == LABELS["infection"]] = 5, 6, 1
+    sent_img = sitk.GetImageFromArray(sent.astype(np.uint8))
+    sent_img.CopyInformation(lab)
+    sitk.WriteImage(sent_img, str(path))
+    label_info = [{"name": "GGO", "idx": 1}, {"name": "Right lung", "idx": 5}, {"name": "lung_left", "idx": 6}]
+    r = s.put(f"{server.url}/datastore/label", params={"image": "corrected case", "tag": "sided"},
+              files={"label": ("label.nrrd", path.read_bytes()),
+                     "params": (None, json.dumps({"label_info": label_info}))}, timeout=120)
+    assert r.status_code == 200, r.text
+    got = s.get(f"{server.url}/datastore/label", params={"label": "corrected case", "tag": "sided"}, timeout=60)
+    stored = read_image_bytes(got.content, got.headers["content-disposition"].split("filename=")[-1].strip('"'))
+    assert np.array_equal(sitk.GetArrayFromImage(stored), sided) and {3, 4} <= set(np.unique(sided).tolist())
 
 
 def _unlabelled(live):
