@@ -7,6 +7,10 @@ Reference inputs (those present under ../shared/data): COVID-CT-MD P001 and norm
 NSCLC LUNG1-001 (HU NIfTI), imlab id001 (128 x 128 x 64) and MedSeg picture 0.jpg (8-bit). Each case is run
 through ``hybrid-ct predict``'s own path (``predict_batch``); the fingerprint is the sha256 of the label
 array (voxels only, not the file's bytes) and the report's call, probability, burden and grade.
+
+``label_sha256`` is taken with the lung sides merged back into unsided lung (right and left lung -> 1, the
+network's own output before the derived head ``lung_sides``), so it compares with fingerprints recorded before
+the split; ``sided_label_sha256`` is the label as written, sides included.
 """
 from __future__ import annotations
 
@@ -18,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+
+from hybrid_ct.contract import LABELS, SIDES
 
 CASES = ("volumes_covid_ct_md/P001", "volumes_covid_ct_md/normal001", "volumes_hu/covidctmd_cap001/image_hu.nii.gz",
          "volumes_hu/nsclc_lung1_001/image_hu.nii.gz", "lung3d_imlab/id001_image_hu.nii.gz",
@@ -37,7 +43,9 @@ def fingerprints(out_dir: Path) -> dict:
         if label is None:
             continue
         arr = sitk.GetArrayFromImage(sitk.ReadImage(str(label)))
-        entry = {"label_sha256": hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest(),
+        merged = np.where(np.isin(arr, list(SIDES.values())), LABELS["lung"], arr).astype(arr.dtype)
+        entry = {"label_sha256": hashlib.sha256(np.ascontiguousarray(merged).tobytes()).hexdigest(),
+                 "sided_label_sha256": hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest(),
                  "label_shape": list(arr.shape)}
         for path in REPORT_FIELDS:
             v = report

@@ -10,6 +10,8 @@ import zipfile
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from hybrid_ct.contract import FOREGROUND, LABELS, PREDICTED, SIDES
+from hybrid_ct.processing.sides import lung_sides
 from server_fixture import (UNLABELLED, http, parse_infer, phantom_files, read_image_bytes, server,  # noqa: F401
                             wait_training_idle, wait_until, write_dicom_series)
 
@@ -32,8 +34,8 @@ def test_info_lists_the_model_with_its_labels(server):
     assert info["name"] == "Hybrid CT"
     model = info["models"]["hybrid_ct"]
     assert model["type"] == "segmentation" and model["dimension"] == 3
-    assert model["labels"] == {"lung": 1, "infection": 2}
-    assert info["labels"] == ["lung", "infection"]
+    assert model["labels"] == PREDICTED == {"right_lung": 3, "left_lung": 4, "infection": 2}
+    assert sorted(info["labels"]) == sorted(PREDICTED)  # MONAI Label lists them by value
     assert set(info["models"]) == {"hybrid_ct"}, "only our own model: no SAM2 / zoo models registered"
     assert "hybrid_ct" in info["trainers"]
     assert {"random", "first", "uncertainty"} <= set(info["strategies"])
@@ -54,10 +56,10 @@ def test_infer_returns_label_map_in_image_geometry_and_the_report(server):
     assert np.allclose(label.GetSpacing(), ref.GetSpacing()) and np.allclose(label.GetOrigin(), ref.GetOrigin())
     assert np.allclose(label.GetDirection(), ref.GetDirection())
     assert label.GetPixelID() == sitk.sitkUInt8
-    assert set(np.unique(sitk.GetArrayFromImage(label)).tolist()) <= {0, 1, 2}
+    assert set(np.unique(sitk.GetArrayFromImage(label)).tolist()) <= {0, 2, 3, 4}
 
     assert REPORT_KEYS <= set(params), params
-    assert params["label_names"] == {"lung": 1, "infection": 2}
+    assert params["label_names"] == PREDICTED
     cls = params["classification"]
     assert cls["label"] in ("positive", "negative", "indeterminate") and 0.0 <= cls["probability"] <= 1.0
     assert set(params["burden"]) >= {"total_pct", "left_pct", "right_pct"}
@@ -132,7 +134,7 @@ def test_submit_corrected_label_is_stored_by_segment_name(server, tmp_path):
                      "params": (None, json.dumps({"label_info": label_info}))}, timeout=120)
     assert r.status_code == 200, r.text
     res = r.json()
-    assert res["label_info"] == [{"name": "lung", "idx": 1}, {"name": "infection", "idx": 2}]
+    assert res["label_info"] == [{"name": n, "idx": v} for n, v in FOREGROUND.items()]
     assert any("Ruler" in w for w in res["warnings"])
 
     got = s.get(f"{server.url}/datastore/label", params={"label": "corrected case", "tag": "final"}, timeout=60)
@@ -146,6 +148,22 @@ def test_submit_corrected_label_is_stored_by_segment_name(server, tmp_path):
     info = s.get(f"{server.url}/datastore/label/info", params={"label": "corrected case", "tag": "final"},
                  timeout=30).json()
     assert info["submitted_label_info"] == label_info
+
+    # a correction with the sides, as the Slicer module sends it now, other values and synonyms: stored by name
+    sided = lung_sides(truth, lab)
+    sent = np.zeros_like(sided)
+    sent[sided == SIDES["right"]], sent[sided == SIDES["left"]], sent[sided == LABELS["infection"]] = 5, 6, 1
+    sent_img = sitk.GetImageFromArray(sent.astype(np.uint8))
+    sent_img.CopyInformation(lab)
+    sitk.WriteImage(sent_img, str(path))
+    label_info = [{"name": "GGO", "idx": 1}, {"name": "Right lung", "idx": 5}, {"name": "lung_left", "idx": 6}]
+    r = s.put(f"{server.url}/datastore/label", params={"image": "corrected case", "tag": "sided"},
+              files={"label": ("label.nrrd", path.read_bytes()),
+                     "params": (None, json.dumps({"label_info": label_info}))}, timeout=120)
+    assert r.status_code == 200, r.text
+    got = s.get(f"{server.url}/datastore/label", params={"label": "corrected case", "tag": "sided"}, timeout=60)
+    stored = read_image_bytes(got.content, got.headers["content-disposition"].split("filename=")[-1].strip('"'))
+    assert np.array_equal(sitk.GetArrayFromImage(stored), sided) and {3, 4} <= set(np.unique(sided).tolist())
 
 
 def _unlabelled(live):

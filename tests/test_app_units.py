@@ -23,6 +23,7 @@ from lib.trainers.promotion import promotion_decision  # noqa: E402
 from lib.validation import (BadRequest, canonical_name, canonicalise_label, check_id, check_tag,  # noqa: E402
                             parse_label_info)
 
+from hybrid_ct.contract import FOREGROUND  # noqa: E402
 from hybrid_ct.net.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from hybrid_ct.errors import InputError, ModelNotReadyError  # noqa: E402
 from hybrid_ct.net.network import HybridMultiTaskNet, NetConfig  # noqa: E402
@@ -107,7 +108,8 @@ def test_ids_and_tags():
 
 
 def test_label_names_are_matched_not_positions():
-    assert canonical_name("Lungs") == "lung" and canonical_name("lung_left") == "lung"
+    assert canonical_name("Lungs") == "lung" and canonical_name("lung_left") == "left_lung"
+    assert canonical_name("Right Lung") == "right_lung"
     assert canonical_name("GGO") == "infection" and canonical_name("Ground glass opacity") == "infection"
     assert canonical_name("COVID-19") == "infection" and canonical_name("heart") is None
     assert parse_label_info([{"name": "a", "idx": 3}, {"name": "b", "value": 4}]) == {3: "a", 4: "b"}
@@ -134,7 +136,7 @@ def test_canonicalise_label_remaps_by_name(tmp_path):
                                               {"name": "Ruler", "idx": 17}])
     got = sitk.GetArrayFromImage(out)
     assert got.dtype == np.uint8 and (got == 2).sum() == 3 and (got == 1).sum() == 3 * 16 - 3
-    assert info == [{"name": "lung", "idx": 1}, {"name": "infection", "idx": 2}] and "Ruler" in warnings[0]
+    assert info == [{"name": n, "idx": v} for n, v in FOREGROUND.items()] and "Ruler" in warnings[0]
     assert np.allclose(out.GetOrigin(), ref.GetOrigin()) and np.allclose(out.GetSpacing(), ref.GetSpacing())
     with pytest.raises(InputError, match="unknown values"):
         canonicalise_label(str(tmp_path / "lab.nrrd"), str(tmp_path / "img.nii.gz"))

@@ -27,9 +27,16 @@ def test_slicer_copy_is_byte_identical():
 
 def test_core_values():
     assert LABELS is contract.LABELS
-    assert LABELS == {"background": 0, "lung": 1, "infection": 2}
-    assert contract.FOREGROUND == {"lung": 1, "infection": 2}
+    assert LABELS == {"background": 0, "lung": 1, "right_lung": 3, "left_lung": 4, "infection": 2}
+    assert contract.FOREGROUND == {"lung": 1, "right_lung": 3, "left_lung": 4, "infection": 2}
+    assert contract.PREDICTED == {"right_lung": 3, "left_lung": 4, "infection": 2}
+    assert list(contract.FOREGROUND)[-1] == "infection"  # drawn last: it wins over any lung where segments overlap
     assert set(contract.COLORS) == set(contract.SEGMENT_NAMES) == set(contract.FOREGROUND)
+    assert contract.SIDES == {"right": 3, "left": 4} and contract.PARENCHYMA == (1, 3, 4)
+    # the sided lungs are the derived head's labels, and the lung head trains on every lung value
+    assert contract.HEADS["lung_sides"]["kind"] == "derived"
+    assert [LABELS[x] for x in contract.HEADS["lung_sides"]["labels"]] == list(contract.SIDES.values())
+    assert set(contract.SEG_HEADS["lung"]) == set(contract.FOREGROUND.values())
 
 
 def test_app_reads_the_contract(tmp_path):
@@ -42,18 +49,21 @@ def test_app_reads_the_contract(tmp_path):
     task = HybridCT()
     task.init("hybrid_ct", str(tmp_path), {})
     assert task.labels == contract.FOREGROUND
+    assert task.infer()["hybrid_ct"].labels == contract.PREDICTED  # what a prediction holds
     assert task.label_colors == contract.COLORS
     assert validation.canonical_name is contract.canonical_name
 
 
 def test_slicer_segments_match_the_core():
     core = {d["value"]: d for d in contract.CONTRACT["labels"] if d["value"]}
-    assert [d["idx"] for d in segments.LABEL_INFO] == sorted(core)
-    for d in segments.LABEL_INFO:
+    assert [d["idx"] for d in segments.ALL_LABEL_INFO] == list(core)  # the contract's drawing order
+    assert [d["server_name"] for d in segments.LABEL_INFO] == list(contract.PREDICTED)
+    for d in segments.ALL_LABEL_INFO:
         c = core[d["idx"]]
         assert d["server_name"] == c["name"] and d["name"] == contract.SEGMENT_NAMES[c["name"]]
         assert d["color"] == contract.COLORS[c["name"]]
         assert list(d["category"]) == c["category"] and list(d["type"]) == c["type"]
+        assert (list(d["type_modifier"]) if d["type_modifier"] else None) == c["type_modifier"]
         assert (list(d["anatomic_region"]) if d["anatomic_region"] else None) == c["anatomic_region"]
     assert segments.server_label_names() == contract.FOREGROUND
     # every synonym means the same label on both sides (the server and the Slicer module)
@@ -70,6 +80,10 @@ def test_terminology_entries():
         entry = segments.terminology_entry(name)
         assert len(entry.split("~")) == 7 and not entry.endswith("|")
     assert "52988006" not in segments.terminology_entry("Infection")  # "Lesion": in no list Slicer ships
+    # the sided lungs: Lung with the laterality modifier (Slicer's DICOM master list: Lung's modifiers Right / Left)
+    assert "~SCT^39607008^Lung~SCT^24028007^Right~" in segments.terminology_entry("Right lung")
+    assert "~SCT^39607008^Lung~SCT^7771000^Left~" in segments.terminology_entry("Left lung")
+    assert "~SCT^39607008^Lung~^^~" in segments.terminology_entry("Lung")
 
 
 def test_plots_use_the_contract_colours():
@@ -86,17 +100,18 @@ def test_report_keys_produced_and_read():
     burden = infection_burden(label)
     assert tuple(burden) == contract.BURDEN_KEYS
     assert set(results.GRADE_TEXT) == {severity_grade(p) for p in (0, 10, 30, 60, 90)}
-    report = {contract.REPORT_KEYS[0]: {"label": "positive", "probability": 0.9},
-              contract.REPORT_KEYS[1]: burden, contract.REPORT_KEYS[2]: severity_grade(burden["total_pct"]),
-              contract.REPORT_KEYS[3]: dict(zip(contract.REPORT["energy"], (1.0, 4.0, 0.25, 0.05))),
-              contract.REPORT_KEYS[4]: 1.5, contract.REPORT_KEYS[5]: "v1"}
+    key = contract.report_key
+    report = {key("keys", "classification"): {"label": "positive", "probability": 0.9},
+              key("keys", "burden"): burden, key("keys", "grade"): severity_grade(burden["total_pct"]),
+              key("keys", "energy"): {key("energy", k): v for k, v in zip(contract.REPORT["energy"], (1.0, 4.0, 0.25, 0.05))},
+              key("keys", "latency_s"): 1.5, key("keys", "model_version"): "v1"}
     assert results.NA not in results.format_results(report).values()
 
 
 def test_one_label_table():
     """No source file outside the contract spells a label colour, a terminology code or the synonyms."""
-    patterns = [r"197\s*,\s*165\s*,\s*145", r"241\s*,\s*196\s*,\s*15", r"[\"'](52988006|23583003|39607008|"
-                r"123037004|49755003)[\"']", r"[\"']ground glass opacity[\"']", r"[\"']lung parenchyma[\"']"]
+    patterns = [r"197\s*,\s*165\s*,\s*145", r"128\s*,\s*174\s*,\s*128", r"241\s*,\s*196\s*,\s*15", r"[\"'](52988006|23583003|39607008|"
+                r"123037004|49755003|24028007|7771000)[\"']", r"[\"']ground glass opacity[\"']", r"[\"']lung parenchyma[\"']"]
     hits = []
     for base in ("lib", "apps", "slicer_extension", "scripts"):
         for path in (ROOT / base).rglob("*.py"):

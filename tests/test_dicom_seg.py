@@ -51,17 +51,20 @@ def check_seg_file(path, source_dir, expected):
     assert ds.SeriesInstanceUID != h0.SeriesInstanceUID
     if "FrameOfReferenceUID" in h0:
         assert ds.FrameOfReferenceUID == h0.FrameOfReferenceUID
-    # segments: number = label value, name / codes / colour from the contract
+    # segments: numbered 1..n in the contract's order (dciodvfy wants no gaps), name / codes / colour from it
     present = set(np.unique(sitk.GetArrayFromImage(expected)).tolist()) - {0}
-    contract = {d["value"]: d for d in CONTRACT["labels"] if d["value"]}
-    assert {int(s.SegmentNumber) for s in ds.SegmentSequence} == present
-    for s in ds.SegmentSequence:
-        d = contract[int(s.SegmentNumber)]
+    order = [d for d in CONTRACT["labels"] if d["value"] in present]
+    assert [int(s.SegmentNumber) for s in ds.SegmentSequence] == list(range(1, len(order) + 1))
+    for s, d in zip(ds.SegmentSequence, order):
         assert s.SegmentLabel == d["segment"]
         cat, typ = s.SegmentedPropertyCategoryCodeSequence[0], s.SegmentedPropertyTypeCodeSequence[0]
         assert [cat.CodingSchemeDesignator, cat.CodeValue, cat.CodeMeaning] == d["category"]
         assert [typ.CodingSchemeDesignator, typ.CodeValue, typ.CodeMeaning] == d["type"]
         assert list(s.RecommendedDisplayCIELabValue) == rgb_to_cielab(d["color"])
+        assert "SegmentedPropertyTypeModifierCodeSequence" not in s  # nested in the type's item, as the standard says
+        mod = typ.get("SegmentedPropertyTypeModifierCodeSequence")
+        assert ([mod[0].CodingSchemeDesignator, mod[0].CodeValue, mod[0].CodeMeaning] if mod else None) \
+            == d.get("type_modifier")
         if d.get("anatomic_region"):
             a = s.AnatomicRegionSequence[0]
             assert [a.CodingSchemeDesignator, a.CodeValue, a.CodeMeaning] == d["anatomic_region"]
@@ -101,6 +104,37 @@ def test_lung_only_label_has_one_segment(series, tmp_path):
     folder, lab = series
     lung = sitk.Cast(lab > 0, sitk.sitkUInt8)
     check_seg_file(write_dicom_seg(lung, folder, tmp_path / "seg.dcm"), folder, lung)
+    infection = sitk.Cast(lab == 2, sitk.sitkUInt8) * 2  # one segment numbered 1 holding label value 2
+    check_seg_file(write_dicom_seg(infection, folder, tmp_path / "inf.dcm"), folder, infection)
+
+
+def test_sided_lungs_carry_their_laterality(series, tmp_path):
+    """The derived head's right / left lung: two Lung segments told apart by the type modifier Right
+    (SCT 24028007) / Left (SCT 7771000), read back from the file with pydicom and to the same label values."""
+    from hybrid_ct.processing.sides import lung_sides
+
+    folder, lab = series
+    sided = sitk.GetImageFromArray(lung_sides(sitk.GetArrayFromImage(lab), lab))
+    sided.CopyInformation(lab)
+    assert set(np.unique(sitk.GetArrayFromImage(sided)).tolist()) == {0, 2, 3, 4}
+    path = write_dicom_seg(sided, folder, tmp_path / "seg.dcm")
+    check_seg_file(path, folder, sided)
+    ds = pydicom.dcmread(path)
+    codes = {s.SegmentLabel: (s.SegmentedPropertyTypeCodeSequence[0].CodeValue,
+                              [m.CodeValue for m in s.SegmentedPropertyTypeCodeSequence[0].get(
+                                  "SegmentedPropertyTypeModifierCodeSequence", [])])
+             for s in ds.SegmentSequence}
+    assert codes == {"Right lung": ("39607008", ["24028007"]), "Left lung": ("39607008", ["7771000"]),
+                     "Infection": ("23583003", [])}
+    # another writer's numbering still reads back as the contract's values, by the codes
+    for s in ds.SegmentSequence:
+        s.SegmentNumber = {1: 3, 2: 1, 3: 2}[int(s.SegmentNumber)]
+    for frame in ds.PerFrameFunctionalGroupsSequence:
+        ref = frame.SegmentIdentificationSequence[0]
+        ref.ReferencedSegmentNumber = {1: 3, 2: 1, 3: 2}[int(ref.ReferencedSegmentNumber)]
+    ds.save_as(str(tmp_path / "renumbered.dcm"))
+    back, _ = read_dicom_seg(tmp_path / "renumbered.dcm", folder)
+    assert np.array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(sided))
 
 
 def test_empty_or_foreign_label_is_refused(series, tmp_path):
@@ -108,7 +142,7 @@ def test_empty_or_foreign_label_is_refused(series, tmp_path):
     with pytest.raises(InputError, match="empty"):
         write_dicom_seg(lab * 0, folder, tmp_path / "empty.dcm")
     with pytest.raises(InputError, match="not in the label contract"):
-        write_dicom_seg(lab * 3, folder, tmp_path / "foreign.dcm")
+        write_dicom_seg(lab * 5, folder, tmp_path / "foreign.dcm")
     with pytest.raises(InputError, match="DICOM"):
         write_dicom_seg(lab, [str(tmp_path)], tmp_path / "x.dcm")  # a folder given as a file
     assert not list(tmp_path.glob("*.dcm*"))

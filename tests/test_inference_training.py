@@ -73,7 +73,7 @@ def test_prediction_comes_back_in_the_input_geometry(trained, phantoms):
     assert label.GetSpacing() == img.GetSpacing() and label.GetOrigin() == img.GetOrigin()
     assert label.GetDirection() == img.GetDirection()
     arr = sitk.GetArrayFromImage(label)
-    assert arr.dtype == np.uint8 and set(np.unique(arr)) <= {0, 1, 2}
+    assert arr.dtype == np.uint8 and set(np.unique(arr)) <= {0, 2, 3, 4}  # right lung 3, left lung 4, infection 2
     assert report["model_version"] == "v-test"
     assert report["classification"]["label"] in ("positive", "negative", "indeterminate")
     assert 0.0 <= report["classification"]["probability"] <= 1.0
@@ -82,7 +82,7 @@ def test_prediction_comes_back_in_the_input_geometry(trained, phantoms):
     assert 0 <= report["burden"]["total_pct"] <= 100
     e = report["energy"]
     assert e["e_hybrid_uj"] > 0 and e["e_conv_uj"] > e["e_hybrid_uj"] and 0 < e["ratio"] < 1
-    assert report["label_names"] == {"lung": 1, "infection": 2}
+    assert report["label_names"] == {"right_lung": 3, "left_lung": 4, "infection": 2}
 
 
 def test_predictor_refuses_bad_input(trained):

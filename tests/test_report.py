@@ -58,7 +58,7 @@ def test_small_pieces_go_to_their_side():
 def test_no_lung_and_bad_values():
     assert infection_burden(np.zeros((2, 4, 4), np.uint8)) == {"total_pct": 0.0, "left_pct": 0.0, "right_pct": 0.0}
     with pytest.raises(InputError, match="outside"):
-        infection_burden(np.full((2, 4, 4), 3, np.uint8))
+        infection_burden(np.full((2, 4, 4), 5, np.uint8))
     with pytest.raises(InputError, match="not a label map"):
         infection_burden([[0, 1]])
 

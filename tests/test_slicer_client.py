@@ -27,25 +27,35 @@ from hybrid_ct_slicer.segments import (LABEL_INFO, SegmentError, SegmentWarning,
 from hybrid_ct_slicer.settings import is_valid_server_url, normalise_server_url
 from hybrid_ct_slicer.testdata import make_chest_volume
 
-EXPECTED_LABEL_INFO = [{"name": "lung", "idx": 1}, {"name": "infection", "idx": 2}]
+EXPECTED_LABEL_INFO = [{"name": "lung", "idx": 1}, {"name": "right_lung", "idx": 3}, {"name": "left_lung", "idx": 4},
+                       {"name": "infection", "idx": 2}]
 
 
 # ------------------------------------------------------------------------------ segments
 @pytest.fixture(scope="module")
 def phantom_label():
+    """The label as the server returns it: right lung 3, left lung 4, infection 2."""
     _, label, _ = make_chest_volume(shape=(8, 32, 32))
-    assert {0, 1, 2} <= set(np.unique(label).tolist())
+    assert set(np.unique(label).tolist()) == {0, 2, 3, 4}
+    return label
+
+
+@pytest.fixture(scope="module")
+def unsided_label():
+    """A label drawn before the sides: lung 1 for both, infection 2."""
+    _, label, _ = make_chest_volume(shape=(8, 32, 32), sides=False)
+    assert set(np.unique(label).tolist()) == {0, 1, 2}
     return label
 
 
 def _masks(label):
-    return {"Lung": label == 1, "Infection": label == 2}
+    return {"Right lung": label == 3, "Left lung": label == 4, "Infection": label == 2}
 
 
 def test_export_by_name_in_either_order(phantom_label):
     masks = _masks(phantom_label)
     forward, info = export_labelmap_by_name(dict(masks))
-    backward, info2 = export_labelmap_by_name({"Infection": masks["Infection"], "Lung": masks["Lung"]})
+    backward, info2 = export_labelmap_by_name(dict(reversed(list(masks.items()))))
     assert forward.dtype == np.uint8
     assert np.array_equal(forward, phantom_label)
     assert np.array_equal(backward, phantom_label)
@@ -54,17 +64,31 @@ def test_export_by_name_in_either_order(phantom_label):
 
 def test_export_accepts_case_and_synonyms(phantom_label):
     masks = _masks(phantom_label)
-    out, _ = export_labelmap_by_name({"GGO": masks["Infection"].astype(np.uint8), "LUNGS": masks["Lung"]})
+    out, _ = export_labelmap_by_name({"GGO": masks["Infection"].astype(np.uint8), "lung_right": masks["Right lung"],
+                                      "LEFT LUNG": masks["Left lung"]})
     assert np.array_equal(out, phantom_label)
     assert canonical_segment_name("  lung_parenchyma ") == "Lung"
+    assert canonical_segment_name("Lungs-Left") == "Left lung" and canonical_segment_name("right_lung") == "Right lung"
     assert canonical_segment_name("Ground-glass opacity") == "Infection"
     assert canonical_segment_name("Label_1") is None  # never guessed from position-style names
 
 
 def test_infection_overrides_lung_where_they_overlap(phantom_label):
-    lung_whole = phantom_label > 0  # a Lung segment that also covers the infection
-    out, _ = export_labelmap_by_name({"Infection": phantom_label == 2, "Lung": lung_whole})
+    right_whole = np.isin(phantom_label, (2, 3)) & (np.indices(phantom_label.shape)[2] < 16)  # covers the infection
+    left_whole = np.isin(phantom_label, (2, 4)) & (np.indices(phantom_label.shape)[2] >= 16)
+    out, _ = export_labelmap_by_name({"Infection": phantom_label == 2, "Left lung": left_whole,
+                                      "Right lung": right_whole})
     assert np.array_equal(out, phantom_label)
+
+
+def test_one_lung_segment_stands_for_both_sides(unsided_label):
+    """A segmentation drawn before the sides (one "Lung") is sent as lung without a side (value 1)."""
+    out, info = export_labelmap_by_name({"Lung": unsided_label == 1, "Infection": unsided_label == 2})
+    assert np.array_equal(out, unsided_label) and info == EXPECTED_LABEL_INFO
+    parts = split_labelmap(unsided_label)
+    assert list(parts) == ["Lung", "Right lung", "Left lung", "Infection"]  # Lung only because the map holds 1
+    assert not parts["Right lung"].any() and not parts["Left lung"].any()
+    assert np.array_equal(export_labelmap_by_name(parts)[0], unsided_label)
 
 
 def test_extra_segment_refused_with_its_name(phantom_label):
@@ -85,17 +109,19 @@ def test_extra_segment_ignored_with_warning(phantom_label):
 def test_missing_segment_is_an_error(phantom_label):
     with pytest.raises(SegmentError, match="'Infection' is missing"):
         export_labelmap_by_name({"Lung": phantom_label > 0})
+    with pytest.raises(SegmentError, match="'Left lung' is missing"):
+        export_labelmap_by_name({"Right lung": phantom_label == 3, "Infection": phantom_label == 2})
     with pytest.raises(SegmentError, match="no segments"):
         export_labelmap_by_name({})
     # explicitly allowed partial export
-    out, _ = export_labelmap_by_name({"Lung": phantom_label > 0}, require_all=False)
-    assert set(np.unique(out).tolist()) == {0, 1}
+    out, _ = export_labelmap_by_name({"Right lung": phantom_label == 3}, require_all=False)
+    assert set(np.unique(out).tolist()) == {0, 3}
 
 
 def test_two_segments_with_one_meaning_refused(phantom_label):
     masks = _masks(phantom_label)
-    masks["lungs"] = masks["Lung"]
-    with pytest.raises(SegmentError, match="both mean 'Lung'"):
+    masks["lung left"] = masks["Left lung"]
+    with pytest.raises(SegmentError, match="both mean 'Left lung'"):
         export_labelmap_by_name(masks)
 
 
@@ -106,25 +132,28 @@ def test_shape_mismatch_refused():
 
 def test_split_labelmap_and_unknown_values(phantom_label):
     parts = split_labelmap(phantom_label)
-    assert list(parts) == ["Lung", "Infection"]
+    assert list(parts) == ["Right lung", "Left lung", "Infection"]
     out, _ = export_labelmap_by_name(parts)
     assert np.array_equal(out, phantom_label)
     bad = phantom_label.copy()
-    bad[0, 0, 0] = 3
-    with pytest.raises(SegmentError, match=r"\[3\]"):
+    bad[0, 0, 0] = 5
+    with pytest.raises(SegmentError, match=r"\[5\]"):
         split_labelmap(bad)
 
 
 def test_label_info_and_terminology():
     assert server_label_info() == EXPECTED_LABEL_INFO
-    assert [d["name"] for d in LABEL_INFO] == ["Lung", "Infection"]
+    assert [d["name"] for d in LABEL_INFO] == ["Right lung", "Left lung", "Infection"]
     lung = terminology_entry("Lung")
-    assert "SCT^123037004^Anatomical Structure~SCT^39607008^Lung" in lung
+    assert "SCT^123037004^Anatomical Structure~SCT^39607008^Lung~^^~" in lung
+    right, left = terminology_entry("Right lung"), terminology_entry("Left lung")
+    assert "SCT^123037004^Anatomical Structure~SCT^39607008^Lung~SCT^24028007^Right~" in right
+    assert "SCT^123037004^Anatomical Structure~SCT^39607008^Lung~SCT^7771000^Left~" in left
     inf = terminology_entry("Infection")
     # Inflammation (CID 7159) is in Slicer's DICOM master list; "Lesion" (SCT 52988006) is in none
-    assert "SCT^49755003^Morphologically Altered Structure~SCT^23583003^Inflammation" in inf
+    assert "SCT^49755003^Morphologically Altered Structure~SCT^23583003^Inflammation~^^~" in inf
     assert inf.endswith("~SCT^39607008^Lung~^^")  # anatomic region: lung; no stray '|' (a tag separator)
-    assert len(inf.split("~")) == 7 and len(lung.split("~")) == 7
+    assert all(len(e.split("~")) == 7 for e in (inf, lung, right, left))
 
 
 # ------------------------------------------------------------------------------ results

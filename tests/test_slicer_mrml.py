@@ -33,7 +33,8 @@ except Exception as exc:  # noqa: BLE001 - any import failure is a reason to ski
 pytestmark = pytest.mark.skipif(SKIP_REASON is not None, reason=SKIP_REASON or "")
 
 from hybrid_ct_slicer.imageio import Geometry, read_image, write_image  # noqa: E402
-from hybrid_ct_slicer.segments import LABEL_INFO, SegmentError, SegmentWarning, color01  # noqa: E402
+from hybrid_ct_slicer.segments import (LABEL_INFO, SegmentError, SegmentWarning, color01,  # noqa: E402
+                                       server_label_info)
 from hybrid_ct_slicer.testdata import make_chest_volume  # noqa: E402
 
 MODULE_FILE = Path(__file__).resolve().parents[1] / "slicer_extension" / "HybridCT" / "HybridCT.py"
@@ -78,13 +79,15 @@ def test_labelmap_import_named_coloured_coded(scene, phantom, volume):
     _, label, _ = phantom
     seg_node = mrml.labelmap_to_segmentation(scene, label, volume, show_3d=True)
     assert seg_node.IsA("vtkMRMLSegmentationNode")
-    assert _names(seg_node) == ["Lung", "Infection"]
+    assert _names(seg_node) == ["Right lung", "Left lung", "Infection"]
     segmentation = seg_node.GetSegmentation()
     for info in LABEL_INFO:
         segment = segmentation.GetSegment(segmentation.GetSegmentIdBySegmentName(info["name"]))
         assert np.allclose(segment.GetColor(), color01(info["name"]))
         entry = mrml.segment_terminology(segment)
         assert f"SCT^{info['type'][1]}^{info['type'][2]}" in entry
+        if info["type_modifier"]:  # the sided lungs: Lung + Right / Left
+            assert f"SCT^{info['type'][1]}^{info['type'][2]}~SCT^{info['type_modifier'][1]}^" in entry
     assert segmentation.ContainsRepresentation("Closed surface")  # 3D view: converter rules registered
     assert seg_node.GetDisplayNode() is not None
     # temporary nodes are gone
@@ -99,7 +102,7 @@ def test_export_by_name_shuffled_with_extra_segment(scene, phantom, volume):
     heart_id = segmentation.AddEmptySegment("Heart", "Heart", (1.0, 0.0, 0.0))
     segmentation.SetSegmentIndex(heart_id, 0)
     segmentation.SetSegmentIndex(segmentation.GetSegmentIdBySegmentName("Infection"), 1)
-    assert _names(seg_node) == ["Heart", "Infection", "Lung"]
+    assert _names(seg_node) == ["Heart", "Infection", "Right lung", "Left lung"]
 
     with pytest.raises(SegmentError, match="'Heart'"):
         mrml.export_labelmap(scene, seg_node, volume)
@@ -108,7 +111,7 @@ def test_export_by_name_shuffled_with_extra_segment(scene, phantom, volume):
     assert out.dtype == np.uint8
     assert np.array_equal(out, label)
     assert out_geometry.almost_equal(geometry)
-    assert label_info == [{"name": "lung", "idx": 1}, {"name": "infection", "idx": 2}]
+    assert label_info == server_label_info()
     nodes_before = scene.GetNumberOfNodes()
     with pytest.warns(SegmentWarning):
         mrml.export_labelmap(scene, seg_node, volume, ignore_extra=True)
@@ -119,7 +122,7 @@ def test_renamed_and_missing_segments(scene, phantom, volume):
     _, label, _ = phantom
     seg_node = mrml.labelmap_to_segmentation(scene, label, volume)
     segmentation = seg_node.GetSegmentation()
-    segmentation.GetSegment(segmentation.GetSegmentIdBySegmentName("Lung")).SetName("lungs")
+    segmentation.GetSegment(segmentation.GetSegmentIdBySegmentName("Right lung")).SetName("lung_right")
     out, _, _ = mrml.export_labelmap(scene, seg_node, volume)
     assert np.array_equal(out, label)
     segmentation.RemoveSegment(segmentation.GetSegmentIdBySegmentName("Infection"))
@@ -129,25 +132,25 @@ def test_renamed_and_missing_segments(scene, phantom, volume):
 
 def test_negative_scan_gets_empty_infection_segment(scene, phantom, volume):
     _, label, _ = phantom
-    lung_only = (label > 0).astype(np.uint8)
+    lung_only = (label > 0).astype(np.uint8)  # one lung without sides: its own segment, the others empty
     seg_node = mrml.labelmap_to_segmentation(scene, lung_only, volume)
-    assert _names(seg_node) == ["Lung", "Infection"]
+    assert _names(seg_node) == ["Lung", "Right lung", "Left lung", "Infection"]
     out, _, _ = mrml.export_labelmap(scene, seg_node, volume)
     assert np.array_equal(out, lung_only)
 
 
 def test_overlapping_segments_infection_wins(scene, phantom, volume):
-    """Segments on separate layers may overlap (e.g. Lung painted over the infection)."""
+    """Segments on separate layers may overlap (e.g. Right lung painted over the infection)."""
     _, label, _ = phantom
     seg_node = mrml.labelmap_to_segmentation(scene, label, volume)
     segmentation = seg_node.GetSegmentation()
-    whole_lung = (label > 0).astype(np.uint8)
-    lung_id = segmentation.GetSegmentIdBySegmentName("Lung")
-    # put Lung on its own layer, then make it cover the infection too
+    whole_lung = np.isin(label, (2, 3)).astype(np.uint8)
+    lung_id = segmentation.GetSegmentIdBySegmentName("Right lung")
+    # put Right lung on its own layer, then make it cover the infection too
     segmentation.SeparateSegmentLabelmap(lung_id)
     mrml.set_segment_from_array(scene, seg_node, lung_id, whole_lung, volume)
     arrays = mrml.segment_arrays(scene, seg_node, volume)
-    assert np.array_equal(arrays["Lung"], whole_lung)
+    assert np.array_equal(arrays["Right lung"], whole_lung)
     out, _, _ = mrml.export_labelmap(scene, seg_node, volume)
     assert np.array_equal(out, label)
 
@@ -166,13 +169,13 @@ def test_seg_nrrd_round_trip(scene, phantom, volume, tmp_path):
     path = mrml.write_segmentation(scene, seg_node, str(tmp_path / "case.seg.nrrd"))
     assert os.path.getsize(path) > 0
     header = open(path, "rb").read(4000).decode("latin-1")
-    assert "Segment0_Name:=Lung" in header and "Segment1_Name:=Infection" in header
-    assert "SCT^39607008^Lung" in header
+    assert "Segment0_Name:=Right lung" in header and "Segment2_Name:=Infection" in header
+    assert "SCT^39607008^Lung~SCT^7771000^Left" in header
 
     other_scene = mrml.new_scene()
     other_volume = mrml.add_volume(other_scene, phantom[0], phantom[2], "CT")
     reread = mrml.read_segmentation(other_scene, path)
-    assert _names(reread) == ["Lung", "Infection"]
+    assert _names(reread) == ["Right lung", "Left lung", "Infection"]
     out, _, _ = mrml.export_labelmap(other_scene, reread, other_volume)
     assert np.array_equal(out, label)
 
@@ -183,7 +186,7 @@ def test_server_label_file_to_segments_and_back(scene, phantom, volume, tmp_path
     _, label, geometry = phantom
     returned = write_image(str(tmp_path / "from_server.nii.gz"), label, geometry)
     seg_node = mrml.label_file_to_segmentation(scene, returned, volume)
-    assert _names(seg_node) == ["Lung", "Infection"]
+    assert _names(seg_node) == ["Right lung", "Left lung", "Infection"]
     out, _, out_geometry = mrml.export_labelmap(scene, seg_node, volume)
     sent = write_image(str(tmp_path / "correction.nii.gz"), out, out_geometry)
     img = sitk.ReadImage(sent)
@@ -268,8 +271,9 @@ def test_module_logic_round_trip(hybridct_module, phantom, tmp_path):
 
     seg_node = logic.showLabelmap(label, volume)
     display = seg_node.GetDisplayNode()
-    lung_id = seg_node.GetSegmentation().GetSegmentIdBySegmentName("Lung")
-    assert display.GetSegmentOpacity3D(lung_id) == pytest.approx(0.3)
+    for name in ("Right lung", "Left lung"):
+        lung_id = seg_node.GetSegmentation().GetSegmentIdBySegmentName(name)
+        assert display.GetSegmentOpacity3D(lung_id) == pytest.approx(0.3)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         out, info, geom = logic.exportSegmentation(seg_node, volume)

@@ -82,7 +82,7 @@ def test_radiologist_flow(workflow, tmp_path):
     assert result.uploaded is True
     label, label_geometry = read_image(result.label_path)
     assert label.shape == ct.shape
-    assert set(np.unique(label).tolist()) <= {0, 1, 2}
+    assert set(np.unique(label).tolist()) <= {0, 2, 3, 4}  # right lung 3, left lung 4, infection 2
     assert label_geometry.almost_equal(geometry, tol=1e-3), "label not in the image's own geometry"
     # --- Results panel
     assert result.display["classification"].split(" ")[0] in ("Positive", "Negative", "Indeterminate")
@@ -96,7 +96,8 @@ def test_radiologist_flow(workflow, tmp_path):
     segments = split_labelmap(label)
     corrected_infection = segments["Infection"].copy()
     corrected_infection[: ct.shape[0] // 2] = False  # the radiologist erased half of the infection
-    lung = segments["Lung"] | (segments["Infection"] & ~corrected_infection)
+    # sent as one lung without sides, as a segmentation drawn before the sides is: stored as lung 1
+    lung = segments["Right lung"] | segments["Left lung"] | (segments["Infection"] & ~corrected_infection)
     shuffled = {"Ruler": np.zeros_like(lung), "infection": corrected_infection, "LUNG": lung}
     expected = lung.astype(np.uint8) + 2 * corrected_infection.astype(np.uint8)  # disjoint masks
     res = workflow.submit_correction(image_id, shuffled, label_geometry, ignore_extra=True)

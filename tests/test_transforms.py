@@ -149,5 +149,5 @@ def test_the_app_runs_the_predictors_chain_and_lists_none_of_its_own():
     for name in ("pre_transforms", "post_transforms", "inverse_transforms"):
         assert not hasattr(HybridCTInfer, name), name
     names = [type(t).__name__ for t in post_transforms(pre_transforms(8)).transforms]
-    assert names == ["EnsureTyped", "Invertd", "ProbsToLabeld", "KeepLungComponentsd", "PlausibleLungsd"]
+    assert names == ["EnsureTyped", "Invertd", "ProbsToLabeld", "KeepLungComponentsd", "PlausibleLungsd", "LungSidesd"]
 

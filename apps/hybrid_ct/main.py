@@ -2,7 +2,7 @@
 
     monailabel start_server --app apps/hybrid_ct --studies <dir> --conf models hybrid_ct
 
-Serves one segmentation model ``hybrid_ct`` (labels lung 1, infection 2; result params with the
+Serves one segmentation model ``hybrid_ct`` (labels right lung 3, left lung 4, infection 2; result params with the
 classification, infection burden, grade, energy and model version), its trainer, the active-learning
 strategies ``random``, ``first`` and ``uncertainty`` (spike-based) with the ``uncertainty`` scoring
 method, model versions with roll back, and automatic retraining after ``auto_train_after`` new

@@ -85,8 +85,8 @@ class HybridCT(ScriptedLoadableModule):
             "Outlines the lungs and the infected regions of a chest CT, classifies the scan "
             "(positive/negative) and reports the infection burden, the CT-0..CT-4 severity grade and the "
             "energy ratio of the spiking network, using the Hybrid CT MONAI Label server. Correct the "
-            "segments with the Segment Editor and submit them: they are matched by NAME (Lung = 1, "
-            "Infection = 2), never by their position in the list. See docs/slicer.md of the project.")
+            "segments with the Segment Editor and submit them: they are matched by NAME (Right lung = 3, "
+            "Left lung = 4, Infection = 2; one Lung = 1 for both sides is accepted), never by their position in the list. See docs/slicer.md of the project.")
         self.parent.acknowledgementText = _(
             "Built on MONAI Label and 3D Slicer. The network follows a hybrid spike-convolution multi-task "
             "design (shared encoder, classification and two segmentation heads).")

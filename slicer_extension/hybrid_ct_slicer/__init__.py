@@ -5,7 +5,8 @@ ships (numpy, requests, SimpleITK), and equally runs in a plain CPython for the 
 
 - :mod:`.settings`  server URL validation / normalisation
 - :mod:`.client`    HTTP client for the MONAI Label server (requests)
-- :mod:`.segments`  label map <-> named segments ("Lung" = 1, "Infection" = 2), by NAME, from ``contract.json``
+- :mod:`.segments`  label map <-> named segments ("Right lung" = 3, "Left lung" = 4, "Infection" = 2;
+  "Lung" = 1 without a side), by NAME, from ``contract.json``
   (a copy of the project's label and report contract, lib/hybrid_ct/contract.json)
 - :mod:`.results`   infer result params -> strings for the results panel
 - :mod:`.imageio`   label / volume files through SimpleITK, with their LPS geometry

@@ -19,6 +19,7 @@ from .panel import (RESEARCH_NOTICE, SegRecord, arrival_decision, edit_pairing, 
 from .policy import remove_quietly, replace_decision
 from .imageio import read_image
 from .results import RESULT_FIELDS, format_results
+from .segments import ALL_LABEL_INFO, LUNG_TYPE
 from .settings import ModuleParameters
 from .workflow import Workflow
 
@@ -209,7 +210,7 @@ class ModuleLogic:
         return ModuleParameters.load(self._parameterNode())
 
     def showLabelmap(self, labelmap, volumeNode, segmentationNode=None, show3D=True):
-        """Label map array (on the volume's grid) -> "Lung"/"Infection" segments shown in 2D and 3D."""
+        """Label map array (on the volume's grid) -> "Right lung"/"Left lung"/"Infection" segments in 2D and 3D."""
         segNode = mrml.labelmap_to_segmentation(self.scene, labelmap, volumeNode, segmentation_node=segmentationNode,
                                                 name=f"{volumeNode.GetName()} Hybrid CT",
                                                 logic=self.segmentationsLogic, show_3d=show3D)
@@ -250,9 +251,10 @@ class ModuleLogic:
         display = segNode.GetDisplayNode()
         if display is None:
             return
-        segId = segNode.GetSegmentation().GetSegmentIdBySegmentName("Lung")
-        if segId:
-            display.SetSegmentOpacity3D(segId, 0.3)  # see the infection inside the lung in 3D
+        for info in ALL_LABEL_INFO:  # every lung segment, sided or not: see the infection inside it in 3D
+            segId = segNode.GetSegmentation().GetSegmentIdBySegmentName(info["name"])
+            if segId and info["type"] == LUNG_TYPE:
+                display.SetSegmentOpacity3D(segId, 0.3)
 
     def exportSegmentation(self, segmentationNode, volumeNode, ignoreExtra=False):
         """(uint8 label map, label_info, geometry): segments matched by NAME, whatever their order."""

@@ -19,7 +19,9 @@ from email.parser import BytesParser
 from email.policy import HTTP
 from urllib.parse import parse_qs, urlsplit
 
-INFO = {"name": "Hybrid CT (mock)", "version": "0", "labels": {"lung": 1, "infection": 2},
+from .segments import server_label_names
+
+INFO = {"name": "Hybrid CT (mock)", "version": "0", "labels": server_label_names(),
         "models": {"hybrid_ct": {}}, "trainers": {"hybrid_ct": {}}, "strategies": {"random": {}},
         "train_stats": {}, "datastore": {"total": 0, "completed": 0}}
 

@@ -16,7 +16,7 @@ import vtk
 import vtk.util.numpy_support as vtk_np
 
 from .imageio import Geometry
-from .segments import (LABEL_BY_IDX, LABEL_INFO, SegmentError, color01, export_labelmap_by_name,
+from .segments import (ALL_LABEL_INFO, LABEL_BY_IDX, LABEL_INFO, SegmentError, color01, export_labelmap_by_name,
                        split_labelmap, terminology_entry)
 
 _RULES_REGISTERED = False
@@ -160,8 +160,9 @@ def segment_terminology(segment) -> str:
 def labelmap_to_segmentation(scene, labelmap, reference_volume, *, segmentation_node=None,
                              name: str = "Hybrid CT segmentation", logic=None, show_3d: bool = False):
     """Import a label map (node or ``[k, j, i]`` uint8 array on the reference grid) as segments
-    "Lung" (1) and "Infection" (2), named, coloured and coded; a label absent from the map still gets
-    an (empty) segment so the radiologist can paint it. Unknown values are refused.
+    "Right lung" (3), "Left lung" (4) and "Infection" (2) (and "Lung" (1) where the map holds lung without a
+    side), named, coloured and coded; a predicted label absent from the map still gets an (empty) segment so
+    the radiologist can paint it. Unknown values are refused.
     """
     logic = logic or segmentations_logic(scene)
     temp_node = None
@@ -244,12 +245,14 @@ def set_segment_from_array(scene, seg_node, segment_id: str, mask: np.ndarray, r
 
 
 def order_segments(seg_node) -> None:
-    """Put Lung first and Infection second in the list (display only: export never uses order)."""
+    """Our segments first, in the contract's order (display only: export never uses order)."""
     segmentation = seg_node.GetSegmentation()
-    for wanted_index, info in enumerate(LABEL_INFO):
+    wanted_index = 0
+    for info in ALL_LABEL_INFO:
         seg_id = segmentation.GetSegmentIdBySegmentName(info["name"])
         if seg_id:
             segmentation.SetSegmentIndex(seg_id, wanted_index)
+            wanted_index += 1
 
 
 def segment_names(seg_node) -> list[str]:

@@ -10,11 +10,13 @@ from __future__ import annotations
 import numpy as np
 
 from .imageio import Geometry
+from .segments import server_label_names
 
 
 def make_chest_volume(shape: tuple[int, int, int] = (24, 64, 64), spacing=(1.2, 1.2, 5.0), seed: int = 0,
-                      infected: bool = True) -> tuple[np.ndarray, np.ndarray, Geometry]:
-    """Return ``(ct int16 [k,j,i] in HU, label uint8 0/1/2, LPS geometry)``."""
+                      infected: bool = True, sides: bool = True) -> tuple[np.ndarray, np.ndarray, Geometry]:
+    """Return ``(ct int16 [k,j,i] in HU, label uint8, LPS geometry)``: the label as the server returns it
+    (right lung, left lung, infection), or with ``sides=False`` as before the sides (lung 1, infection 2)."""
     nz, ny, nx = shape
     rng = np.random.default_rng(seed)
     z, y, x = np.meshgrid(np.linspace(-1, 1, nz), np.linspace(-1, 1, ny), np.linspace(-1, 1, nx), indexing="ij")
@@ -28,14 +30,18 @@ def make_chest_volume(shape: tuple[int, int, int] = (24, 64, 64), spacing=(1.2, 
     lung = (right | left) & body
     ct[lung] = -850.0
     label = np.zeros(shape, np.uint8)
-    label[lung] = 1
+    values = server_label_names()
+    label[lung] = values["lung"]
+    if sides:
+        label[right & lung] = values["right_lung"]
+        label[left & lung] = values["left_lung"]
     if infected:
         centres = [(-0.45, 0.15, 0.2), (-0.35, -0.2, -0.3), (0.45, 0.25, 0.4)]
         for cx, cy, cz in centres:
             blob = ((x - cx) / 0.12) ** 2 + ((y - cy) / 0.12) ** 2 + ((z - cz) / 0.35) ** 2 <= 1.0
             blob &= lung
             ct[blob] = -350.0
-            label[blob] = 2
+            label[blob] = values["infection"]
     ct += rng.normal(0.0, 15.0, shape)
     geometry = Geometry(spacing=spacing, origin=(-nx * spacing[0] / 2, -ny * spacing[1] / 2, -nz * spacing[2] / 2))
     return np.clip(np.round(ct), -1024, 3071).astype(np.int16), label, geometry

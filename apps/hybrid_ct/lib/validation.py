@@ -23,7 +23,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from hybrid_ct import LABELS
-from hybrid_ct.contract import canonical_name  # noqa: F401  (label name synonyms: hybrid_ct/contract.json)
+from hybrid_ct.contract import FOREGROUND, canonical_name  # noqa: F401  (label name synonyms: hybrid_ct/contract.json)
 from hybrid_ct.errors import InputError
 from hybrid_ct.imaging.filecheck import DEFAULT_MAX_VOXELS, check_volume_file, volume_kind
 from hybrid_ct.imaging.chest import check_ct
@@ -416,12 +416,14 @@ class _Header:
 
 def canonicalise_label(label_path: str, image_path: str, label_info=None, name: str = "the label"):
     """Read a submitted label map, check it against the image and remap it BY NAME to the project's
-    convention (0 background, 1 lung, 2 infection).
+    convention (contract.json: 0 background, 1 lung without a side, 2 infection, 3 right lung, 4 left lung).
 
     Returns ``(uint8 SimpleITK image in the image's geometry, canonical label_info, warnings)``.
-    Without ``label_info`` the values must already be 0/1/2. Values in the map that label_info does
-    not name, or names that are neither lung nor infection, are refused (InputError, HTTP 422); an
-    unknown name whose value does not occur in the map is only reported as a warning.
+    Without ``label_info`` the values must already be the contract's. Values in the map that label_info does
+    not name, or names the contract does not know, are refused (InputError, HTTP 422); an unknown name whose
+    value does not occur in the map is only reported as a warning. A correction drawn as one lung ("lung",
+    the labels of clients before the sides) is kept as lung without a side: it trains the lung head as the
+    sided labels do.
     """
     ref = image_header(image_path)
     if volume_kind(label_path):  # whole and no bigger than the image, before a voxel is read
@@ -436,8 +438,9 @@ def canonicalise_label(label_path: str, image_path: str, label_info=None, name: 
     if not names:
         bad = sorted(present - set(LABELS.values()))
         if bad:
-            raise InputError(f"the label holds unknown values {bad[:10]}: allowed are 0 background, 1 lung, "
-                             "2 infection (or send label_info naming each value)")
+            allowed = ", ".join(f"{v} {n}" for n, v in sorted(LABELS.items(), key=lambda kv: kv[1]))
+            raise InputError(f"the label holds unknown values {bad[:10]}: allowed are {allowed} "
+                             "(or send label_info naming each value)")
         mapping = {v: v for v in present}
     else:
         mapping = {0: 0}
@@ -453,7 +456,7 @@ def canonicalise_label(label_path: str, image_path: str, label_info=None, name: 
             mapping[value] = LABELS[canon]
         if unknown:
             raise InputError(f"the label names segments this model does not know: {', '.join(unknown)}; "
-                             "known are lung and infection")
+                             f"known are {', '.join(n.replace('_', ' ') for n in FOREGROUND)}")
         unnamed = sorted(present - set(mapping))
         if unnamed:
             raise InputError(f"the label holds values {unnamed[:10]} that label_info does not name "
@@ -464,5 +467,5 @@ def canonicalise_label(label_path: str, image_path: str, label_info=None, name: 
     out.SetSpacing(tuple(ref.GetSpacing()))
     out.SetOrigin(tuple(ref.GetOrigin()))
     out.SetDirection(tuple(ref.GetDirection()))
-    canon_info = [{"name": "lung", "idx": LABELS["lung"]}, {"name": "infection", "idx": LABELS["infection"]}]
+    canon_info = [{"name": name, "idx": value} for name, value in FOREGROUND.items()]
     return out, canon_info, warnings

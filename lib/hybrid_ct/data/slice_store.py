@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from hybrid_ct.contract import LABELS
+from hybrid_ct.contract import head_targets
 from hybrid_ct.processing.context import neighbours, stack
 from hybrid_ct.processing.grid import slice_spacing
 from hybrid_ct.processing.transforms import model_slices
@@ -99,15 +99,18 @@ def load_replay(path, n: int | None = None, seed: int = 0) -> SliceSet:
 
 def slices_from_arrays(x: np.ndarray, label: np.ndarray | None, group: str, diagnosis: int | None = None,
                        lung_known: bool = True, infection_known: bool = True, dz_mm: float | None = None) -> SliceSet:
-    """x [D,1,S,S] in [0,1]; label [D,S,S] with 0/1/2 or None. The slice class is "infection present"
+    """x [D,1,S,S] in [0,1]; label [D,S,S] with the contract's values or None: each segmentation head's target
+    is the union of the labels it declares (contract.json "heads"; both lung sides and unsided lung train the
+    lung head). The slice class is "infection present"
     when the infection mask is known, else the scan's diagnosis if it is negative (all slices negative);
     slices of a positive scan without an infection mask have no class target. ``dz_mm``: x is a volume
     with this slice spacing, and each slice keeps its neighbours (``hybrid_ct.processing.context``)."""
     d, s = x.shape[0], x.shape[-1]
     images = np.round(np.clip(x[:, 0], 0, 1) * 255).astype(np.uint8)
     miss = np.full((d, s, s), MISSING, np.uint8)
-    lung = (label >= 1).astype(np.uint8) if label is not None and lung_known else miss
-    inf = (label == LABELS["infection"]).astype(np.uint8) if label is not None and infection_known else miss.copy()
+    targets = head_targets(label) if label is not None else {}
+    lung = targets["lung"].astype(np.uint8) if label is not None and lung_known else miss
+    inf = targets["infection"].astype(np.uint8) if label is not None and infection_known else miss.copy()
     if label is not None and infection_known:
         cls = inf.reshape(d, -1).any(1).astype(np.int8)
     elif diagnosis == 0:

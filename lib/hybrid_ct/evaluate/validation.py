@@ -17,6 +17,7 @@ from hybrid_ct.predict.batch import display_slices
 from hybrid_ct.processing.scan_call import SLICE_MIN_MM2
 from hybrid_ct.errors import InputError
 from hybrid_ct.train.recipes import load_recipe, load_recipe_data
+from hybrid_ct.contract import LABELS, SEG_HEADS
 from hybrid_ct.predict.predictor import run_on_slices
 from hybrid_ct.data.slice_store import MISSING
 from hybrid_ct.data.manifest import data_root, group_family, read_slice_labels, split_sets, val_groups_for
@@ -45,9 +46,9 @@ MIN_SPECIFICITY = 0.85  # the operating point reported beside the shipped one: b
 def _true_label(s, i: int) -> np.ndarray:
     t = np.zeros(s.images.shape[1:], np.uint8)
     if s.lung[i, 0, 0] != MISSING:
-        t[s.lung[i] == 1] = 1
+        t[s.lung[i] == 1] = LABELS["lung"]
     if s.infection[i, 0, 0] != MISSING:
-        t[s.infection[i] == 1] = 2
+        t[s.infection[i] == 1] = LABELS["infection"]
     return t
 
 
@@ -89,8 +90,8 @@ def evaluate_sets(model, val_sets: list, batch_size: int = 16, progress: bool = 
                 res.setdefault("normal", {})[s.name] = {
                     "slices": len(normal), "with_infection": int((frac >= NORMAL_FP_FRACTION).sum()),
                     "mean_infection_pct": float(100 * frac.mean())}
-            for head, classes in (("lung", {"lung": (1, 2)}), ("infection", {"infection": (2,)})):
-                arr = sl.lung if head == "lung" else sl.infection
+            for head, values in SEG_HEADS.items():  # Dice per segmentation head of contract.json
+                classes, arr = {head: values}, getattr(sl, head)
                 idx = [i for i in range(len(sl)) if arr[i, 0, 0] != MISSING and not (head == "infection" and i in normal)]
                 if not idx:
                     continue

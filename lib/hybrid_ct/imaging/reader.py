@@ -11,13 +11,16 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from hybrid_ct.contract import LABELS
 from hybrid_ct.errors import InputError
 from hybrid_ct.imaging.calibration import calibrate_8bit, lung_window_hu
 
 INTENSITIES = ("hu", "8bit", "8bit-auto")
 PICTURE_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 VOLUME_EXT = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
-LABEL_VALUES = (0, 1, 2)
+LABEL_VALUES = tuple(sorted(LABELS.values()))  # contract.json
+if LABEL_VALUES != tuple(range(len(LABEL_VALUES))):  # read_label checks a range
+    raise ValueError(f"contract.json label values must be 0..n without gaps, got {LABEL_VALUES}")
 
 
 _COMPLEX_TYPES = (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64)
@@ -272,7 +275,8 @@ def write_image(img: sitk.Image, path) -> str:
 
 
 def read_label(path, ref_img: sitk.Image) -> sitk.Image:
-    """Read a label map (0 background, 1 lung, 2 infection) matching ``ref_img``; uint8 with its geometry."""
+    """Read a label map (contract.json values: 0 background, 1 lung, 2 infection, 3 right lung, 4 left lung)
+    matching ``ref_img``; uint8 with its geometry."""
     path = os.fspath(path)
     if not os.path.isfile(path) or os.path.getsize(path) == 0:
         raise InputError(f"no such label file, or an empty one (0 bytes): {path}")

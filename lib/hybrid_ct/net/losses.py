@@ -7,6 +7,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from monai.losses import DiceFocalLoss, DiceLoss, FocalLoss
 
+from hybrid_ct.contract import HEADS
+
 SEG_LOSSES = ("focal", "dice", "dice_focal", "dice_ce")
 
 
@@ -70,21 +72,34 @@ class SelfAdaptiveClassLoss(nn.Module):
 class MultiTaskLoss(nn.Module):
     """mL = sum_i lambda_i L_i over the heads present in the network output.
 
-    CLS: MSE between output firing rates and the one-hot label (seed 002), plus ``cls_ce`` x CE on the
-    output current (keeps the probability calibrated), or the self-adaptive loss of seed 001.
-    Segmentation: one binary loss per head; with deep supervision the auxiliary outputs are compared
-    with max-pooled targets at their own scale, weighted 0.5, 0.25, ...
-    Targets: ``cls`` [B] long, ``lung`` and ``infection`` [B,1,H,W] float {0,1}; a head whose target is
-    missing is skipped, and ``cls_mask`` [B] bool can mark samples without a class label.
+    The heads, their losses and default lambdas are contract.json's "heads" (``heads``: another table of the
+    same form, e.g. a test's). CLS: MSE between output firing rates and the one-hot label (seed 002), plus
+    ``cls_ce`` x CE on the output current (keeps the probability calibrated), or the self-adaptive loss of
+    seed 001. Segmentation: one binary loss per segmentation head; with deep supervision the auxiliary
+    outputs are compared with max-pooled targets at their own scale, weighted 0.5, 0.25, ...
+    Targets: ``cls`` [B] long, one [B,1,H,W] float {0,1} per segmentation head (``lung``, ``infection``);
+    a head whose target is missing is skipped, and ``<head>_mask`` [B] bool marks samples without one.
+    ``seg`` / ``infection_seg`` override the declared losses (the lung and infection heads' names kept for
+    the recipes); ``losses`` overrides any head's by name.
     """
 
-    def __init__(self, lambdas: dict | None = None, seg: str = "focal", infection_seg: str | None = None,
-                 cls_ce: float = 0.1, adaptive_cls: bool = False):
+    def __init__(self, lambdas: dict | None = None, seg: str | None = None, infection_seg: str | None = None,
+                 cls_ce: float = 0.1, adaptive_cls: bool = False, losses: dict | None = None,
+                 heads: dict | None = None):
         super().__init__()
-        self.lambdas = {"cls": 1.0, "lung": 1.0, "infection": 1.0, **(lambdas or {})}
+        heads = HEADS if heads is None else heads
+        trained = [n for n, h in heads.items() if h["kind"] != "derived"]
+        self.seg_heads = [n for n in trained if heads[n]["kind"] == "segmentation"]
+        self.lambdas = {**{n: float(heads[n]["lambda"]) for n in trained}, **(lambdas or {})}
         if any(v <= 0 for v in self.lambdas.values()):
             raise ValueError("every lambda must be > 0")
-        self.seg = nn.ModuleDict({"lung": seg_loss(seg), "infection": seg_loss(infection_seg or seg)})
+        kinds = {n: heads[n]["loss"] for n in self.seg_heads}
+        if seg:
+            kinds = {n: seg for n in kinds}
+        if infection_seg and "infection" in kinds:
+            kinds["infection"] = infection_seg
+        kinds.update(losses or {})
+        self.seg = nn.ModuleDict({n: seg_loss(k) for n, k in kinds.items()})
         self.cls_ce = cls_ce
         self.adaptive = SelfAdaptiveClassLoss() if adaptive_cls else None
 
@@ -106,7 +121,7 @@ class MultiTaskLoss(nn.Module):
             elif bool(mask.any()):
                 sub = {k: out[k][mask] for k in ("cls_rates", "cls_logits")}
                 parts["cls"] = self.cls_loss(sub, targets["cls"][mask])
-        for head in ("lung", "infection"):
+        for head in self.seg_heads:
             if head not in out or targets.get(head) is None:
                 continue
             y = targets[head].float()

@@ -25,7 +25,9 @@ from spikingjelly.activation_based import functional, layer, neuron, surrogate
 from spikingjelly.activation_based.memopt import BooleanSpikeCompressor
 from spikingjelly.activation_based.memopt import checkpoint as sj_checkpoint
 
-HEADS = ("cls", "lung", "infection")
+from hybrid_ct.contract import HEADS as HEAD_SPECS, TRAINED_HEADS
+
+HEADS = TRAINED_HEADS  # declared in contract.json "heads": a classifier and one decoder per segmentation head
 SURROGATES = {"atan": surrogate.ATan, "sigmoid": surrogate.Sigmoid, "erf": surrogate.Erf}
 
 
@@ -395,7 +397,7 @@ class HybridMultiTaskNet(nn.Module):
         self.cfg = cfg = cfg or NetConfig()
         self.encoder = Encoder(cfg)
         self.cls = ClsHead(cfg) if "cls" in cfg.heads else None
-        self.seg = nn.ModuleDict({h: SegDecoder(cfg) for h in cfg.heads if h != "cls"})
+        self.seg = nn.ModuleDict({h: SegDecoder(cfg) for h in cfg.heads if HEAD_SPECS[h]["kind"] == "segmentation"})
 
     def forward(self, x: torch.Tensor) -> dict:
         if x.ndim != 4 or x.shape[1] != self.cfg.in_channels:

@@ -4,11 +4,13 @@
     label_again = read_dicom_seg(path)          # the same label map (uint8, same geometry)
 
 Written with ``pydicom-seg`` (offline; not dcmqi, not highdicom), from the label contract
-(``contract.json``): one segment per class present in the label map (lung 1, infection 2; the segment
-number is the label value), with its name (SegmentLabel), SNOMED CT category / type codes (and the
-anatomic region for infection) and its colour as CIELab RecommendedDisplayCIELabValue. The SEG is a
-BINARY segmentation, one frame per non-empty slice and segment, in the same study and frame of
-reference as the source series; ReferencedSeriesSequence names the source series and every frame's
+(``contract.json``): one segment per class present in the label map (right lung 3, left lung 4, infection 2,
+lung without a side 1), numbered 1..n in the contract's order (DICOM wants segment numbers 1, 2, ... without
+gaps, so the number is not the label value: ``read_dicom_seg`` maps segments back by their codes), with its
+name (SegmentLabel), SNOMED CT category / type codes, the type modifier Right / Left of the sided lungs
+(SegmentedPropertyTypeModifierCodeSequence, inside the type's item), the anatomic region for infection,
+and its colour as CIELab RecommendedDisplayCIELabValue. The SEG is a BINARY segmentation, one frame per
+non-empty slice and segment, in the same study and frame of reference as the source series; ReferencedSeriesSequence names the source series and every frame's
 DerivationImageSequence / SourceImageSequence names the source slice's SOP Instance UID.
 
 A label map whose grid is not the source series' grid (another orientation, spacing or size) is
@@ -54,9 +56,27 @@ def _code(entry) -> dict:
     return {"CodeValue": value, "CodingSchemeDesignator": scheme, "CodeMeaning": meaning}
 
 
+def _codes_key(category, type_, modifier) -> tuple:
+    """(category, type, type modifier or None) code values: what a segment means, whatever its number."""
+    return category[1], type_[1], modifier[1] if modifier else None
+
+
+def _type_modifier(segment):
+    """A segment's type modifier sequence: nested in its type item (the standard), or beside it (older writers)."""
+    return segment.SegmentedPropertyTypeCodeSequence[0].get("SegmentedPropertyTypeModifierCodeSequence") \
+        or segment.get("SegmentedPropertyTypeModifierCodeSequence")
+
+
+def segment_numbers(values) -> dict:
+    """Label value -> DICOM segment number: the ``values`` given, numbered 1..n in the contract's order."""
+    wanted = set(int(v) for v in values) - {0}
+    return {d["value"]: k for k, d in enumerate((d for d in CONTRACT["labels"] if d["value"] in wanted), start=1)}
+
+
 def segment_template(algorithm_type: str = "AUTOMATIC", algorithm_name: str = "Hybrid CT",
-                     series_description: str = SERIES_DESCRIPTION, creator: str = "HybridCT^Model"):
-    """The pydicom-seg template (a dcmqi ``metainfo.json`` as a dataset) from the label contract.
+                     series_description: str = SERIES_DESCRIPTION, creator: str = "HybridCT^Model", values=None):
+    """The pydicom-seg template (a dcmqi ``metainfo.json`` as a dataset) from the label contract, one segment
+    per label value of ``values`` (default: every foreground label), numbered as ``segment_numbers``.
 
     ``algorithm_type``: AUTOMATIC (a model's prediction), SEMIAUTOMATIC (a prediction corrected by a
     reader) or MANUAL (drawn by hand: no algorithm name then)."""
@@ -64,17 +84,20 @@ def segment_template(algorithm_type: str = "AUTOMATIC", algorithm_name: str = "H
 
     if algorithm_type not in ("AUTOMATIC", "SEMIAUTOMATIC", "MANUAL"):
         raise ValueError(f"algorithm_type {algorithm_type!r}: AUTOMATIC, SEMIAUTOMATIC or MANUAL")
+    numbers = segment_numbers(FOREGROUND.values() if values is None else values)
     segments = []
     for d in CONTRACT["labels"]:
-        if not d["value"]:
+        if d["value"] not in numbers:
             continue
-        seg = {"labelID": d["value"], "SegmentLabel": d["segment"], "SegmentDescription": d["description"],
+        seg = {"labelID": numbers[d["value"]], "SegmentLabel": d["segment"], "SegmentDescription": d["description"],
                "SegmentAlgorithmType": algorithm_type,
                "SegmentedPropertyCategoryCodeSequence": _code(d["category"]),
                "SegmentedPropertyTypeCodeSequence": _code(d["type"]),
                "recommendedDisplayRGBValue": list(d["color"])}
         if algorithm_type != "MANUAL":
             seg["SegmentAlgorithmName"] = algorithm_name
+        if d.get("type_modifier"):
+            seg["SegmentedPropertyTypeModifierCodeSequence"] = _code(d["type_modifier"])
         if d.get("anatomic_region"):
             seg["AnatomicRegionSequence"] = _code(d["anatomic_region"])
         segments.append(seg)
@@ -170,9 +193,17 @@ def build_dicom_seg(label, source, algorithm_type: str = "AUTOMATIC", model_vers
 
     headers = _headers(series_files(source))
     lab = on_source_grid(label, headers)
-    if not np.any(sitk.GetArrayViewFromImage(lab)):
+    arr = sitk.GetArrayFromImage(lab)
+    if not np.any(arr):
         raise InputError("the label map is empty (no lung, no infection): there is nothing to write as DICOM-SEG")
-    template = segment_template(algorithm_type, series_description=series_description)
+    numbers = segment_numbers(np.flatnonzero(np.bincount(arr.ravel())))
+    lut = np.zeros(max(FOREGROUND.values()) + 1, np.uint8)
+    for value, number in numbers.items():
+        lut[value] = number
+    numbered = sitk.GetImageFromArray(lut[arr])
+    numbered.CopyInformation(lab)
+    lab = numbered
+    template = segment_template(algorithm_type, series_description=series_description, values=numbers)
     writer = pydicom_seg.MultiClassWriter(template=template, inplane_cropping=False, skip_empty_slices=True,
                                           skip_missing_segment=False)
     src = copy.deepcopy(headers[0])  # pydicom-seg shares (and then changes) the first header's elements
@@ -183,6 +214,11 @@ def build_dicom_seg(label, source, algorithm_type: str = "AUTOMATIC", model_vers
     for key in ("FrameOfReferenceUID", "PositionReferenceIndicator"):
         if key in src:
             ds[key] = src[key]
+    for s in ds.SegmentSequence:  # the standard nests the type modifier in the type's item; pydicom-seg puts it beside
+        if "SegmentedPropertyTypeModifierCodeSequence" in s:
+            s.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = \
+                s.SegmentedPropertyTypeModifierCodeSequence
+            del s.SegmentedPropertyTypeModifierCodeSequence
     ds.SeriesNumber = series_number
     ds.SeriesDescription = series_description
     ds.ContentLabel = "HYBRIDCT"
@@ -212,9 +248,9 @@ def write_dicom_seg(label, source, out_path, algorithm_type: str = "AUTOMATIC", 
 
 def read_dicom_seg(path, source=None):
     """A DICOM-SEG file -> (multi-class uint8 label map as SimpleITK image, pydicom Dataset). Segment
-    numbers are mapped to label values through the segment's SNOMED type code (falling back to the
-    number for codes outside the contract). The SEG holds only the slices with a segment: with
-    ``source`` (the source series folder / files, or a SimpleITK image on its grid) the label map is
+    numbers are mapped to label values through the segment's SNOMED category, type and type modifier codes
+    (falling back to the number for codes outside the contract). The SEG holds only the slices with a
+    segment: with ``source`` (the source series folder / files, or a SimpleITK image on its grid) the label map is
     put back on the whole source grid (zeros elsewhere)."""
     import pydicom
     import pydicom_seg
@@ -228,12 +264,14 @@ def read_dicom_seg(path, source=None):
         raise InputError(f"{path} is not a DICOM-SEG (modality {ds.get('Modality', '?')!r})")
     result = pydicom_seg.MultiClassReader().read(ds)
     img = sitk.Cast(result.image, sitk.sitkUInt8)
-    by_type = {_code(d["type"])["CodeValue"] + _code(d["category"])["CodeValue"]: d["value"]
-               for d in CONTRACT["labels"] if d["value"]}
+    by_codes = {_codes_key(d["category"], d["type"], d.get("type_modifier")): d["value"]
+                for d in CONTRACT["labels"] if d["value"]}
     mapping = {}
     for s in ds.SegmentSequence:
-        key = s.SegmentedPropertyTypeCodeSequence[0].CodeValue + s.SegmentedPropertyCategoryCodeSequence[0].CodeValue
-        mapping[int(s.SegmentNumber)] = by_type.get(key, int(s.SegmentNumber))
+        modifier = _type_modifier(s)
+        key = (s.SegmentedPropertyCategoryCodeSequence[0].CodeValue, s.SegmentedPropertyTypeCodeSequence[0].CodeValue,
+               modifier[0].CodeValue if modifier else None)
+        mapping[int(s.SegmentNumber)] = by_codes.get(key, int(s.SegmentNumber))
     if any(k != v for k, v in mapping.items()):
         arr = sitk.GetArrayFromImage(img)
         out = np.zeros_like(arr)
@@ -248,5 +286,5 @@ def read_dicom_seg(path, source=None):
     return img, ds
 
 
-__all__ = ["segment_template", "series_files", "reference_grid", "on_source_grid", "build_dicom_seg",
+__all__ = ["segment_numbers", "segment_template", "series_files", "reference_grid", "on_source_grid", "build_dicom_seg",
            "write_dicom_seg", "read_dicom_seg", "call_series_description"]

@@ -36,7 +36,7 @@ def save_figure(fig, path) -> Path:
 
 
 def overlay_panels(panels: list, path, ncols: int | None = None) -> Path:
-    """``panels``: list of (image2d in [0, 1], label2d 0/1/2 or None, title). Contours in the contract's
+    """``panels``: list of (image2d in [0, 1], label2d (contract values) or None, title). Contours in the contract's
     lung and infection colours (a reference label can be passed as a 4th element, drawn dashed cyan)."""
     n = max(len(panels), 1)
     ncols = ncols or min(n, 3)

@@ -18,7 +18,7 @@ import SimpleITK as sitk
 import torch
 from tqdm import tqdm
 
-from hybrid_ct.contract import LABELS
+from hybrid_ct.contract import PREDICTED, SEG_HEADS
 from hybrid_ct.net.checkpoint import load_checkpoint
 from hybrid_ct.processing.crop import grow_slab, margin_slices
 from hybrid_ct.processing.scan_call import Calibration, decide, load_calibration, scan_features
@@ -33,7 +33,7 @@ from hybrid_ct.processing.transforms import MIN_3D_SLICES, post_transforms, pre_
 
 @dataclass
 class SliceOutputs:
-    lung: np.ndarray  # [D,1,S,S] probabilities in model space
+    lung: np.ndarray  # [D,1,S,S] probabilities in model space, one field per segmentation head (contract.json)
     infection: np.ndarray
     positive_prob: np.ndarray  # [D]
     predicted: np.ndarray  # [D] class from the firing rates
@@ -44,11 +44,12 @@ class SliceOutputs:
     def blank(cls, d: int, size: int) -> "SliceOutputs":
         """``d`` slices on which the network did not run: probability 0, class 0."""
         z = np.zeros((d, 1, size, size), np.float32)
-        return cls(z, z.copy(), np.zeros(d), np.zeros(d, np.int64), np.zeros((d, 2)), np.zeros(d, bool))
+        return cls(**{h: z.copy() for h in SEG_HEADS}, positive_prob=np.zeros(d), predicted=np.zeros(d, np.int64),
+                   rates=np.zeros((d, 2)), ran=np.zeros(d, bool))
 
     def put(self, lo: int, part: "SliceOutputs") -> None:
         hi = lo + len(part.positive_prob)
-        for name in ("lung", "infection", "positive_prob", "predicted", "rates"):
+        for name in (*SEG_HEADS, "positive_prob", "predicted", "rates"):
             getattr(self, name)[lo:hi] = getattr(part, name)
         self.ran[lo:hi] = True
 
@@ -120,7 +121,7 @@ class Predictor:
         """x [D,1,S,S] in [0,1] (or the network's [D,3,S,S] 2.5D input, ``hybrid_ct.processing.context``; a 1-channel
         stack is read as pictures, each its own neighbour) -> per-slice probabilities and class calls."""
         x = with_context(x, self.model.cfg.in_channels)
-        outs = {k: [] for k in ("lung", "infection", "prob", "pred", "rates")}
+        outs = {k: [] for k in (*SEG_HEADS, "prob", "pred", "rates")}
         heads = self.model.cfg.heads
         steps = range(0, len(x), self.batch_size)
         for i in tqdm(steps, desc="slices", unit="batch", disable=not self.progress):
@@ -128,7 +129,7 @@ class Predictor:
             with torch.autocast("cuda", dtype=torch.float16, enabled=self.amp):
                 o = self.model(xb)
             o = {k: v.float() if torch.is_tensor(v) else v for k, v in o.items()}
-            for h in ("lung", "infection"):
+            for h in SEG_HEADS:
                 p = torch.sigmoid(o[h]) if h in heads else torch.zeros_like(xb[:, :1])
                 outs[h].append(p.cpu().numpy())
             if "cls" in heads:
@@ -136,7 +137,8 @@ class Predictor:
                 outs["pred"].append(self.model.predicted_class(o).cpu().numpy())
                 outs["rates"].append(o["cls_rates"].cpu().numpy())
         cat = {k: np.concatenate(v) if v else np.zeros((len(x),) if k != "rates" else (len(x), 2)) for k, v in outs.items()}
-        return SliceOutputs(cat["lung"], cat["infection"], cat["prob"], cat["pred"], cat["rates"])
+        return SliceOutputs(**{h: cat[h] for h in SEG_HEADS}, positive_prob=cat["prob"], predicted=cat["pred"],
+                            rates=cat["rates"])
 
     def run_volume(self, data: dict, meter: EnergyMeter | None = None) -> SliceOutputs:
         """The network on the model slices of ``data`` (``pre_transforms``' output). With ``crop`` and a
@@ -185,7 +187,7 @@ class Predictor:
         self.slices_interpolated = 0
         with EnergyMeter(self.model) as meter:
             so = self.run_volume(data, meter)
-        data["pred"] = np.concatenate([so.lung, so.infection], axis=1)
+        data["pred"] = np.concatenate([getattr(so, h) for h in SEG_HEADS], axis=1)  # ProbsToLabeld's channel order
         label_arr = run(post_transforms(pre), data)["label"]
         label = array_to_image(label_arr, image)
         # a whole volume in HU: the parenchyma's density (a picture's grey values are not HU)
@@ -215,7 +217,7 @@ class Predictor:
             "slices_run": int(ran.sum()) - self.slices_interpolated,  # the network's; the energy counts these
             "slices_interpolated": self.slices_interpolated,
             "model_version": self.version,
-            "label_names": {"lung": LABELS["lung"], "infection": LABELS["infection"]},
+            "label_names": dict(PREDICTED),
             "lung_density": density,
         }
 

@@ -6,6 +6,7 @@ The public surface, importable from here (each name loads its module on first us
 - ``grid``: ``window``, ``array_to_image``, ``WINDOW_HU``
 - ``postprocess``: ``mask_label``, ``keep_lung_components``
 - ``anatomy``: ``plausible_lungs``
+- ``sides``: ``lung_sides`` (the derived head: right / left lung, geometric)
 - ``burden``: ``infection_burden``, ``severity_grade``
 - ``scan_call``: ``Calibration``, ``decide``, ``combine``, ``scan_features``, ``slice_call``, ``load_calibration``
 - ``density``: ``lung_density``
@@ -27,6 +28,7 @@ _HOME = {
     "mask_label": "postprocess",
     "keep_lung_components": "postprocess",
     "plausible_lungs": "anatomy",
+    "lung_sides": "sides",
     "infection_burden": "burden",
     "severity_grade": "burden",
     "Calibration": "scan_call",

@@ -19,12 +19,12 @@ MIN_VOXELS = 1000  # fewer parenchyma voxels than this: no density stated
 
 
 def lung_density(hu: np.ndarray, label: np.ndarray) -> dict:
-    """``hu`` and ``label`` on the same grid (label 0/1/2) -> the report's ``lung_density`` block:
+    """``hu`` and ``label`` on the same grid (contract labels) -> the report's ``lung_density`` block:
     ``{"median_hu": float or None, "max_median_hu": float, "warning": str or None}``."""
     hu, label = np.asarray(hu), np.asarray(label)
     if hu.shape != label.shape:
         raise ValueError(f"image {hu.shape} and label {label.shape} differ in shape")
-    parenchyma = label == LABELS["lung"]  # lung without the outlined infection
+    parenchyma = (label > 0) & (label != LABELS["infection"])  # lung of either side or none, infection left out
     n = int(parenchyma.sum())
     med = float(np.median(hu[parenchyma])) if n >= MIN_VOXELS else None
     warn = WARNING if med is not None and med > MAX_MEDIAN_HU else None

@@ -13,7 +13,8 @@ LUNG_MIN_COMPONENT = 0.05  # lung components below 5 % of the largest are droppe
 
 
 def mask_label(lung_p: np.ndarray, inf_p: np.ndarray) -> np.ndarray:
-    """Probabilities -> label map: 1 lung, 2 infection (kept only inside the predicted lung)."""
+    """Probabilities -> label map: 1 lung (no side yet: ``sides.lung_sides`` gives them), 2 infection (kept
+    only inside the predicted lung)."""
     lung = lung_p > 0.5
     label = lung.astype(np.uint8) * LABELS["lung"]
     label[lung & (inf_p > 0.5)] = LABELS["infection"]

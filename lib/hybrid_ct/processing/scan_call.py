@@ -73,7 +73,7 @@ def load_calibration(checkpoint) -> Calibration:
 
 
 def scan_features(label: np.ndarray, spacing_xyz, slice_prob: np.ndarray, lung_area: np.ndarray) -> dict:
-    """Length-independent features of one scan: ``label`` [z, y, x] (0/1/2), the slice classifier's
+    """Length-independent features of one scan: ``label`` [z, y, x] (contract values), the slice classifier's
     probabilities and the lung area (any unit) of each model slice."""
     vox_ml = float(np.prod(spacing_xyz)) / 1000.0
     lung_area = np.asarray(lung_area, float)

@@ -6,7 +6,9 @@
 (``fov="lungs"`` adds LungBoxd before LungWindowd, and BodyMaskd in training too.)
 
 ``post_transforms(pre)`` (the network's probabilities under ``pred``, [D, 2, S, S])::
-    EnsureTyped -> Invertd(pre) -> ProbsToLabeld -> KeepLungComponentsd
+    EnsureTyped -> Invertd(pre) -> ProbsToLabeld -> KeepLungComponentsd -> PlausibleLungsd -> LungSidesd
+
+(``LungSidesd`` is the derived head ``lung_sides`` of contract.json: right / left lung, geometric, not learned.)
 
 (* invertible; ``Invertd`` runs their inverses, newest first, on ``pred`` and on ``body``.)
 
@@ -43,6 +45,7 @@ from hybrid_ct.processing.postprocess import mask_label
 from hybrid_ct.processing.crop import lung_air_box, lung_slab
 from hybrid_ct.processing.anatomy import plausible_lungs
 from hybrid_ct.processing.postprocess import keep_lung_components
+from hybrid_ct.processing.sides import lung_sides
 
 MIN_3D_SLICES = 8  # from this many slices on, a volume gets the 3D anatomy rules (PlausibleLungsd)
 
@@ -277,7 +280,7 @@ def grid_record(x: MetaTensor) -> dict:
 
 
 class ProbsToLabeld(_Derived):
-    """Probabilities [2, z, y, x] (lung, infection) -> uint8 label [z, y, x] under ``out_key``: 1 lung,
+    """Probabilities [2, z, y, x] (lung, infection) -> uint8 label [z, y, x] under ``out_key``: 1 lung (no side yet),
     2 infection inside the lung. Custom: the rule is ``inference.mask_label`` (a threshold at 0.5 each and
     infection only inside lung), not an argmax over classes."""
 
@@ -331,6 +334,24 @@ class KeepLungComponentsd(MapTransform):
         return d
 
 
+class LungSidesd(MapTransform):
+    """The derived head ``lung_sides``: the label's unsided lung becomes right / left lung
+    (``sides.lung_sides``), sides from the patient geometry of the SimpleITK image under ``ref_key`` (the
+    input; without it the x index is taken to increase towards the patient's left). Custom: a rule on the
+    patient's geometry after the network, which no MONAI transform expresses."""
+
+    def __init__(self, keys="label", ref_key: str = "hu"):
+        super().__init__(keys)
+        self.ref_key = ref_key
+
+    def __call__(self, data):
+        d = dict(data)
+        ref = d.get(self.ref_key)
+        for key in self.key_iterator(d):
+            d[key] = lung_sides(np.asarray(d[key]), ref if isinstance(ref, sitk.Image) else None)
+        return d
+
+
 def pre_transforms(size: int, keys=("image",), body: bool = True, fov: str = "square", window_hu=WINDOW_HU,
                    margin_mm: float = LUNG_MARGIN_MM, body_hu: float = BODY_HU) -> Compose:
     """SimpleITK images under ``keys`` ("image" first; "label" for training) -> model slices.
@@ -364,7 +385,7 @@ def post_transforms(pre: Compose) -> Compose:
     with the input's HU image under ``hu`` (inference on a whole volume) the 3D anatomy rules too."""
     return Compose([EnsureTyped("pred", track_meta=True),  # a MetaTensor, as Invertd expects
                     inverse_transforms(pre), ProbsToLabeld("pred"), KeepLungComponentsd("label"),
-                    PlausibleLungsd("label")])
+                    PlausibleLungsd("label"), LungSidesd("label")])
 
 
 def input_kwargs(view="square") -> dict:

@@ -8,6 +8,7 @@ from monai.transforms import (Compose, MapTransform, RandAdjustContrastd, RandAf
                               RandSimulateLowResolutiond)
 from torch.utils.data import Dataset
 
+from hybrid_ct.contract import SEG_HEADS
 from hybrid_ct.data.lesions import lesion_slice
 from hybrid_ct.data.manifest import group_family
 from hybrid_ct.data.protocol import protocol_slice
@@ -20,11 +21,11 @@ def augmentations(style: bool = False) -> Compose:
     """Label-preserving augmentation (monai dictionary transforms); ``style`` adds the looks that tell
     picture sources apart -- gamma, contrast, blur, noise, lower resolution, JPEG re-compression -- so
     the network cannot learn a source from its look."""
-    keys = ["image", "lung", "infection"]
+    keys = ["image", *SEG_HEADS]  # the image and one mask per segmentation head
     geometric = [
         RandFlipd(keys, prob=0.5, spatial_axis=1),
         RandAffined(keys, prob=0.5, rotate_range=0.15, scale_range=0.1, translate_range=8,
-                    mode=["bilinear", "nearest", "nearest"], padding_mode="zeros"),
+                    mode=["bilinear"] + ["nearest"] * len(SEG_HEADS), padding_mode="zeros"),
         RandScaleIntensityd("image", factors=0.1, prob=0.3),
         RandGaussianNoised("image", prob=0.2, std=0.02),
     ]
@@ -68,8 +69,8 @@ class RandJpegd(RandomizableTransform, MapTransform):
         return d
 
 
-PICTURE_ROTATION = Compose([RandRotate90d(["image", "lung", "infection"], prob=0.75, max_k=3),
-                            RandFlipd(["image", "lung", "infection"], prob=0.25, spatial_axis=0)])
+PICTURE_ROTATION = Compose([RandRotate90d(["image", *SEG_HEADS], prob=0.75, max_k=3),
+                            RandFlipd(["image", *SEG_HEADS], prob=0.25, spatial_axis=0)])
 
 
 KNOWN_ORIENTATION = ("phantom", "imlab", "wholescan")  # HU volumes keep their known orientation

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from hybrid_ct.contract import LAMBDAS, SEG_LOSS
 from hybrid_ct.data.slice_store import SliceSet
 
 
@@ -45,9 +46,9 @@ class TrainConfig:
     augment: bool = True
     style_augment: bool = False  # + gamma, contrast, blur, low resolution, JPEG (augmentations(style=True))
     rotate_pictures: bool = False  # + 90-degree turns and flips of 2D pictures (not of HU volumes)
-    seg_loss: str = "focal"
-    infection_loss: str | None = "dice_focal"
-    lambdas: dict = field(default_factory=lambda: {"cls": 1.0, "lung": 1.0, "infection": 2.0})
+    seg_loss: str = SEG_LOSS["lung"]  # defaults: contract.json "heads"
+    infection_loss: str | None = SEG_LOSS["infection"]
+    lambdas: dict = field(default_factory=lambda: dict(LAMBDAS))
     adaptive_cls: bool = False
     max_iters_per_epoch: int | None = None  # None or 0: the whole epoch sample
     seed: int = 0

@@ -6,13 +6,15 @@ import torch
 from monai.metrics import compute_confusion_matrix_metric, get_confusion_matrix
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, roc_auc_score, roc_curve
 
-SEG_CLASSES = {"lung": (1, 2), "infection": (2,)}  # label values making up each evaluated class
+from hybrid_ct.contract import SEG_HEADS
+
+SEG_CLASSES = dict(SEG_HEADS)  # label values making up each evaluated class: the segmentation heads' targets
 _SEG_METRICS = {"dice": "f1 score", "iou": "threat score", "sensitivity": "sensitivity",
                 "specificity": "specificity", "precision": "precision"}
 
 
 def class_masks(label: np.ndarray | torch.Tensor, classes: dict = SEG_CLASSES) -> dict:
-    """Label map (0/1/2) -> {class name: bool mask}."""
+    """Label map (contract values) -> {class name: bool mask}."""
     lab = torch.as_tensor(np.asarray(label))
     return {name: torch.isin(lab, torch.tensor(values)) for name, values in classes.items()}
 

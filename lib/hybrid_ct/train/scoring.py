@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from hybrid_ct.contract import SEG_HEADS
 from hybrid_ct.train.metrics import SegmentationMeter, classification_metrics
 from hybrid_ct.net.network import HybridMultiTaskNet, batchnorms
 from hybrid_ct.train.augment import SliceDataset
@@ -79,7 +80,7 @@ def validation_score(seg: dict, cls: dict) -> float:
     """One number in [0, 1] to pick the best model: mean of the lung Dice, infection Dice and
     classification AUC (accuracy when the AUC is undefined) that are available."""
     parts = []
-    for name in ("lung", "infection"):
+    for name in SEG_HEADS:
         if seg.get(name, {}).get("n_cases"):
             parts.append(seg[name]["dice"])
     if cls:

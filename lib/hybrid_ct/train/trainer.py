@@ -27,6 +27,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from hybrid_ct.contract import TRAINED_HEADS
 from hybrid_ct.errors import InputError
 from hybrid_ct.net.losses import MultiTaskLoss
 from hybrid_ct.train.augment import SliceDataset
@@ -36,7 +37,7 @@ from hybrid_ct.train.scoring import evaluate
 from hybrid_ct.net.network import HybridMultiTaskNet
 
 log = logging.getLogger(__name__)
-LOSS_KEYS = ("cls", "lung", "infection", "spike_rate", "total")
+LOSS_KEYS = (*TRAINED_HEADS, "spike_rate", "total")
 
 
 # ----------------------------------------------------------------------------------------------------

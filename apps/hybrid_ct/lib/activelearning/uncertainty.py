@@ -25,6 +25,7 @@ from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 from monailabel.interfaces.tasks.strategy import Strategy
 
+from hybrid_ct.contract import SEG_HEADS
 from hybrid_ct.processing.context import with_context
 from hybrid_ct.errors import InputError, ModelNotReadyError
 from hybrid_ct.imaging.reader import read_image
@@ -49,10 +50,11 @@ def spike_uncertainty(predictor, image, max_slices: int = 16) -> dict:
     if len(x) > max_slices:
         x = x[np.linspace(0, len(x) - 1, max_slices).round().astype(int)]
     out = predictor.run_slices(x)
+    probs = [getattr(out, h)[:, 0] for h in SEG_HEADS]  # every segmentation head of contract.json
+    ent = sum(_binary_entropy(p) for p in probs)  # 0..len(probs) bits per pixel
+    roi = np.logical_or.reduce([p > 0.05 for p in probs])
+    per_slice = [float(e[m].mean()) / len(probs) if m.any() else 0.0 for e, m in zip(ent, roi)]
     lung, inf = out.lung[:, 0], out.infection[:, 0]
-    ent = _binary_entropy(lung) + _binary_entropy(inf)  # 0..2 bits per pixel
-    roi = (lung > 0.05) | (inf > 0.05)
-    per_slice = [float(e[m].mean()) / 2 if m.any() else 0.0 for e, m in zip(ent, roi)]
     rates = np.clip(np.asarray(out.rates, dtype=np.float64), 0, 1)
     firing_var = float((4 * rates * (1 - rates)).mean()) if rates.size else 0.0
     seg_entropy = float(np.mean(per_slice)) if per_slice else 0.0

@@ -20,7 +20,7 @@ import json
 import logging
 import os
 
-from hybrid_ct.contract import COLORS, FOREGROUND
+from hybrid_ct.contract import COLORS, FOREGROUND, PREDICTED
 from monailabel.interfaces.config import TaskConfig
 
 from hybrid_ct.errors import ModelNotReadyError
@@ -33,7 +33,7 @@ from ..trainers import HybridCTTrain
 
 logger = logging.getLogger(__name__)
 
-LABELS = dict(FOREGROUND)  # {"lung": 1, "infection": 2}: hybrid_ct/contract.json
+LABELS = dict(FOREGROUND)  # every value a label may hold (lung, right / left lung, infection): hybrid_ct/contract.json
 
 
 def _json_conf(conf: dict, key: str) -> dict:
@@ -80,8 +80,8 @@ class HybridCT(TaskConfig):
 
     def infer(self):
         return {self.name: HybridCTInfer(
-            self.server, self.labels,
-            description="Hybrid spiking multi-task network: lung + infection label map, positive/negative "
+            self.server, dict(PREDICTED),  # what a prediction holds; corrections may also hold lung without a side
+            description="Hybrid spiking multi-task network: right / left lung + infection label map, positive/negative "
                         "classification, infection burden and grade, energy estimate (whole CT volume)")}
 
     def trainer(self):

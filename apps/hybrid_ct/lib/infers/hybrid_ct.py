@@ -1,4 +1,4 @@
-"""Whole-volume inference: one label map (lung 1, infection 2) in the image's own geometry + the report.
+"""Whole-volume inference: one label map (right lung 3, left lung 4, infection 2) in the image's own geometry + the report.
 
 The core ``hybrid_ct.predict.predictor.Predictor`` owns every step (CT check, the MONAI transform chain of
 ``hybrid_ct.processing.transforms``, network, geometry back, burden, grade, energy), so this task runs no chain

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 
+from hybrid_ct.contract import head_targets
 from hybrid_ct.errors import InputError
 from hybrid_ct.imaging.reader import read_image
 from hybrid_ct.processing.grid import slice_spacing
@@ -27,7 +28,7 @@ def slices_for_case(case: dict, size: int, fov="square") -> SliceSet:
     x, lab = model_slices(img, label_img, size, fov)  # transforms.pre_transforms, as at inference
     diagnosis = normalise_diagnosis(case.get("image_info", {}).get("diagnosis"))
     dz = slice_spacing(img)  # each slice keeps its neighbours (a 2.5D network reads them)
-    has_infection = bool((lab == 2).any())
+    has_infection = bool(head_targets(lab)["infection"].any())
     if diagnosis == "positive" and not has_infection:
         # a positive scan whose label shows no infection: the infection was not drawn -> no infection
         # or class target for its slices; the lung mask still trains

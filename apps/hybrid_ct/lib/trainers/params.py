@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import re
 
+from hybrid_ct.contract import SEG_HEADS, TRAINED_HEADS
 from hybrid_ct.train.config import TrainConfig
 
 from ..validation import BadRequest
@@ -20,9 +21,7 @@ PARAMS = {  # name: (type, minimum, maximum) of the numeric train params a clien
     "max_iters_per_epoch": (int, 0, 10**9),
     "seed": (int, 0, 2**31 - 1),
     "num_workers": (int, 0, 64),
-    "lambda_cls": (float, 1e-6, 1e3),  # loss weights of the three heads
-    "lambda_lung": (float, 1e-6, 1e3),
-    "lambda_infection": (float, 1e-6, 1e3),
+    **{f"lambda_{head}": (float, 1e-6, 1e3) for head in TRAINED_HEADS},  # loss weight per head (contract.json)
     "spike_rate_weight": (float, 0.0, 100.0),  # the firing-rate regulariser (0: off)
     "promote_tolerance": (float, 0.0, 1.0),  # a retrain is "not worse" when new >= served - tolerance
     "max_minutes": (float, 0.0, 7 * 24 * 60.0),  # wall-clock budget of a run, publishing included (0: none)
@@ -31,7 +30,7 @@ PARAMS = {  # name: (type, minimum, maximum) of the numeric train params a clien
 BOOLS = ("pretrained", "augment", "multi_gpu", "force_promote")
 LISTS = ("promote_metrics",)  # names, as a JSON list or one comma-separated string
 # what a retrain may be compared on: the validation score and the metrics train_stats shows per epoch
-PROMOTE_METRICS = ("score", "lung_dice", "lung_iou", "infection_dice", "infection_iou",
+PROMOTE_METRICS = ("score", *(f"{h}_{m}" for h in SEG_HEADS for m in ("dice", "iou")),
                    "cls_auc", "cls_accuracy", "cls_sensitivity", "cls_specificity")
 
 
