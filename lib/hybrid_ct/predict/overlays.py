@@ -84,10 +84,12 @@ def results_view(image2d, label2d, colors: dict, lines: list, path, title: str =
     panel = fig.add_axes([0.52, 0.02, 0.46, 0.9])
     panel.set_axis_off()
     panel.set_title("Hybrid CT results", fontsize=10, loc="left")
-    for i, (field, value) in enumerate(lines):
-        y = 0.92 - i * 0.14
+    y = 0.95
+    for field, value in lines:  # each field as tall as its wrapped text: a long call never runs into the next
+        text = textwrap.fill(str(value), 52)
         panel.text(0.0, y, f"{field}:", fontsize=9, weight="bold", va="top", transform=panel.transAxes)
-        panel.text(0.0, y - 0.045, textwrap.fill(str(value), 52), fontsize=8.5, va="top", transform=panel.transAxes)
+        panel.text(0.0, y - 0.045, text, fontsize=8.5, va="top", transform=panel.transAxes)
+        y -= 0.045 + 0.036 * (text.count("\n") + 1) + 0.025
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
