@@ -64,7 +64,9 @@ def _ct_file(tmp_path) -> tuple[str, np.ndarray, Geometry]:
 def test_connect_lists_model_labels_strategies(workflow):
     info = workflow.connect()
     assert info.default_model(), f"no model on the server: {info.raw.get('models')}"
-    assert {"lung", "infection"} <= {label.lower() for label in info.labels}
+    from hybrid_ct.contract import PREDICTED
+
+    assert set(PREDICTED) <= {label.lower() for label in info.labels}  # right_lung, left_lung, infection
     assert info.strategies, "the server offers no active-learning strategy"
     assert info.default_trainer(), "the server offers no trainer"
     assert "Connected to" in info.summary()
