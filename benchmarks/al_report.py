@@ -94,11 +94,35 @@ def gate_rows(out: dict) -> list:
                          "decision": g.get("decision") or _no_gate(r.get("retrain")), "val_images": g.get("val_images"),
                          "on_train": g.get("val_on_training_set"), "new": (g.get("new") or {}).get("score"),
                          "served": (g.get("served") or {}).get("score"), "before": d_before, "after": d_after,
+                         "val_replay": g.get("val_replay_slices"),
+                         "published": (r.get("test_published") or {}).get("dice"),
                          "round_s": r.get("round_s"), "scoring_s": r.get("scoring_s"),
                          "budget_hit": ((r.get("retrain") or {}).get("time_budget") or {}).get("hit"),
                          "epochs": (r.get("retrain") or {}).get("epoch")})
             prev = r["test"]
     return rows
+
+
+def _gate_summary(rows: list) -> list:
+    """All strategies together: how often the gate promoted, what each promotion changed on the test pool,
+    and (where the run scored kept versions too) the gains it blocked."""
+    ran = [r for r in rows if not r["decision"].startswith(("no retrain", "error"))]
+    prom = [r for r in ran if r["decision"] in ("promoted", "forced") and r["before"] is not None]
+    deltas = [r["after"] - r["before"] for r in prom]
+    lower = [d for d in deltas if d < 0]
+    out = [f"- all strategies: the gate promoted {len(prom)} of {len(ran)} retrains; "
+           f"{len(lower)} of those lowered the test Dice"
+           + (f" (by {-max(lower):.4f} to {-min(lower):.4f})" if lower else "")]
+    if deltas:
+        out[-1] += (f"; test-Dice change per promotion: mean {np.mean(deltas):+.4f}, median {np.median(deltas):+.4f}, "
+                    f"min {min(deltas):+.4f}, max {max(deltas):+.4f}, sum {sum(deltas):+.4f}")
+    kept = [r for r in ran if r["decision"] == "kept" and r["published"] is not None and r["before"] is not None]
+    if kept:
+        kd = [r["published"] - r["before"] for r in kept]
+        out[-1] += (f"; of the {len(kept)} kept retrains, {sum(d > 0 for d in kd)} would have raised the test Dice "
+                    f"(by up to {max(kd):+.4f}) and {sum(d < 0 for d in kd)} lowered it (down to {min(kd):+.4f})")
+    out[-1] += "."
+    return out
 
 
 def write(out: dict, doc: str, png: str) -> None:
@@ -179,6 +203,7 @@ def write(out: dict, doc: str, png: str) -> None:
         ran = [r for r in rs if not r["decision"].startswith("no retrain")]
         lines.append(f"- `{strat}`: {len(promoted)} of {len(ran)} retrains promoted ({len(rs)} rounds); {len(better)} of "
                      "those not worse on the test pool (test Dice).")
+    lines += _gate_summary(rows)
     times = [r["round_s"] for r in rows if r["round_s"] is not None]
     if times:
         lines.append(f"- time per round (last correction submitted -> new model served or kept): median "
@@ -186,11 +211,19 @@ def write(out: dict, doc: str, png: str) -> None:
                      + (f"; uncertainty scoring before a pick: median "
                         f"{np.median([r['scoring_s'] for r in rows if r['scoring_s']]):.0f} s"
                         if any(r["scoring_s"] for r in rows) else "") + ".")
-    lines += ["", "| strategy | seed | round | gate | gate scored on: images (training images?) | gate score new / served | "
+    lines += ["", "Gate scored on: held-out corrected images + held-out replay slices, or `train` (the training "
+              "images: no held-out image and no replay yet). A kept retrain's test Dice (what serving it would have "
+              "given) is measured too, in brackets.", "",
+              "| strategy | seed | round | gate | gate scored on | gate score new / served | "
               "test Dice before -> after | epochs (budget hit) | round s |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['strategy']} | {r['seed']} | {r['round']} | {r['decision']} | {r['val_images']} "
-                     f"({'yes' if r['on_train'] else 'no'}) | {r['new']} / {r['served']} | {r['before']} -> {r['after']} "
+        on = "train" if r["on_train"] else f"{r['val_images']} img" + (
+            f" + {r['val_replay']} replay" if r["val_replay"] is not None else "")
+        if r["on_train"] is None:
+            on = "–"
+        after = f"{r['after']}" + (f" [kept: {r['published']}]" if r["published"] is not None else "")
+        lines.append(f"| {r['strategy']} | {r['seed']} | {r['round']} | {r['decision']} | {on} "
+                     f"| {r['new']} / {r['served']} | {r['before']} -> {after} "
                      f"| {r['epochs']} ({r['budget_hit']}) | {r['round_s']} |")
     lines += ["", "## What each strategy picked", ""]
     for run in out["runs"]:
