@@ -13,12 +13,26 @@ METRICS = (("dice", "test Dice (mean of lung and infection)"), ("lung_dice", "lu
 NOTES = Path(__file__).resolve().parent / "al_notes.md"  # the analysis written after a campaign (included verbatim)
 
 
-def curves(out: dict, metric: str) -> dict:
-    """-> {strategy: (corrections [n], values [seeds, n])}; a run that stopped early is padded with its last value."""
+def _retrained(run: dict, metric: str) -> list:
+    """Per round, the latest retrain's test value whether the gate served it or kept it (the served
+    model's where no retrain ran): what the corrections taught, apart from the gate's decisions."""
+    vals, last = [], run["rounds"][0]["test"].get(metric)
+    for r in run["rounds"]:
+        if r.get("test_published"):
+            last = r["test_published"].get(metric)
+        elif (r.get("gate") or {}).get("decision") in ("promoted", "forced") or r["round"] == 0:
+            last = r["test"].get(metric)
+        vals.append((r["corrections"], last))
+    return vals
+
+
+def curves(out: dict, metric: str, retrained: bool = False) -> dict:
+    """-> {strategy: (corrections [n], values [seeds, n])}; a run that stopped early is padded with its last value.
+    ``retrained``: the latest retrain's values (``_retrained``) instead of the served model's."""
     by = {}
     for run in out["runs"]:
         by.setdefault(run["strategy"], []).append(
-            [(r["corrections"], r["test"].get(metric)) for r in run["rounds"]])
+            _retrained(run, metric) if retrained else [(r["corrections"], r["test"].get(metric)) for r in run["rounds"]])
     res = {}
     for strat, runs in by.items():
         n = max(len(r) for r in runs)
@@ -145,8 +159,10 @@ def write(out: dict, doc: str, png: str) -> None:
              f"(OMP_NUM_THREADS={m.get('omp_threads')}; load average at start "
              f"{', '.join(f'{v:.1f}' for v in m.get('load_avg_at_start') or [])}, other engineers' jobs: the "
              "machine was shared, so times are upper bounds). Retrain params of the server's auto-retrain: "
-             f"`{st['auto_train_params']}` plus the seed (`{{}}`: the app's defaults, 10 epochs, 5 min bound, replay "
-             "up to 256 slices of the initial model's training data).",
+             f"`{st['auto_train_params']}` plus the seed (`{{}}`: the app's defaults, 10 epochs at lr 1e-3, 5 min "
+             "bound, replay up to 256 slices of the initial model's training data; in runs from 2026-12-07 12:00 "
+             "on, a fixed quarter of the replay held out for the gate and the corrected slices weighed to half "
+             "of the training sample, `new_share` 0.5).",
              "", "## How it works", "",
              "Each (strategy, seed) starts a fresh server exactly as the README does (`monailabel start_server --app "
              "apps/hybrid_ct`, via `tests/server_fixture.py`, 127.0.0.1, its own temp studies and model folders). "
@@ -179,14 +195,29 @@ def write(out: dict, doc: str, png: str) -> None:
         for i, x in enumerate(xs):
             lines.append(f"| {strat} | {x} | " + " | ".join(_fmt(cs[k][1][:, i]) if cs[k] else "–"
                                                              for k, _ in METRICS) + " |")
-    lines += ["", "Mean [min–max] over seeds.", "", "## Annotation saving", ""]
+    lines += ["", "Mean [min–max] over seeds."]
+    if any(r.get("test_published") for run in out["runs"] for r in run["rounds"]):
+        lines += ["", "The latest retrain's test Dice, whether the gate served it or kept it (what the corrections "
+                  "taught the model, apart from the gate):", "", "| strategy | " + " | ".join(
+                      f"{c} corr." for c in curves(out, "dice", True)[strategies[0]][0]) + " |",
+                  "|---|" + "---|" * len(curves(out, "dice", True)[strategies[0]][0])]
+        rc = curves(out, "dice", True)
+        for strat in strategies:
+            if strat in rc:
+                lines.append(f"| {strat} | " + " | ".join(_fmt(rc[strat][1][:, i]) for i in range(rc[strat][1].shape[1]))
+                             + " |")
+    lines += ["", "## Annotation saving", ""]
     for strat in strategies:
         if strat == "random":
             continue
         sv = saving(out, strat)
         if sv is None:
             continue
-        if sv["corrections"] is None:
+        start = float(np.nanmean(curves(out, "dice")["random"][1][:, 0]))
+        if sv["target"] <= start:  # random ended where it began: reaching it needs no correction, nothing saved
+            lines.append(f"- `{strat}`: nothing to compare: random's final mean test Dice {sv['target']} is not "
+                         f"above the start ({start:.4f}).")
+        elif sv["corrections"] is None:
             lines.append(f"- `{strat}` never reached random's final mean test Dice {sv['target']} within "
                          f"{sv['baseline_corrections']} corrections.")
         else:
