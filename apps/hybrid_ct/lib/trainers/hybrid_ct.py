@@ -61,7 +61,10 @@ logger = logging.getLogger(__name__)
 MAX_MINUTES = 5.0  # default wall-clock budget of a retrain: label to serving within ~5 min on 2 cores
 TRAIN_SHARE = 0.75  # share of the budget spent training; the rest validates, scores both models, publishes
 REPLAY_SLICES = 256  # default slices of the original data replayed per run
-GATE_REPLAY_SHARE = 0.25  # share of the replay file never trained on by a retrain: the gate's fixed slices
+# share of the replay file held out for the gate (never trained on by a retrain). Off by default: the replay is
+# the shipped model's own training data, so it wins there; on the small campaign a quarter held out made the
+# gate keep 42 of 45 retrains, 27 of which would have raised the test Dice (docs/active_learning.md)
+GATE_REPLAY_SHARE = 0.0
 NEW_SHARE = 0.5  # share of a retrain's training slices that come from the corrected scans (repeated)
 
 
