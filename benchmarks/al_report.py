@@ -159,10 +159,11 @@ def write(out: dict, doc: str, png: str) -> None:
              f"(OMP_NUM_THREADS={m.get('omp_threads')}; load average at start "
              f"{', '.join(f'{v:.1f}' for v in m.get('load_avg_at_start') or [])}, other engineers' jobs: the "
              "machine was shared, so times are upper bounds). Retrain params of the server's auto-retrain: "
-             f"`{st['auto_train_params']}` plus the seed (`{{}}`: the app's defaults, 10 epochs at lr 1e-3, 5 min "
-             "bound, replay up to 256 slices of the initial model's training data; in runs from 2026-12-07 12:00 "
-             "on, a fixed quarter of the replay held out for the gate and the corrected slices weighed to half "
-             "of the training sample, `new_share` 0.5).",
+             f"`{st['auto_train_params']}` plus the seed (`{{}}`: the app's defaults; those of 2026-12-07 13:00: 10 epochs "
+             "at lr 1e-3, 5 min bound, replay up to 256 slices of the initial model's training data, the corrected "
+             "slices weighed to half of the training sample (`new_share` 0.5), the epoch picked on the training "
+             "slices, the gate on the held-out corrected images or, with none, the training slices; "
+             "`gate_replay_share` 0 is that default, named).",
              "", "## How it works", "",
              "Each (strategy, seed) starts a fresh server exactly as the README does (`monailabel start_server --app "
              "apps/hybrid_ct`, via `tests/server_fixture.py`, 127.0.0.1, its own temp studies and model folders). "

@@ -33,6 +33,7 @@ import hashlib
 import json
 import os
 import platform
+import shlex
 import sys
 import tempfile
 import time
@@ -255,7 +256,7 @@ def main(argv=None) -> int:
     seeds = [int(v) for v in args.seeds.split(",") if v.strip()]
     strategies = [v.strip() for v in args.strategies.split(",") if v.strip()]
     root = Path(args.workdir or tempfile.mkdtemp(prefix="hybrid_ct_al_"))
-    command = "python benchmarks/bench_active_learning.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python benchmarks/bench_active_learning.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     out = {"command": command, "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                                            "omp_threads": os.environ.get("OMP_NUM_THREADS"),
                                            "load_avg_at_start": os.getloadavg()},
