@@ -13,12 +13,26 @@ METRICS = (("dice", "test Dice (mean of lung and infection)"), ("lung_dice", "lu
 NOTES = Path(__file__).resolve().parent / "al_notes.md"  # the analysis written after a campaign (included verbatim)
 
 
-def curves(out: dict, metric: str) -> dict:
-    """-> {strategy: (corrections [n], values [seeds, n])}; a run that stopped early is padded with its last value."""
+def _retrained(run: dict, metric: str) -> list:
+    """Per round, the latest retrain's test value whether the gate served it or kept it (the served
+    model's where no retrain ran): what the corrections taught, apart from the gate's decisions."""
+    vals, last = [], run["rounds"][0]["test"].get(metric)
+    for r in run["rounds"]:
+        if r.get("test_published"):
+            last = r["test_published"].get(metric)
+        elif (r.get("gate") or {}).get("decision") in ("promoted", "forced") or r["round"] == 0:
+            last = r["test"].get(metric)
+        vals.append((r["corrections"], last))
+    return vals
+
+
+def curves(out: dict, metric: str, retrained: bool = False) -> dict:
+    """-> {strategy: (corrections [n], values [seeds, n])}; a run that stopped early is padded with its last value.
+    ``retrained``: the latest retrain's values (``_retrained``) instead of the served model's."""
     by = {}
     for run in out["runs"]:
         by.setdefault(run["strategy"], []).append(
-            [(r["corrections"], r["test"].get(metric)) for r in run["rounds"]])
+            _retrained(run, metric) if retrained else [(r["corrections"], r["test"].get(metric)) for r in run["rounds"]])
     res = {}
     for strat, runs in by.items():
         n = max(len(r) for r in runs)
@@ -94,11 +108,35 @@ def gate_rows(out: dict) -> list:
                          "decision": g.get("decision") or _no_gate(r.get("retrain")), "val_images": g.get("val_images"),
                          "on_train": g.get("val_on_training_set"), "new": (g.get("new") or {}).get("score"),
                          "served": (g.get("served") or {}).get("score"), "before": d_before, "after": d_after,
+                         "val_replay": g.get("val_replay_slices"),
+                         "published": (r.get("test_published") or {}).get("dice"),
                          "round_s": r.get("round_s"), "scoring_s": r.get("scoring_s"),
                          "budget_hit": ((r.get("retrain") or {}).get("time_budget") or {}).get("hit"),
                          "epochs": (r.get("retrain") or {}).get("epoch")})
             prev = r["test"]
     return rows
+
+
+def _gate_summary(rows: list) -> list:
+    """All strategies together: how often the gate promoted, what each promotion changed on the test pool,
+    and (where the run scored kept versions too) the gains it blocked."""
+    ran = [r for r in rows if not r["decision"].startswith(("no retrain", "error"))]
+    prom = [r for r in ran if r["decision"] in ("promoted", "forced") and r["before"] is not None]
+    deltas = [r["after"] - r["before"] for r in prom]
+    lower = [d for d in deltas if d < 0]
+    out = [f"- all strategies: the gate promoted {len(prom)} of {len(ran)} retrains; "
+           f"{len(lower)} of those lowered the test Dice"
+           + (f" (by {-max(lower):.4f} to {-min(lower):.4f})" if lower else "")]
+    if deltas:
+        out[-1] += (f"; test-Dice change per promotion: mean {np.mean(deltas):+.4f}, median {np.median(deltas):+.4f}, "
+                    f"min {min(deltas):+.4f}, max {max(deltas):+.4f}, sum {sum(deltas):+.4f}")
+    kept = [r for r in ran if r["decision"] == "kept" and r["published"] is not None and r["before"] is not None]
+    if kept:
+        kd = [r["published"] - r["before"] for r in kept]
+        out[-1] += (f"; of the {len(kept)} kept retrains, {sum(d > 0 for d in kd)} would have raised the test Dice "
+                    f"(by up to {max(kd):+.4f}) and {sum(d < 0 for d in kd)} lowered it (down to {min(kd):+.4f})")
+    out[-1] += "."
+    return out
 
 
 def write(out: dict, doc: str, png: str) -> None:
@@ -121,8 +159,11 @@ def write(out: dict, doc: str, png: str) -> None:
              f"(OMP_NUM_THREADS={m.get('omp_threads')}; load average at start "
              f"{', '.join(f'{v:.1f}' for v in m.get('load_avg_at_start') or [])}, other engineers' jobs: the "
              "machine was shared, so times are upper bounds). Retrain params of the server's auto-retrain: "
-             f"`{st['auto_train_params']}` plus the seed (`{{}}`: the app's defaults, 10 epochs, 5 min bound, replay "
-             "up to 256 slices of the initial model's training data).",
+             f"`{st['auto_train_params']}` plus the seed (`{{}}`: the app's defaults; those of 2026-12-07 13:00: 10 epochs "
+             "at lr 1e-3, 5 min bound, replay up to 256 slices of the initial model's training data, the corrected "
+             "slices weighed to half of the training sample (`new_share` 0.5), the epoch picked on the training "
+             "slices, the gate on the held-out corrected images or, with none, the training slices; "
+             "`gate_replay_share` 0 is that default, named).",
              "", "## How it works", "",
              "Each (strategy, seed) starts a fresh server exactly as the README does (`monailabel start_server --app "
              "apps/hybrid_ct`, via `tests/server_fixture.py`, 127.0.0.1, its own temp studies and model folders). "
@@ -155,14 +196,29 @@ def write(out: dict, doc: str, png: str) -> None:
         for i, x in enumerate(xs):
             lines.append(f"| {strat} | {x} | " + " | ".join(_fmt(cs[k][1][:, i]) if cs[k] else "–"
                                                              for k, _ in METRICS) + " |")
-    lines += ["", "Mean [min–max] over seeds.", "", "## Annotation saving", ""]
+    lines += ["", "Mean [min–max] over seeds."]
+    if any(r.get("test_published") for run in out["runs"] for r in run["rounds"]):
+        lines += ["", "The latest retrain's test Dice, whether the gate served it or kept it (what the corrections "
+                  "taught the model, apart from the gate):", "", "| strategy | " + " | ".join(
+                      f"{c} corr." for c in curves(out, "dice", True)[strategies[0]][0]) + " |",
+                  "|---|" + "---|" * len(curves(out, "dice", True)[strategies[0]][0])]
+        rc = curves(out, "dice", True)
+        for strat in strategies:
+            if strat in rc:
+                lines.append(f"| {strat} | " + " | ".join(_fmt(rc[strat][1][:, i]) for i in range(rc[strat][1].shape[1]))
+                             + " |")
+    lines += ["", "## Annotation saving", ""]
     for strat in strategies:
         if strat == "random":
             continue
         sv = saving(out, strat)
         if sv is None:
             continue
-        if sv["corrections"] is None:
+        start = float(np.nanmean(curves(out, "dice")["random"][1][:, 0]))
+        if sv["target"] <= start:  # random ended where it began: reaching it needs no correction, nothing saved
+            lines.append(f"- `{strat}`: nothing to compare: random's final mean test Dice {sv['target']} is not "
+                         f"above the start ({start:.4f}).")
+        elif sv["corrections"] is None:
             lines.append(f"- `{strat}` never reached random's final mean test Dice {sv['target']} within "
                          f"{sv['baseline_corrections']} corrections.")
         else:
@@ -179,6 +235,7 @@ def write(out: dict, doc: str, png: str) -> None:
         ran = [r for r in rs if not r["decision"].startswith("no retrain")]
         lines.append(f"- `{strat}`: {len(promoted)} of {len(ran)} retrains promoted ({len(rs)} rounds); {len(better)} of "
                      "those not worse on the test pool (test Dice).")
+    lines += _gate_summary(rows)
     times = [r["round_s"] for r in rows if r["round_s"] is not None]
     if times:
         lines.append(f"- time per round (last correction submitted -> new model served or kept): median "
@@ -186,11 +243,19 @@ def write(out: dict, doc: str, png: str) -> None:
                      + (f"; uncertainty scoring before a pick: median "
                         f"{np.median([r['scoring_s'] for r in rows if r['scoring_s']]):.0f} s"
                         if any(r["scoring_s"] for r in rows) else "") + ".")
-    lines += ["", "| strategy | seed | round | gate | gate scored on: images (training images?) | gate score new / served | "
+    lines += ["", "Gate scored on: held-out corrected images + held-out replay slices, or `train` (the training "
+              "images: no held-out image and no replay yet). A kept retrain's test Dice (what serving it would have "
+              "given) is measured too, in brackets.", "",
+              "| strategy | seed | round | gate | gate scored on | gate score new / served | "
               "test Dice before -> after | epochs (budget hit) | round s |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['strategy']} | {r['seed']} | {r['round']} | {r['decision']} | {r['val_images']} "
-                     f"({'yes' if r['on_train'] else 'no'}) | {r['new']} / {r['served']} | {r['before']} -> {r['after']} "
+        on = "train" if r["on_train"] else f"{r['val_images']} img" + (
+            f" + {r['val_replay']} replay" if r["val_replay"] is not None else "")
+        if r["on_train"] is None:
+            on = "–"
+        after = f"{r['after']}" + (f" [kept: {r['published']}]" if r["published"] is not None else "")
+        lines.append(f"| {r['strategy']} | {r['seed']} | {r['round']} | {r['decision']} | {on} "
+                     f"| {r['new']} / {r['served']} | {r['before']} -> {after} "
                      f"| {r['epochs']} ({r['budget_hit']}) | {r['round_s']} |")
     lines += ["", "## What each strategy picked", ""]
     for run in out["runs"]:

@@ -33,6 +33,7 @@ import hashlib
 import json
 import os
 import platform
+import shlex
 import sys
 import tempfile
 import time
@@ -207,9 +208,13 @@ def run_one(strategy: str, seed: int, pools: dict, args, workdir: Path, initial:
                                                         "total_epochs", "best_metric", "time_budget", "train", "val",
                                                         "replay", "total_time", "error")} if started else None
             row["gate"] = {k: prom.get(k) for k in ("decision", "reason", "new", "served", "val_images",
-                                                    "val_slices", "val_on_training_set")} if started else None
+                                                    "val_slices", "val_on_training_set", "val_replay_slices")} if started else None
             version, path = _served(live)
             row.update(corrections=len(picked), version=version, test=args.scorer(path))
+            published = (row["retrain"] or {}).get("published_version")
+            if published and published != version:  # a kept retrain: what serving it would have done
+                row["test_published"] = {k: v for k, v in args.scorer(live.model_dir / "versions" / f"{published}.pt").items()
+                                         if k != "per_scan"}
             rounds.append(row)
             print(f"[al] {strategy} seed {seed} round {r}: picks {[p['id'] + '/' + p['kind'] for p in row['picks']]} "
                   f"-> {(row['gate'] or {}).get('decision')} served {version} dice {row['test']['dice']} "
@@ -251,7 +256,7 @@ def main(argv=None) -> int:
     seeds = [int(v) for v in args.seeds.split(",") if v.strip()]
     strategies = [v.strip() for v in args.strategies.split(",") if v.strip()]
     root = Path(args.workdir or tempfile.mkdtemp(prefix="hybrid_ct_al_"))
-    command = "python benchmarks/bench_active_learning.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python benchmarks/bench_active_learning.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     out = {"command": command, "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                                            "omp_threads": os.environ.get("OMP_NUM_THREADS"),
                                            "load_avg_at_start": os.getloadavg()},

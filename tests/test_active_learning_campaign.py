@@ -40,6 +40,9 @@ def test_campaign_runs_end_to_end_over_http(tmp_path):
         assert r["auto_train"]["started"], r["auto_train"]  # auto_train_after = 1: every correction retrains
         assert r["retrain"]["status"] == "DONE"  # val_split 0: never a validation-only label
     assert any((r["gate"] or {}).get("decision") in ("promoted", "kept") for r in rounds[1:])
+    for r in rounds[1:]:  # a kept retrain is scored too: the gains the gate blocks are measured
+        assert ("test_published" in r) == ((r["gate"] or {}).get("decision") == "kept"), r.get("gate")
     text = doc.read_text()
     assert "Learning curves" in text and "Annotation saving" in text and "promotion gate" in text
+    assert "all strategies: the gate promoted" in text
     assert png.stat().st_size > 1000

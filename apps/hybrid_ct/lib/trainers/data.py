@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
+
 from hybrid_ct.contract import head_targets
 from hybrid_ct.errors import InputError
 from hybrid_ct.imaging.reader import read_image
@@ -53,3 +55,28 @@ def slices_of(cases: list, size: int, fov="square") -> tuple:  # fov: or NetConf
     return out, used, skipped
 
 
+def split_replay(replay: SliceSet, gate_share: float, n_train: int, seed: int) -> tuple:
+    """The replay file -> (slices a retrain trains on, at most ``n_train`` drawn with ``seed``; the gate's
+    fixed share). The gate share is chosen by hashing each slice's group and position in the file, so it is
+    the same for every retrain and no retrain ever fits it: a drop there is forgetting, not noise of a sample
+    the new model has just trained on."""
+    keys = np.array([hash_fraction(f"{g}:{i}", "gate:") for i, g in enumerate(replay.group)])
+    held = np.flatnonzero(keys < gate_share)
+    rest = np.flatnonzero(keys >= gate_share)
+    if n_train < len(rest):
+        rest = np.sort(np.random.default_rng(seed).permutation(rest)[:n_train])
+    return replay.subset(rest), replay.subset(held)
+
+
+def weigh_new(new: SliceSet, n_replay: int, share: float, max_repeat: int = 8) -> tuple:
+    """The corrected scans' slices repeated so that they are about ``share`` of the training slices next to
+    ``n_replay`` replayed ones (at most ``max_repeat`` copies) -> (the SliceSet, copies). Without it a
+    16-slice correction is a sixth of a 96-slice replay (a tenth of the shipped 256), and ten epochs
+    barely move the model towards it."""
+    if not len(new) or not n_replay or share <= 0:
+        return new, 1
+    k = int(min(max_repeat, max(1, np.ceil(share * n_replay / ((1.0 - share) * len(new))))))
+    out = new
+    for _ in range(k - 1):
+        out = out.extend(new)
+    return out, k

@@ -26,6 +26,8 @@ PARAMS = {  # name: (type, minimum, maximum) of the numeric train params a clien
     "promote_tolerance": (float, 0.0, 1.0),  # a retrain is "not worse" when new >= served - tolerance
     "max_minutes": (float, 0.0, 7 * 24 * 60.0),  # wall-clock budget of a run, publishing included (0: none)
     "replay_slices": (int, 0, 10**6),  # slices of the original training data mixed into the retraining
+    "gate_replay_share": (float, 0.0, 0.9),  # share of the replay file held out for the promotion gate
+    "new_share": (float, 0.0, 0.9),  # share of the training slices from the corrected scans (0: each once)
 }
 BOOLS = ("pretrained", "augment", "multi_gpu", "force_promote")
 LISTS = ("promote_metrics",)  # names, as a JSON list or one comma-separated string
