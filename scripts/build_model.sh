@@ -67,6 +67,9 @@ for s in $SEEDS; do
   if [ "$running" -ge "$PARALLEL" ]; then wait -n; running=$((running - 1)); fi
 done
 wait
+for s in $SEEDS; do  # pick only from a full set of seeds: a stopped or failed seed is finished by a rerun
+  [ -f "$RUNS/seed$s/results.json" ] || { echo "[build_model] seed $s not finished: rerun the same command to resume" >&2; exit 1; }
+done
 # the median seed -> the package model; its evaluation -> docs/results.md (+ the spread over the seeds)
 # the model shipped before, evaluated by today's code, as the column to compare with
 mkdir -p "$RUNS/previous" && { [ -f "$RUNS/previous/hybrid.pt" ] || cp "$MODEL" "$RUNS/previous/hybrid.pt"; }
