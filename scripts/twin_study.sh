@@ -7,7 +7,7 @@
 #   STUDY=hardneg bash scripts/twin_study.sh   # uniform or error-weighted negatives       -> docs/hardneg.md
 #   STUDY=losses  bash scripts/twin_study.sh   # + adaptive class loss, + deep supervision  -> docs/losses.md
 #   STUDY=fov     bash scripts/twin_study.sh   # whole image or the lungs' box (128; lungs 160) -> docs/fov.md
-#   STUDY=synth   bash scripts/twin_study.sh   # + synthetic lesions, + scan-protocol variation -> docs/synth.md
+#   STUDY=synth   bash scripts/twin_study.sh   # + synthetic lesions, + protocol variation, + pseudo-labels -> docs/synth_study.md
 #
 # A finished twin or evaluation under $RUNS is reused (the 128-pixel single-slice twin is in every study).
 # PARALLEL builds at once (default: one per core), THREADS torch threads each (default 1: two OpenMP threads
@@ -38,9 +38,10 @@ case "$STUDY" in
   losses) VARIANTS="plain:shipped:128 adaptive-class-loss:shipped_adaptive:128 deep-supervision:shipped_deepsup:128"
           OUT=docs/losses.md
           TITLE="Seed 001's self-adaptive class loss and deep supervision (issue 19, point 3)" ;;
-  synth) VARIANTS="shipped:shipped:128 +synthetic-lesions:shipped_synth:128 +synthetic+protocol:shipped_synth_protocol:128"
+  synth) VARIANTS="shipped:shipped:128 +synthetic-lesions:shipped_synth:128 +synthetic+protocol:shipped_synth_protocol:128
+                  +synthetic+protocol+pseudo:shipped_synth_protocol_pseudo:128"
          OUT=${OUT:-docs/synth_study.md}
-         TITLE="Lesions synthesised in real lungs and scan-protocol variation (issue 27, points 1 and 3)" ;;
+         TITLE="Synthetic lesions, scan-protocol variation and pseudo-labels (issue 27, points 1, 2 and 3)" ;;
   *) echo "STUDY must be context, grid, fov, hardneg, losses or synth" >&2; exit 2 ;;
 esac
 start=$(date +%s)

@@ -326,13 +326,14 @@ def test_recipes_are_package_data_without_their_notes():
 
     assert recipe_names() == ["quick", "shipped", "shipped_2026_12_01", "shipped_2p5d", "shipped_2p5d_dropout",
                               "shipped_adaptive", "shipped_deepsup", "shipped_hardneg", "shipped_lungbox",
-                              "shipped_synth", "shipped_synth_protocol"]
+                              "shipped_synth", "shipped_synth_protocol", "shipped_synth_protocol_pseudo"]
     for name in recipe_names():  # every shipped recipe resolves, and its network can be built
         NetConfig(**load_recipe(name)["net"])
     assert load_recipe("shipped_2p5d")["net"]["in_channels"] == 3
     assert load_recipe("shipped_2p5d_dropout")["train"]["context_dropout"] == 0.5
     assert load_recipe("shipped_lungbox")["net"]["fov"] == "lungs"
     assert load_recipe("shipped_hardneg")["train"]["hard_negatives"] == 0.25
+    assert load_recipe("shipped_synth_protocol_pseudo")["data"]["pseudo"]["families"] == ["majun20"]
     quick = load_recipe("quick")
     assert quick["train"]["from_twin"]["energy_target"] == ENERGY_RATIO_TARGET
     assert "energy_target" not in load_recipe("shipped")["train"]["from_twin"]

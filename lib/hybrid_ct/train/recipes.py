@@ -132,6 +132,10 @@ def recipe_slices(recipe: dict, root, progress: bool = True):
     val_groups = sorted(val_groups)
     train_sets, val_sets = split_sets(sets, val_groups)
     train_sets = _capped(train_sets, d.get("max_per_group", {}), d["split_seed"])
+    if d.get("pseudo"):  # after the split: only training slices are ever pseudo-labelled
+        from hybrid_ct.train.pseudo_labels import pseudo_label
+
+        train_sets, recipe["pseudo_summary"] = pseudo_label(train_sets, d["pseudo"], progress)
     train = _oversampled(train_sets, d.get("oversample", {}), size)
     val = combine(val_sets, size)
     curve_val = _curve_subset(val, d.get("curve_val_slices"), recipe["train"].get("seed", 0))
