@@ -13,15 +13,16 @@ Kinds of scan (``Case.kind``):
 - ``real``: real HU volumes with expert lung contours (``../shared/data``, read in place): the two imlab
   volumes (128x128x64) and NSCLC-Radiomics LUNG1-001 (lung_lr: right 1 / left 2 -> lung 1). No infection
   (label 0/1). Infection-free scans, so they measure lung Dice and false infection only.
-- ``lesions``: real infection-free lungs with synthetic lesions, when ``hybrid_ct.data.lesions`` provides
-  ``add_lesions(image, label, seed) -> (image, label)`` (being built in parallel; absent: no such scans).
+- ``lesions``: the real scans above with COVID-like lesions drawn into their lungs by
+  ``hybrid_ct.data.lesions.synthesize`` (exact masks, label 2; LUNG1-001's tumour and 10 mm around it left
+  alone): the pool gets the pool's real scans with lesions, the test pool imlab id002 with lesions, so real
+  anatomy with infection is both corrected and scored.
 
 The phantoms' hardness is made here, not in ``hybrid_ct.data.phantom``, so that the campaign does not
 change what the rest of the project trains on.
 """
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +35,8 @@ REAL = {  # id: (image, lung mask) under ../shared/data
     "imlab_id002": ("lung3d_imlab/id002_image_hu.nii.gz", "lung3d_imlab/id002_lungmask.nii.gz"),
     "nsclc_lung1_001": ("volumes_hu/nsclc_lung1_001/image_hu.nii.gz", "volumes_hu/nsclc_lung1_001/lung_lr.nii.gz"),
 }
+TUMOUR = {"nsclc_lung1_001": "volumes_hu/nsclc_lung1_001/tumor_gtv_mask.nii.gz"}  # no lesion drawn into or near it
+TUMOUR_MARGIN_MM = 10.0
 PHANTOM_KINDS = ("phantom", "lowdose", "thick", "distractor")
 
 
@@ -45,6 +48,7 @@ class Case:
     label: sitk.Image
     positive: bool
     info: dict = field(default_factory=dict)
+    keep_out: np.ndarray | None = None  # [z, y, x] where no synthetic lesion may go (a tumour and its margin)
 
 
 def _like(arr, ref: sitk.Image, spacing=None) -> sitk.Image:
@@ -122,27 +126,41 @@ def real_case(name: str, max_slices: int = 0) -> Case | None:
     img, lab = sitk.ReadImage(str(img_p), sitk.sitkFloat32), sitk.ReadImage(str(lab_p))
     lab = sitk.Cast(lab > 0, sitk.sitkUInt8)
     lab.CopyInformation(img)
+    keep_out = None
+    if name in TUMOUR and (SHARED / TUMOUR[name]).is_file():
+        t = sitk.ReadImage(str(SHARED / TUMOUR[name])) > 0
+        t.CopyInformation(img)
+        margin = [max(1, int(round(TUMOUR_MARGIN_MM / s))) for s in img.GetSpacing()]
+        keep_out = sitk.BinaryDilate(sitk.Cast(t, sitk.sitkUInt8), margin)
     if max_slices and img.GetDepth() > max_slices:
         k = int(np.ceil(img.GetDepth() / max_slices))
         img, lab = img[:, :, ::k], lab[:, :, ::k]
-    return Case(name, "real", img, lab, False, {"source": str(img_p.relative_to(SHARED))})
+        keep_out = keep_out[:, :, ::k] if keep_out is not None else None
+    return Case(name, "real", img, lab, False, {"source": str(img_p.relative_to(SHARED))},
+                sitk.GetArrayFromImage(keep_out) > 0 if keep_out is not None else None)
 
 
 def lesion_cases(cases: list, seed: int) -> list:
-    """Hook: real infection-free lungs with synthetic lesions from ``hybrid_ct.data.lesions.add_lesions``
-    (assumed signature ``add_lesions(image, label, seed) -> (image, label)``); [] when it is not there."""
-    try:
-        mod = importlib.import_module("hybrid_ct.data.lesions")
-    except ImportError:
-        return []
-    fn = getattr(mod, "add_lesions", None)
-    if fn is None:
-        return []
+    """Each case with lesions drawn into its lung (``hybrid_ct.data.lesions.synthesize``, seeded ``seed + k``;
+    lower-lobe predominance from the image's own superior direction) -> label 2 where a lesion is."""
+    from hybrid_ct.data.lesions import synthesize
+
     out = []
     for k, c in enumerate(cases):
-        img, lab = fn(c.image, c.label, seed + k)
-        out.append(Case(c.id + "_lesions", "lesions", img, lab, bool((sitk.GetArrayViewFromImage(lab) == 2).any()),
-                        dict(c.info, lesions_seed=seed + k)))
+        hu = sitk.GetArrayFromImage(c.image).astype(np.float32)
+        lab = sitk.GetArrayFromImage(c.label)
+        lung = lab > 0
+        if c.keep_out is not None:
+            lung &= ~c.keep_out
+        up = float(np.asarray(c.image.GetDirection()).reshape(3, 3)[2, 2])  # +z in LPS is superior
+        hu2, mask, foci = synthesize(hu, lung, seed + k, spacing=c.image.GetSpacing()[::-1],
+                                     inferior_axis=0 if up >= 0 else None)
+        lab2 = lab.copy()
+        lab2[mask] = 2
+        out.append(Case(c.id + "_lesions", "lesions", _like(hu2, c.image), _like(lab2.astype(np.uint8), c.label),
+                        bool(mask.any()), dict(c.info, lesions_seed=seed + k, lesions=len(foci),
+                                               lesion_ml=round(float(mask.sum() * np.prod(c.image.GetSpacing()))
+                                                               / 1000.0, 1))))
     return out
 
 
@@ -159,10 +177,10 @@ def build_pools(seed: int, n_pool: int, n_test: int, shape, real: bool = True, r
         test += rt
         if not rp + rt:
             notes.append("../shared/data not found: no real scans")
-        les = lesion_cases(rp, seed)
+        les, les_test = lesion_cases(rp, seed), lesion_cases(rt, 9000 + seed)
         pool += les
-        notes.append(f"synthetic lesions on real lungs: {len(les)} scan(s)" if les else
-                     "hybrid_ct.data.lesions.add_lesions not available: no real lungs with synthetic lesions")
+        test += les_test
+        notes.append(f"synthetic lesions on real lungs: {len(les)} pool scan(s), {len(les_test)} test scan(s)")
     # neutral, seeded ids: 'first' (sorted ids) must not pick by kind
     order = np.random.default_rng(seed).permutation(len(pool))
     for rank, i in enumerate(order):

@@ -66,3 +66,28 @@ def test_novelty_and_descriptor():
     d, dn = descriptor(x, p, p, 5.0), descriptor(noisy, p, p, 5.0)
     assert len(d) == 12 and abs(sum(d[:8]) - 1.0) < 1e-3 and d[9] == 0.5
     assert dn[8] > d[8]  # the noise entry sees low dose
+
+
+def test_campaign_pool_draws_lesions_into_real_lungs_only(small_negative_phantom):
+    """The campaign's ``lesions`` scans (benchmarks/al_pools.py): lesions labelled 2 only inside the lung, the
+    image changed only there, never where the case keeps them out (LUNG1-001's tumour and its margin)."""
+    import SimpleITK as sitk
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import al_pools
+
+    image, label, _ = small_negative_phantom
+    lab = sitk.GetArrayFromImage(label)
+    lung = lab > 0
+    keep_out = np.zeros_like(lung)
+    keep_out[:, :, : lab.shape[2] // 2] = True  # one side of the body
+    case = al_pools.Case("realish", "real", image, sitk.Cast(label > 0, sitk.sitkUInt8), False, {}, keep_out)
+    (out,) = al_pools.lesion_cases([case], seed=3)
+    new_lab, new_hu = sitk.GetArrayFromImage(out.label), sitk.GetArrayFromImage(out.image)
+    old_hu = sitk.GetArrayFromImage(image)
+    assert out.kind == "lesions" and out.positive and out.info["lesions"] >= 1
+    assert (new_lab == 2).any() and not ((new_lab == 2) & ~lung).any() and not ((new_lab == 2) & keep_out).any()
+    assert np.array_equal(new_lab > 0, lung)  # the lung outline is kept; lesions sit inside it
+    changed = ~np.isclose(new_hu, old_hu)
+    assert changed.any() and not (changed & ~(lung & ~keep_out)).any()
+    assert out.image.GetSpacing() == image.GetSpacing() and out.image.GetOrigin() == image.GetOrigin()
