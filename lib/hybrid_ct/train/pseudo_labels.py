@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from hybrid_ct.data.manifest import group_family
 from hybrid_ct.data.slice_store import MISSING, SourceSet
 from hybrid_ct.errors import InputError
-from hybrid_ct.files import write_atomic
+from hybrid_ct.files import file_sha256, write_atomic
 from hybrid_ct.net.checkpoint import load_checkpoint
 from hybrid_ct.net.model_files import default_model_path
 
@@ -81,14 +81,6 @@ def teacher_path(s: dict) -> Path:
     if not Path(p).is_file():
         raise InputError(f"data.pseudo: no teacher checkpoint at {p}")
     return Path(p)
-
-
-def sha256(path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for b in iter(lambda: f.read(chunk), b""):
-            h.update(b)
-    return h.hexdigest()
 
 
 def cache_dir() -> Path:
@@ -155,11 +147,12 @@ def pseudo_label(train_sets: list, spec, progress: bool = False) -> tuple:
         log.warning("pseudo-labels: no candidate slice in families %s", s["families"])
         return train_sets, summary
     images = np.stack([train_sets[k].slices.images[i] for k, i in cand])
-    h = hashlib.sha256(json.dumps({"v": VERSION, "teacher": sha256(tp), "s": summary["settings"]},
+    teacher_sha = file_sha256(tp)
+    h = hashlib.sha256(json.dumps({"v": VERSION, "teacher": teacher_sha, "s": summary["settings"]},
                                   sort_keys=True).encode())
     h.update(images.tobytes())
     path = cache_dir() / f"{h.hexdigest()[:32]}.npz"
-    summary["teacher_sha256"], summary["cache"] = sha256(tp), str(path)
+    summary["teacher_sha256"], summary["cache"] = teacher_sha, str(path)
     if path.is_file():
         z = np.load(path)
         keep, masks, share = z["keep"], z["masks"], z["share"]
