@@ -3,6 +3,8 @@
     python benchmarks/protocol_variants.py --json runs/protocol.json              # the shipped model
     python benchmarks/protocol_variants.py --model runs/x.pt --json runs/x_protocol.json
     python benchmarks/protocol_variants.py --cases normal001 --no-pneumonia       # quicker
+    python benchmarks/protocol_variants.py --no-standardise --json runs/before.json  # without the density standardisation
+    python benchmarks/protocol_variants.py --lesion-load --json runs/load.json      # the level under growing lesions
 
 Protocol: the infection-free scans normal001 (COVID-CT-MD) and LUNG1-001 (NSCLC-Radiomics) and their variants
 (``hybrid_ct.data.protocol.VARIANTS``: parenchyma +100 / +200 HU -- inside the expert lung contours of LUNG1-001, the
@@ -37,7 +39,8 @@ def summary(report: dict) -> dict:
     return {"infection_ml": round(float(c.get("infection_ml", 0.0)), 1), "burden_pct": round(report["burden"]["total_pct"], 2),
             "grade": report["grade"], "call": c["label"], "classifier": c.get("classifier_label", c["label"]),
             "probability": round(float(c["probability"]), 3), "median_hu": d.get("median_hu"),
-            "warning": bool(d.get("warning")), "latency_s": round(float(report["latency_s"]), 1)}
+            "warning": bool(d.get("warning")), "level_hu": d.get("level_hu"), "shift_hu": d.get("shift_hu"),
+            "latency_s": round(float(report["latency_s"]), 1)}
 
 
 def protocol(predictor, root: Path, names) -> dict:
@@ -57,6 +60,33 @@ def protocol(predictor, root: Path, names) -> dict:
             _, rep = predictor.predict(variant(img, v, lung))
             out[f"{name} {v}"] = summary(rep)
             print(name, v, out[f"{name} {v}"], flush=True)
+    return out
+
+
+LESION_LOADS = ((5, (10, 30)), (20, (20, 50)), (25, (25, 55)), (30, (25, 60)), (35, (30, 65)), (80, (40, 90)))
+
+
+def lesion_load(root: Path) -> dict:
+    """Does a lung full of lesions pass for an expiration scan? Synthetic ground glass (``data.lesions``, seed 0)
+    drawn into LUNG1-001's expert lungs in growing amounts (foci, radius mm): the share of the lung involved, the
+    parenchyma level and the standardisation's shift (``processing.density``), without the network."""
+    from hybrid_ct.data.lesions import synthesize
+    from hybrid_ct.imaging.body import body_mask
+    from hybrid_ct.imaging.reader import read_image
+    from hybrid_ct.processing.density import parenchyma_level, standardise_shift
+
+    rel, lung_rel = SCANS["LUNG1-001"]
+    img = read_image(root / rel)
+    hu = sitk.GetArrayFromImage(img)
+    lung = sitk.GetArrayFromImage(sitk.ReadImage(str(root / lung_rel))) > 0
+    body, sp = body_mask(img), tuple(reversed(img.GetSpacing()))
+    out = {}
+    for n, radius in LESION_LOADS:
+        h, m, _ = synthesize(hu, lung, 0, spacing=sp, n_foci=n, kinds=("ggo",), inferior_axis=0, radius_mm=radius)
+        level = parenchyma_level(h, body)
+        out[f"{n} foci {radius[0]}-{radius[1]} mm"] = {"lung_involved": round(float(m.sum() / lung.sum()), 3),
+                                                      "level_hu": level, "shift_hu": standardise_shift(level)}
+        print("lesion load", n, radius, out[f"{n} foci {radius[0]}-{radius[1]} mm"], flush=True)
     return out
 
 
@@ -108,26 +138,37 @@ def main(argv=None) -> int:
     ap.add_argument("--data", default=None, help="the real data folder (default: ../shared/data)")
     ap.add_argument("--cases", default=",".join(SCANS), help="comma list of " + ", ".join(SCANS))
     ap.add_argument("--no-pneumonia", action="store_true", help="skip P001 / cap001")
+    ap.add_argument("--lesion-load", action="store_true",
+                    help="only the level of LUNG1-001 with growing synthetic ground glass (no network; lesion_load)")
     ap.add_argument("--json", default=None, help="write the numbers here")
+    ap.add_argument("--no-standardise", action="store_true",
+                    help="the scans' HU as they are: no density standardisation (processing.density; the 'before')")
     args = ap.parse_args(argv)
     from hybrid_ct.data.manifest import data_root
     from hybrid_ct.net.model_files import default_model_path
     from hybrid_ct.predict.predictor import Predictor
 
     root = data_root(args.data)
+    if args.lesion_load:
+        res = {"lesion_load": lesion_load(root)}
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(res, indent=1) + "\n")
+        return 0
     model = args.model or default_model_path()
-    predictor = Predictor.from_checkpoint(model)
+    predictor = Predictor.from_checkpoint(model, standardise=not args.no_standardise)
     t0 = time.time()
-    res = {"model": str(model), "protocol": protocol(predictor, root, [c for c in args.cases.split(",") if c])}
+    res = {"model": str(model), "standardise": not args.no_standardise, "protocol": protocol(predictor, root, [c for c in args.cases.split(",") if c])}
     if not args.no_pneumonia:
         res["pneumonia"] = pneumonia(predictor, root)
     res["seconds"] = round(time.time() - t0)
-    print("| scan | false infection mL | burden % | grade | call | classifier (P) | lung median HU | warning |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| scan | false infection mL | burden % | grade | call | classifier (P) | lung median HU | warning | level HU | shifted HU |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for k, r in res["protocol"].items():
         hu = "n/a" if r["median_hu"] is None else f"{r['median_hu']:.0f}"
         print(f"| {k} | {r['infection_ml']:.1f} | {r['burden_pct']:.2f} | {r['grade']} | {r['call']} | "
-              f"{r['classifier']} ({r['probability']:.2f}) | {hu} | {'yes' if r['warning'] else 'no'} |")
+              f"{r['classifier']} ({r['probability']:.2f}) | {hu} | {'yes' if r['warning'] else 'no'} | "
+              f"{r.get('level_hu') or 'n/a'} | {r.get('shift_hu') or 0:.0f} |")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(res, indent=1) + "\n")

@@ -40,8 +40,10 @@ def test_the_combined_answer_and_the_density_warning_are_on_the_page(tmp_path):
               "burden": {"total_pct": 40.0, "left_pct": 41.0, "right_pct": 39.0}, "grade": "CT-2",
               "model_version": "hybrid-ct-test",
               "lung_density": {"median_hu": -690.0, "max_median_hu": -750.0,
-                               "warning": REPORT["lung_density"]["warning"]}}
+                               "warning": REPORT["lung_density"]["warning"], "level_hu": -702.5, "shift_hu": 175.0,
+                               "note": REPORT["lung_density"]["standardise"]["note"].format(shift=175.0)}}
     text = dict(_lines(report, "dense"))
+    assert "175 HU denser than in training" in text["Lung parenchyma"]
     assert text["Call"].startswith("Indeterminate") and text["Answer"] == call["text"]["indeterminate_outlined"]
     assert "-690 HU" in text["Lung parenchyma"] and REPORT["lung_density"]["warning"] in text["Lung parenchyma"]
     assert "not specific to COVID-19" in text["A positive call means"]

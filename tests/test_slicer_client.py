@@ -476,5 +476,7 @@ def test_panel_shows_the_combined_answer_and_the_density_warning():
     d = format_results(report)
     assert d["classification"].startswith("Indeterminate (score 0.31, not calibrated) - infection outlined")
     assert "median -690 HU - WARNING: expiration or free-breathing scan" in d["burden"]
+    report[dens["key"]]["note"] = dens["standardise"]["note"].format(shift=160.0)  # the server's standardisation
+    assert "(lung parenchyma 160 HU denser than in training: mapped back before the network)" in format_results(report)["burden"]
     report["classification"] = {"label": "positive", "probability": 0.9, call["key"]: call["text"]["positive"]}
     assert format_results(report)["classification"] == "Positive (P(positive) = 0.90) - infection pattern found"

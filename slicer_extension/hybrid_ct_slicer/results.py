@@ -123,6 +123,9 @@ def format_burden(report: Mapping) -> str:
         warning = density.get(DENSITY_WARNING)
         if isinstance(warning, str) and warning.strip():
             text += f" - WARNING: {warning.strip()}"
+        note = density.get("note")  # the standardisation the server applied before the network (newer servers)
+        if isinstance(note, str) and note.strip():
+            text += f" ({note.strip()})"
     return text
 
 

@@ -39,6 +39,8 @@ def _lines(report: dict, case: str) -> list:
         text = f"median {density['median_hu']:.0f} HU (validated up to {density.get('max_median_hu', -750):.0f} HU)"
         if density.get("warning"):
             text += f" - WARNING: {density['warning']}"
+        if density.get("note"):  # the standardisation applied before the network
+            text += f" ({density['note']})"
         rows.append(("Lung parenchyma", text))
     return rows + [("Model version", report.get("model_version", "n/a")),
                    ("Written", datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))]

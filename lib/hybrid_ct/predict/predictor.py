@@ -28,7 +28,7 @@ from hybrid_ct.imaging.chest import check_ct
 from hybrid_ct.net.network import HybridMultiTaskNet, fold_batchnorm
 from hybrid_ct.processing.grid import array_to_image, check_size
 from hybrid_ct.processing.burden import infection_burden, severity_grade
-from hybrid_ct.processing.density import lung_density
+from hybrid_ct.processing.density import lung_density, standardise_note
 from hybrid_ct.processing.transforms import MIN_3D_SLICES, post_transforms, pre_transforms, run
 
 @dataclass
@@ -89,7 +89,7 @@ class Predictor:
     def __init__(self, model: HybridMultiTaskNet, meta: dict | None = None, device: str = "cpu",
                  batch_size: int = 8, require_chest: bool = True, progress: bool = False,
                  calibration: Calibration | None = None, crop: bool = True, amp: bool = False,
-                 z_step_mm: float | None = None):
+                 z_step_mm: float | None = None, standardise: bool = True):
         self.model = fold_batchnorm(model.to(device).eval())  # same output, one pass less per layer
         self.meta = dict(meta or {})
         self.device = device
@@ -105,6 +105,7 @@ class Predictor:
         # repeats nearly the same slice: the network runs on slices z_step_mm apart, the rest interpolated
         self.z_step_mm = z_step_mm
         self.slices_interpolated = 0  # of the last volume
+        self.standardise = bool(standardise)  # False: the scan's HU as they are (the benchmark's "before")
 
     @classmethod
     def from_checkpoint(cls, path, device: str = "cpu", **kw) -> "Predictor":
@@ -182,7 +183,8 @@ class Predictor:
         """-> (label image, uint8 in the input's geometry; report dict, see docs/CONTRACTS.md)."""
         t0 = time.perf_counter()
         check_ct(image, require_chest=self.require_chest)
-        pre = pre_transforms(check_size(size or self.model.cfg.in_size), **self.model.cfg.input_spec())
+        pre = pre_transforms(check_size(size or self.model.cfg.in_size), standardise=self.standardise,
+                             **self.model.cfg.input_spec())
         data = run(pre, {"image": image, "hu": image})  # "hu": the input as it is, for the 3D rules of the post chain
         self.slices_interpolated = 0
         with EnergyMeter(self.model) as meter:
@@ -192,17 +194,20 @@ class Predictor:
         label = array_to_image(label_arr, image)
         # a whole volume in HU: the parenchyma's density (a picture's grey values are not HU)
         hu = sitk.GetArrayViewFromImage(image) if label_arr.shape[0] >= MIN_3D_SLICES else None
-        report = self._report(label, label_arr, so, meter, time.perf_counter() - t0, hu)
+        report = self._report(label, label_arr, so, meter, time.perf_counter() - t0, hu, data.get("density"))
         return label, report
 
     def _report(self, label: sitk.Image, label_arr: np.ndarray, so: SliceOutputs, meter: EnergyMeter,
-                latency: float, hu: np.ndarray | None = None) -> dict:
+                latency: float, hu: np.ndarray | None = None, standardised: dict | None = None) -> dict:
         features = scan_features(label_arr, label.GetSpacing(), so.positive_prob, (so.lung[:, 0] > 0.5).sum(axis=(1, 2)))
         call = decide(features, self.calibration)
         ran = so.ran if so.ran is not None else np.ones(len(so.rates), bool)
         burden = infection_burden(label)
         energy = meter.report()
         density = lung_density(hu, label_arr) if hu is not None else None  # the report's guard on expiration / free-breathing scans
+        if density is not None and standardised:  # what the pre chain's StandardiseDensityd did (processing.density)
+            density.update(level_hu=standardised["level_hu"], shift_hu=standardised["shift_hu"],
+                           note=standardise_note(standardised["shift_hu"]))
         return {
             "classification": {
                 **call,

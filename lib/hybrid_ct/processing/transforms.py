@@ -1,9 +1,10 @@
 """Pre- and post-processing as MONAI dictionary transforms: one chain for the CLI, the app and the trainer.
 
 ``pre_transforms(size)`` (inference: key ``image``; training adds ``label``)::
-    SitkToTensord -> OrientToCanonicald* -> BodyMaskd -> LungSlabd -> LungWindowd -> ToSliceGridd*
+    SitkToTensord -> OrientToCanonicald* -> BodyMaskd -> StandardiseDensityd -> LungSlabd -> LungWindowd -> ToSliceGridd*
 
-(``fov="lungs"`` adds LungBoxd before LungWindowd, and BodyMaskd in training too.)
+(``fov="lungs"`` adds LungBoxd before LungWindowd, and BodyMaskd in training too; StandardiseDensityd is
+inference only and a no-op on every HU training volume, ``processing.density``.)
 
 ``post_transforms(pre)`` (the network's probabilities under ``pred``, [D, 2, S, S])::
     EnsureTyped -> Invertd(pre) -> ProbsToLabeld -> KeepLungComponentsd -> PlausibleLungsd -> LungSidesd
@@ -42,7 +43,8 @@ from hybrid_ct.processing.grid import FOVS, LUNG_MARGIN_MM, SliceContext, WINDOW
     orientation, square_pad, to_canonical
 from hybrid_ct.imaging.body import BODY_HU, body_mask
 from hybrid_ct.processing.postprocess import mask_label
-from hybrid_ct.processing.crop import lung_air_box, lung_slab
+from hybrid_ct.processing.crop import MIN_SLAB_SLICES, lung_air_box, lung_slab
+from hybrid_ct.processing.density import parenchyma_level, standardise, standardise_shift
 from hybrid_ct.processing.anatomy import plausible_lungs
 from hybrid_ct.processing.postprocess import keep_lung_components
 from hybrid_ct.processing.sides import lung_sides
@@ -217,6 +219,31 @@ class LungBoxd(_LungAird):
         return lung_air_box(hu, body, spacing, air_hu)
 
 
+class StandardiseDensityd(MapTransform):
+    """A whole HU volume whose lung parenchyma is denser than the densest HU training volume (an expiration
+    or free-breathing scan) mapped back to that level (``processing.density.standardise``); the level and the
+    shift go under ``out_key`` (``{"level_hu", "shift_hu"}``, for the report). Pictures and short stacks (fewer
+    than ``MIN_SLAB_SLICES`` slices: their grey values need not be HU) and scans at or below the level pass
+    unchanged. Custom: a histogram mode and one ``np.interp``."""
+
+    def __init__(self, keys="image", body_key: str = "body", out_key: str = "density"):
+        super().__init__(keys)
+        self.body_key, self.out_key = body_key, out_key
+
+    def __call__(self, data):
+        d = dict(data)
+        body = d.get(self.body_key)
+        for key in self.key_iterator(d):
+            x = d[key]
+            hu = _np(x)[0]
+            level = parenchyma_level(hu, _np(body)[0] if body is not None else None) if hu.shape[0] >= MIN_SLAB_SLICES else None
+            shift = standardise_shift(level)
+            d[self.out_key] = {"level_hu": level, "shift_hu": shift}
+            if shift > 0:
+                d[key] = _like(standardise(hu, level, shift)[None], x)
+        return d
+
+
 class LungWindowd(ScaleIntensityRanged):
     """The lung window (W1500 / L-600): ``WINDOW_HU`` onto [0, 1], clipped; the same float32 values as
     ``preprocess.window`` (tests/test_transforms.py checks it)."""
@@ -353,9 +380,10 @@ class LungSidesd(MapTransform):
 
 
 def pre_transforms(size: int, keys=("image",), body: bool = True, fov: str = "square", window_hu=WINDOW_HU,
-                   margin_mm: float = LUNG_MARGIN_MM, body_hu: float = BODY_HU) -> Compose:
+                   margin_mm: float = LUNG_MARGIN_MM, body_hu: float = BODY_HU, standardise: bool = True) -> Compose:
     """SimpleITK images under ``keys`` ("image" first; "label" for training) -> model slices.
-    ``body``: also the body mask for the post-processing and the lung slab (inference only).
+    ``body``: also the body mask for the post-processing and the lung slab (inference only), and with
+    ``standardise`` the density standardisation (``StandardiseDensityd``).
     ``fov``: the field of view (``grid.FOVS``; "lungs" needs the body mask and the lung box, training
     too). ``fov``, ``window_hu``, ``margin_mm`` and ``body_hu`` define what the network sees: pass a
     checkpoint's own (``NetConfig.input_spec()``); the defaults are those every model so far was built with."""
@@ -364,6 +392,7 @@ def pre_transforms(size: int, keys=("image",), body: bool = True, fov: str = "sq
     if body or fov == "lungs":
         chain += [BodyMaskd("image", threshold=body_hu)]
     if body:
+        chain += [StandardiseDensityd("image")] if standardise else []
         chain += [LungSlabd("image", air_hu=body_hu)]
     if fov == "lungs":
         chain += [LungBoxd("image", air_hu=body_hu)]
