@@ -128,7 +128,8 @@ def test_input_errors_come_out_as_input_errors():
 def test_reorientation_happens_once_and_is_invertible():
     chain = pre_transforms(32)
     names = [type(t).__name__ for t in chain.transforms]
-    assert names == ["SitkToTensord", "OrientToCanonicald", "BodyMaskd", "LungSlabd", "LungWindowd", "ToSliceGridd"]
+    assert names == ["SitkToTensord", "OrientToCanonicald", "BodyMaskd", "StandardiseDensityd", "LungSlabd", "LungWindowd",
+                     "ToSliceGridd"]
     assert sum(isinstance(t, OrientToCanonicald) for t in chain.transforms) == 1
     invertible = [type(t).__name__ for t in chain.transforms if hasattr(t, "inverse")]
     assert invertible == ["OrientToCanonicald", "ToSliceGridd"]

@@ -3,8 +3,8 @@
 ``pre_transforms(size)`` (inference: key ``image``; training adds ``label``)::
     SitkToTensord -> OrientToCanonicald* -> BodyMaskd -> StandardiseDensityd -> LungSlabd -> LungWindowd -> ToSliceGridd*
 
-(``fov="lungs"`` adds LungBoxd before LungWindowd, and BodyMaskd in training too; StandardiseDensityd is
-inference only and a no-op on every HU training volume, ``processing.density``.)
+(``fov="lungs"`` adds LungBoxd before LungWindowd, and BodyMaskd in training too; StandardiseDensityd runs in
+training too and is a no-op on every HU volume the shipped model trained on, ``processing.density``.)
 
 ``post_transforms(pre)`` (the network's probabilities under ``pred``, [D, 2, S, S])::
     EnsureTyped -> Invertd(pre) -> ProbsToLabeld -> KeepLungComponentsd -> PlausibleLungsd -> LungSidesd
@@ -222,21 +222,26 @@ class LungBoxd(_LungAird):
 class StandardiseDensityd(MapTransform):
     """A whole HU volume whose lung parenchyma is denser than the densest HU training volume (an expiration
     or free-breathing scan) mapped back to that level (``processing.density.standardise``); the level and the
-    shift go under ``out_key`` (``{"level_hu", "shift_hu"}``, for the report). Pictures and short stacks (fewer
-    than ``MIN_SLAB_SLICES`` slices: their grey values need not be HU) and scans at or below the level pass
+    shift go under ``out_key`` (``{"level_hu", "shift_hu"}``, for the report). Training and inference alike (a
+    model retrained on corrections sees what it will be served). The body is ``body_key``'s mask, or found
+    here (``BodyMaskd``'s) when the chain has none. Pictures and short stacks (fewer than
+    ``MIN_SLAB_SLICES`` slices: their grey values need not be HU) and scans at or below the level pass
     unchanged. Custom: a histogram mode and one ``np.interp``."""
 
-    def __init__(self, keys="image", body_key: str = "body", out_key: str = "density"):
+    def __init__(self, keys="image", body_key: str = "body", out_key: str = "density", body_hu: float = BODY_HU):
         super().__init__(keys)
-        self.body_key, self.out_key = body_key, out_key
+        self.body_key, self.out_key, self.body_hu = body_key, out_key, float(body_hu)
 
     def __call__(self, data):
         d = dict(data)
-        body = d.get(self.body_key)
         for key in self.key_iterator(d):
             x = d[key]
             hu = _np(x)[0]
-            level = parenchyma_level(hu, _np(body)[0] if body is not None else None) if hu.shape[0] >= MIN_SLAB_SLICES else None
+            level = None
+            if hu.shape[0] >= MIN_SLAB_SLICES:
+                body = d.get(self.body_key)
+                body = BodyMaskd(key, threshold=self.body_hu).derive(x) if body is None else body
+                level = parenchyma_level(hu, _np(body)[0])
             shift = standardise_shift(level)
             d[self.out_key] = {"level_hu": level, "shift_hu": shift}
             if shift > 0:
@@ -382,8 +387,9 @@ class LungSidesd(MapTransform):
 def pre_transforms(size: int, keys=("image",), body: bool = True, fov: str = "square", window_hu=WINDOW_HU,
                    margin_mm: float = LUNG_MARGIN_MM, body_hu: float = BODY_HU, standardise: bool = True) -> Compose:
     """SimpleITK images under ``keys`` ("image" first; "label" for training) -> model slices.
-    ``body``: also the body mask for the post-processing and the lung slab (inference only), and with
-    ``standardise`` the density standardisation (``StandardiseDensityd``).
+    ``body``: also the body mask for the post-processing and the lung slab (inference only).
+    ``standardise``: the density standardisation (``StandardiseDensityd``), training and inference; off only
+    to measure what it does (``Predictor(standardise=False)``).
     ``fov``: the field of view (``grid.FOVS``; "lungs" needs the body mask and the lung box, training
     too). ``fov``, ``window_hu``, ``margin_mm`` and ``body_hu`` define what the network sees: pass a
     checkpoint's own (``NetConfig.input_spec()``); the defaults are those every model so far was built with."""
@@ -391,8 +397,9 @@ def pre_transforms(size: int, keys=("image",), body: bool = True, fov: str = "sq
     chain = [SitkToTensord(keys), OrientToCanonicald(keys + ("body",) if body else keys)]
     if body or fov == "lungs":
         chain += [BodyMaskd("image", threshold=body_hu)]
+    if standardise:
+        chain += [StandardiseDensityd("image", body_hu=body_hu)]
     if body:
-        chain += [StandardiseDensityd("image")] if standardise else []
         chain += [LungSlabd("image", air_hu=body_hu)]
     if fov == "lungs":
         chain += [LungBoxd("image", air_hu=body_hu)]
