@@ -50,10 +50,13 @@ def render(predictor: Predictor, case: Path, out: Path) -> Path:
     img = (hu[k] - lo) / (hi - lo)
     colors = {d["idx"]: d["color"] for d in LABEL_INFO}
     lines = [("Notice", RESEARCH_NOTICE)] + [(name, values[key]) for key, name in RESULT_FIELDS]
-    path = out / f"slicer_results_{case.name}.png"
-    results_view(img, lab[k], colors, lines, path, title=f"RENDERING, not Slicer: {case.name}, slice "
+    name = case.name
+    for ext in (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd"):  # a volume file: its name without the extension
+        name = name[: -len(ext)] if name.endswith(ext) else name
+    path = out / f"slicer_results_{name}.png"
+    results_view(img, lab[k], colors, lines, path, title=f"RENDERING, not Slicer: {name}, slice "
                  f"{k + 1}/{lab.shape[0]}")
-    (out / f"slicer_results_{case.name}.json").write_text(json.dumps(params, indent=1))
+    (out / f"slicer_results_{name}.json").write_text(json.dumps(params, indent=1))
     return path
 
 

@@ -68,7 +68,12 @@ def results_view(image2d, label2d, colors: dict, lines: list, path, title: str =
     img = np.clip(np.asarray(image2d, float), 0, 1)
     lab = np.asarray(label2d)
     rgb = np.repeat(img[..., None], 3, axis=2)
-    fig = new_figure(9.5, 4.6)
+    texts = [(field, textwrap.fill(str(value), 52)) for field, value in lines]
+    # the panel sets the height: each field as tall as its wrapped text (inches), so a long call or density
+    # note never runs into the next field or off the picture
+    heights = [0.22 + 0.155 * (t.count("\n") + 1) + 0.1 for _, t in texts]
+    fig_h = max(4.6, sum(heights) + 0.75)
+    fig = new_figure(9.5, fig_h)
     ax = fig.add_axes([0.01, 0.02, 0.47, 0.9])
     for value, color in colors.items():
         m = lab == value
@@ -81,15 +86,14 @@ def results_view(image2d, label2d, colors: dict, lines: list, path, title: str =
             ax.contour(m.astype(float), levels=[0.5], colors=[np.asarray(color, float) / 255.0], linewidths=1.2)
     ax.set_title(title, fontsize=9)
     ax.set_axis_off()
-    panel = fig.add_axes([0.52, 0.02, 0.46, 0.9])
+    panel = fig.add_axes([0.52, 0.0, 0.46, 1.0])
     panel.set_axis_off()
-    panel.set_title("Hybrid CT results", fontsize=10, loc="left")
-    y = 0.95
-    for field, value in lines:  # each field as tall as its wrapped text: a long call never runs into the next
-        text = textwrap.fill(str(value), 52)
-        panel.text(0.0, y, f"{field}:", fontsize=9, weight="bold", va="top", transform=panel.transAxes)
-        panel.text(0.0, y - 0.045, text, fontsize=8.5, va="top", transform=panel.transAxes)
-        y -= 0.045 + 0.036 * (text.count("\n") + 1) + 0.025
+    panel.text(0.0, 1.0 - 0.3 / fig_h, "Hybrid CT results", fontsize=10, va="top", transform=panel.transAxes)
+    y = 0.7  # inches from the top
+    for (field, text), h in zip(texts, heights):
+        panel.text(0.0, 1.0 - y / fig_h, f"{field}:", fontsize=9, weight="bold", va="top", transform=panel.transAxes)
+        panel.text(0.0, 1.0 - (y + 0.22) / fig_h, text, fontsize=8.5, va="top", transform=panel.transAxes)
+        y += h
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
