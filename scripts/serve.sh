@@ -56,6 +56,20 @@ if [ ! -f "$MODEL_PATH/pretrained.pt" ] && [ ! -f "$MODEL_PATH/current" ] && [ -
   echo "[serve] until you train one: press Train in Slicer, or  curl -X POST http://127.0.0.1:$PORT/train/hybrid_ct"
 fi
 
+# the shipped model's replay sample (what retraining mixes with the corrections, so that it does not forget;
+# derived from the data sets, never committed): rebuilt once from the real data where it is present
+SHIPPED=$("$PY" -c "from hybrid_ct.net.model_files import default_model_path; print(default_model_path())" 2>/dev/null || true)
+if [ -f "$MODEL_PATH/pretrained.pt" ]; then SHIPPED="$MODEL_PATH/pretrained.pt"; fi
+if [ -n "$SHIPPED" ] && [ ! -f "${SHIPPED%.pt}.replay.npz" ]; then
+  if "$PY" -c "import sys; from hybrid_ct.data.manifest import data_root; sys.exit(0 if (data_root() / 'MANIFEST.csv').is_file() else 1)"; then
+    echo "[serve] building the shipped model's replay sample from the real data (first run only, ~1 min)"
+    .venv/bin/hybrid-ct --quiet replay --model "$SHIPPED" \
+      || echo "[serve] no replay sample: retraining will use the corrections alone" >&2
+  else
+    echo "[serve] no real data (\$HYBRID_CT_DATA or ../shared/data): no replay sample; retraining on corrections alone can forget" >&2
+  fi
+fi
+
 if [ "$HOST" != "127.0.0.1" ] && [ "$HOST" != "localhost" ]; then
   echo "[serve] WARNING: listening on $HOST: anyone who can reach this machine can upload, infer and train" \
        "(there is no authentication); keep it on a trusted network" >&2

@@ -135,6 +135,14 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_replay(args) -> int:
+    from hybrid_ct.train.replay import rebuild_replay
+
+    path, n = rebuild_replay(args.model, args.data, args.out, progress=not args.quiet)
+    print(f"{n} replay slices -> {path}")
+    return 0
+
+
 def cmd_evaluate(args) -> int:
     from hybrid_ct.evaluate.validation import evaluate_checkpoints
     from hybrid_ct.files import jsonable
@@ -299,6 +307,13 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--device", default="auto", help="auto | cpu | cuda")
     tr.add_argument("--model-card", default=None, help="model card to fill (e.g. docs/model_card.md)")
     tr.set_defaults(func=cmd_train)
+
+    rp = sub.add_parser("replay", help="rebuild a checkpoint's replay sample (<model>.replay.npz, what the app's "
+                        "retraining mixes with corrections) from its own recipe and the real data")
+    rp.add_argument("--model", default=str(PACKAGED_MODEL), help="checkpoint (default: the shipped model)")
+    rp.add_argument("--data", default=None, help="real data folder (default: $HYBRID_CT_DATA or ../shared/data)")
+    rp.add_argument("--out", default=None, help="default: <model>.replay.npz beside the checkpoint")
+    rp.set_defaults(func=cmd_replay)
 
     ev = sub.add_parser("evaluate", help="validation metrics, energy, scan-level check -> results.md + PNGs")
     ev.add_argument("--model", default=None, help="checkpoint (default: $HYBRID_CT_MODEL, else the shipped model)")

@@ -20,7 +20,8 @@ from hybrid_ct.predict.predictor import energy_on_slices
 from hybrid_ct.net.model_files import MAX_CHECKPOINT_MB
 from hybrid_ct.train.recipes import recipe_slices
 from hybrid_ct.files import jsonable
-from hybrid_ct.data.slice_store import replay_path, save_replay
+from hybrid_ct.data.slice_store import replay_path
+from hybrid_ct.train.replay import write_replay
 from hybrid_ct.data.manifest import data_root, group_family
 from hybrid_ct.net.checkpoint import load_checkpoint, save_checkpoint
 from hybrid_ct.net.network import HybridMultiTaskNet, NetConfig, cnn_twin, count_parameters, from_twin
@@ -188,8 +189,7 @@ def train_recipe(recipe: dict, data, out, twin_out=None, device: str = "cpu", no
     out = Path(out)
     # the app's retraining replays a sample of this training data (trainers/hybrid_ct.py)
     out.parent.mkdir(parents=True, exist_ok=True)
-    replay = train if cfg.in_channels == 3 else replace(train, context=None)  # neighbours only for a 2.5D net
-    meta["replay_slices"] = save_replay(replay, replay_path(out), seed=tcfg.seed)
+    meta["replay_slices"] = write_replay(train, cfg, replay_path(out), seed=tcfg.seed)
     twin_out = Path(twin_out) if twin_out else out.with_name(out.stem + "_twin.pt")
     conv = recipe["train"].get("from_twin")
     if twin_only:
