@@ -138,8 +138,10 @@ def _gate_summary(rows: list) -> list:
     kept = [r for r in ran if r["decision"] == "kept" and r["published"] is not None and r["before"] is not None]
     if kept:
         kd = [r["published"] - r["before"] for r in kept]
-        out[-1] += (f"; of the {len(kept)} kept retrains, {sum(d > 0 for d in kd)} would have raised the test Dice "
-                    f"(by up to {max(kd):+.4f}) and {sum(d < 0 for d in kd)} lowered it (down to {min(kd):+.4f})")
+        up, down = sum(d > 0 for d in kd), sum(d < 0 for d in kd)
+        out[-1] += (f"; of the {len(kept)} kept retrains, {up} would have raised the test Dice"
+                    + (f" (by up to {max(kd):+.4f})" if up else "") + f" and {down} lowered it"
+                    + (f" (down to {min(kd):+.4f})" if down else ""))
     out[-1] += "."
     return out
 
@@ -210,9 +212,9 @@ def write(out: dict, doc: str, png: str, notes=None) -> None:
              f"{' + real scans' if st['real'] else ''}, test pool of {st['test']} phantoms"
              f"{' + real scans' if st['real'] else ''}, phantom shape {tuple(st['shape'])}; {_network(st, out)}.", ""]
     if len(st["seeds"]) == 1:
-        lines += ["**One seed: this is not a strategy comparison.** Differences between strategies here are one draw "
-                  "each, smaller than or equal to what a change of seed moves (see docs/active_learning.md for the "
-                  "spread over seeds on the tiny network).", ""]
+        lines += ["**One seed: this is not a strategy comparison.** Each strategy is one draw: a difference between "
+                  "strategies here says nothing about which is better (on the tiny network, docs/active_learning.md, "
+                  "the spread between seeds was as wide as the differences between strategies).", ""]
     if partial:
         lines += [f"**Cut short**: {len(partial)} run(s) did not finish all rounds ("
                   + ", ".join(f"`{r['strategy']}` seed {r['seed']}: {len(r['rounds']) - 1} of {st['rounds']}"
@@ -285,6 +287,8 @@ def write(out: dict, doc: str, png: str, notes=None) -> None:
                 lines.append(f"| {strat} | " + " | ".join(_fmt(rc[strat][1][:, i]) for i in range(rc[strat][1].shape[1]))
                              + " |")
     lines += ["", "## Annotation saving", ""]
+    if len(st["seeds"]) == 1:
+        lines.append("One seed: what follows is one draw per strategy, not a measured saving.")
     for strat in strategies:
         if strat == "random":
             continue
@@ -292,7 +296,7 @@ def write(out: dict, doc: str, png: str, notes=None) -> None:
         if sv is None:
             continue
         start = float(np.nanmean(curves(out, "dice")["random"][1][:, 0]))
-        if sv["target"] <= start:  # random ended where it began: reaching it needs no correction, nothing saved
+        if sv["target"] <= round(start, 4) + 1e-9:  # random ended where it began (target rounded to 4 places): nothing saved
             lines.append(f"- `{strat}`: nothing to compare: random's final mean test Dice {sv['target']} is not "
                          f"above the start ({start:.4f}).")
         elif sv["corrections"] is None:
