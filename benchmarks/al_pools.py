@@ -23,13 +23,14 @@ change what the rest of the project trains on.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED = Path(os.environ.get("HYBRID_CT_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
 REAL = {  # id: (image, lung mask) under ../shared/data
     "imlab_id001": ("lung3d_imlab/id001_image_hu.nii.gz", "lung3d_imlab/id001_lungmask.nii.gz"),
     "imlab_id002": ("lung3d_imlab/id002_image_hu.nii.gz", "lung3d_imlab/id002_lungmask.nii.gz"),
@@ -164,15 +165,21 @@ def lesion_cases(cases: list, seed: int) -> list:
     return out
 
 
-def build_pools(seed: int, n_pool: int, n_test: int, shape, real: bool = True, real_max_slices: int = 48) -> dict:
+POOL_REAL, TEST_REAL = ("nsclc_lung1_001", "imlab_id001"), ("imlab_id002",)
+
+
+def build_pools(seed: int, n_pool: int, n_test: int, shape, real: bool = True, real_max_slices: int = 48,
+                pool_real=POOL_REAL, test_real=TEST_REAL) -> dict:
     """-> {"pool": [Case], "test": [Case], "notes": [...]}: the same for every strategy of a seed.
-    Real scans: NSCLC LUNG1-001 and imlab id001 in the pool, imlab id002 in the test pool."""
+    Real scans (default): NSCLC LUNG1-001 and imlab id001 in the pool, imlab id002 in the test pool
+    (``pool_real`` / ``test_real`` change it: the shipped model trained on imlab id002, so its campaign
+    tests on id001, its validation scan)."""
     pool = phantom_cases("p", n_pool, 1000 + seed, shape)
     test = phantom_cases("t", n_test, 5000 + seed, shape)  # test pool: fixed per seed, never annotated
     notes = []
     if real:
-        rp = [c for c in (real_case("nsclc_lung1_001", real_max_slices), real_case("imlab_id001", real_max_slices)) if c]
-        rt = [c for c in (real_case("imlab_id002", real_max_slices),) if c]
+        rp = [c for c in (real_case(n, real_max_slices) for n in pool_real) if c]
+        rt = [c for c in (real_case(n, real_max_slices) for n in test_real) if c]
         pool += rp
         test += rt
         if not rp + rt:

@@ -112,7 +112,12 @@ def gate_rows(out: dict) -> list:
                          "published": (r.get("test_published") or {}).get("dice"),
                          "round_s": r.get("round_s"), "scoring_s": r.get("scoring_s"),
                          "budget_hit": ((r.get("retrain") or {}).get("time_budget") or {}).get("hit"),
-                         "epochs": (r.get("retrain") or {}).get("epoch")})
+                         "epochs": (r.get("retrain") or {}).get("epoch"),
+                         "fi_before": prev.get("false_infection_ml"), "fi_after": r["test"].get("false_infection_ml"),
+                         "fi_published": (r.get("test_published") or {}).get("false_infection_ml"),
+                         "breakdown": r.get("breakdown") or {}, "epoch_s": r.get("epoch_s") or [],
+                         "test_s": r.get("test_s"), "train_slices": ((r.get("retrain") or {}).get("train") or {}).get("slices"),
+                         "picks": ", ".join(f"{p['id']} ({p.get('source') or p['kind']})" for p in r["picks"])})
             prev = r["test"]
     return rows
 
@@ -133,34 +138,103 @@ def _gate_summary(rows: list) -> list:
     kept = [r for r in ran if r["decision"] == "kept" and r["published"] is not None and r["before"] is not None]
     if kept:
         kd = [r["published"] - r["before"] for r in kept]
-        out[-1] += (f"; of the {len(kept)} kept retrains, {sum(d > 0 for d in kd)} would have raised the test Dice "
-                    f"(by up to {max(kd):+.4f}) and {sum(d < 0 for d in kd)} lowered it (down to {min(kd):+.4f})")
+        up, down = sum(d > 0 for d in kd), sum(d < 0 for d in kd)
+        out[-1] += (f"; of the {len(kept)} kept retrains, {up} would have raised the test Dice"
+                    + (f" (by up to {max(kd):+.4f})" if up else "") + f" and {down} lowered it"
+                    + (f" (down to {min(kd):+.4f})" if down else ""))
     out[-1] += "."
     return out
 
 
-def write(out: dict, doc: str, png: str) -> None:
+def _initial(out: dict) -> dict:
+    return next(iter(out["pools"].values()), {}).get("initial_model") or {}
+
+
+def _real_txt(st: dict) -> str:
+    pool = st.get("pool_real") or ["imlab_id001", "nsclc_lung1_001"]
+    test = st.get("test_real") or ["imlab_id002"]
+    k = st.get("real_max_slices", 48)
+    return (f"{' and '.join(pool)} in the pool, {' and '.join(test)} in the test pool; no infection; "
+            + (f"at most {k} slices kept" if k else "every slice kept, whole scans"))
+
+
+def _network(st: dict, out: dict) -> str:
+    if st.get("initial") == "shipped":
+        info = _initial(out)
+        net = info.get("net") or {}
+        return (f"the shipped network (`{info.get('version')}`, {net.get('in_size')}x{net.get('in_size')} input, "
+                f"{net.get('levels')} levels, T={net.get('time_steps')} spiking; replay sample: "
+                f"{'`' + info['replay'] + '`' if info.get('replay') else 'none in the package, so none on the server'}"
+                "), started as the README's server starts it. Read the numbers as what a lab gets per round on "
+                "this machine")
+    return ("tiny network (the test architecture, 64x64). Read the numbers as what this loop does at this scale, "
+            "not as what a lab gets with the shipped model")
+
+
+def _r3(v):
+    return round(v, 4) if isinstance(v, float) else v
+
+
+def _time_summary(rows: list) -> list:
+    """Where a round's time went (the retrain's own stats): the process starting, training epochs (each with its
+    validation pass over the training slices), the gate scoring new and served model + publishing; and the
+    benchmark's test scoring, which is not part of a lab's round."""
+    bs = [r["breakdown"] for r in rows if r["breakdown"]]
+    if not bs:
+        return []
+    med = lambda k: np.median([b[k] for b in bs])  # noqa: E731
+    out = [f"- where a round's time went (median over the {len(bs)} retrains): {med('to_start_s'):.0f} s from the "
+           f"correction to the retrain process running, {med('train_s'):.0f} s training (epochs, each with its "
+           f"validation pass), {med('gate_publish_s'):.0f} s gate (new and served model scored) + publishing"]
+    eps = [e for r in rows for e in r["epoch_s"] if e]
+    if eps:
+        out[-1] += f"; an epoch took a median {np.median(eps):.0f} s (max {max(eps):.0f} s)"
+    ts = [r["test_s"] for r in rows if r["test_s"]]
+    if ts:
+        out[-1] += (f"; scoring a new model on the test pool (the benchmark's measurement, outside the round) took a "
+                    f"median {np.median(ts):.0f} s")
+    out[-1] += "."
+    return out
+
+
+def write(out: dict, doc: str, png: str, notes=None) -> None:
     plot(out, png)
     st, m = out["settings"], out["machine"]
     strategies = st["strategies"]
-    lines = ["# Active learning, measured: a simulated annotation campaign through the server", "",
+    shipped = st.get("initial") == "shipped"
+    done = sum(len(r["rounds"]) - 1 for r in out["runs"])
+    partial = [r for r in out["runs"] if r.get("complete") is False]
+    lines = ["# Active learning, measured: a simulated annotation campaign through the server"
+             + (" (the shipped network)" if shipped else ""), "",
              f"**{'A SMALL campaign' if len(st['seeds']) < 3 or st['rounds'] < 8 else 'Campaign'}**: "
              f"{len(strategies)} strategies x {len(st['seeds'])} seed(s) x {st['rounds']} round(s) of "
              f"{st['per_round']} correction(s), pool of {st['pool']} phantoms"
              f"{' + real scans' if st['real'] else ''}, test pool of {st['test']} phantoms"
-             f"{' + real scans' if st['real'] else ''}, phantom shape {tuple(st['shape'])}; tiny network "
-             f"(the test architecture, 64x64). Read the numbers as what this loop does at this scale, not as "
-             "what a lab gets with the shipped model.", "",
-             "Regenerate (writes the JSON, this page and the plot):", "", "```",
+             f"{' + real scans' if st['real'] else ''}, phantom shape {tuple(st['shape'])}; {_network(st, out)}.", ""]
+    if len(st["seeds"]) == 1:
+        lines += ["**One seed: this is not a strategy comparison.** Each strategy is one draw: a difference between "
+                  "strategies here says nothing about which is better (on the tiny network, docs/active_learning.md, "
+                  "the spread between seeds was as wide as the differences between strategies).", ""]
+    if partial:
+        lines += [f"**Cut short**: {len(partial)} run(s) did not finish all rounds ("
+                  + ", ".join(f"`{r['strategy']}` seed {r['seed']}: {len(r['rounds']) - 1} of {st['rounds']}"
+                              for r in partial) + f"); {done} rounds in all are reported.", ""]
+    js = f"docs/{Path(doc).with_suffix('.json').name}"
+    replay_txt = ("no replay (the package ships none beside the checkpoint, so the lab's server has none: a retrain "
+                  "trains on the corrected scans alone)" if shipped and not _initial(out).get("replay") else
+                  "replay up to 256 slices of the initial model's training data")
+    lines += ["Regenerate (writes the JSON, this page and the plot):", "", "```",
              *out.get("commands", [out["command"]]), "```", "",
-             "This page and the plot again from the JSON it wrote (kept as `docs/active_learning.json`): "
-             "`python benchmarks/bench_active_learning.py --report docs/active_learning.json`.", "",
-             f"Run {out.get('started')} – {out.get('finished')} on {m['cpus']} CPU cores "
-             f"(OMP_NUM_THREADS={m.get('omp_threads')}; load average at start "
-             f"{', '.join(f'{v:.1f}' for v in m.get('load_avg_at_start') or [])}, other engineers' jobs: the "
-             "machine was shared, so times are upper bounds). Retrain params of the server's auto-retrain: "
+             f"This page and the plot again from the JSON it wrote (kept as `{js}`): "
+             f"`python benchmarks/bench_active_learning.py {'--initial shipped ' if shipped else ''}--report {js}`.", "",
+             f"Run {out.get('started')} – {out.get('finished')} on {m['cpus']} CPU cores ({m.get('platform')}; "
+             f"OMP_NUM_THREADS={m.get('omp_threads')}; load average (1, 5, 15 min) at start "
+             f"{', '.join(f'{v:.1f}' for v in m.get('load_avg_at_start') or [])}"
+             + (f", at the end {', '.join(f'{v:.1f}' for v in m['load_avg_at_end'])}" if m.get("load_avg_at_end") else "")
+             + ", other engineers' jobs: the machine was shared, so times are upper bounds). Retrain params of the "
+             "server's auto-retrain: "
              f"`{st['auto_train_params']}` plus the seed (`{{}}`: the app's defaults; those of 2026-12-07 13:00: 10 epochs "
-             "at lr 1e-3, 5 min bound, replay up to 256 slices of the initial model's training data, the corrected "
+             f"at lr 1e-3, 5 min bound, {replay_txt}, the corrected "
              "slices weighed to half of the training sample (`new_share` 0.5), the epoch picked on the training "
              "slices, the gate on the held-out corrected images or, with none, the training slices; "
              "`gate_replay_share` 0 is that default, named).",
@@ -178,13 +252,18 @@ def write(out: dict, doc: str, png: str) -> None:
              "", "Pool and test pool (per seed; the same for every strategy):", ""]
     for seed, p in out["pools"].items():
         desc = lambda d: ", ".join(f"{k} {v['scans']} ({v['positive']} positive)" for k, v in d.items())  # noqa: E731
-        lines.append(f"- seed {seed}: pool {desc(p['pool'])}; test {desc(p['test'])}; initial model "
-                     f"{p['initial_model']['epochs']} epochs on {p['initial_model']['phantoms']} plain phantoms "
-                     f"(score {p['initial_model']['metric']}). {'; '.join(p['notes'])}")
+        im = p["initial_model"]
+        start = (f"the shipped checkpoint `{im.get('version')}` (sha256 {str(im.get('sha256'))[:12]}…)"
+                 if im.get("kind") == "shipped" else
+                 f"{im['epochs']} epochs on {im['phantoms']} plain phantoms (score {im['metric']})")
+        sl = lambda d: sum(v["slices"] for v in d.values())  # noqa: E731
+        lines.append(f"- seed {seed}: pool {desc(p['pool'])} ({sl(p['pool'])} slices); test {desc(p['test'])} "
+                     f"({sl(p['test'])} slices); initial model {start}. {'; '.join(p['notes'])}")
     lines += ["", "Kinds (benchmarks/al_pools.py): `phantom` plain; `lowdose` + correlated noise 60–110 HU; `thick` "
               "slices averaged in pairs; `distractor` infection-free with a dependent posterior density gradient and "
-              "calcified nodules; `real` real HU volumes with expert lung contours (imlab id001 and NSCLC LUNG1-001 "
-              "in the pool, imlab id002 in the test pool; no infection; at most 48 slices kept).", "",
+              "calcified nodules; `real` real HU volumes with expert lung contours ("
+              + _real_txt(st) + "); `lesions` those real scans with synthetic COVID-like lesions drawn into "
+              "their lungs (exact masks as infection).", "",
               "## Learning curves", "", f"![learning curves]({os.path.relpath(png, Path(doc).parent)})", "",
               "| strategy | corrections | test Dice | lung Dice | infection Dice | false infection mL | scan call | "
               "real lung Dice |", "|---|---|---|---|---|---|---|---|"]
@@ -208,6 +287,8 @@ def write(out: dict, doc: str, png: str) -> None:
                 lines.append(f"| {strat} | " + " | ".join(_fmt(rc[strat][1][:, i]) for i in range(rc[strat][1].shape[1]))
                              + " |")
     lines += ["", "## Annotation saving", ""]
+    if len(st["seeds"]) == 1:
+        lines.append("One seed: what follows is one draw per strategy, not a measured saving.")
     for strat in strategies:
         if strat == "random":
             continue
@@ -215,7 +296,7 @@ def write(out: dict, doc: str, png: str) -> None:
         if sv is None:
             continue
         start = float(np.nanmean(curves(out, "dice")["random"][1][:, 0]))
-        if sv["target"] <= start:  # random ended where it began: reaching it needs no correction, nothing saved
+        if sv["target"] <= round(start, 4) + 1e-9:  # random ended where it began (target rounded to 4 places): nothing saved
             lines.append(f"- `{strat}`: nothing to compare: random's final mean test Dice {sv['target']} is not "
                          f"above the start ({start:.4f}).")
         elif sv["corrections"] is None:
@@ -243,24 +324,31 @@ def write(out: dict, doc: str, png: str) -> None:
                      + (f"; uncertainty scoring before a pick: median "
                         f"{np.median([r['scoring_s'] for r in rows if r['scoring_s']]):.0f} s"
                         if any(r["scoring_s"] for r in rows) else "") + ".")
+    lines += _time_summary(rows)
     lines += ["", "Gate scored on: held-out corrected images + held-out replay slices, or `train` (the training "
               "images: no held-out image and no replay yet). A kept retrain's test Dice (what serving it would have "
               "given) is measured too, in brackets.", "",
-              "| strategy | seed | round | gate | gate scored on | gate score new / served | "
-              "test Dice before -> after | epochs (budget hit) | round s |", "|---|---|---|---|---|---|---|---|---|"]
+              "| strategy | seed | round | picked | gate | gate scored on | gate score new / served | "
+              "test Dice before -> after | false infection mL before -> after | epochs (budget hit) | round s "
+              "(start + train + gate) | test scoring s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         on = "train" if r["on_train"] else f"{r['val_images']} img" + (
             f" + {r['val_replay']} replay" if r["val_replay"] is not None else "")
         if r["on_train"] is None:
             on = "–"
         after = f"{r['after']}" + (f" [kept: {r['published']}]" if r["published"] is not None else "")
-        lines.append(f"| {r['strategy']} | {r['seed']} | {r['round']} | {r['decision']} | {on} "
-                     f"| {r['new']} / {r['served']} | {r['before']} -> {after} "
-                     f"| {r['epochs']} ({r['budget_hit']}) | {r['round_s']} |")
+        fi = f"{r['fi_before']} -> {r['fi_after']}" + (f" [kept: {r['fi_published']}]"
+                                                        if r["fi_published"] is not None else "")
+        b = r["breakdown"]
+        parts = (f" ({b['to_start_s']:.0f} + {b['train_s']:.0f} + {b['gate_publish_s']:.0f})" if b else "")
+        lines.append(f"| {r['strategy']} | {r['seed']} | {r['round']} | {r['picks']} | {r['decision']} | {on} "
+                     f"| {_r3(r['new'])} / {_r3(r['served'])} | {r['before']} -> {after} | {fi} "
+                     f"| {r['epochs']} ({r['budget_hit']}) | {r['round_s']}{parts} | {r['test_s']} |")
     lines += ["", "## What each strategy picked", ""]
     for run in out["runs"]:
         picks = [f"{p['id']} ({p['kind']}{', +' if p['positive'] else ''})" for r in run["rounds"][1:] for p in r["picks"]]
         lines.append(f"- `{run['strategy']}` seed {run['seed']}: " + ", ".join(picks))
-    if NOTES.is_file():
-        lines += ["", NOTES.read_text().strip()]
+    notes = Path(notes) if notes else NOTES
+    if notes.is_file():
+        lines += ["", notes.read_text().strip()]
     Path(doc).write_text("\n".join(lines) + "\n")
