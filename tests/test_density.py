@@ -100,9 +100,11 @@ def test_the_pre_chain_brings_a_denser_phantom_back_to_what_the_network_saw():
 
 def test_the_contract_level_is_the_densest_hu_training_volume():
     from hybrid_ct.data.manifest import data_root
-    from hybrid_ct.data.wholescans import training_levels
+    from hybrid_ct.data.sources import training_levels
+    from hybrid_ct.train.recipes import load_recipe
 
     if not (data_root() / "lung3d_imlab").is_dir():
         pytest.skip(f"no real data at {data_root()} (the HU training volumes)")
-    levels = training_levels()
-    assert len(levels) == 4 and max(levels.values()) == TRAINING_MAX_LEVEL_HU
+    spec = load_recipe("shipped")["data"]
+    levels = training_levels(data_spec=spec)
+    assert len(levels) == 4 + spec["phantoms"] and max(levels.values()) == TRAINING_MAX_LEVEL_HU

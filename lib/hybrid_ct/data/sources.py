@@ -56,6 +56,7 @@ from hybrid_ct.data.slice_store import SourceSet
 from hybrid_ct.data.slice_store import stack_sets
 from hybrid_ct.data.phantom import make_phantom
 from hybrid_ct.data.manifest import canonical_group
+from hybrid_ct.data.manifest import data_root
 from hybrid_ct.data.manifest import read_manifest
 from hybrid_ct.data.manifest import require_data_root
 from hybrid_ct.data.weak_masks import rotate_to_display
@@ -290,23 +291,29 @@ def load_majun(root=None, size: int = 256, progress: bool = False, fov: str = "s
 PHANTOM_SHAPE = (32, 128, 128)
 
 
-def load_phantoms(n: int = 24, size: int = 256, shape=PHANTOM_SHAPE, seed: int = 1000,
-                  progress: bool = False, fov: str = "square") -> SourceSet:
-    """``n`` synthetic phantoms (about 2/3 positive), made in memory; group = phantom."""
-
+def phantom_specs(n: int, seed: int = 1000) -> list:
+    """The (seed, positive) of each of ``load_phantoms``' ``n`` phantoms (about 2/3 positive)."""
     rng = np.random.default_rng(seed)
     seeds = rng.integers(0, 2**31 - 1, size=n)
     positives = np.zeros(n, bool)
     positives[: int(round(n * 2 / 3))] = True
     rng.shuffle(positives)
+    return [(int(a), bool(b)) for a, b in zip(seeds, positives)]
+
+
+def load_phantoms(n: int = 24, size: int = 256, shape=PHANTOM_SHAPE, seed: int = 1000,
+                  progress: bool = False, fov: str = "square") -> SourceSet:
+    """``n`` synthetic phantoms (about 2/3 positive), made in memory; group = phantom."""
+
     parts, files = [], []
-    for i in tqdm(range(n), desc="phantoms", unit="volume", disable=not progress, leave=False):
-        img, lab, info = make_phantom(int(seeds[i]), shape=tuple(shape), positive=bool(positives[i]))
+    for i, (s, positive) in enumerate(tqdm(phantom_specs(n, seed), desc="phantoms", unit="volume",
+                                           disable=not progress, leave=False)):
+        img, lab, info = make_phantom(s, shape=tuple(shape), positive=positive)
         x, ctx = to_model_slices(img, size, fov)
         part = slices_from_arrays(x, label_to_model_slices(lab, ctx), f"phantom_{seed}_{i:03d}",
                                   diagnosis=int(info["positive"]), dz_mm=ctx.canon_spacing[0])
         parts.append(part)
-        files += [f"phantom seed {int(seeds[i])}"] * len(part)
+        files += [f"phantom seed {s}"] * len(part)
     return SourceSet("phantoms", stack_sets(parts, size), files=files)
 
 
@@ -386,3 +393,36 @@ def load_sources(root=None, size: int = 256, sources=REAL_SOURCES, phantoms: int
     return out
 
 
+SHIPPED_RECIPE = Path(__file__).resolve().parents[1] / "train" / "recipes" / "shipped.json"
+
+
+def training_levels(root=None, data_spec: dict | None = None) -> dict:
+    """The parenchyma level (``processing.density.parenchyma_level``) of each HU volume a recipe trains on:
+    imlab's two, LUNG1-001, cap001 and its phantoms (``data_spec``: the recipe's "data"; default the shipped
+    recipe's). The densest is the contract's ``training_max_level_hu``."""
+    import json
+
+    from hybrid_ct.data.wholescans import SCANS
+    from hybrid_ct.imaging.body import body_mask
+    from hybrid_ct.processing.density import parenchyma_level
+
+    d = data_spec or json.loads(SHIPPED_RECIPE.read_text())["data"]
+    root = Path(data_root(root))
+    paths = {f"imlab {p.name.split('_')[0]}": p for p in sorted((root / "lung3d_imlab").glob("*_image_hu.nii.gz"))}
+    paths.update({name: root / rel for name, (rel, _, _) in SCANS.items()})
+    images = {k: read_image(p) for k, p in paths.items() if p.exists()}
+    for i, (s, positive) in enumerate(phantom_specs(int(d.get("phantoms", 0)))):
+        images[f"phantom {i:03d}"] = make_phantom(s, shape=tuple(d["phantom_shape"]), positive=positive)[0]
+    return {k: parenchyma_level(sitk.GetArrayViewFromImage(img), body_mask(img)) for k, img in images.items()}
+
+
+if __name__ == "__main__":  # python -m hybrid_ct.data.sources [data root]: the contract's training level
+    import sys
+
+    from hybrid_ct.processing.density import TRAINING_MAX_LEVEL_HU
+
+    levels = training_levels(sys.argv[1] if len(sys.argv) > 1 else None)
+    for name, level in levels.items():
+        print(f"{name}: parenchyma level {level:.1f} HU")
+    if levels:
+        print(f"densest: {max(levels.values()):.1f} HU (contract training_max_level_hu {TRAINING_MAX_LEVEL_HU:.1f})")

@@ -86,33 +86,3 @@ def load_wholescans(root, size: int = 256, names=tuple(SCANS), progress: bool = 
         parts.append(part)
         files += f
     return SourceSet("wholescans", stack_sets(parts, size), files=files)
-
-
-def training_levels(root=None) -> dict:
-    """The parenchyma level (``processing.density.parenchyma_level``) of each HU volume the shipped recipe
-    trains on: imlab's two, LUNG1-001, cap001. The densest is the contract's ``training_max_level_hu``."""
-    from hybrid_ct.data.manifest import data_root
-    from hybrid_ct.imaging.body import body_mask
-    from hybrid_ct.processing.density import parenchyma_level
-
-    root = Path(data_root(root))
-    paths = {f"imlab {p.name.split('_')[0]}": p for p in sorted((root / "lung3d_imlab").glob("*_image_hu.nii.gz"))}
-    paths.update({name: root / rel for name, (rel, _, _) in SCANS.items()})
-    out = {}
-    for name, path in paths.items():
-        if path.exists():
-            img = read_image(path)
-            out[name] = parenchyma_level(sitk.GetArrayViewFromImage(img), body_mask(img))
-    return out
-
-
-if __name__ == "__main__":  # python -m hybrid_ct.data.wholescans [data root]: the contract's training level
-    import sys
-
-    from hybrid_ct.processing.density import TRAINING_MAX_LEVEL_HU
-
-    levels = training_levels(sys.argv[1] if len(sys.argv) > 1 else None)
-    for name, level in levels.items():
-        print(f"{name}: parenchyma level {level:.0f} HU")
-    if levels:
-        print(f"densest: {max(levels.values()):.0f} HU (contract training_max_level_hu {TRAINING_MAX_LEVEL_HU:.0f})")

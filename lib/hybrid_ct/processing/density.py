@@ -11,7 +11,8 @@ with half of both lungs outlined as infection. Two answers:
 - the standardisation (``parenchyma_level``, ``standardise``): the level of the parenchyma -- the mode of
   the air-density voxels inside the body, which is the mode inside the expert lung masks to the 10 HU bin on
   LUNG1-001 and the imlab volumes -- is compared with the densest HU volume the model trained on
-  (``training_max_level_hu``, measured by ``python -m hybrid_ct.data.wholescans``). A denser scan is
+  (``training_max_level_hu``, measured by ``python -m hybrid_ct.data.sources``: the
+  phantoms, -842.5 HU). A denser scan is
   mapped back by a monotone piecewise-linear map with landmarks at air (-1000 HU), the level and soft tissue
   (-100 HU), a landmark-based intensity standardisation (Nyul & Udupa, 1999): consolidation and soft tissue
   stay as they are, ground glass keeps its order. A scan at or below the training level is untouched. The
