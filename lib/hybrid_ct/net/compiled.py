@@ -35,6 +35,7 @@ from hybrid_ct.net.energy import dense_ops
 logger = logging.getLogger(__name__)
 
 CACHE_ENV = "HYBRID_CT_COMPILE_CACHE"
+BACKEND = "inductor"  # the tests of the plumbing set dynamo's "eager" (the same graph capture, no code generation)
 
 
 def compile_cache_root() -> Path:
@@ -123,10 +124,10 @@ class CompiledNet:
     """``torch.compile`` of a copy of ``model`` (eval, no grad) that also returns its spike counts."""
 
     def __init__(self, model: nn.Module, batch_size: int, cache_dir: Path | None = None,
-                 backend: str = "inductor"):
+                 backend: str | None = None):
         self.batch_size = int(batch_size)
         self.cache_dir = Path(cache_dir) if cache_dir else None
-        self.backend = backend
+        self.backend = backend = backend or BACKEND
         # a copy: the served model's own hooks (the eager meter) never see these calls, nor these hooks its
         self.net = _Counted(copy.deepcopy(model).eval(), self.batch_size)
         self.fn = torch.compile(self.net, backend=backend, fullgraph=True, dynamic=False)

@@ -12,6 +12,13 @@ one small file), not when it arrives: requests queue on one run lock (the predic
 and the CPU is busy anyway), and each re-resolves the current version once it holds the lock, so a
 request waiting while a new version is published is answered by the new one. The request running at
 the moment of a swap finishes with the model it started with; none fails.
+
+Compiled network (conf ``infer_compile``, issue 30): the predictor runs a ``torch.compile``d copy of the
+network (``hybrid_ct.net.compiled``), compiled when a version is loaded, with inductor's on-disk cache in
+a folder per checkpoint sha256 under ``infer_compile_cache``. ``ModelServer.preload`` (started by the
+server process, never by a training or scoring subprocess) loads, and so compiles, the current version
+at start-up and re-checks the store every ``interval_s`` seconds, so a promoted version is compiled by it
+and not inside a request (a request arriving during a compile waits for it, as for any load).
 """
 from __future__ import annotations
 
@@ -55,11 +62,15 @@ class Served:
 class ModelServer:
     """The currently served model, reloaded when the store's current version changes."""
 
-    def __init__(self, store: ModelStore, device: str | None = None, batch_size: int = 8, amp: bool = False):
+    def __init__(self, store: ModelStore, device: str | None = None, batch_size: int = 8, amp: bool = False,
+                 compile_net: bool = False, compile_cache: str | None = None):
         self.store = store
         self.device = default_device(device)
         self.batch_size = int(batch_size)
         self.amp = bool(amp)  # fp16 autocast on CUDA (Predictor ignores it on the CPU)
+        self.compile_net = bool(compile_net)
+        self.compile_cache = compile_cache or None  # root of the per-checkpoint cache folders (None: the default)
+        self._preloader: threading.Thread | None = None
         self._served: Served | None = None
         self._swap_lock = threading.Lock()  # guards the reference
         self._load_lock = threading.Lock()  # one loader at a time
@@ -83,18 +94,46 @@ class ModelServer:
             if served is not None and served.key == key:
                 return served
             t0 = time.perf_counter()
-            predictor = Predictor.from_checkpoint(path, device=self.device, batch_size=self.batch_size, amp=self.amp)
+            kw = {}
+            if self.compile_net:
+                from hybrid_ct.files import file_sha256
+                from hybrid_ct.net.compiled import compile_cache_dir
+
+                kw = {"compile_net": True, "compile_cache": compile_cache_dir(file_sha256(path), self.compile_cache)}
+            predictor = Predictor.from_checkpoint(path, device=self.device, batch_size=self.batch_size, amp=self.amp,
+                                                  **kw)
             predictor.meta.setdefault("trained_version", predictor.meta.get("version"))
             predictor.meta["version"] = version  # the report names the version the store knows
             fresh = Served(version, key, predictor)
             with self._swap_lock:
                 old, self._served = self._served, fresh
-            logger.info("serving model %s (%s, loaded in %.2f s)%s", version, self.device,
-                        time.perf_counter() - t0, f"; replaced {old.version}" if old else "")
+            compiled = predictor.compiled
+            logger.info("serving model %s (%s, loaded in %.2f s%s)%s", version, self.device,
+                        time.perf_counter() - t0, f", compile {compiled.compile_s:.1f} s" if compiled else "",
+                        f"; replaced {old.version}" if old else "")
             return fresh
 
     def peek(self) -> Served | None:
         return self._served
+
+    def preload(self, interval_s: float = 10.0) -> threading.Thread:
+        """Load (and with ``compile_net`` compile) the current version now, in a daemon thread that keeps
+        checking the store every ``interval_s`` seconds: a new version is loaded when it is published, not
+        by the first request after it. Idempotent."""
+        if self._preloader is not None:
+            return self._preloader
+
+        def loop():
+            while True:
+                try:
+                    self.get()
+                except Exception as e:  # noqa: BLE001 - no model yet, or one that does not load: requests say why
+                    logger.debug("preload: %s", e)
+                time.sleep(interval_s)
+
+        self._preloader = threading.Thread(target=loop, name="hybrid-ct-preload", daemon=True)
+        self._preloader.start()
+        return self._preloader
 
 
 def result_extension(request: dict) -> str:
