@@ -61,6 +61,26 @@ def test_preload_compiles_current_and_published_versions(tmp_path, monkeypatch):
         assert served is server.peek()  # the request finds it loaded: no load, no compile inside it
 
 
+def test_the_served_version_answers_while_a_new_one_compiles(tmp_path, monkeypatch):
+    monkeypatch.setattr(compiled, "BACKEND", "eager")
+    store = ModelStore(tmp_path / "model")
+    save_checkpoint(store.shipped, _net(0), {"version": "release-1"})
+    server = ModelServer(store, device="cpu", batch_size=4, compile_net=True, compile_cache=str(tmp_path / "cc"))
+    old = server.get()
+    v1 = store.publish(_net(1), {"metric": 0.6})
+    with server._load_lock:  # the background loader compiling v1
+        assert server.get() is old
+    assert server.get().version == v1
+
+
+def test_a_failed_compile_serves_the_eager_network(tmp_path, monkeypatch):
+    monkeypatch.setattr(compiled, "BACKEND", "no-such-backend")
+    store = ModelStore(tmp_path / "model")
+    save_checkpoint(store.shipped, _net(0), {"version": "release-1"})
+    predictor = ModelServer(store, device="cpu", compile_net=True, compile_cache=str(tmp_path / "cc")).get().predictor
+    assert predictor.compiled is None and "no-such-backend" in predictor.compile_error
+
+
 def test_eager_server_has_no_compiled_network(tmp_path):
     store = ModelStore(tmp_path / "model")
     save_checkpoint(store.shipped, _net(0), {"version": "release-1"})

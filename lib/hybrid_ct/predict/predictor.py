@@ -10,6 +10,7 @@ rules run on the lungs' box (``hybrid_ct.processing.crop``): the same label as t
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, fields
 
@@ -108,12 +109,18 @@ class Predictor:
         # compile_net: the slices run through a torch.compile'd copy that returns its own spike counts
         # (hybrid_ct.net.compiled; the energy report counts them), compiled here, once, not in a request;
         # compile_cache: inductor's on-disk cache folder (from_checkpoint: one per checkpoint sha256)
-        self.compiled = None
+        self.compiled, self.compile_error = None, None
         if compile_net:
             from hybrid_ct.net.compiled import CompiledNet
 
-            self.compiled = CompiledNet(self.model, batch_size, cache_dir=compile_cache)
-            self.compiled.warm_up(self.model.cfg.in_channels, self.model.cfg.in_size, device)
+            try:
+                compiled = CompiledNet(self.model, batch_size, cache_dir=compile_cache)
+                compiled.warm_up(self.model.cfg.in_channels, self.model.cfg.in_size, device)
+                self.compiled = compiled
+            except Exception as e:  # noqa: BLE001 - e.g. no C++ compiler for inductor: serve the eager network
+                self.compile_error = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
+                logging.getLogger(__name__).warning("torch.compile failed, running the eager network: %s",
+                                                    self.compile_error)
 
     @classmethod
     def from_checkpoint(cls, path, device: str = "cpu", **kw) -> "Predictor":

@@ -18,7 +18,9 @@ network (``hybrid_ct.net.compiled``), compiled when a version is loaded, with in
 a folder per checkpoint sha256 under ``infer_compile_cache``. ``ModelServer.preload`` (started by the
 server process, never by a training or scoring subprocess) loads, and so compiles, the current version
 at start-up and re-checks the store every ``interval_s`` seconds, so a promoted version is compiled by it
-and not inside a request (a request arriving during a compile waits for it, as for any load).
+and not inside a request. While a new version compiles, requests are answered by the version served
+until then (its name is in the report); only the very first load, with nothing served yet, makes a
+request wait.
 """
 from __future__ import annotations
 
@@ -89,6 +91,10 @@ class ModelServer:
         served = self._served
         if served is not None and served.key == key:
             return served
+        if self.compile_net and served is not None:
+            if not self._load_lock.acquire(blocking=False):
+                return served  # a new version is being compiled (minutes): the current one answers meanwhile
+            self._load_lock.release()
         with self._load_lock:
             served = self._served
             if served is not None and served.key == key:
