@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -48,29 +49,43 @@ def test_preload_compiles_current_and_published_versions(tmp_path, monkeypatch):
     assert server.peek() is None
     server.preload(interval_s=0.2)
     assert server.preload(interval_s=0.2) is server._preloader  # one loader
-    _wait(lambda: server.peek() is not None)
+    _wait(lambda: server.peek() is not None and server.peek().predictor.compiled is not None)
     first = server.peek()
-    assert first.predictor.compiled is not None and first.predictor.compiled.compile_s is not None
+    assert first.predictor.compiled.compile_s is not None
     assert first.predictor.compiled.cache_dir == compiled.compile_cache_dir(file_sha256(store.shipped),
                                                                             tmp_path / "cc")
     v1 = store.publish(_net(1), {"metric": 0.6})
-    _wait(lambda: server.peek().version == v1)  # no request asked for it
-    assert server.peek().predictor.compiled.compile_s is not None
+    _wait(lambda: server.peek().version == v1 and server.peek().predictor.compiled is not None)  # no request asked
     assert server.peek().predictor.compiled.cache_dir != first.predictor.compiled.cache_dir
     with server.running() as (served, _):
-        assert served is server.peek()  # the request finds it loaded: no load, no compile inside it
+        assert served is server.peek()  # the request finds it loaded and compiled
 
 
-def test_the_served_version_answers_while_a_new_one_compiles(tmp_path, monkeypatch):
+def test_requests_do_not_wait_for_a_compile(tmp_path, monkeypatch):
+    """While the background loader compiles, the version is already served by the eager network; the
+    compiled one takes over when its warm-up ends."""
+    import threading
+
     monkeypatch.setattr(compiled, "BACKEND", "eager")
+    release = threading.Event()
+    warm_up = compiled.CompiledNet.warm_up
+
+    def slow_warm_up(self, *a, **kw):
+        assert release.wait(60)
+        return warm_up(self, *a, **kw)
+
+    monkeypatch.setattr(compiled.CompiledNet, "warm_up", slow_warm_up)
     store = ModelStore(tmp_path / "model")
     save_checkpoint(store.shipped, _net(0), {"version": "release-1"})
     server = ModelServer(store, device="cpu", batch_size=4, compile_net=True, compile_cache=str(tmp_path / "cc"))
-    old = server.get()
-    v1 = store.publish(_net(1), {"metric": 0.6})
-    with server._load_lock:  # the background loader compiling v1
-        assert server.get() is old
-    assert server.get().version == v1
+    server.preload(interval_s=0.2)
+    _wait(lambda: server.peek() is not None)
+    with server.running() as (served, _):  # the compile is blocked: the eager network answers
+        assert served.predictor.compiled is None
+        out = served.predictor.run_slices(np.random.rand(3, 1, 16, 16).astype(np.float32))
+        assert out.lung.shape == (3, 1, 16, 16)
+    release.set()
+    _wait(lambda: server.peek().predictor.compiled is not None)
 
 
 def test_a_failed_compile_serves_the_eager_network(tmp_path, monkeypatch):

@@ -111,16 +111,26 @@ class Predictor:
         # compile_cache: inductor's on-disk cache folder (from_checkpoint: one per checkpoint sha256)
         self.compiled, self.compile_error = None, None
         if compile_net:
-            from hybrid_ct.net.compiled import CompiledNet
+            self.compile_network(compile_cache)
 
-            try:
-                compiled = CompiledNet(self.model, batch_size, cache_dir=compile_cache)
-                compiled.warm_up(self.model.cfg.in_channels, self.model.cfg.in_size, device)
-                self.compiled = compiled
-            except Exception as e:  # noqa: BLE001 - e.g. no C++ compiler for inductor: serve the eager network
-                self.compile_error = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
-                logging.getLogger(__name__).warning("torch.compile failed, running the eager network: %s",
-                                                    self.compile_error)
+    def compile_network(self, cache_dir=None) -> bool:
+        """Build and warm up the compiled copy of the network (minutes on a cold cache). Calls of
+        ``run_slices`` made meanwhile (another thread) run the eager network; each batch after it runs the
+        compiled one. A failure (e.g. no C++ compiler for inductor) is logged, kept in ``compile_error``,
+        and the eager network stays. -> whether the compiled network is in use."""
+        from hybrid_ct.net.compiled import CompiledNet
+
+        try:
+            compiled = CompiledNet(self.model, self.batch_size, cache_dir=cache_dir)
+            compiled.warm_up(self.model.cfg.in_channels, self.model.cfg.in_size, self.device)
+        except Exception as e:  # noqa: BLE001 - whatever inductor raises: serve the eager network
+            msg = str(e).strip()
+            self.compile_error = f"{type(e).__name__}: {msg.splitlines()[0][:300] if msg else ''}"
+            logging.getLogger(__name__).warning("torch.compile failed, running the eager network: %s",
+                                                self.compile_error)
+            return False
+        self.compiled = compiled
+        return True
 
     @classmethod
     def from_checkpoint(cls, path, device: str = "cpu", **kw) -> "Predictor":
@@ -147,11 +157,12 @@ class Predictor:
         steps = range(0, len(x), self.batch_size)
         for i in tqdm(steps, desc="slices", unit="batch", disable=not self.progress):
             xb = torch.from_numpy(x[i:i + self.batch_size]).to(self.device, non_blocking=True)
+            compiled = self.compiled  # may be set by another thread (compile_network) between two batches
             with torch.autocast("cuda", dtype=torch.float16, enabled=self.amp):
-                if self.compiled is None:
+                if compiled is None:
                     o = self.model(xb)  # the meter's hooks count it
                 else:
-                    o, calls = self.compiled(xb)  # the compiled copy counts its own spikes
+                    o, calls = compiled(xb)  # the compiled copy counts its own spikes
                     if meter is not None:
                         meter.add_counts(len(xb), calls)
             o = {k: v.float() if torch.is_tensor(v) else v for k, v in o.items()}

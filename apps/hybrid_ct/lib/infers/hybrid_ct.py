@@ -18,9 +18,9 @@ network (``hybrid_ct.net.compiled``), compiled when a version is loaded, with in
 a folder per checkpoint sha256 under ``infer_compile_cache``. ``ModelServer.preload`` (started by the
 server process, never by a training or scoring subprocess) loads, and so compiles, the current version
 at start-up and re-checks the store every ``interval_s`` seconds, so a promoted version is compiled by it
-and not inside a request. While a new version compiles, requests are answered by the version served
-until then (its name is in the report); only the very first load, with nothing served yet, makes a
-request wait.
+and not inside a request. A version is served eagerly as soon as it is loaded (under a second), and runs
+compiled from the first batch after its compile ends (the compiled network's outputs equal the eager
+one's: tests/test_compiled.py, docs/benchmarks.md): no request waits for a compile.
 """
 from __future__ import annotations
 
@@ -59,6 +59,8 @@ class Served:
     version: str
     key: tuple
     predictor: Predictor
+    path: object = None  # the checkpoint
+    compile_tried: bool = False
 
 
 class ModelServer:
@@ -91,48 +93,52 @@ class ModelServer:
         served = self._served
         if served is not None and served.key == key:
             return served
-        if self.compile_net and served is not None:
-            if not self._load_lock.acquire(blocking=False):
-                return served  # a new version is being compiled (minutes): the current one answers meanwhile
-            self._load_lock.release()
         with self._load_lock:
             served = self._served
             if served is not None and served.key == key:
                 return served
             t0 = time.perf_counter()
-            kw = {}
-            if self.compile_net:
-                from hybrid_ct.files import file_sha256
-                from hybrid_ct.net.compiled import compile_cache_dir
-
-                kw = {"compile_net": True, "compile_cache": compile_cache_dir(file_sha256(path), self.compile_cache)}
-            predictor = Predictor.from_checkpoint(path, device=self.device, batch_size=self.batch_size, amp=self.amp,
-                                                  **kw)
+            predictor = Predictor.from_checkpoint(path, device=self.device, batch_size=self.batch_size, amp=self.amp)
             predictor.meta.setdefault("trained_version", predictor.meta.get("version"))
             predictor.meta["version"] = version  # the report names the version the store knows
-            fresh = Served(version, key, predictor)
+            fresh = Served(version, key, predictor, path)
+            if self.compile_net and self._preloader is None:  # no background loader: compile here
+                self.compile(fresh)
             with self._swap_lock:
                 old, self._served = self._served, fresh
-            compiled = predictor.compiled
-            logger.info("serving model %s (%s, loaded in %.2f s%s)%s", version, self.device,
-                        time.perf_counter() - t0, f", compile {compiled.compile_s:.1f} s" if compiled else "",
-                        f"; replaced {old.version}" if old else "")
+            logger.info("serving model %s (%s, loaded in %.2f s)%s", version, self.device,
+                        time.perf_counter() - t0, f"; replaced {old.version}" if old else "")
             return fresh
+
+    def compile(self, served: Served) -> bool:
+        """Compile ``served``'s network (``Predictor.compile_network``), cache folder keyed by the checkpoint."""
+        from hybrid_ct.files import file_sha256
+        from hybrid_ct.net.compiled import compile_cache_dir
+
+        ok = served.predictor.compile_network(compile_cache_dir(file_sha256(served.path), self.compile_cache))
+        served.compile_tried = True
+        if ok:
+            logger.info("model %s now runs compiled (compile %.1f s)", served.version,
+                        served.predictor.compiled.compile_s)
+        return ok
 
     def peek(self) -> Served | None:
         return self._served
 
     def preload(self, interval_s: float = 10.0) -> threading.Thread:
-        """Load (and with ``compile_net`` compile) the current version now, in a daemon thread that keeps
-        checking the store every ``interval_s`` seconds: a new version is loaded when it is published, not
-        by the first request after it. Idempotent."""
+        """Load the current version now and, with ``compile_net``, compile it, in a daemon thread that keeps
+        checking the store every ``interval_s`` seconds: a new version is loaded and compiled when it is
+        published, not by the first request after it. The eager network answers until the compiled one
+        is ready. Idempotent."""
         if self._preloader is not None:
             return self._preloader
 
         def loop():
             while True:
                 try:
-                    self.get()
+                    served = self.get()  # fast: the eager network serves from now on
+                    if self.compile_net and not served.compile_tried:
+                        self.compile(served)  # minutes, beside the requests; they switch when it is ready
                 except Exception as e:  # noqa: BLE001 - no model yet, or one that does not load: requests say why
                     logger.debug("preload: %s", e)
                 time.sleep(interval_s)
