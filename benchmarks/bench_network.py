@@ -285,6 +285,7 @@ def main(argv=None) -> None:
         compiled = [v for v in ("compile", "served") if v in args.variants.split(",")]
         if args.cache and compiled:
             again = run(n, args, ",".join(compiled))
+            results[-1]["variants"]["plain (2nd process)"] = again["variants"]["plain"]
             for v in compiled:
                 results[-1]["variants"][f"{v} (2nd process, cache warm)"] = again["variants"][v]
     print(render(results))
