@@ -18,6 +18,18 @@ on how well it is trained, and the output says which weights were used.
     python benchmarks/bench_app.py                      # full run (the lead's numbers)
     python benchmarks/bench_app.py --quick              # smoke run: small volume, tiny training
     python benchmarks/bench_app.py --json out.json      # also write the numbers as JSON
+
+Eager against compiled (issue 30, ``--compile-modes``): part 1 only, on ``--image`` (a CT the server reads as
+a NIfTI copy in its studies folder, e.g. COVID-CT-MD P001), once per mode, each in a fresh server:
+``eager``; ``compiled`` (conf ``infer_compile true``, inductor's cache in an empty ``--workdir``/compile_cache:
+a cold compile at start-up, by the background loader); ``restart`` (the same server stopped and started
+again on the now warm cache). Per mode: start-up to ``/info/``, start-up to the first ``/infer`` answered
+(by the eager network while the compile runs), start-up to the compiled network serving, the compile time
+the server logged, the warm requests (median, min–max) and the 1-minute load average at
+each request; the compiled labels, call, burden and energy against the eager ones.
+
+    python benchmarks/bench_app.py --image /work/shared/data/volumes_covid_ct_md/P001 \
+        --compile-modes eager,compiled,restart --repeats 3 --json out.json
 """
 from __future__ import annotations
 
@@ -112,6 +124,102 @@ def infer(live, image_id):
     return wall, params, len(data or b"")
 
 
+def image_writer(image: Path):
+    """A studies folder holding ``image`` (any CT ``hybrid_ct`` reads) as ``bench_volume.nii.gz``."""
+    def write(studies: Path):
+        import SimpleITK as sitk
+
+        from hybrid_ct.imaging.reader import read_image
+
+        studies.mkdir(parents=True, exist_ok=True)
+        sitk.WriteImage(read_image(str(image)), str(studies / "bench_volume.nii.gz"))
+    return write
+
+
+def _label_array(data: bytes, tmp: Path):
+    import SimpleITK as sitk
+
+    p = tmp / "label.nrrd"
+    p.write_bytes(data)
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(p)))
+
+
+def compile_modes(args, model_path: Path, workdir: Path) -> dict:
+    """Part 1 for each of ``--compile-modes`` (see the module doc): -> {mode: numbers}, with the agreement."""
+    import re
+
+    import numpy as np
+
+    out, ref = {}, None
+    cache = workdir / "compile_cache"
+    writer = image_writer(args.image) if args.image else studies_writer(tuple(args.shape), 1, (8, 64, 64))
+    for mode in args.compile_modes.split(","):
+        conf = {"auto_train_after": "0", "auto_scoring": "false"}
+        if mode in ("compiled", "restart"):
+            conf.update(infer_compile="true", infer_compile_cache=str(cache))
+        wd = workdir / ("compiled" if mode == "restart" else mode)
+        t0 = time.perf_counter()
+        if mode == "restart":
+            live = sf.launch_server(wd, {**conf}, startup_timeout_s=1200)
+        else:
+            live = sf.start_server(wd, conf=conf, model=model_path, startup_timeout_s=1200, studies_writer=writer)
+        up = time.perf_counter() - t0
+        try:
+            first, params, _ = infer(live, "bench_volume")
+            to_first = time.perf_counter() - t0
+            if mode != "eager":  # the loader serves eagerly while it compiles: warm = compiled, so wait for it
+                sf.wait_until(lambda: re.search(r"now runs compiled|torch.compile failed",
+                                                (wd / "server.log").read_text(errors="replace")),
+                              "the compile to end", timeout_s=1800, interval_s=1.0)
+            to_compiled = time.perf_counter() - t0
+            warm = []
+            for _ in range(args.repeats):
+                load = os.getloadavg()[0]
+                w, p, data = infer_with_label(live, "bench_volume")
+                warm.append({"s": round(w, 2), "load_1min": round(load, 2), "server": p.get("latencies")})
+            label = _label_array(data, wd)
+        finally:
+            sf.stop_server(live)
+        log = (wd / "server.log").read_text(errors="replace")
+        comp = [float(x) for x in re.findall(r"compile ([0-9.]+) s\)", log)]
+        ws = [w["s"] for w in warm]
+        r = {"server_up_s": round(up, 1), "start_to_first_infer_s": round(to_first, 1),
+             "start_to_compiled_s": round(to_compiled, 1) if mode != "eager" else None,
+             "first_request_s": round(first, 2), "compile_s_logged": comp[-1:] or None,
+             "warm_median_s": statistics.median(ws), "warm_min_s": min(ws), "warm_max_s": max(ws), "warm": warm,
+             "classification": p["classification"]["label"], "burden": p["burden"], "energy": p["energy"],
+             "slices_run": p.get("slices_run")}
+        if ref is None:
+            ref = (mode, label, p)
+        else:
+            r["vs"] = {"mode": ref[0], "label_voxels_differ": int((label != ref[1]).sum()),
+                       "label_voxels": int(label.size), "same_call": p["classification"]["label"] ==
+                       ref[2]["classification"]["label"],
+                       "burden_max_abs_diff_pct": max(abs(p["burden"][k] - ref[2]["burden"][k]) for k in p["burden"]),
+                       "energy_rel_diff": {k: (p["energy"][k] - ref[2]["energy"][k]) / ref[2]["energy"][k]
+                                           for k in p["energy"] if ref[2]["energy"][k]},
+                       "max_slice_probability_diff": float(np.max(np.abs(
+                           np.subtract(p["classification"]["slice_probability"],
+                                       ref[2]["classification"]["slice_probability"]))))}
+        out[mode] = r
+        print(f"{mode}: up {up:.1f} s, first /infer done {to_first:.1f} s after start, compile {comp[-1:]}, "
+              f"warm median {r['warm_median_s']} s ({min(ws)}-{max(ws)}), loads {[w['load_1min'] for w in warm]}",
+              flush=True)
+    return out
+
+
+def infer_with_label(live, image_id):
+    s = sf.http()
+    t0 = time.perf_counter()
+    r = s.post(f"{live.url}/infer/hybrid_ct", params={"image": image_id, "output": "all"},
+               files={"params": (None, json.dumps({"result_extension": ".nrrd", "result_dtype": "uint8"}))},
+               timeout=3600)
+    wall = time.perf_counter() - t0
+    r.raise_for_status()
+    params, data, _ = sf.parse_infer(r)
+    return wall, params, data
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", type=int, nargs=3, default=(150, 512, 512), metavar=("D", "H", "W"))
@@ -129,6 +237,9 @@ def main():
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--quick", action="store_true", help="smoke run: 16x128x128 volume, tiny network")
+    ap.add_argument("--image", type=Path, default=None, help="--compile-modes: the CT to infer (default: a phantom)")
+    ap.add_argument("--compile-modes", default=None, metavar="MODES",
+                    help="comma list of eager, compiled, restart: part 1 per mode, no retrain (module doc)")
     args = ap.parse_args()
 
     net = json.loads(args.net)
@@ -143,6 +254,16 @@ def main():
     else:
         model_path = workdir / "bench_model.pt"
         weights = build_model(model_path, args.init_iters, net)
+
+    if args.compile_modes:
+        res = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+               "omp_threads": os.environ.get("OMP_NUM_THREADS"), "weights": weights,
+               "image": str(args.image) if args.image else f"phantom {args.shape}",
+               "modes": compile_modes(args, Path(model_path), workdir)}
+        print(json.dumps(res, indent=2))
+        if args.json:
+            args.json.write_text(json.dumps(res, indent=2))
+        return
 
     conf = {"auto_train_after": "1", "auto_train_params": args.train, "auto_scoring": "false"}
     if args.replay_phantoms:

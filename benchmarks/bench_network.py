@@ -7,7 +7,12 @@ phantom chest (``transforms.pre_transforms``), each variant in the same process,
     channels_last   model and input in channels-last memory format
     compile         ``torch.compile`` (inductor); the first call's time is the compile time, reported
                     apart; inductor's on-disk cache makes a second process compile faster (``--cache``
-                    reports that second process)
+                    reports that second process; ``--cache-dir`` puts inductor's cache there, so a
+                    first run in an empty folder is a cold compile)
+    served          what ``Predictor(compile_net=True)`` runs (``hybrid_ct.net.compiled.CompiledNet``):
+                    the compiled copy that also returns its spike counts, batch padded to a fixed shape;
+                    its energy report against the eager meter's on the same slices is printed
+                    (``energy Δ``, relative difference of E_hybrid)
     T=2             the same weights run at 2 time steps instead of 4 (NOT validated: an agreement
                     figure only; a change of T needs the validation numbers of a retrained model)
     cnn twin        the same topology with ReLU and T = 1 (``model.cnn_twin``; the shipped weights,
@@ -146,6 +151,8 @@ def worker(args) -> None:
     from hybrid_ct.net.model_files import default_model_path
 
     torch.set_num_threads(args.threads)
+    if args.cache_dir:  # before inductor reads it: the plain compile variant's cache
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(args.cache_dir) / "compile")
     if args.ort:
         sys.path.insert(0, args.ort)
     model, _ = load_checkpoint(default_model_path(), "cpu")
@@ -175,6 +182,21 @@ def worker(args) -> None:
     if "compile" in want:
         comp = torch.compile(fold_batchnorm(model.eval()))
         add("compile", comp)
+    if "served" in want:
+        from hybrid_ct.net.compiled import CompiledNet
+        from hybrid_ct.net.energy import EnergyMeter
+
+        served = CompiledNet(plain, args.batch, cache_dir=Path(args.cache_dir) / "served" if args.cache_dir else None)
+        add("served", lambda xb: served(xb)[0])
+        with EnergyMeter(plain) as eager_meter:
+            _outputs(plain, x, args.batch)
+        counted = EnergyMeter(plain)
+        with torch.no_grad():
+            for i in range(0, len(x), args.batch):
+                counted.add_counts(len(x[i:i + args.batch]), served(torch.from_numpy(x[i:i + args.batch]))[1])
+        a, b = eager_meter.report(), counted.report()
+        res["variants"]["served"].update(energy_rel_diff=(b.e_hybrid_pj - a.e_hybrid_pj) / a.e_hybrid_pj,
+                                         rate_eager=a.mean_firing_rate, rate_served=b.mean_firing_rate)
     if "t2" in want:
         t2 = HybridMultiTaskNet(replace(model.cfg, time_steps=2))
         t2.load_state_dict(model.state_dict())
@@ -200,7 +222,7 @@ def worker(args) -> None:
 def run(threads: int, args, variants: str) -> dict:
     cmd = [sys.executable, __file__, "--worker", "--threads", str(threads), "--slices", str(args.slices),
            "--repeats", str(args.repeats), "--batch", str(args.batch), "--variants", variants] + \
-          (["--ort", args.ort] if args.ort else [])
+          (["--ort", args.ort] if args.ort else []) + (["--cache-dir", args.cache_dir] if args.cache_dir else [])
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     p = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
     if p.returncode != 0:
@@ -214,6 +236,7 @@ def render(results: list) -> str:
     lines = ["| threads | variant | s / slice, median (min–max) | × plain | first call / setup s | lung px differ | "
              "infection px differ | class calls differ | max Δp (lung) | load 1-min start → end |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    energy_notes = []
     for r in results:
         base = statistics.median(r["variants"]["plain"]["s_per_slice"])
         for name, v in r["variants"].items():
@@ -232,7 +255,11 @@ def render(results: list) -> str:
             lines.append(f"| {r['threads']} | {name} | {med:.3f} ({min(t):.3f}–{max(t):.3f}) | {base / med:.2f} | "
                          f"{first_s} | {pct('lung_px_differ')} | {pct('infection_px_differ')} | "
                          f"{pct('class_differ')} | {v.get('lung_max_dp', 0.0):.2g} | {load} |")
-    return "\n".join(lines) + "\n"
+            if "energy_rel_diff" in v:
+                energy_notes.append(f"{r['threads']} threads, {name}: E_hybrid {100 * v['energy_rel_diff']:+.4f} % "
+                                    f"against the eager meter; mean firing rate {v['rate_served']:.6f} "
+                                    f"(eager {v['rate_eager']:.6f})")
+    return "\n".join(lines) + "\n" + "".join(f"\n- energy Δ, {n}" for n in energy_notes) + "\n"
 
 
 def main(argv=None) -> None:
@@ -244,6 +271,7 @@ def main(argv=None) -> None:
     ap.add_argument("--variants", default="channels_last,compile,t2,twin,ort")
     ap.add_argument("--cache", action="store_true", help="run the compile variant again in a second process "
                     "(inductor's on-disk cache warm) and report its first-call time")
+    ap.add_argument("--cache-dir", help="inductor's on-disk caches under this folder (empty: a cold compile)")
     ap.add_argument("--ort", help="folder added to sys.path for onnxruntime / onnx")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -254,10 +282,12 @@ def main(argv=None) -> None:
     results = []
     for n in [int(t) for t in args.threads.split(",")]:
         results.append(run(n, args, args.variants))
-        if args.cache and "compile" in args.variants:
-            again = run(n, args, "compile")
-            v = again["variants"]["compile"]
-            results[-1]["variants"]["compile (2nd process, cache warm)"] = v
+        compiled = [v for v in ("compile", "served") if v in args.variants.split(",")]
+        if args.cache and compiled:
+            again = run(n, args, ",".join(compiled))
+            results[-1]["variants"]["plain (2nd process)"] = again["variants"]["plain"]
+            for v in compiled:
+                results[-1]["variants"][f"{v} (2nd process, cache warm)"] = again["variants"][v]
     print(render(results))
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))

@@ -27,6 +27,11 @@ subprocess; on a machine with CUDA the same is also timed on the GPU.
     python benchmarks/bench_predict.py --quick                          # smoke: 64-slice phantom, 1 thread, 1 run
     python benchmarks/bench_predict.py --repeats 3 --threads 1,2 --out docs/benchmarks.md
 
+``--compile-ab N`` (issue 30): one process, ``--threads`` threads, P001 (or the phantom): an eager ``Predictor``
+and a compiled one (``compile_net=True``, inductor's cache in ``--compile-cache``), ``predict`` alternated N
+times each (eager, compiled, eager, ...), so both see the same, possibly shared, machine; per run the time
+and the 1-minute load; the compiled label, call, burden and energy against the eager ones.
+
 ``--out`` replaces the section between ``<!-- bench_predict:start -->`` and ``<!-- bench_predict:end -->``
 in that Markdown file (appends it when the markers are absent).
 """
@@ -194,6 +199,47 @@ def worker(args) -> None:
         bar.close()
     result["load_after"] = os.getloadavg()
     print("@@RESULT@@" + json.dumps(result), flush=True)
+
+
+def compile_ab(args) -> None:
+    import numpy as np
+    import SimpleITK as sitk
+    import torch
+
+    from hybrid_ct.imaging import reader as io
+    from hybrid_ct.net.model_files import default_model_path
+    from hybrid_ct.predict.predictor import Predictor
+    from hybrid_ct.data.phantom import make_phantom
+
+    torch.set_num_threads(args.threads)
+    path = default_model_path()
+    eager = Predictor.from_checkpoint(path)
+    t0 = time.perf_counter()
+    comp = Predictor.from_checkpoint(path, compile_net=True, compile_cache=args.compile_cache)
+    res = {"threads": torch.get_num_threads(), "compile_load_s": time.perf_counter() - t0,
+           "compile_s": comp.compiled.compile_s if comp.compiled else None, "compile_error": comp.compile_error,
+           "runs": []}
+    image = io.read_image(str(P001)) if P001.is_dir() else make_phantom(0, shape=(150, 512, 512))[0]
+    res["input"] = "P001" if P001.is_dir() else "phantom 512x512x150"
+    out = {}
+    for i in range(args.compile_ab):
+        for name, pred in (("eager", eager), ("compiled", comp)):
+            load = os.getloadavg()[0]
+            t1 = time.perf_counter()
+            lab, rep = pred.predict(image)
+            res["runs"].append({"mode": name, "s": time.perf_counter() - t1, "load_1min": load})
+            out[name] = (sitk.GetArrayFromImage(lab), rep)
+            print(f"{name} run {i + 1}: {res['runs'][-1]['s']:.2f} s (load {load:.1f})", file=sys.stderr, flush=True)
+    (a, ra), (b, rb) = out["eager"], out["compiled"]
+    res["agreement"] = {
+        "label_voxels_differ": int((a != b).sum()), "label_voxels": int(a.size),
+        "call": [ra["classification"]["label"], rb["classification"]["label"]],
+        "score": [ra["classification"].get("score"), rb["classification"].get("score")],
+        "burden": [ra["burden"], rb["burden"]], "energy": [ra["energy"], rb["energy"]],
+        "max_slice_probability_diff": float(np.max(np.abs(np.subtract(
+            ra["classification"]["slice_probability"], rb["classification"]["slice_probability"])))),
+    }
+    print("@@RESULT@@" + json.dumps(res), flush=True)
 
 
 def _digest(arr) -> str:
@@ -379,6 +425,9 @@ def main(argv=None) -> None:
     ap.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     ap.add_argument("--baseline", help="also time the library of this git commit (the 'before'), one worker "
                     "before each of this tree's, and compare")
+    ap.add_argument("--compile-ab", type=int, default=0, metavar="N",
+                    help="eager vs compiled predict alternated N times in one process (module doc); JSON to stdout")
+    ap.add_argument("--compile-cache", default=None, help="--compile-ab: inductor's cache folder")
     ap.add_argument("--code", default="this tree", help=argparse.SUPPRESS)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
@@ -390,6 +439,9 @@ def main(argv=None) -> None:
     if args.worker:
         args.threads = int(args.threads)
         return worker(args)
+    if args.compile_ab:
+        args.threads = int(str(args.threads).split(",")[-1])
+        return compile_ab(args)
 
     import torch
 

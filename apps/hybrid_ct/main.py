@@ -170,6 +170,10 @@ class HybridCTApp(MONAILabelApp):
         self.recover_after_kill()
         mark_server_process()
         shutdown_children_on_signals()
+        for task in self.models.values():  # compile the served network now, not in the first request
+            server = getattr(task, "server", None)
+            if server is not None and server.compile_net:
+                server.preload()
         super().on_init_complete()
 
     def recover_after_kill(self) -> dict:

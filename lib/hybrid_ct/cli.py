@@ -80,6 +80,8 @@ def cmd_predict(args) -> int:
 
         if args.workers is not None and args.cluster:
             raise InputError("--workers starts a local cluster, --cluster uses a running one: not both")
+        if args.compile:
+            raise InputError("--compile is for a local run (each cluster worker would compile on its own)")
         try:
             rows = predict_on_cluster(
                 _model_arg(args.model), args.inputs, out_dir, workers=args.workers, address=args.cluster,
@@ -99,7 +101,7 @@ def cmd_predict(args) -> int:
         model = _model_arg(args.model)
         predictor = Predictor.from_checkpoint(model, device=_device(args.device), batch_size=args.batch_size,
                                               require_chest=not args.no_chest_check, amp=args.amp,
-                                              z_step_mm=args.z_step_mm)
+                                              z_step_mm=args.z_step_mm, compile_net=args.compile)
         rows = predict_batch(predictor, args.inputs, out_dir, args.intensity, args.overlays, progress=not args.quiet,
                              on_error=_error, formats=formats, min_slices=args.min_slices,
                              model_sha256=file_sha256(model), resume=not args.no_resume)
@@ -256,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--batch-size", type=int, default=8)
     pr.add_argument("--device", default="auto", help="auto (default: cuda when available) | cpu | cuda[:N]")
     pr.add_argument("--amp", action="store_true", help="fp16 autocast on CUDA (ignored on the CPU)")
+    pr.add_argument("--compile", action="store_true",
+                    help="torch.compile the network first (minutes once per model and torch version, then cached in "
+                         "$HYBRID_CT_COMPILE_CACHE or ~/.cache/hybrid_ct/compile): pays off on many cases")
     pr.add_argument("--z-step-mm", type=float, default=None, metavar="MM",
                     help="on a series thinner than this, run the network on slices MM apart and interpolate "
                          "between them (default: every slice; docs/benchmarks.md, thin series)")

@@ -125,6 +125,30 @@ class EnergyMeter:
         self._batch = args[0].shape[0]
         self.inputs += self._batch
 
+    def add_counts(self, n: int, calls: list) -> None:
+        """Count a forward pass of ``n`` inputs made outside the hooks: ``calls`` are the per-call records of
+        ``hybrid_ct.net.compiled.CompiledNet`` (the compiled network returns them), in call order --
+        ("syn", name, dense ops of the n inputs, steps, input elements per input, ones in the input,
+        elements that are neither 0 nor 1) or ("neuron", name, spikes, outputs per input). The same
+        arithmetic as the hooks (tests/test_compiled.py)."""
+        self.inputs += n
+        for call in calls:
+            if call[0] == "syn":
+                _, name, ops, steps, numel, ones, other = call
+                spike = self._spike_input.get(name)
+                if spike is None:
+                    spike = self._spike_input[name] = other == 0
+                if spike:
+                    rate = ones / (numel * n) if numel * n else 0.0
+                    self.layers.append(LayerEnergy(name, "ac", ops, steps, rate, ops * rate * E_AC_PJ))
+                else:
+                    self.layers.append(LayerEnergy(name, "mac", ops, steps, 1.0, ops * E_MAC_PJ))
+            else:
+                _, name, spikes, numel = call
+                s = self.spikes.setdefault(name, [0.0, 0.0])
+                s[0] += spikes
+                s[1] += numel * n
+
     def __enter__(self):
         self._hooks.append(self.model.register_forward_pre_hook(self._pre_hook))
         for name, m in self.model.named_modules():

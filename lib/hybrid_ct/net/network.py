@@ -156,9 +156,21 @@ class LIF(neuron.LIFNode):
         return super().multi_step_forward(x_seq.contiguous(), *args, **kwargs)
 
 
+def reset_state(net: nn.Module) -> None:
+    """``functional.reset_net(net)``. Under ``torch.compile`` the same resets without reset_net's module
+    cache: that cache is a process-wide dict dynamo guards on, so the first call after compilation, and
+    any other network reset anywhere in the process, would recompile the compiled one (issue 30)."""
+    if torch.compiler.is_compiling():
+        for m in net.modules():
+            if callable(getattr(m, "reset", None)):
+                m.reset()
+        return
+    functional.reset_net(net)
+
+
 def _fire(act: nn.Module, y: torch.Tensor) -> torch.Tensor:
     """Run a spiking activation over [T, ...] from a reset membrane."""
-    functional.reset_net(act)
+    reset_state(act)
     return act(y)
 
 
@@ -405,7 +417,7 @@ class HybridMultiTaskNet(nn.Module):
         div = 2 ** (self.cfg.levels - 1)
         if x.shape[-1] % div or x.shape[-2] % div:
             raise ValueError(f"H and W must be multiples of {div} for {self.cfg.levels} levels, got {tuple(x.shape[-2:])}")
-        functional.reset_net(self)
+        reset_state(self)
         feat, skips = self.encoder(x)
         out = {}
         if self.cls is not None:
@@ -414,7 +426,7 @@ class HybridMultiTaskNet(nn.Module):
             out[name], aux = dec(feat, skips)
             if aux:
                 out[f"{name}_aux"] = aux
-        functional.reset_net(self)  # drop membrane tensors so nothing leaks between calls
+        reset_state(self)  # drop membrane tensors so nothing leaks between calls
         return out
 
     @staticmethod

@@ -10,6 +10,7 @@ rules run on the lungs' box (``hybrid_ct.processing.crop``): the same label as t
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, fields
 
@@ -89,7 +90,8 @@ class Predictor:
     def __init__(self, model: HybridMultiTaskNet, meta: dict | None = None, device: str = "cpu",
                  batch_size: int = 8, require_chest: bool = True, progress: bool = False,
                  calibration: Calibration | None = None, crop: bool = True, amp: bool = False,
-                 z_step_mm: float | None = None, standardise: bool = True):
+                 z_step_mm: float | None = None, compile_net: bool = False, compile_cache=None,
+                 standardise: bool = True):
         self.model = fold_batchnorm(model.to(device).eval())  # same output, one pass less per layer
         self.meta = dict(meta or {})
         self.device = device
@@ -106,11 +108,41 @@ class Predictor:
         self.z_step_mm = z_step_mm
         self.slices_interpolated = 0  # of the last volume
         self.standardise = bool(standardise)  # False: the scan's HU as they are (the benchmark's "before")
+        # compile_net: the slices run through a torch.compile'd copy that returns its own spike counts
+        # (hybrid_ct.net.compiled; the energy report counts them), compiled here, once, not in a request;
+        # compile_cache: inductor's on-disk cache folder (from_checkpoint: one per checkpoint sha256)
+        self.compiled, self.compile_error = None, None
+        if compile_net:
+            self.compile_network(compile_cache)
+
+    def compile_network(self, cache_dir=None) -> bool:
+        """Build and warm up the compiled copy of the network (minutes on a cold cache). Calls of
+        ``run_slices`` made meanwhile (another thread) run the eager network; each batch after it runs the
+        compiled one. A failure (e.g. no C++ compiler for inductor) is logged, kept in ``compile_error``,
+        and the eager network stays. -> whether the compiled network is in use."""
+        from hybrid_ct.net.compiled import CompiledNet
+
+        try:
+            compiled = CompiledNet(self.model, self.batch_size, cache_dir=cache_dir)
+            compiled.warm_up(self.model.cfg.in_channels, self.model.cfg.in_size, self.device)
+        except Exception as e:  # noqa: BLE001 - whatever inductor raises: serve the eager network
+            msg = str(e).strip()
+            self.compile_error = f"{type(e).__name__}: {msg.splitlines()[0][:300] if msg else ''}"
+            logging.getLogger(__name__).warning("torch.compile failed, running the eager network: %s",
+                                                self.compile_error)
+            return False
+        self.compiled = compiled
+        return True
 
     @classmethod
     def from_checkpoint(cls, path, device: str = "cpu", **kw) -> "Predictor":
         model, meta = load_checkpoint(path, device)
         kw.setdefault("calibration", load_calibration(path))
+        if kw.get("compile_net") and kw.get("compile_cache") is None:
+            from hybrid_ct.files import file_sha256
+            from hybrid_ct.net.compiled import compile_cache_dir
+
+            kw["compile_cache"] = compile_cache_dir(file_sha256(path))
         return cls(model, meta, device=device, **kw)
 
     @property
@@ -127,8 +159,14 @@ class Predictor:
         steps = range(0, len(x), self.batch_size)
         for i in tqdm(steps, desc="slices", unit="batch", disable=not self.progress):
             xb = torch.from_numpy(x[i:i + self.batch_size]).to(self.device, non_blocking=True)
+            compiled = self.compiled  # may be set by another thread (compile_network) between two batches
             with torch.autocast("cuda", dtype=torch.float16, enabled=self.amp):
-                o = self.model(xb)
+                if compiled is None:
+                    o = self.model(xb)  # the meter's hooks count it
+                else:
+                    o, calls = compiled(xb)  # the compiled copy counts its own spikes
+                    if meter is not None:
+                        meter.add_counts(len(xb), calls)
             o = {k: v.float() if torch.is_tensor(v) else v for k, v in o.items()}
             for h in SEG_HEADS:
                 p = torch.sigmoid(o[h]) if h in heads else torch.zeros_like(xb[:, :1])

@@ -9,6 +9,9 @@ single lung in two: the sides, and the per-side burden, are then only as good as
 """
 from __future__ import annotations
 
+import hashlib
+import threading
+
 import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage as ndi
@@ -19,16 +22,29 @@ from hybrid_ct.processing.crop import box_offset, foreground_box
 SECOND_LUNG = 0.1  # the second-largest component is the other lung from this share of the largest on
 
 
+class _PhysX:
+    """numpy (z, y, x) indices -> physical x; ``key`` is what the mapping depends on."""
+
+    def __init__(self, offset, coef=None, ox: float = 0.0):
+        self.offset, self.coef, self.ox = tuple(int(v) for v in offset), coef, float(ox)
+        self.key = (self.offset, None if coef is None else tuple(float(c) for c in coef), self.ox)
+
+    def __call__(self, idx):
+        oz, oy, ox_ = self.offset
+        if self.coef is None:
+            return (idx[2] + ox_).astype(float)
+        c = self.coef
+        return self.ox + c[0] * (idx[2] + ox_) + c[1] * (idx[1] + oy) + c[2] * (idx[0] + oz)
+
+
 def physical_x(img: sitk.Image | None, offset=(0, 0, 0)):
     """Function mapping numpy (z, y, x) indices of a box starting at ``offset`` to physical x (LPS: +x is
     the patient's left)."""
-    oz, oy, ox_ = offset
     if img is None:
-        return lambda idx: (idx[2] + ox_).astype(float)
+        return _PhysX(offset)
     d = np.array(img.GetDirection(), dtype=float).reshape(3, 3)
-    sp, ox = img.GetSpacing(), img.GetOrigin()[0]
-    coef = [d[0, i] * sp[i] for i in range(3)]  # contribution of SimpleITK index axis i to x
-    return lambda idx: ox + coef[0] * (idx[2] + ox_) + coef[1] * (idx[1] + oy) + coef[2] * (idx[0] + oz)
+    sp = img.GetSpacing()
+    return _PhysX(offset, [d[0, i] * sp[i] for i in range(3)], img.GetOrigin()[0])  # coef: index axis i -> x
 
 
 def _centroids(comp: np.ndarray, n: int) -> list:
@@ -42,9 +58,47 @@ def _centroids(comp: np.ndarray, n: int) -> list:
     return out
 
 
+# The split is asked for twice per prediction, on the same lung: by the post chain (``lung_sides``, which writes
+# the sides of the lung but not those of the infection) and by the report (``burden.infection_burden``, which
+# needs the side of every lung voxel, infection included). The last split is kept, keyed by the lung mask's
+# digest and the geometry, and handed to the next caller asking for exactly that split (then dropped).
+_LAST: dict = {}
+_LAST_LOCK = threading.Lock()
+splits_computed = 0  # how many splits were computed (not reused) in this process (tests/test_lung_sides.py)
+
+
+def _split_key(lung: np.ndarray, phys_x):
+    key = getattr(phys_x, "key", None)
+    if key is None:
+        return None
+    digest = hashlib.blake2b(np.packbits(lung, axis=None).tobytes(), digest_size=20).hexdigest()
+    return lung.shape, key, digest
+
+
 def left_of(lung: np.ndarray, phys_x) -> np.ndarray:
     """Bool [z, y, x]: the voxels of ``lung`` (bool [z, y, x]) on the patient's left (see the module doc);
-    ``phys_x`` maps (z, y, x) indices to physical x (``physical_x``)."""
+    ``phys_x`` maps (z, y, x) indices to physical x (``physical_x``). Read-only: the split of the same lung
+    and geometry asked for just before is returned again, not recomputed."""
+    lung = np.asarray(lung, dtype=bool)
+    key = _split_key(lung, phys_x)
+    if key is not None:
+        with _LAST_LOCK:
+            if _LAST.get("key") == key:
+                left = _LAST["left"]
+                _LAST.clear()
+                return left
+    left = _left_of(lung, phys_x)
+    left.setflags(write=False)
+    if key is not None:
+        with _LAST_LOCK:
+            _LAST.clear()
+            _LAST.update(key=key, left=left)
+    return left
+
+
+def _left_of(lung: np.ndarray, phys_x) -> np.ndarray:
+    global splits_computed
+    splits_computed += 1
     comp, n = ndi.label(lung, structure=np.ones((3, 3, 3), bool))
     sizes = np.bincount(comp.ravel(), minlength=n + 1)[1:]
     order = np.argsort(sizes)[::-1]

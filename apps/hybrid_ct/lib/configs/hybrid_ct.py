@@ -10,6 +10,8 @@ Conf keys (``--conf key value``; all optional):
 | ``device`` | ``auto`` | inference device (``cuda`` when available) |
 | ``infer_batch_size`` | ``8`` | slices per forward pass at inference |
 | ``infer_amp`` | ``false`` | fp16 autocast for inference on CUDA (ignored on the CPU) |
+| ``infer_compile`` | ``false`` | run a ``torch.compile``d network (``hybrid_ct.net.compiled``), compiled at start-up and when a version is published, not in a request |
+| ``infer_compile_cache`` | ``$HYBRID_CT_COMPILE_CACHE`` or ``~/.cache/hybrid_ct/compile`` | root of inductor's on-disk caches, one folder per checkpoint sha256 |
 | ``train`` | ``{}`` | JSON defaults for train requests (e.g. ``{"max_epochs": 20}``; ``max_minutes``, default 5, bounds a retrain's wall-clock time, publishing included; ``replay_slices``, default 256, slices of the original training data mixed in) |
 | ``replay`` | ``<shipped model>.replay.npz`` | the original-data sample a retrain replays (``hybrid-ct train`` writes it beside the checkpoint); absent: no replay |
 | ``scoring_max_slices`` | ``16`` | slices per image used for the uncertainty score |
@@ -51,6 +53,10 @@ def _json_conf(conf: dict, key: str) -> dict:
     return value
 
 
+def _flag(conf: dict, key: str) -> bool:
+    return str(conf.get(key, "false")).lower() in ("1", "true", "yes")
+
+
 def shipped_model(model_dir: str, value) -> str | None:
     """The shipped checkpoint (see the conf table): None for ``none``."""
     value = str(value or "pretrained.pt")
@@ -73,7 +79,8 @@ class HybridCT(TaskConfig):
         self.path = str(self.store.shipped)
         self.server = ModelServer(self.store, device=conf.get("device"),
                                   batch_size=int(conf.get("infer_batch_size", 8)),
-                                  amp=str(conf.get("infer_amp", "false")).lower() in ("1", "true", "yes"))
+                                  amp=_flag(conf, "infer_amp"), compile_net=_flag(conf, "infer_compile"),
+                                  compile_cache=conf.get("infer_compile_cache") or None)
         self.net_config = _json_conf(conf, "net")
         self.train_defaults = _json_conf(conf, "train")
         os.makedirs(model_dir, exist_ok=True)

@@ -12,6 +12,15 @@ one small file), not when it arrives: requests queue on one run lock (the predic
 and the CPU is busy anyway), and each re-resolves the current version once it holds the lock, so a
 request waiting while a new version is published is answered by the new one. The request running at
 the moment of a swap finishes with the model it started with; none fails.
+
+Compiled network (conf ``infer_compile``, issue 30): the predictor runs a ``torch.compile``d copy of the
+network (``hybrid_ct.net.compiled``), compiled when a version is loaded, with inductor's on-disk cache in
+a folder per checkpoint sha256 under ``infer_compile_cache``. ``ModelServer.preload`` (started by the
+server process, never by a training or scoring subprocess) loads, and so compiles, the current version
+at start-up and re-checks the store every ``interval_s`` seconds, so a promoted version is compiled by it
+and not inside a request. A version is served eagerly as soon as it is loaded (under a second), and runs
+compiled from the first batch after its compile ends (the compiled network's outputs equal the eager
+one's: tests/test_compiled.py, docs/benchmarks.md): no request waits for a compile.
 """
 from __future__ import annotations
 
@@ -50,16 +59,22 @@ class Served:
     version: str
     key: tuple
     predictor: Predictor
+    path: object = None  # the checkpoint
+    compile_tried: bool = False
 
 
 class ModelServer:
     """The currently served model, reloaded when the store's current version changes."""
 
-    def __init__(self, store: ModelStore, device: str | None = None, batch_size: int = 8, amp: bool = False):
+    def __init__(self, store: ModelStore, device: str | None = None, batch_size: int = 8, amp: bool = False,
+                 compile_net: bool = False, compile_cache: str | None = None):
         self.store = store
         self.device = default_device(device)
         self.batch_size = int(batch_size)
         self.amp = bool(amp)  # fp16 autocast on CUDA (Predictor ignores it on the CPU)
+        self.compile_net = bool(compile_net)
+        self.compile_cache = compile_cache or None  # root of the per-checkpoint cache folders (None: the default)
+        self._preloader: threading.Thread | None = None
         self._served: Served | None = None
         self._swap_lock = threading.Lock()  # guards the reference
         self._load_lock = threading.Lock()  # one loader at a time
@@ -86,15 +101,51 @@ class ModelServer:
             predictor = Predictor.from_checkpoint(path, device=self.device, batch_size=self.batch_size, amp=self.amp)
             predictor.meta.setdefault("trained_version", predictor.meta.get("version"))
             predictor.meta["version"] = version  # the report names the version the store knows
-            fresh = Served(version, key, predictor)
+            fresh = Served(version, key, predictor, path)
+            if self.compile_net and self._preloader is None:  # no background loader: compile here
+                self.compile(fresh)
             with self._swap_lock:
                 old, self._served = self._served, fresh
             logger.info("serving model %s (%s, loaded in %.2f s)%s", version, self.device,
                         time.perf_counter() - t0, f"; replaced {old.version}" if old else "")
             return fresh
 
+    def compile(self, served: Served) -> bool:
+        """Compile ``served``'s network (``Predictor.compile_network``), cache folder keyed by the checkpoint."""
+        from hybrid_ct.files import file_sha256
+        from hybrid_ct.net.compiled import compile_cache_dir
+
+        ok = served.predictor.compile_network(compile_cache_dir(file_sha256(served.path), self.compile_cache))
+        served.compile_tried = True
+        if ok:
+            logger.info("model %s now runs compiled (compile %.1f s)", served.version,
+                        served.predictor.compiled.compile_s)
+        return ok
+
     def peek(self) -> Served | None:
         return self._served
+
+    def preload(self, interval_s: float = 10.0) -> threading.Thread:
+        """Load the current version now and, with ``compile_net``, compile it, in a daemon thread that keeps
+        checking the store every ``interval_s`` seconds: a new version is loaded and compiled when it is
+        published, not by the first request after it. The eager network answers until the compiled one
+        is ready. Idempotent."""
+        if self._preloader is not None:
+            return self._preloader
+
+        def loop():
+            while True:
+                try:
+                    served = self.get()  # fast: the eager network serves from now on
+                    if self.compile_net and not served.compile_tried:
+                        self.compile(served)  # minutes, beside the requests; they switch when it is ready
+                except Exception as e:  # noqa: BLE001 - no model yet, or one that does not load: requests say why
+                    logger.debug("preload: %s", e)
+                time.sleep(interval_s)
+
+        self._preloader = threading.Thread(target=loop, name="hybrid-ct-preload", daemon=True)
+        self._preloader.start()
+        return self._preloader
 
 
 def result_extension(request: dict) -> str:
