@@ -32,7 +32,7 @@ from pathlib import Path
 
 from hybrid_ct.errors import InputError, ModelNotReadyError
 from hybrid_ct.net.model_files import PACKAGED_MODEL
-from hybrid_ct.train.recipes import HOLD_OUT_SOURCES, recipe_names
+from hybrid_ct.train.recipe_files import HOLD_OUT_SOURCES, recipe_names
 
 TWIN_OUT = Path("runs") / "twin.pt"
 RESULTS_OUT = Path("docs") / "results.md"

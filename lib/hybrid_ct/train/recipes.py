@@ -25,8 +25,7 @@ from hybrid_ct.data.manifest import combine, group_family, split_sets, val_group
 from hybrid_ct.data.sources import load_sources
 from hybrid_ct.net.network import NetConfig
 
-RECIPE_DIR = Path(__file__).resolve().parent / "recipes"
-HOLD_OUT_SOURCES = ("ucsd", "mosmed", "majun20")  # the cls2d collections (``datasets.group_family``)
+from hybrid_ct.train.recipe_files import HOLD_OUT_SOURCES, RECIPE_DIR, recipe_names  # noqa: F401 (re-exported)
 ENERGY_RATIO_TARGET = 0.2  # seed 002: the hybrid network costs >= 80 % less energy than its CNN
 
 
@@ -44,11 +43,6 @@ def _merged(base: dict, over: dict) -> dict:
     for k, v in over.items():
         out[k] = _merged(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
     return out
-
-
-def recipe_names() -> list:
-    """The recipes shipped in the package, sorted (``["quick", "shipped"]``)."""
-    return sorted(p.stem for p in RECIPE_DIR.glob("*.json"))
 
 
 def load_recipe(name_or_path) -> dict:
