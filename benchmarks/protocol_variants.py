@@ -4,6 +4,7 @@
     python benchmarks/protocol_variants.py --model runs/x.pt --json runs/x_protocol.json
     python benchmarks/protocol_variants.py --cases normal001 --no-pneumonia       # quicker
     python benchmarks/protocol_variants.py --no-standardise --json runs/before.json  # without the density standardisation
+    python benchmarks/protocol_variants.py --reference-hu -877.5 --json runs/real.json  # to the densest real volume
     python benchmarks/protocol_variants.py --lesion-load --json runs/load.json      # the level under growing lesions
 
 Protocol: the infection-free scans normal001 (COVID-CT-MD) and LUNG1-001 (NSCLC-Radiomics) and their variants
@@ -143,6 +144,8 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None, help="write the numbers here")
     ap.add_argument("--no-standardise", action="store_true",
                     help="the scans' HU as they are: no density standardisation (processing.density; the 'before')")
+    ap.add_argument("--reference-hu", type=float, default=None,
+                    help="standardise to this parenchyma level instead of the contract's (a measured alternative)")
     args = ap.parse_args(argv)
     from hybrid_ct.data.manifest import data_root
     from hybrid_ct.net.model_files import default_model_path
@@ -156,9 +159,10 @@ def main(argv=None) -> int:
             Path(args.json).write_text(json.dumps(res, indent=1) + "\n")
         return 0
     model = args.model or default_model_path()
-    predictor = Predictor.from_checkpoint(model, standardise=not args.no_standardise)
+    std = False if args.no_standardise else (args.reference_hu if args.reference_hu is not None else True)
+    predictor = Predictor.from_checkpoint(model, standardise=std)
     t0 = time.time()
-    res = {"model": str(model), "standardise": not args.no_standardise, "protocol": protocol(predictor, root, [c for c in args.cases.split(",") if c])}
+    res = {"model": str(model), "standardise": std, "protocol": protocol(predictor, root, [c for c in args.cases.split(",") if c])}
     if not args.no_pneumonia:
         res["pneumonia"] = pneumonia(predictor, root)
     res["seconds"] = round(time.time() - t0)

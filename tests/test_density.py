@@ -95,6 +95,8 @@ def test_the_pre_chain_brings_a_denser_phantom_back_to_what_the_network_saw():
     err = {k: float(np.abs(x[k]["image"].as_tensor().numpy() - base).mean()) for k in ("on", "off")}
     assert err["on"] < 0.35 * err["off"], err  # in the lung window's [0, 1]: most of the +200 HU is undone
     assert x["on"]["density"]["shift_hu"] > 100 and "density" not in x["off"]
+    other = run(pre_transforms(128, standardise=-700.0), {"image": dense})["density"]  # another reference level
+    assert other["shift_hu"] == pytest.approx(x["on"]["density"]["shift_hu"] - (-700.0 - TRAINING_MAX_LEVEL_HU), abs=0.1)
     assert x["base"]["density"]["shift_hu"] == standardise_shift(x["base"]["density"]["level_hu"])
 
 

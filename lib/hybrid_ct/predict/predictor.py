@@ -91,7 +91,7 @@ class Predictor:
                  batch_size: int = 8, require_chest: bool = True, progress: bool = False,
                  calibration: Calibration | None = None, crop: bool = True, amp: bool = False,
                  z_step_mm: float | None = None, compile_net: bool = False, compile_cache=None,
-                 standardise: bool = True):
+                 standardise: bool | float = True):
         self.model = fold_batchnorm(model.to(device).eval())  # same output, one pass less per layer
         self.meta = dict(meta or {})
         self.device = device
@@ -107,7 +107,8 @@ class Predictor:
         # repeats nearly the same slice: the network runs on slices z_step_mm apart, the rest interpolated
         self.z_step_mm = z_step_mm
         self.slices_interpolated = 0  # of the last volume
-        self.standardise = bool(standardise)  # False: the scan's HU as they are (the benchmark's "before")
+        # False: the scan's HU as they are (the benchmark's "before"); a number: another reference level
+        self.standardise = standardise if isinstance(standardise, bool) else float(standardise)
         # compile_net: the slices run through a torch.compile'd copy that returns its own spike counts
         # (hybrid_ct.net.compiled; the energy report counts them), compiled here, once, not in a request;
         # compile_cache: inductor's on-disk cache folder (from_checkpoint: one per checkpoint sha256)

@@ -44,7 +44,7 @@ from hybrid_ct.processing.grid import FOVS, LUNG_MARGIN_MM, SliceContext, WINDOW
 from hybrid_ct.imaging.body import BODY_HU, body_mask
 from hybrid_ct.processing.postprocess import mask_label
 from hybrid_ct.processing.crop import MIN_SLAB_SLICES, lung_air_box, lung_slab
-from hybrid_ct.processing.density import parenchyma_level, standardise, standardise_shift
+from hybrid_ct.processing.density import TRAINING_MAX_LEVEL_HU, parenchyma_level, standardise, standardise_shift
 from hybrid_ct.processing.anatomy import plausible_lungs
 from hybrid_ct.processing.postprocess import keep_lung_components
 from hybrid_ct.processing.sides import lung_sides
@@ -228,9 +228,10 @@ class StandardiseDensityd(MapTransform):
     ``MIN_SLAB_SLICES`` slices: their grey values need not be HU) and scans at or below the level pass
     unchanged. Custom: a histogram mode and one ``np.interp``."""
 
-    def __init__(self, keys="image", body_key: str = "body", out_key: str = "density", body_hu: float = BODY_HU):
+    def __init__(self, keys="image", body_key: str = "body", out_key: str = "density", body_hu: float = BODY_HU,
+                 reference: float = TRAINING_MAX_LEVEL_HU):
         super().__init__(keys)
-        self.body_key, self.out_key, self.body_hu = body_key, out_key, float(body_hu)
+        self.body_key, self.out_key, self.body_hu, self.reference = body_key, out_key, float(body_hu), float(reference)
 
     def __call__(self, data):
         d = dict(data)
@@ -242,7 +243,7 @@ class StandardiseDensityd(MapTransform):
                 body = d.get(self.body_key)
                 body = BodyMaskd(key, threshold=self.body_hu).derive(x) if body is None else body
                 level = parenchyma_level(hu, _np(body)[0])
-            shift = standardise_shift(level)
+            shift = standardise_shift(level, self.reference)
             d[self.out_key] = {"level_hu": level, "shift_hu": shift}
             if shift > 0:
                 d[key] = _like(standardise(hu, level, shift)[None], x)
@@ -385,11 +386,12 @@ class LungSidesd(MapTransform):
 
 
 def pre_transforms(size: int, keys=("image",), body: bool = True, fov: str = "square", window_hu=WINDOW_HU,
-                   margin_mm: float = LUNG_MARGIN_MM, body_hu: float = BODY_HU, standardise: bool = True) -> Compose:
+                   margin_mm: float = LUNG_MARGIN_MM, body_hu: float = BODY_HU, standardise: bool | float = True) -> Compose:
     """SimpleITK images under ``keys`` ("image" first; "label" for training) -> model slices.
     ``body``: also the body mask for the post-processing and the lung slab (inference only).
     ``standardise``: the density standardisation (``StandardiseDensityd``), training and inference; off only
-    to measure what it does (``Predictor(standardise=False)``).
+    to measure what it does (``Predictor(standardise=False)``); a number: that reference level instead of the
+    contract's (a measured alternative, ``protocol_variants.py --reference-hu``).
     ``fov``: the field of view (``grid.FOVS``; "lungs" needs the body mask and the lung box, training
     too). ``fov``, ``window_hu``, ``margin_mm`` and ``body_hu`` define what the network sees: pass a
     checkpoint's own (``NetConfig.input_spec()``); the defaults are those every model so far was built with."""
@@ -397,8 +399,9 @@ def pre_transforms(size: int, keys=("image",), body: bool = True, fov: str = "sq
     chain = [SitkToTensord(keys), OrientToCanonicald(keys + ("body",) if body else keys)]
     if body or fov == "lungs":
         chain += [BodyMaskd("image", threshold=body_hu)]
-    if standardise:
-        chain += [StandardiseDensityd("image", body_hu=body_hu)]
+    if standardise is not False:
+        ref = TRAINING_MAX_LEVEL_HU if standardise is True else float(standardise)
+        chain += [StandardiseDensityd("image", body_hu=body_hu, reference=ref)]
     if body:
         chain += [LungSlabd("image", air_hu=body_hu)]
     if fov == "lungs":
