@@ -112,7 +112,8 @@ def studies_writer(shape, n_train: int, train_shape):
     return write
 
 
-def infer(live, image_id):
+def infer_with_label(live, image_id):
+    """One /infer as Slicer sends it -> (wall seconds, the result params, the label file's bytes)."""
     s = sf.http()
     t0 = time.perf_counter()
     r = s.post(f"{live.url}/infer/hybrid_ct", params={"image": image_id, "output": "all"},
@@ -121,6 +122,12 @@ def infer(live, image_id):
     wall = time.perf_counter() - t0
     r.raise_for_status()
     params, data, _ = sf.parse_infer(r)
+    return wall, params, data
+
+
+def infer(live, image_id):
+    """``infer_with_label`` -> (wall seconds, the result params, the label's size in bytes)."""
+    wall, params, data = infer_with_label(live, image_id)
     return wall, params, len(data or b"")
 
 
@@ -206,18 +213,6 @@ def compile_modes(args, model_path: Path, workdir: Path) -> dict:
               f"warm median {r['warm_median_s']} s ({min(ws)}-{max(ws)}), loads {[w['load_1min'] for w in warm]}",
               flush=True)
     return out
-
-
-def infer_with_label(live, image_id):
-    s = sf.http()
-    t0 = time.perf_counter()
-    r = s.post(f"{live.url}/infer/hybrid_ct", params={"image": image_id, "output": "all"},
-               files={"params": (None, json.dumps({"result_extension": ".nrrd", "result_dtype": "uint8"}))},
-               timeout=3600)
-    wall = time.perf_counter() - t0
-    r.raise_for_status()
-    params, data, _ = sf.parse_infer(r)
-    return wall, params, data
 
 
 def main():
