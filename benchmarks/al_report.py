@@ -97,27 +97,56 @@ def _no_gate(retrain) -> str:
     return f"error: {err[:50]}" if err else "no retrain"
 
 
+def _pending_rule(out: dict) -> bool:
+    """Did this campaign's server publish retrains ``pending`` (judged on the next correction, 2026-12-07 evening)?"""
+    return any((r.get("gate") or {}).get("decision") == "pending" or r.get("judged")
+               for run in out["runs"] for r in run["rounds"])
+
+
 def gate_rows(out: dict) -> list:
+    """One row per gate decision: a retrain judged on held-out slices when it ended, or a retrain published
+    ``pending`` and judged at the start of the next round on that round's correction (``judged``; its test Dice
+    "if served" is the one measured in the round it was published)."""
     rows = []
     for run in out["runs"]:
         prev = run["rounds"][0]["test"]
+        published = {}  # version -> its test values, measured in the round it was published (kept or pending)
         for r in run["rounds"][1:]:
-            g = r.get("gate") or {}
-            d_before, d_after = prev.get("dice"), r["test"].get("dice")
-            rows.append({"strategy": run["strategy"], "seed": run["seed"], "round": r["round"],
-                         "decision": g.get("decision") or _no_gate(r.get("retrain")), "val_images": g.get("val_images"),
-                         "on_train": g.get("val_on_training_set"), "new": (g.get("new") or {}).get("score"),
-                         "served": (g.get("served") or {}).get("score"), "before": d_before, "after": d_after,
-                         "val_replay": g.get("val_replay_slices"),
-                         "published": (r.get("test_published") or {}).get("dice"),
-                         "round_s": r.get("round_s"), "scoring_s": r.get("scoring_s"),
-                         "budget_hit": ((r.get("retrain") or {}).get("time_budget") or {}).get("hit"),
-                         "epochs": (r.get("retrain") or {}).get("epoch"),
-                         "fi_before": prev.get("false_infection_ml"), "fi_after": r["test"].get("false_infection_ml"),
-                         "fi_published": (r.get("test_published") or {}).get("false_infection_ml"),
-                         "breakdown": r.get("breakdown") or {}, "epoch_s": r.get("epoch_s") or [],
-                         "test_s": r.get("test_s"), "train_slices": ((r.get("retrain") or {}).get("train") or {}).get("slices"),
-                         "picks": ", ".join(f"{p['id']} ({p.get('source') or p['kind']})" for p in r["picks"])})
+            g, j = r.get("gate") or {}, r.get("judged") or {}
+            base = {"strategy": run["strategy"], "seed": run["seed"], "round": r["round"], "before": prev.get("dice"),
+                    "after": r["test"].get("dice"), "fi_before": prev.get("false_infection_ml"),
+                    "fi_after": r["test"].get("false_infection_ml"), "round_s": r.get("round_s"),
+                    "scoring_s": r.get("scoring_s"), "breakdown": r.get("breakdown") or {},
+                    "epoch_s": r.get("epoch_s") or [], "test_s": r.get("test_s"),
+                    "budget_hit": ((r.get("retrain") or {}).get("time_budget") or {}).get("hit"),
+                    "epochs": (r.get("retrain") or {}).get("epoch"),
+                    "train_slices": ((r.get("retrain") or {}).get("train") or {}).get("slices"),
+                    "picks": ", ".join(f"{p['id']} ({p.get('source') or p['kind']})" for p in r["picks"])}
+            if j.get("decision") in ("promoted", "kept", "forced"):
+                cand = published.get(j.get("candidate")) or {}
+                rows.append(dict(base, decision=j["decision"], judged=True, candidate=j.get("candidate"),
+                                 on=f"{len(j.get('judged_on') or [])} unseen img, {j.get('val_slices')} sl.",
+                                 new=(j.get("new") or {}).get("score"), served=(j.get("served") or {}).get("score"),
+                                 published=cand.get("dice") if j["decision"] == "kept" else None,
+                                 fi_published=cand.get("false_infection_ml") if j["decision"] == "kept" else None,
+                                 decision_s=r.get("decision_s")))
+            decision = g.get("decision") or _no_gate(r.get("retrain"))
+            if decision != "pending" or not j:
+                on = "–" if g.get("val_on_training_set") is None else (
+                    "train" if g.get("val_on_training_set") else f"{g.get('val_images')} img" + (
+                        f" + {g['val_replay_slices']} replay" if g.get("val_replay_slices") is not None else ""))
+                if decision == "pending":
+                    on = "nothing held out"
+                rows.append(dict(base, decision=decision, judged=False, candidate=None, on=on,
+                                 new=(g.get("new") or {}).get("score"), served=(g.get("served") or {}).get("score"),
+                                 published=(r.get("test_published") or {}).get("dice"),
+                                 fi_published=(r.get("test_published") or {}).get("false_infection_ml"),
+                                 decision_s=r.get("round_s") if decision != "pending" else None))
+            else:  # the round's own retrain waits for the next correction: shown on its judged row's line
+                rows[-1]["decision"] += "; new pending"
+            pub = (r.get("retrain") or {}).get("published_version")
+            if pub and r.get("test_published"):
+                published[pub] = r["test_published"]
             prev = r["test"]
     return rows
 
@@ -125,8 +154,8 @@ def gate_rows(out: dict) -> list:
 def _gate_summary(rows: list) -> list:
     """All strategies together: how often the gate promoted, what each promotion changed on the test pool,
     and (where the run scored kept versions too) the gains it blocked."""
-    ran = [r for r in rows if not r["decision"].startswith(("no retrain", "error"))]
-    prom = [r for r in ran if r["decision"] in ("promoted", "forced") and r["before"] is not None]
+    ran = [r for r in rows if not r["decision"].startswith(("no retrain", "error", "pending"))]
+    prom = [r for r in ran if r["decision"].startswith(("promoted", "forced")) and r["before"] is not None]
     deltas = [r["after"] - r["before"] for r in prom]
     lower = [d for d in deltas if d < 0]
     out = [f"- all strategies: the gate promoted {len(prom)} of {len(ran)} retrains; "
@@ -135,7 +164,7 @@ def _gate_summary(rows: list) -> list:
     if deltas:
         out[-1] += (f"; test-Dice change per promotion: mean {np.mean(deltas):+.4f}, median {np.median(deltas):+.4f}, "
                     f"min {min(deltas):+.4f}, max {max(deltas):+.4f}, sum {sum(deltas):+.4f}")
-    kept = [r for r in ran if r["decision"] == "kept" and r["published"] is not None and r["before"] is not None]
+    kept = [r for r in ran if r["decision"].startswith("kept") and r["published"] is not None and r["before"] is not None]
     if kept:
         kd = [r["published"] - r["before"] for r in kept]
         up, down = sum(d > 0 for d in kd), sum(d < 0 for d in kd)
@@ -233,11 +262,15 @@ def write(out: dict, doc: str, png: str, notes=None) -> None:
              + (f", at the end {', '.join(f'{v:.1f}' for v in m['load_avg_at_end'])}" if m.get("load_avg_at_end") else "")
              + ", other engineers' jobs: the machine was shared, so times are upper bounds). Retrain params of the "
              "server's auto-retrain: "
-             f"`{st['auto_train_params']}` plus the seed (`{{}}`: the app's defaults; those of 2026-12-07 13:00: 10 epochs "
+             f"`{st['auto_train_params']}` plus the seed (`{{}}`: the app's defaults; those of "
+             f"{'2026-12-07 18:00' if _pending_rule(out) else '2026-12-07 13:00'}: 10 epochs "
              f"at lr 1e-3, 5 min bound, {replay_txt}, the corrected "
              "slices weighed to half of the training sample (`new_share` 0.5), the epoch picked on the training "
-             "slices, the gate on the held-out corrected images or, with none, the training slices; "
-             "`gate_replay_share` 0 is that default, named).",
+             + ("slices, the learning rate's cosine following the time budget, the gate on the held-out corrected "
+                "images or, with none, pending until the next correction; `gate_replay_share` 0)."
+                if _pending_rule(out) else
+                "slices, the gate on the held-out corrected images or, with none, the training slices; "
+                "`gate_replay_share` 0 is that default, named)."),
              "", "## How it works", "",
              "Each (strategy, seed) starts a fresh server exactly as the README does (`monailabel start_server --app "
              "apps/hybrid_ct`, via `tests/server_fixture.py`, 127.0.0.1, its own temp studies and model folders). "
@@ -311,13 +344,18 @@ def write(out: dict, doc: str, png: str, notes=None) -> None:
         rs = [r for r in rows if r["strategy"] == strat]
         if not rs:
             continue
-        promoted = [r for r in rs if r["decision"] in ("promoted", "forced")]
+        promoted = [r for r in rs if r["decision"].startswith(("promoted", "forced"))]
         better = [r for r in promoted if r["after"] is not None and r["before"] is not None and r["after"] >= r["before"]]
-        ran = [r for r in rs if not r["decision"].startswith("no retrain")]
+        ran = [r for r in rs if not r["decision"].startswith(("no retrain", "pending"))]
         lines.append(f"- `{strat}`: {len(promoted)} of {len(ran)} retrains promoted ({len(rs)} rounds); {len(better)} of "
                      "those not worse on the test pool (test Dice).")
     lines += _gate_summary(rows)
-    times = [r["round_s"] for r in rows if r["round_s"] is not None]
+    dtimes = [r["decision_s"] for r in rows if r.get("judged") and r.get("decision_s") is not None]
+    if dtimes:
+        lines.append(f"- time from a correction submitted to the pending retrain judged on it (served or kept): median "
+                     f"{np.median(dtimes):.0f} s, max {max(dtimes):.0f} s; the correction itself reaches the served "
+                     "model through the retrain that this round starts, judged on the next correction.")
+    times = sorted({(r["strategy"], r["seed"], r["round"]): r["round_s"] for r in rows if r["round_s"] is not None}.values())
     if times:
         lines.append(f"- time per round (last correction submitted -> new model served or kept): median "
                      f"{np.median(times):.0f} s, max {max(times):.0f} s on this machine"
@@ -326,22 +364,22 @@ def write(out: dict, doc: str, png: str, notes=None) -> None:
                         if any(r["scoring_s"] for r in rows) else "") + ".")
     lines += _time_summary(rows)
     lines += ["", "Gate scored on: held-out corrected images + held-out replay slices, or `train` (the training "
-              "images: no held-out image and no replay yet). A kept retrain's test Dice (what serving it would have "
-              "given) is measured too, in brackets.", "",
+              "images: no held-out image and no replay yet; the rule before 2026-12-07 evening), or `N unseen img` "
+              "(a retrain published pending, judged at the next round's start on its correction, which neither "
+              "model had trained on). A kept retrain's test Dice (what serving it would have given) is measured "
+              "too, in brackets.", "",
               "| strategy | seed | round | picked | gate | gate scored on | gate score new / served | "
               "test Dice before -> after | false infection mL before -> after | epochs (budget hit) | round s "
               "(start + train + gate) | test scoring s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        on = "train" if r["on_train"] else f"{r['val_images']} img" + (
-            f" + {r['val_replay']} replay" if r["val_replay"] is not None else "")
-        if r["on_train"] is None:
-            on = "–"
+        on = r["on"]
         after = f"{r['after']}" + (f" [kept: {r['published']}]" if r["published"] is not None else "")
         fi = f"{r['fi_before']} -> {r['fi_after']}" + (f" [kept: {r['fi_published']}]"
                                                         if r["fi_published"] is not None else "")
         b = r["breakdown"]
         parts = (f" ({b['to_start_s']:.0f} + {b['train_s']:.0f} + {b['gate_publish_s']:.0f})" if b else "")
-        lines.append(f"| {r['strategy']} | {r['seed']} | {r['round']} | {r['picks']} | {r['decision']} | {on} "
+        dec = (f"{r['candidate']} {r['decision']}" if r.get("candidate") else r["decision"])
+        lines.append(f"| {r['strategy']} | {r['seed']} | {r['round']} | {r['picks']} | {dec} | {on} "
                      f"| {_r3(r['new'])} / {_r3(r['served'])} | {r['before']} -> {after} | {fi} "
                      f"| {r['epochs']} ({r['budget_hit']}) | {r['round_s']}{parts} | {r['test_s']} |")
     lines += ["", "## What each strategy picked", ""]

@@ -53,6 +53,9 @@ import al_report  # noqa: E402
 import server_fixture as sf  # noqa: E402
 
 LABEL_INFO = [{"name": "lung", "idx": 1}, {"name": "infection", "idx": 2}]
+# the app's promotion rule the runs were made under: part of a finished run's key, so that a reused --workdir never
+# mixes runs of two rules (2026-12-07 evening: never on the training slices; pending until the next correction)
+GATE_RULE = "held-out, else pending"
 SCORED = {"uncertainty": "uncertainty", "uncertainty_diverse": "uncertainty"}  # strategy -> the scoring method that must run before it picks
 # --initial: what the server starts from, and the pools each scale's 2 cores can score. ``tiny``: the test
 # architecture trained here (64x64, the earlier campaigns); ``shipped``: the package's checkpoint, as the README's
@@ -117,6 +120,8 @@ def initial_model(kind: str, root: Path, seed: int, shape, args) -> tuple:
 
     if kind == "shipped":
         path, info = shipped_initial(root)
+        if args.replay:  # built by ``hybrid-ct replay --out`` (what scripts/serve.sh puts beside the checkpoint)
+            info["replay"] = str(Path(args.replay).resolve())
         return path, info, info["replay"]
     path = root / f"initial_s{seed}.pt"
     if path.is_file() and (root / f"initial_s{seed}.json").is_file():  # --workdir reused: the same start
@@ -285,6 +290,12 @@ def run_one(strategy: str, seed: int, pools: dict, args, workdir: Path, initial:
                                                         "replay", "total_time", "error", "start_ts")} if started else None
             row["gate"] = {k: prom.get(k) for k in ("decision", "reason", "new", "served", "val_images",
                                                     "val_slices", "val_on_training_set", "val_replay_slices")} if started else None
+            judged = stats.get("judged") if started else None
+            if judged:  # the previous retrain, published pending, judged on this round's correction before training
+                row["judged"] = {k: judged.get(k) for k in ("candidate", "decision", "reason", "new", "served",
+                                                            "served_version", "judged_on", "val_slices")}
+                if judged.get("ts"):
+                    row["decision_s"] = round(float(judged["ts"]) - t_submit, 1)  # correction -> judged (served or kept)
             if started:  # where the round's time went: the retrain process starting, training, the gate + publishing
                 row["epoch_s"] = [h.get("seconds") for h in stats.get("history") or []]
                 row["breakdown"] = _breakdown(t_submit, row["round_s"], stats)
@@ -323,7 +334,7 @@ def _breakdown(t_submit: float, round_s: float, stats: dict) -> dict:
 def run_key(args, strategy: str, seed: int) -> str:
     """What a finished run depends on (a rerun of the same --workdir reuses a finished run with this key)."""
     keys = ("initial", "rounds", "per_round", "pool", "test", "shape", "no_real", "real_max_slices", "init_epochs",
-            "init_phantoms", "auto_train_params")
+            "init_phantoms", "auto_train_params", "replay", "gate_rule")
     return json.dumps({k: getattr(args, k) for k in keys} | {"strategy": strategy, "seed": seed}, sort_keys=True)
 
 
@@ -348,6 +359,8 @@ def parse_args(argv=None):
     ap.add_argument("--init-phantoms", type=int, default=6)
     ap.add_argument("--auto-train-params", default="",
                     help='JSON train params of the auto-retrain ("" = the app defaults, max_minutes 5)')
+    ap.add_argument("--replay", default=None, help="--initial shipped: the replay sample the server uses (default: "
+                    "<package checkpoint>.replay.npz where it exists, as scripts/serve.sh builds it)")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds to wait for one retrain / scoring")
     ap.add_argument("--workdir", default=None, help="kept: a rerun reuses its finished runs and test scores")
     ap.add_argument("--json", default=None, help="default docs/<name>.json (name: active_learning, or "
@@ -359,6 +372,7 @@ def parse_args(argv=None):
     ap.add_argument("--report", default=None, help="only rewrite the doc and plot from this JSON")
     ap.add_argument("--merge", default=None, help="add this run's strategies to an earlier JSON of the same settings")
     args = ap.parse_args(argv)
+    args.gate_rule = GATE_RULE
     scale = SCALES[args.initial]
     for k in ("pool", "test", "shape", "real_max_slices"):
         if getattr(args, k) is None:

@@ -39,9 +39,15 @@ def test_campaign_runs_end_to_end_over_http(tmp_path):
         assert r["scoring"]["status"] == "DONE" and r["round_s"] > 0
         assert r["auto_train"]["started"], r["auto_train"]  # auto_train_after = 1: every correction retrains
         assert r["retrain"]["status"] == "DONE"  # val_split 0: never a validation-only label
-    assert any((r["gate"] or {}).get("decision") in ("promoted", "kept") for r in rounds[1:])
-    for r in rounds[1:]:  # a kept retrain is scored too: the gains the gate blocks are measured
-        assert ("test_published" in r) == ((r["gate"] or {}).get("decision") == "kept"), r.get("gate")
+    # nothing held out (val_split 0, no replay share): each retrain is published pending and judged at the next
+    # round's start on that round's correction, which neither it nor the served model has trained on
+    assert [r["gate"]["decision"] for r in rounds[1:]] == ["pending", "pending"]
+    judged = rounds[2]["judged"]
+    assert judged["candidate"] == rounds[1]["retrain"]["published_version"] and judged["decision"] in ("promoted", "kept")
+    assert judged["judged_on"] == [rounds[2]["picks"][0]["id"]] and 0 < rounds[2]["decision_s"] < rounds[2]["round_s"]
+    assert rounds[2]["version"] == (judged["candidate"] if judged["decision"] == "promoted" else rounds[1]["version"])
+    for r in rounds[1:]:  # a retrain not served is scored too: the gains the gate blocks are measured
+        assert ("test_published" in r) == (r["retrain"]["published_version"] != r["version"]), r.get("gate")
     text = doc.read_text()
     assert "Learning curves" in text and "Annotation saving" in text and "promotion gate" in text
     assert "all strategies: the gate promoted" in text

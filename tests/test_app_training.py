@@ -162,6 +162,11 @@ def test_retraining_starts_by_itself_after_n_new_labels(server, tmp_path):
     promotion, new = stats["promotion"], stats["published_version"]
     assert stats["status"] == "DONE" and new == _versions(server)["versions"][-1]["version"] != before
     assert promotion["served_version"] == before and not promotion["force_promote"]
+    if stats["val"]["on_training_set"]:  # nothing held out: pending, judged on the next correction
+        assert promotion["decision"] == "pending" and promotion["new"] is None, promotion
+        assert stats["current_version"] == _versions(server)["current"] == before
+        assert _versions(server)["versions"][-1]["promotion"]["decision"] == "pending"
+        return
     not_worse = promotion["new"]["score"] >= promotion["served"]["score"]
     assert promotion["decision"] == ("promoted" if not_worse else "kept"), promotion
     assert stats["current_version"] == _versions(server)["current"] == (new if not_worse else before)

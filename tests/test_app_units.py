@@ -4,10 +4,12 @@ remapping by name, id checks, the fixed validation split, train params, and the 
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
 
 import numpy as np
+
 import pytest
 import SimpleITK as sitk
 import torch
@@ -218,8 +220,8 @@ def test_a_retrain_is_made_current_only_when_not_worse(tmp_path):
         promotion = stats["promotion"]
         assert store.entry(stats["published_version"])["promotion"] == promotion
         assert stats["current_version"] == store.current()
-        if promotion["val_on_training_set"]:  # no held-out image, no replay: the epoch's slices are the gate's
-            assert promotion["new"]["score"] == round(stats["best_metric"], 5), "not the run's training slices"
+        if promotion["val_on_training_set"]:  # no held-out image, no replay: not scored, judged later
+            assert promotion["decision"] == "pending" and promotion["new"] is None
         else:  # the gate scores held-out slices; the epoch was picked on the training slices
             assert promotion["val_slices"] == stats["val"]["slices"] and promotion["val_replay_slices"] == 0
         return stats, promotion
@@ -243,14 +245,37 @@ def test_a_retrain_is_made_current_only_when_not_worse(tmp_path):
     assert promotion["new"]["score"] >= promotion["served"]["score"]
     assert store.current() == "v0003" == stats["current_version"]
 
-    # no validation image: both are scored on the training images, and the decision says so
-    stats, promotion = retrain(val_split=0.0, promote_metrics="lung_dice,infection_dice", promote_tolerance=0.05)
-    assert promotion["val_on_training_set"] and promotion["val_images"] == 5
-    assert "training images" in promotion["reason"] and promotion["served_version"] == "v0003"
-    not_worse = all(promotion["new"][m] >= promotion["served"][m] - 0.05 for m in ("lung_dice", "infection_dice"))
-    assert promotion["decision"] == ("promoted" if not_worse else "kept")
-    assert store.current() == ("v0004" if not_worse else "v0003")
-    assert [v["version"] for v in store.versions()] == [SHIPPED, "v0001", "v0002", "v0003", "v0004"]
+    # nothing held out (no validation image, no replay): never judged on the slices it has just fitted; it is
+    # published pending and judged at the next run's start on the correction that arrived since
+    params = dict(val_split=0.0, promote_metrics="lung_dice,infection_dice", promote_tolerance=0.05)
+    stats, promotion = retrain(**params)
+    assert promotion["decision"] == "pending" and promotion["val_on_training_set"], promotion
+    assert promotion["new"] is None and promotion["val_slices"] == 0 and "next correction" in promotion["reason"]
+    assert store.current() == "v0003" == stats["current_version"] and stats["published_version"] == "v0004"
+    assert "judged" not in stats and store.meta("v0004")["trained_ids"] == [c["id"] for c in datalist]
+
+    # no correction neither model has seen: it stays pending (and the run's own result too)
+    stats, promotion = retrain(**params)
+    assert stats["judged"]["candidate"] == "v0004" and stats["judged"]["decision"] == "pending"
+    assert store.current() == "v0003" and promotion["decision"] == "pending"  # v0005
+
+    # a new correction: the pending v0005 and the served v0003 are both scored on it, before training on it
+    write_phantom_set(tmp_path / "more", n=1, seed=11, shape=PHANTOM_SHAPE)
+    for src, dst in ((tmp_path / "more" / "phantom_000.nii.gz", tmp_path / "studies" / "new_000.nii.gz"),
+                     (tmp_path / "more" / "labels" / "final" / "phantom_000.nii.gz",
+                      tmp_path / "studies" / "labels" / "final" / "new_000.nii.gz")):
+        shutil.copy(src, dst)
+    datalist = task.pre_process({}, HybridCTDatastore(str(tmp_path / "studies"), auto_reload=False))
+    stats, promotion = retrain(**params)
+    judged = stats["judged"]
+    assert (judged["candidate"], judged["served_version"], judged["judged_on"]) == ("v0005", "v0003", ["new_000"])
+    not_worse = all(judged["new"][m] >= judged["served"][m] - 0.05 for m in ("lung_dice", "infection_dice"))
+    assert judged["decision"] == ("promoted" if not_worse else "kept"), judged
+    assert store.entry("v0005")["promotion"]["decision"] == judged["decision"]  # the sidecar records it
+    assert store.entry("v0005")["promotion"]["published_as"] == "pending"
+    assert promotion["served_version"] == ("v0005" if not_worse else "v0003") == store.current()
+    assert promotion["decision"] == "pending" and stats["published_version"] == "v0006"
+    assert [v["version"] for v in store.versions()] == [SHIPPED] + [f"v000{i}" for i in range(1, 7)]
 
 
 @pytest.mark.slow

@@ -222,10 +222,11 @@ class ModelStore:
         return {"removed": removed, "skipped": skipped, "current": self.current()}
 
     def _last_promoted(self) -> str | None:
-        """The newest version a publish made current (not one kept as worse), else the shipped model."""
+        """The newest version made current (not one kept as worse, nor one waiting for its judgement), else the
+        shipped model."""
         for n in reversed(self._numbers()):
             meta = read_json(self.path(f"v{n:04d}").with_suffix(".json"), {}) or {}
-            if (meta.get("promotion") or {}).get("decision") != "kept":
+            if (meta.get("promotion") or {}).get("decision") not in ("kept", "pending"):
                 return f"v{n:04d}"
         return SHIPPED if self.has_shipped() else None
 
@@ -371,6 +372,24 @@ class ModelStore:
         logger.info("published model %s (metric %s)%s", version, meta.get("metric"),
                     " and made it current" if make_current or previous is None else f"; {previous} stays current")
         return version
+
+    def meta(self, version: str) -> dict:
+        """A version's sidecar metadata ({} for the shipped model or a missing sidecar)."""
+        if version == SHIPPED:
+            return {}
+        return read_json(self.path(version).with_suffix(".json"), {}) or {}
+
+    def judge(self, version: str, promotion: dict, make_current: bool) -> None:
+        """Record the decision on a version published as ``pending`` (its sidecar's ``promotion``) and serve it
+        when ``make_current``."""
+        side_path = self.path(version).with_suffix(".json")
+        with self._lock():
+            side = read_json(side_path, {}) or {}
+            side["promotion"] = promotion
+            write_atomic(side_path, json.dumps(side, indent=2, default=str))
+            if make_current:
+                self.set_current(version)
+        logger.info("model %s judged: %s", version, promotion.get("decision"))
 
     def rollback(self, version: str) -> dict:
         """Serve ``version`` again (any kept version, or 'shipped'); checks that it loads first."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import os
 import time
 
@@ -184,7 +185,7 @@ class Trainer:
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, train: SliceSet, val: SliceSet | None = None, *,
                  loss_fn: nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None,
-                 on_epoch=None, stop=None, progress: bool = False):
+                 on_epoch=None, stop=None, progress: bool = False, spent=None):
         self.rank, self.world = rank_and_world()
         self.lead = self.rank == 0
         torch.manual_seed(cfg.seed + self.rank)
@@ -195,6 +196,12 @@ class Trainer:
         self.loss_fn = (loss_fn or build_loss(cfg)).to(self.device)
         self.opt = optimizer or build_optimizer(self.model, self.loss_fn, cfg)
         self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=max(cfg.epochs, 1))
+        # ``spent()``: the share of a wall-clock budget used (0..1). Then the cosine follows whichever is further,
+        # the epochs or the clock, step by step: a run the budget stops in its second of ten epochs would
+        # otherwise publish weights taken at nearly the peak rate (the app's retrains of the shipped network)
+        self.spent = spent
+        self.base_lrs = [g["lr"] for g in self.opt.param_groups]
+        self.epoch = 0
         self.on_epoch, self._stop, self.progress = on_epoch, stop, progress and self.lead
         self.stopped = False
         self.history: list = []
@@ -253,6 +260,8 @@ class Trainer:
         for it, batch in enumerate(tqdm(loader, desc="train", unit="batch", disable=not self.progress, leave=False)):
             if (max_iters and it >= max_iters) or self.should_stop():
                 break
+            if self.spent is not None:
+                self._set_lr(it / max(min(len(loader), max_iters or len(loader)), 1))
             b = to_device(batch, self.device)
             self._rates.clear()
             self._collect = True
@@ -285,6 +294,18 @@ class Trainer:
             vec = t.tolist()
         k_n = len(LOSS_KEYS)
         return {k: vec[i] / max(vec[-1], 1) for i, k in enumerate(LOSS_KEYS) if vec[k_n + i] > 0}
+
+    def _set_lr(self, within: float) -> None:
+        """Cosine over the larger of the epochs' progress and the clock's (``spent``); all ranks agree."""
+        done = ((self.epoch - 1) + within) / max(self.cfg.epochs, 1)
+        t = float(self.spent())
+        if self.world > 1:
+            v = torch.tensor([t], dtype=torch.float64, device=self.device)
+            dist.all_reduce(v, op=dist.ReduceOp.MAX)
+            t = float(v.item())
+        f = min(max(done, t, 0.0), 1.0)
+        for g, base in zip(self.opt.param_groups, self.base_lrs):
+            g["lr"] = base * 0.5 * (1.0 + math.cos(math.pi * f))
 
     def _sync_loss_grads(self):
         """Learnable loss parameters (the adaptive class loss) are outside DDP: average their gradients
@@ -332,6 +353,7 @@ class Trainer:
                 if self.should_stop():
                     break
                 t0 = time.perf_counter()
+                self.epoch = epoch
                 idx = self.epoch_shard()
                 loader = DataLoader(SliceDataset(self.train_set.subset(idx), augment=cfg.augment, style=cfg.style_augment,
                                                  rotate_pictures=cfg.rotate_pictures, seed=cfg.seed * 1000 + epoch,
@@ -340,7 +362,8 @@ class Trainer:
                                                  synth_lesions=cfg.synth_lesions, protocol_aug=cfg.protocol_aug),
                                     batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers)
                 losses = self.train_epoch(net, loader, idx)
-                self.sched.step()
+                if self.spent is None:
+                    self.sched.step()
                 stats = {"epoch": epoch, "loss": losses, "train_slices": int(len(idx)) * self.world,
                          "seconds": time.perf_counter() - t0}
                 if self.lead:

@@ -24,9 +24,12 @@ corrected scans do not make it forget the rest; and it is bounded by ``max_minut
 validated), leaving the rest for validation, the promotion scoring and publishing.
 The best epoch (validation score in [0, 1]) is published as a new model version at the end of the
 run, or when the run is stopped through ``DELETE /train/`` (graceful stop file). It is made current only
-if it is not worse than the model served when the run started (``promote``): both are scored on the same
-fixed validation slices, on the ``promote_metrics`` (default ``score``) within ``promote_tolerance``;
-``force_promote`` makes it current regardless. A kept version can still be served with a roll back.
+if it is not worse than the model served when the run started (``promotion``): both are scored on the same
+held-out slices (validation images, the replay's held-out share), on the ``promote_metrics`` (default
+``score``) within ``promote_tolerance``. With nothing held out it is published ``pending`` and judged at the
+start of the next run on the corrections neither model has trained on. ``force_promote`` makes it current
+regardless. A kept version can still be served with a roll back. The learning rate's cosine follows the time
+budget as well as the epochs, so a run the budget stops still ends at a low rate.
 """
 from __future__ import annotations
 
@@ -54,7 +57,7 @@ from hybrid_ct.net.device import choose_device
 from ..store import ModelStore, UnknownVersionError
 from .data import is_validation_image, slices_of, split_replay, weigh_new
 from .params import DEFAULTS, public_params, train_config, validate_params
-from .promotion import flat_metrics, promotion_decision, promotion_scores
+from .promotion import PENDING, evenly, flat_metrics, pending_candidate, promotion_decision, promotion_scores, unseen_cases
 
 logger = logging.getLogger(__name__)
 
@@ -86,8 +89,15 @@ class Deadline:
     """``stop`` or the training share of a wall-clock budget spent (``minutes`` <= 0: no budget)."""
 
     def __init__(self, stop, started: float, minutes: float):
-        self.stop, self.until = stop, started + TRAIN_SHARE * minutes * 60.0 if minutes > 0 else None
+        self.stop, self.started = stop, started
+        self.until = started + TRAIN_SHARE * minutes * 60.0 if minutes > 0 else None
         self.hit = False
+
+    def spent(self) -> float:
+        """Share of the training part of the budget used (0 with no budget): the learning-rate schedule's clock."""
+        if self.until is None:
+            return 0.0
+        return (time.time() - self.started) / max(self.until - self.started, 1e-9)
 
     def __call__(self) -> bool:
         if self.until is not None and time.time() >= self.until:
@@ -243,6 +253,7 @@ class HybridCTTrain(BasicTrainTask):
         context.train_config = cfg = train_config(req, device)
         torch.manual_seed(cfg.seed + rank)
 
+        judged = self._judge_pending(datalist, req, device) if lead else None
         served_version = self.store.current() if lead else None  # what a retrain must not be worse than
         context.network = self.network(context)
         served_version = getattr(context, "parent_version", None) or served_version
@@ -269,6 +280,8 @@ class HybridCTTrain(BasicTrainTask):
         # are missing (no replay file and no held-out image yet)
         gate_set = val_set.extend(gate_replay) if gate_replay is not None and len(gate_replay) else val_set
         val_on_train = len(gate_set) == 0
+        if judged:
+            stats["judged"] = judged
         stats.update(replay={"slices": n_replay, "gate_slices": len(gate_replay) if gate_replay is not None else 0,
                              "file": replay_from})
         stats.update(train={"images": n_train, "slices": len(train_set), "new_slices": n_new, "new_copies": copies},
@@ -298,7 +311,8 @@ class HybridCTTrain(BasicTrainTask):
 
         budget = Deadline(StopFlag(self.stop_file, start), start, float(req.get("max_minutes", MAX_MINUTES) or 0))
         trainer = Trainer(context.network, cfg, train_set, fit_set,
-                          loss_fn=context.loss, optimizer=context.optimizer, on_epoch=on_epoch, stop=budget)
+                          loss_fn=context.loss, optimizer=context.optimizer, on_epoch=on_epoch, stop=budget,
+                          spent=budget.spent if budget.until is not None else None)
         trainer.fit()
         if not lead:
             return {}
@@ -315,6 +329,7 @@ class HybridCTTrain(BasicTrainTask):
             return stats
         meta = {"metric": trainer.best_score, "best_metric_epoch": trainer.best_epoch, "epochs": stats["epoch"],
                 "train_images": n_train, "val_images": n_val, "val_on_training_set": val_on_train,
+                "trained_ids": [c["id"] for c in train_cases],
                 "run_id": context.run_id, "metrics": stats.get("metrics"), "params": public_params(req)}
         scored_on = (fit_set, train_cases) if val_on_train else (gate_set, val_cases or train_cases)
         version, promotion = self._publish(model.eval(), meta, served_version, *scored_on, val_on_train, req, device,
@@ -327,12 +342,8 @@ class HybridCTTrain(BasicTrainTask):
               f"{trainer.best_epoch}): {promotion['decision']}, {promotion['reason']}", flush=True)
         return stats
 
-    def _publish(self, model, meta: dict, served_version, data: SliceSet, cases: list, on_train: bool,
-                 req: dict, device, gate: dict | None = None) -> tuple:
-        """Score ``model`` and the served model on the same slices, publish ``model`` as a version, made
-        current unless it is worse (``promotion_decision``) -> (version, the ``promotion`` block)."""
-        metrics = req.get("promote_metrics") or ["score"]
-        tolerance, force = float(req.get("promote_tolerance") or 0.0), bool(req.get("force_promote"))
+    def _compare(self, model, served_version, data: SliceSet, cases: list, req: dict, device) -> tuple:
+        """``model`` and ``served_version`` scored on the same slices -> (new, served or None, why not)."""
         batch_size = req.get("val_batch_size") or req["train_batch_size"]
         new, served, failed = promotion_scores(model, data, device, batch_size), None, ""
         if served_version is not None:
@@ -344,14 +355,62 @@ class HybridCTTrain(BasicTrainTask):
                 del old
             except (ModelNotReadyError, UnknownVersionError) as e:  # unservable anyway: nothing to compare
                 failed = f"the served model {served_version} does not load ({e}); "
-        decision, reason = promotion_decision(new, served, metrics, tolerance, force)
-        if on_train:
-            reason += "; scored on the training images (no validation image yet)"
+        return new, served, failed
+
+    def _judge_pending(self, datalist: list, req: dict, device) -> dict | None:
+        """A retrain published ``pending`` judged against the served model on the corrections neither has
+        trained on ("test, then train"); served when not worse. -> the judgement, or None (nothing pending)."""
+        version = pending_candidate(self.store)
+        if version is None:
+            return None
+        served_version = self.store.current()
+        meta = self.store.meta(version)
+        unseen = unseen_cases(datalist, meta, self.store.meta(served_version) if served_version else {})
+        base = {"candidate": version, "served_version": served_version, "ts": round(time.time(), 1)}
+        if not unseen:
+            return dict(base, decision=PENDING, reason="no correction yet that neither model has trained on")
+        try:
+            model, _ = load_checkpoint(self.store.path(version), "cpu")
+        except (ModelNotReadyError, UnknownVersionError) as e:
+            return dict(base, decision="kept", reason=f"the candidate does not load ({e})")
+        data, cases, _ = slices_of(unseen, model.cfg.in_size, model.cfg.input_spec())
+        if not len(data):
+            return dict(base, decision=PENDING, reason="the unseen corrections gave no usable slice")
+        data = evenly(data)
+        metrics = req.get("promote_metrics") or ["score"]
+        tolerance = float(req.get("promote_tolerance") or 0.0)
+        new, served, failed = self._compare(model.eval(), served_version, data, cases, req, device)
+        decision, reason = promotion_decision(new, served, metrics, tolerance)
+        judged = dict(base, decision=decision, reason=failed + reason + f"; judged on {len(cases)} correction(s) it "
+                      "had not trained on", new=new, served=served, metrics=metrics, tolerance=tolerance,
+                      judged_on=[c["id"] for c in cases], val_slices=len(data), ts=round(time.time(), 1))
+        self.store.judge(version, dict(meta.get("promotion") or {}, **judged, published_as=PENDING),
+                         make_current=decision == "promoted")
+        print(f"[hybrid_ct] pending model {version}: {decision} ({reason})", flush=True)
+        return judged
+
+    def _publish(self, model, meta: dict, served_version, data: SliceSet, cases: list, on_train: bool,
+                 req: dict, device, gate: dict | None = None) -> tuple:
+        """Score ``model`` and the served model on the same held-out slices, publish ``model`` as a version, made
+        current unless it is worse (``promotion_decision``) -> (version, the ``promotion`` block). With nothing
+        held out (``on_train``) it is published ``pending``: judged by the next retrain (``_judge_pending``)."""
+        metrics = req.get("promote_metrics") or ["score"]
+        tolerance, force = float(req.get("promote_tolerance") or 0.0), bool(req.get("force_promote"))
+        new = served = None
+        failed = ""
+        if on_train and served_version is not None and not force:
+            decision, reason = PENDING, ("nothing held out to judge it on: served only if, on the next correction(s), "
+                                         "before any retrain trains on them, it is not worse than the served model")
+        else:
+            new, served, failed = self._compare(model, served_version, data, cases, req, device)
+            decision, reason = promotion_decision(new, served, metrics, tolerance, force)
+            if on_train:
+                reason += "; scored on the training images (no validation image yet)"
         promotion = {"decision": decision, "reason": failed + reason, "new": new, "served": served,
                      "served_version": served_version, "metrics": metrics, "tolerance": tolerance,
-                     "force_promote": force, "val_images": len(cases), "val_slices": len(data),
+                     "force_promote": force, "val_images": 0 if decision == PENDING else len(cases),
+                     "val_slices": 0 if decision == PENDING else len(data),
                      "val_on_training_set": on_train, **(gate or {})}
         model.cpu()
-        return self.store.publish(model, dict(meta, promotion=promotion), make_current=decision != "kept"), promotion
-
-
+        current = decision not in ("kept", PENDING)
+        return self.store.publish(model, dict(meta, promotion=promotion), make_current=current), promotion
