@@ -97,6 +97,22 @@ def test_a_version_published_without_make_current_is_kept_not_served(tmp_path):
     assert empty.current() == only, "with no model at all the new version is the only one to serve"
 
 
+def test_a_pending_version_is_served_only_once_judged(tmp_path):
+    """Published ``pending`` (nothing held out to judge it on): not served, not a start-up fallback; the
+    judgement (``store.judge``) records the decision in its sidecar and serves it when promoted."""
+    store = ModelStore(tmp_path)
+    save_checkpoint(store.shipped, _net(0), {"metric": 0.5})
+    v1 = store.publish(_net(1), {"promotion": {"decision": "promoted"}})
+    v2 = store.publish(_net(2), {"promotion": {"decision": "pending"}, "trained_ids": ["a"]}, make_current=False)
+    assert store.current() == v1 and store.meta(v2)["trained_ids"] == ["a"] and store.meta(SHIPPED) == {}
+    store.pointer.write_text("v00x1 garbage\n")
+    assert store.recover()["current"] == v1, "a garbage pointer must fall back to the last promoted, not a pending one"
+    store.judge(v2, {"decision": "kept", "judged_on": ["b"]}, make_current=False)
+    assert store.current() == v1 and store.entry(v2)["promotion"] == {"decision": "kept", "judged_on": ["b"]}
+    store.judge(v2, {"decision": "promoted", "judged_on": ["b"]}, make_current=True)
+    assert store.current() == v2 and store.meta(v2)["sha256"], "the sidecar keeps the rest of its metadata"
+
+
 def test_ids_and_tags():
     for ok in ("phantom_000", "slicer flow 1a2b", "P-001.v2", "_x"):
         assert check_id(ok) == ok

@@ -265,3 +265,30 @@ def test_trainer_stops_when_asked_and_never_trains_on_a_batch_of_one(trained):
     hist = t.fit()
     assert len(hist) == 2 and seen == [2, 2] and t.stopped  # the single slice twice: BatchNorm needs 2
     assert t.best_epoch in (1, 2) and t.best_model() is not None
+
+
+def test_learning_rate_follows_the_time_budget_when_one_is_given(trained):
+    """A run a wall-clock budget stops early must still anneal: with ``spent`` the cosine follows the larger of
+    the epochs' progress and the clock's; without it, the epochs' (the CLI's schedule, unchanged)."""
+    import math
+    from dataclasses import replace
+
+    from hybrid_ct.train.trainer import Trainer
+
+    _, _, data = trained
+    one = data.subset([int(np.flatnonzero(data.cls == 1)[0])])  # one batch per epoch: the step sees it = 0
+    cfg = TrainConfig(epochs=10, batch_size=4, augment=False, lr=1e-3)
+    t = Trainer(HybridMultiTaskNet(NetConfig(**TINY)), replace(cfg, epochs=2), one, spent=lambda: 0.75)
+    t.fit()  # epoch 2's only step: the epochs say 0.5, the clock 0.75
+    assert t.opt.param_groups[0]["lr"] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 0.75)))
+    t = Trainer(HybridMultiTaskNet(NetConfig(**TINY)), replace(cfg, epochs=2), one, spent=lambda: 0.1)
+    t.fit()
+    assert t.opt.param_groups[0]["lr"] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    frozen = Trainer(HybridMultiTaskNet(NetConfig(**TINY)), replace(cfg, epochs=1), one, spent=lambda: 1.0)
+    before = {k: v.clone() for k, v in frozen.model.state_dict().items() if v.dtype.is_floating_point}
+    frozen.fit()  # budget spent: rate 0, so the weights do not move (BatchNorm statistics still do)
+    after = frozen.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if "running" not in k)
+    plain = Trainer(HybridMultiTaskNet(NetConfig(**TINY)), replace(cfg, epochs=2), one)
+    plain.fit()  # the per-epoch scheduler: after 2 of 2 epochs the cosine is at its end
+    assert plain.opt.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)

@@ -274,6 +274,9 @@ class HybridCTTrain(BasicTrainTask):
         # the epoch picked on the training slices (each once), never on the gate's: picking the best of ten
         # epochs on the slices the gate then compares on would promote noise
         fit_set = train_set.extend(replay) if replay is not None else train_set
+        # at most GATE_MAX_SLICES of them, evenly spaced: a whole scan + the replay is ~400 slices, whose pass
+        # after every epoch took 40-250 s of a 5 min round with the shipped network (docs/active_learning_shipped.md)
+        fit_set = evenly(fit_set)
         new_set, copies = weigh_new(train_set, n_replay, float(req.get("new_share", NEW_SHARE)))
         train_set = new_set.extend(replay) if replay is not None else new_set
         # the gate: held-out corrected images + the replay's fixed share; the training slices only when both
