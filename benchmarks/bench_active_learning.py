@@ -53,9 +53,18 @@ import al_report  # noqa: E402
 import server_fixture as sf  # noqa: E402
 
 LABEL_INFO = [{"name": "lung", "idx": 1}, {"name": "infection", "idx": 2}]
-# the app's promotion rule the runs were made under: part of a finished run's key, so that a reused --workdir never
-# mixes runs of two rules (2026-12-07 evening: never on the training slices; pending until the next correction)
-GATE_RULE = "held-out, else pending"
+
+
+def retrain_code() -> str:
+    """sha256 of the retrain's and the gate's code (the app's trainers, the core's train package): part of a
+    finished run's key, so that a reused --workdir never mixes runs of two retrain rules."""
+    h = hashlib.sha256()
+    for folder in (REPO / "apps" / "hybrid_ct" / "lib" / "trainers", REPO / "lib" / "hybrid_ct" / "train"):
+        for f in sorted(folder.glob("*.py")):
+            h.update(f.name.encode() + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
 SCORED = {"uncertainty": "uncertainty", "uncertainty_diverse": "uncertainty"}  # strategy -> the scoring method that must run before it picks
 # --initial: what the server starts from, and the pools each scale's 2 cores can score. ``tiny``: the test
 # architecture trained here (64x64, the earlier campaigns); ``shipped``: the package's checkpoint, as the README's
@@ -334,7 +343,7 @@ def _breakdown(t_submit: float, round_s: float, stats: dict) -> dict:
 def run_key(args, strategy: str, seed: int) -> str:
     """What a finished run depends on (a rerun of the same --workdir reuses a finished run with this key)."""
     keys = ("initial", "rounds", "per_round", "pool", "test", "shape", "no_real", "real_max_slices", "init_epochs",
-            "init_phantoms", "auto_train_params", "replay", "gate_rule")
+            "init_phantoms", "auto_train_params", "replay", "retrain_code")
     return json.dumps({k: getattr(args, k) for k in keys} | {"strategy": strategy, "seed": seed}, sort_keys=True)
 
 
@@ -372,7 +381,7 @@ def parse_args(argv=None):
     ap.add_argument("--report", default=None, help="only rewrite the doc and plot from this JSON")
     ap.add_argument("--merge", default=None, help="add this run's strategies to an earlier JSON of the same settings")
     args = ap.parse_args(argv)
-    args.gate_rule = GATE_RULE
+    args.retrain_code = retrain_code()
     scale = SCALES[args.initial]
     for k in ("pool", "test", "shape", "real_max_slices"):
         if getattr(args, k) is None:
@@ -408,7 +417,8 @@ def main(argv=None) -> int:
                         "test": args.test, "shape": shape, "real": not args.no_real,
                         "real_max_slices": args.real_max_slices, "pool_real": list(scale["pool_real"]),
                         "test_real": list(scale["test_real"]), "auto_train_params": args.auto_train_params or "{}",
-                        "strategies": strategies, "seeds": seeds},
+                        "strategies": strategies, "seeds": seeds, "retrain_code": args.retrain_code,
+                        "replay": args.replay},
            "runs": [], "pools": {}}
     if previous:  # another strategy on the same pools and seeds: one table, one plot
         out["runs"] = previous["runs"]

@@ -62,6 +62,9 @@ class TrainConfig:
     # share of HU slices shown under a random scan protocol (data.protocol); 0: training as before
     synth_lesions: float = 0.0
     protocol_aug: float = 0.0
+    # BatchNorm layers keep the running statistics they came with (eval mode) while the rest trains: a fine-tune
+    # on a few corrected scans otherwise re-estimates them from batches of those scans and the replay
+    freeze_bn: bool = False
 
 
 def to_device(batch: dict, device) -> dict:

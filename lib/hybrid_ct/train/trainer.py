@@ -35,7 +35,7 @@ from hybrid_ct.train.augment import SliceDataset
 from hybrid_ct.data.slice_store import SliceSet
 from hybrid_ct.train.config import TrainConfig, to_device, epoch_indices
 from hybrid_ct.train.scoring import evaluate
-from hybrid_ct.net.network import HybridMultiTaskNet
+from hybrid_ct.net.network import HybridMultiTaskNet, batchnorms
 
 log = logging.getLogger(__name__)
 LOSS_KEYS = (*TRAINED_HEADS, "spike_rate", "total")
@@ -254,6 +254,9 @@ class Trainer:
         """One pass over ``loader`` (at most ``max_iters_per_epoch`` steps) -> mean losses per batch.
         ``idx``: the training-set index of each sample in loader order (records hard-negative errors)."""
         net.train()
+        if self.cfg.freeze_bn:
+            for m in batchnorms(self.model):
+                m.eval()
         sums, n = dict.fromkeys(LOSS_KEYS, 0.0), 0
         seen = dict.fromkeys(LOSS_KEYS, 0)
         max_iters = self.cfg.max_iters_per_epoch

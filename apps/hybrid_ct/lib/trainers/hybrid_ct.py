@@ -127,6 +127,7 @@ class HybridCTTrain(BasicTrainTask):
             "max_iters_per_epoch": d.max_iters_per_epoch or 0,
             "pretrained": True,
             "augment": d.augment,
+            "freeze_bn": d.freeze_bn,
             "seed": d.seed,
             "num_workers": d.num_workers,
             **{f"lambda_{head}": v for head, v in d.lambdas.items()},

@@ -29,7 +29,7 @@ PARAMS = {  # name: (type, minimum, maximum) of the numeric train params a clien
     "gate_replay_share": (float, 0.0, 0.9),  # share of the replay file held out for the promotion gate
     "new_share": (float, 0.0, 0.9),  # share of the training slices from the corrected scans (0: each once)
 }
-BOOLS = ("pretrained", "augment", "multi_gpu", "force_promote")
+BOOLS = ("pretrained", "augment", "multi_gpu", "force_promote", "freeze_bn")
 LISTS = ("promote_metrics",)  # names, as a JSON list or one comma-separated string
 # what a retrain may be compared on: the validation score and the metrics train_stats shows per epoch
 PROMOTE_METRICS = ("score", *(f"{h}_{m}" for h in SEG_HEADS for m in ("dice", "iou")),
@@ -92,7 +92,7 @@ DEFAULTS = TrainConfig()  # the one set of training defaults (the CLI recipes' t
 REQUEST_TO_CONFIG = {"max_epochs": "epochs", "train_batch_size": "batch_size", "val_batch_size": "val_batch_size",
                      "learning_rate": "lr", "weight_decay": "weight_decay", "negative_fraction": "negative_fraction",
                      "augment": "augment", "max_iters_per_epoch": "max_iters_per_epoch", "seed": "seed",
-                     "num_workers": "num_workers", "spike_rate_weight": "spike_rate_weight"}
+                     "num_workers": "num_workers", "spike_rate_weight": "spike_rate_weight", "freeze_bn": "freeze_bn"}
 
 
 def train_config(req: dict, device) -> TrainConfig:
