@@ -204,7 +204,7 @@ def _r3(v):
     return round(v, 4) if isinstance(v, float) else v
 
 
-def _time_summary(rows: list) -> list:
+def _time_summary(rows: list, pending: bool = False) -> list:
     """Where a round's time went (the retrain's own stats): the process starting, training epochs (each with its
     validation pass over the training slices), the gate scoring new and served model + publishing; and the
     benchmark's test scoring, which is not part of a lab's round."""
@@ -214,7 +214,9 @@ def _time_summary(rows: list) -> list:
     med = lambda k: np.median([b[k] for b in bs])  # noqa: E731
     out = [f"- where a round's time went (median over the {len(bs)} retrains): {med('to_start_s'):.0f} s from the "
            f"correction to the retrain process running, {med('train_s'):.0f} s training (epochs, each with its "
-           f"validation pass), {med('gate_publish_s'):.0f} s gate (new and served model scored) + publishing"]
+           f"validation pass{'; the judgement of the pending retrain at its start included' if pending else ''}), "
+           f"{med('gate_publish_s'):.0f} s gate (new and served model scored{', only with held-out data' if pending else ''})"
+           " + publishing"]
     eps = [e for r in rows for e in r["epoch_s"] if e]
     if eps:
         out[-1] += f"; an epoch took a median {np.median(eps):.0f} s (max {max(eps):.0f} s)"
@@ -357,12 +359,13 @@ def write(out: dict, doc: str, png: str, notes=None) -> None:
                      "model through the retrain that this round starts, judged on the next correction.")
     times = sorted({(r["strategy"], r["seed"], r["round"]): r["round_s"] for r in rows if r["round_s"] is not None}.values())
     if times:
-        lines.append(f"- time per round (last correction submitted -> new model served or kept): median "
+        what = ("new retrain published, pending" if _pending_rule(out) else "new model served or kept")
+        lines.append(f"- time per round (last correction submitted -> {what}): median "
                      f"{np.median(times):.0f} s, max {max(times):.0f} s on this machine"
                      + (f"; uncertainty scoring before a pick: median "
                         f"{np.median([r['scoring_s'] for r in rows if r['scoring_s']]):.0f} s"
                         if any(r["scoring_s"] for r in rows) else "") + ".")
-    lines += _time_summary(rows)
+    lines += _time_summary(rows, _pending_rule(out))
     lines += ["", "Gate scored on: held-out corrected images + held-out replay slices, or `train` (the training "
               "images: no held-out image and no replay yet; the rule before 2026-12-07 evening), or `N unseen img` "
               "(a retrain published pending, judged at the next round's start on its correction, which neither "
@@ -373,14 +376,16 @@ def write(out: dict, doc: str, png: str, notes=None) -> None:
               "(start + train + gate) | test scoring s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         on = r["on"]
-        after = f"{r['after']}" + (f" [kept: {r['published']}]" if r["published"] is not None else "")
-        fi = f"{r['fi_before']} -> {r['fi_after']}" + (f" [kept: {r['fi_published']}]"
+        tag = "pending" if r["decision"] == "pending" else "kept"
+        after = f"{r['after']}" + (f" [{tag}: {r['published']}]" if r["published"] is not None else "")
+        fi = f"{r['fi_before']} -> {r['fi_after']}" + (f" [{tag}: {r['fi_published']}]"
                                                         if r["fi_published"] is not None else "")
         b = r["breakdown"]
         parts = (f" ({b['to_start_s']:.0f} + {b['train_s']:.0f} + {b['gate_publish_s']:.0f})" if b else "")
         dec = (f"{r['candidate']} {r['decision']}" if r.get("candidate") else r["decision"])
         lines.append(f"| {r['strategy']} | {r['seed']} | {r['round']} | {r['picks']} | {dec} | {on} "
-                     f"| {_r3(r['new'])} / {_r3(r['served'])} | {r['before']} -> {after} | {fi} "
+                     f"| {_r3(r['new']) if r['new'] is not None else '–'} / {_r3(r['served']) if r['served'] is not None else '–'} "
+                     f"| {r['before']} -> {after} | {fi} "
                      f"| {r['epochs']} ({r['budget_hit']}) | {r['round_s']}{parts} | {r['test_s']} |")
     lines += ["", "## What each strategy picked", ""]
     for run in out["runs"]:
