@@ -187,13 +187,18 @@ def _real_txt(st: dict) -> str:
             + (f"at most {k} slices kept" if k else "every slice kept, whole scans"))
 
 
+def _rel(path: str) -> str:
+    repo = Path(__file__).resolve().parents[1]
+    return os.path.relpath(path, repo) if str(path).startswith(str(repo)) else str(path)
+
+
 def _network(st: dict, out: dict) -> str:
     if st.get("initial") == "shipped":
         info = _initial(out)
         net = info.get("net") or {}
         return (f"the shipped network (`{info.get('version')}`, {net.get('in_size')}x{net.get('in_size')} input, "
                 f"{net.get('levels')} levels, T={net.get('time_steps')} spiking; replay sample: "
-                f"{'`' + info['replay'] + '`' if info.get('replay') else 'none in the package, so none on the server'}"
+                f"{'`' + _rel(info['replay']) + '` (`hybrid-ct replay`, as scripts/serve.sh builds it)' if info.get('replay') else 'none in the package, so none on the server'}"
                 "), started as the README's server starts it. Read the numbers as what a lab gets per round on "
                 "this machine")
     return ("tiny network (the test architecture, 64x64). Read the numbers as what this loop does at this scale, "
@@ -250,6 +255,12 @@ def write(out: dict, doc: str, png: str, notes=None) -> None:
         lines += [f"**Cut short**: {len(partial)} run(s) did not finish all rounds ("
                   + ", ".join(f"`{r['strategy']}` seed {r['seed']}: {len(r['rounds']) - 1} of {st['rounds']}"
                               for r in partial) + f"); {done} rounds in all are reported.", ""]
+    ran = {(r["strategy"], r["seed"]) for r in out["runs"]}
+    missing = [f"`{strat}` seed {seed}" for seed in st["seeds"] for strat in strategies if (strat, seed) not in ran]
+    if missing:
+        lines += [f"**Not run yet**: {', '.join(missing)}. The command below, run again with the same `--workdir`, "
+                  "reuses the finished runs and goes on with these; until then every mean and spread here is over "
+                  "the seeds that ran.", ""]
     js = f"docs/{Path(doc).with_suffix('.json').name}"
     replay_txt = ("no replay (the package ships none beside the checkpoint, so the lab's server has none: a retrain "
                   "trains on the corrected scans alone)" if shipped and not _initial(out).get("replay") else
