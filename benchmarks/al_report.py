@@ -64,18 +64,26 @@ def plot(out: dict, png: str) -> None:
     import matplotlib.pyplot as plt
 
     panels = ("dice", "lung_dice", "infection_dice", "false_infection_ml")
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6))
+    # the served model (what a radiologist gets), and, dashed, the latest retrain whether served or not (what the
+    # corrections taught it, apart from the gate)
+    retrained = any(r.get("test_published") for run in out["runs"] for r in run["rounds"])
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8))
     for ax, metric in zip(axes, panels):
-        for strat, (xs, vals) in sorted(curves(out, metric).items()):
+        latest = curves(out, metric, True) if retrained else {}
+        for k, (strat, (xs, vals)) in enumerate(sorted(curves(out, metric).items())):
             mean = np.nanmean(vals, axis=0)
-            line, = ax.plot(xs, mean, marker="o", label=f"{strat} (n={len(vals)})")
+            line, = ax.plot(xs, mean, marker="o", color=f"C{k}", label=f"{strat} served (n={len(vals)})")
             ax.fill_between(xs, np.nanmin(vals, axis=0), np.nanmax(vals, axis=0), color=line.get_color(), alpha=0.15)
+            if strat in latest:
+                lx, lv = latest[strat]
+                ax.plot(lx, np.nanmean(lv, axis=0), ls="--", marker=".", color=line.get_color(), alpha=0.8,
+                        label=f"{strat} latest retrain")
         ax.set_xlabel("corrections submitted")
         ax.set_title(dict(METRICS)[metric], fontsize=9)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle("Simulated annotation campaign through the Hybrid CT server (mean, band = min-max over seeds)",
-                 fontsize=9)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("Simulated annotation campaign through the Hybrid CT server (served model: mean, band = min-max over "
+                 "seeds; dashed: the latest retrain, served or not)", fontsize=9)
     fig.tight_layout()
     Path(png).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=110)
