@@ -412,5 +412,5 @@ def write(out: dict, doc: str, png: str, notes=None) -> None:
         lines.append(f"- `{run['strategy']}` seed {run['seed']}: " + ", ".join(picks))
     notes = Path(notes) if notes else NOTES
     if notes.is_file():
-        lines += ["", notes.read_text().strip()]
-    Path(doc).write_text("\n".join(lines) + "\n")
+        lines += ["", notes.read_text(encoding="utf-8").strip()]
+    Path(doc).write_text("\n".join(lines) + "\n", encoding="utf-8")

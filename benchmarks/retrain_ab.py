@@ -29,11 +29,14 @@ sys.path.insert(0, str(REPO / "apps" / "hybrid_ct"))
 import al_pools  # noqa: E402
 from bench_active_learning import SCALES, TestScorer, shipped_initial  # noqa: E402
 
-VARIANTS = {"default": {}, "freeze_bn": {"freeze_bn": True}}
+VARIANTS = {"default": {}, "from_shipped": {"from_shipped": True}, "new_share_0": {"new_share": 0.0},
+            "from_shipped_new_share_0": {"from_shipped": True, "new_share": 0.0}}
 
 
-def retrain(case, variant: dict, seed: int, replay: str | None, work: Path) -> tuple:
-    """One auto-retrain of the shipped model on ``case`` -> (published checkpoint, train_stats)."""
+def sequence(cases: list, variant: dict, seed: int, replay: str | None, work: Path, scorer) -> list:
+    """The server's rounds without HTTP: each case in turn added to the datastore as a final label, then one
+    auto-retrain of the app's trainer (pending rule and judgement included) -> per round the served version's and
+    the latest published version's test values."""
     from lib.datastore import HybridCTDatastore
     from lib.store import ModelStore
     from lib.trainers.hybrid_ct import HybridCTTrain
@@ -42,25 +45,39 @@ def retrain(case, variant: dict, seed: int, replay: str | None, work: Path) -> t
         shutil.rmtree(work)
     studies = work / "studies"
     (studies / "labels" / "final").mkdir(parents=True)
-    ip, lp = al_pools.write_case(case, work / "hidden")
-    shutil.copy(ip, studies / ip.name)
-    shutil.copy(lp, studies / "labels" / "final" / ip.name)
     store = ModelStore(work / "model")
     store.dir.mkdir(parents=True)
     src, _ = shipped_initial(work)
     os.symlink(src, store.shipped)
     task = HybridCTTrain(store, replay=replay)
-    datalist = task.pre_process({}, HybridCTDatastore(str(studies), auto_reload=False))
-    req = dict(task.config(), multi_gpu=False, device="cpu", model="hybrid_ct", seed=seed, val_split=0.0,
-               run_id=f"ab-{work.name}", **variant)
-    stats = task.train(0, 1, req, datalist)
-    return store.path(stats["published_version"]), stats
+    rounds = []
+    for k, case in enumerate(cases, 1):
+        ip, lp = al_pools.write_case(case, work / "hidden")
+        shutil.copy(ip, studies / ip.name)
+        shutil.copy(lp, studies / "labels" / "final" / ip.name)
+        datalist = task.pre_process({}, HybridCTDatastore(str(studies), auto_reload=False))
+        req = dict(task.config(), multi_gpu=False, device="cpu", model="hybrid_ct", seed=seed,
+                   run_id=f"ab-{work.name}-{k}", **variant)
+        t0 = time.time()
+        stats = task.train(0, 1, req, datalist)
+        published, served = stats["published_version"], store.current()
+        row = {"round": k, "case": case.info.get("source_id") or case.id, "retrain_s": round(time.time() - t0, 1),
+               "epochs": stats.get("epoch"), "published": published, "served": served,
+               "decision": (stats.get("promotion") or {}).get("decision"),
+               "judged": {k2: (stats.get("judged") or {}).get(k2) for k2 in ("candidate", "decision")},
+               "test_served": {m: v for m, v in scorer(store.path(served)).items() if m != "per_scan"},
+               "test_published": {m: v for m, v in scorer(store.path(published)).items() if m != "per_scan"}}
+        rounds.append(row)
+        print(f"[ab] {work.name} round {k} ({row['case']}): published {published} "
+              f"{row['test_published']['dice']}, served {served} {row['test_served']['dice']}", flush=True)
+    return rounds
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seed", type=int, default=9)
-    ap.add_argument("--corrections", default="lesions,real", help="kinds of pool scan, one retrain each")
+    ap.add_argument("--corrections", default="nsclc_lung1_001_lesions,nsclc_lung1_001,p03",
+                    help="pool scans (source ids) corrected in this order, one retrain after each")
     ap.add_argument("--variants", default=json.dumps(VARIANTS), help="JSON {name: train params}")
     ap.add_argument("--replay", default=None)
     ap.add_argument("--workdir", default=str(REPO / "runs" / "retrain_ab"))
@@ -80,21 +97,13 @@ def main(argv=None) -> int:
            "machine": {"cpus": os.cpu_count(), "load_avg_at_start": os.getloadavg()},
            "pool": al_pools.describe(pools["pool"]), "test": al_pools.describe(pools["test"]),
            "shipped": {k: v for k, v in scorer(src).items() if k != "per_scan"}, "runs": []}
-    for kind in args.corrections.split(","):
-        case = next(c for c in pools["pool"] if c.kind == kind)
-        for name, params in variants.items():
-            t0 = time.time()
-            path, stats = retrain(case, params, args.seed, args.replay, root / f"{kind}_{name}")
-            test = scorer(path)
-            out["runs"].append({"correction": kind, "case": case.info.get("source_id") or case.id, "variant": name,
-                                "params": params, "retrain_s": round(time.time() - t0, 1), "epochs": stats.get("epoch"),
-                                "test": {k: v for k, v in test.items() if k != "per_scan"},
-                                "per_scan": test["per_scan"]})
-            print(f"[ab] {kind} {name}: dice {test['dice']} (lung {test['lung_dice']}, infection "
-                  f"{test['infection_dice']}, false infection {test['false_infection_ml']} mL); shipped "
-                  f"{out['shipped']['dice']}", flush=True)
-            out["finished"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-            Path(args.json).write_text(json.dumps(out, indent=1, default=str))
+    by_source = {c.info.get("source_id") or c.id: c for c in pools["pool"]}
+    cases = [by_source[name] for name in args.corrections.split(",")]
+    for name, params in variants.items():
+        rounds = sequence(cases, params, args.seed, args.replay, root / name, scorer)
+        out["runs"].append({"variant": name, "params": params, "rounds": rounds})
+        out["finished"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        Path(args.json).write_text(json.dumps(out, indent=1, default=str))
     return 0
 
 

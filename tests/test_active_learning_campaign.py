@@ -48,7 +48,7 @@ def test_campaign_runs_end_to_end_over_http(tmp_path):
     assert rounds[2]["version"] == (judged["candidate"] if judged["decision"] == "promoted" else rounds[1]["version"])
     for r in rounds[1:]:  # a retrain not served is scored too: the gains the gate blocks are measured
         assert ("test_published" in r) == (r["retrain"]["published_version"] != r["version"]), r.get("gate")
-    text = doc.read_text()
+    text = doc.read_text(encoding="utf-8")
     assert "Learning curves" in text and "Annotation saving" in text and "promotion gate" in text
     assert "all strategies: the gate promoted" in text
     assert png.stat().st_size > 1000

@@ -84,7 +84,7 @@ def test_a_finished_run_is_reused_and_the_shipped_doc_written(tmp_path):
     out = json.loads(js.read_text())
     assert out["runs"] == [run] and out["settings"]["initial"] == "shipped"
     assert out["pools"]["0"]["initial_model"]["kind"] == "shipped"
-    text = doc.read_text()
+    text = doc.read_text(encoding="utf-8")
     assert "the shipped network" in text and "One seed: this is not a strategy comparison" in text
     assert "where a round's time went" in text and "225 s training" in text and "40.0 -> 30.0" in text
     assert "290.0 (5 + 225 + 60)" in text and "median 290 s, max 290 s" in text

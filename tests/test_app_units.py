@@ -293,6 +293,13 @@ def test_a_retrain_is_made_current_only_when_not_worse(tmp_path):
     assert promotion["decision"] == "pending" and stats["published_version"] == "v0006"
     assert [v["version"] for v in store.versions()] == [SHIPPED] + [f"v000{i}" for i in range(1, 7)]
 
+    # from_shipped: the run fine-tunes the shipped model on every correction, and is still judged against the
+    # model served now (here on a validation image: gated at once)
+    served = store.current()
+    stats, promotion = retrain(from_shipped=True)
+    assert stats["parent_version"] == SHIPPED and promotion["served_version"] == served != SHIPPED
+    assert promotion["decision"] in ("promoted", "kept") and promotion["val_images"] >= 1
+
 
 @pytest.mark.slow
 def test_multi_process_training_with_gloo_publishes_one_version(tmp_path):

@@ -29,7 +29,7 @@ PARAMS = {  # name: (type, minimum, maximum) of the numeric train params a clien
     "gate_replay_share": (float, 0.0, 0.9),  # share of the replay file held out for the promotion gate
     "new_share": (float, 0.0, 0.9),  # share of the training slices from the corrected scans (0: each once)
 }
-BOOLS = ("pretrained", "augment", "multi_gpu", "force_promote", "freeze_bn")
+BOOLS = ("pretrained", "augment", "multi_gpu", "force_promote", "freeze_bn", "from_shipped")
 LISTS = ("promote_metrics",)  # names, as a JSON list or one comma-separated string
 # what a retrain may be compared on: the validation score and the metrics train_stats shows per epoch
 PROMOTE_METRICS = ("score", *(f"{h}_{m}" for h in SEG_HEADS for m in ("dice", "iou")),
