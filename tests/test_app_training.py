@@ -185,8 +185,10 @@ def test_a_worse_retrain_is_kept_not_served_unless_forced(server):
     served_before = _versions(server)["current"]
     assert s.post(f"{server.url}/hybrid_ct/rollback", params={"version": "shipped"}, timeout=60).status_code == 200
     # max_minutes: the time bound (default 5, stop at 75 %) must not cut the wrecking epoch short
+    # only the wrecking fine-tune: a replay of the original data would soften it; val_split 0.45 holds phantom_002
+    # out (hash 0.40), so the gate scores a held-out image at once (with nothing held out it would be pending)
     wrecked = {"max_epochs": 1, "learning_rate": 10.0, "promote_metrics": "score,lung_dice", "max_minutes": 60,
-               "replay_slices": 0}  # only the wrecking fine-tune: a replay of the original data would soften it
+               "replay_slices": 0, "val_split": 0.45}
     try:
         r = s.post(f"{server.url}/train/hybrid_ct", params={"run_sync": "true"}, json=wrecked, timeout=900)
         assert r.status_code == 200, r.text
