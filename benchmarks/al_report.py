@@ -139,6 +139,11 @@ def gate_rows(out: dict) -> list:
                                  fi_published=cand.get("false_infection_ml") if j["decision"] == "kept" else None,
                                  decision_s=r.get("decision_s")))
             decision = g.get("decision") or _no_gate(r.get("retrain"))
+            if decision != "pending" and j.get("decision") in ("promoted", "forced") and rows and rows[-1]["judged"]:
+                # the judged version was served only until this round's own retrain replaced it: its own test values
+                cand = published.get(j.get("candidate")) or {}
+                rows[-1].update(after=cand.get("dice"), fi_after=cand.get("false_infection_ml"))
+                base.update(before=cand.get("dice"), fi_before=cand.get("false_infection_ml"))
             if decision != "pending" or not j:
                 on = "–" if g.get("val_on_training_set") is None else (
                     "train" if g.get("val_on_training_set") else f"{g.get('val_images')} img" + (
