@@ -58,7 +58,8 @@ from hybrid_ct.net.device import choose_device
 from ..store import ModelStore, UnknownVersionError
 from .data import is_validation_image, slices_of, split_replay, weigh_new
 from .params import DEFAULTS, public_params, train_config, validate_params
-from .promotion import PENDING, evenly, flat_metrics, pending_candidate, promotion_decision, promotion_scores, unseen_cases
+from .promotion import (PENDING, evenly, flat_metrics, gate_params, pending_candidate, promotion_decision,
+                        promotion_scores, unseen_cases)
 
 logger = logging.getLogger(__name__)
 
@@ -378,19 +379,18 @@ class HybridCTTrain(BasicTrainTask):
         served_version = self.store.current()
         meta = self.store.meta(version)
         unseen = unseen_cases(datalist, meta, self.store.meta(served_version) if served_version else {})
-        base = {"candidate": version, "served_version": served_version, "ts": round(time.time(), 1)}
+        base = {"candidate": version, "served_version": served_version}
         if not unseen:
-            return dict(base, decision=PENDING, reason="no correction yet that neither model has trained on")
+            return dict(base, ts=round(time.time(), 1), decision=PENDING, reason="no correction yet that neither model has trained on")
         try:
             model, _ = load_checkpoint(self.store.path(version), "cpu")
         except (ModelNotReadyError, UnknownVersionError) as e:
-            return dict(base, decision="kept", reason=f"the candidate does not load ({e})")
+            return dict(base, ts=round(time.time(), 1), decision="kept", reason=f"the candidate does not load ({e})")
         data, cases, _ = slices_of(unseen, model.cfg.in_size, model.cfg.input_spec())
         if not len(data):
-            return dict(base, decision=PENDING, reason="the unseen corrections gave no usable slice")
+            return dict(base, ts=round(time.time(), 1), decision=PENDING, reason="the unseen corrections gave no usable slice")
         data = evenly(data)
-        metrics = req.get("promote_metrics") or ["score"]
-        tolerance = float(req.get("promote_tolerance") or 0.0)
+        metrics, tolerance = gate_params(req)
         new, served, failed = self._compare(model.eval(), served_version, data, cases, req, device)
         decision, reason = promotion_decision(new, served, metrics, tolerance)
         judged = dict(base, decision=decision, reason=failed + reason + f"; judged on {len(cases)} correction(s) it "
@@ -406,8 +406,7 @@ class HybridCTTrain(BasicTrainTask):
         """Score ``model`` and the served model on the same held-out slices, publish ``model`` as a version, made
         current unless it is worse (``promotion_decision``) -> (version, the ``promotion`` block). With nothing
         held out (``on_train``) it is published ``pending``: judged by the next retrain (``_judge_pending``)."""
-        metrics = req.get("promote_metrics") or ["score"]
-        tolerance, force = float(req.get("promote_tolerance") or 0.0), bool(req.get("force_promote"))
+        (metrics, tolerance), force = gate_params(req), bool(req.get("force_promote"))
         new = served = None
         failed = ""
         if on_train and served_version is not None and not force:

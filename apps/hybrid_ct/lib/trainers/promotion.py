@@ -18,6 +18,11 @@ PENDING = "pending"
 GATE_MAX_SLICES = 128  # judging scores two models: evenly spaced slices bound its time on a whole new scan
 
 
+def gate_params(req: dict) -> tuple:
+    """A train request -> (promote_metrics, promote_tolerance), with their defaults."""
+    return req.get("promote_metrics") or ["score"], float(req.get("promote_tolerance") or 0.0)
+
+
 def pending_candidate(store) -> str | None:
     """The newest version when it waits for its judgement (``pending``) and is not served, else None."""
     versions = store.versions()
