@@ -262,7 +262,7 @@ def write(out: dict, doc: str, png: str, notes=None) -> None:
              f"{' + real scans' if st['real'] else ''}, phantom shape {tuple(st['shape'])}; {_network(st, out)}.", ""]
     if len(st["seeds"]) == 1:
         lines += ["**One seed: this is not a strategy comparison.** Each strategy is one draw: a difference between "
-                  "strategies here says nothing about which is better (on the tiny network, docs/active_learning.md, "
+                  "strategies here says nothing about which is better (on the tiny network, docs/active_learning_tiny.md, "
                   "the spread between seeds was as wide as the differences between strategies).", ""]
     if partial:
         lines += [f"**Cut short**: {len(partial)} run(s) did not finish all rounds ("
@@ -410,7 +410,7 @@ def write(out: dict, doc: str, png: str, notes=None) -> None:
         lines.append(f"| {r['strategy']} | {r['seed']} | {r['round']} | {r['picks']} | {dec} | {on} "
                      f"| {_r3(r['new']) if r['new'] is not None else '–'} / {_r3(r['served']) if r['served'] is not None else '–'} "
                      f"| {r['before']} -> {after} | {fi} "
-                     f"| {r['epochs']} ({r['budget_hit']}) | {r['round_s']}{parts} | {r['test_s']} |")
+                     f"| {r['epochs']} ({r['budget_hit']}) | {r['round_s']}{parts} | {r['test_s'] if r['test_s'] is not None else '–'} |")
     lines += ["", "## What each strategy picked", ""]
     for run in out["runs"]:
         picks = [f"{p['id']} ({p['kind']}{', +' if p['positive'] else ''})" for r in run["rounds"][1:] for p in r["picks"]]

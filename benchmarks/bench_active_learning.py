@@ -23,9 +23,9 @@ Metrics per round: 3D lung Dice (every test scan), 3D infection Dice (positive t
 mL (infection-free test scans: every voxel labelled infection), scan call accuracy (``classification.label``),
 and the time from the correction submitted to the new model served or kept. Nothing calls the trainer.
 
-    python benchmarks/bench_active_learning.py --seeds 0,1,2 --rounds 4        # the campaign
-    python benchmarks/bench_active_learning.py --initial shipped --seeds 0 --strategies uncertainty,random \
-        --rounds 2 --workdir runs/al_shipped                                   # the shipped network (SCALES)
+    python benchmarks/bench_active_learning.py --initial shipped --replay runs/replay/pretrained.replay.npz \
+        --workdir runs/al_final       # docs/active_learning.md: the README's network, 3 strategies x 3 seeds x 4 rounds
+    python benchmarks/bench_active_learning.py --seeds 0,1,2 --rounds 4        # the tiny network (SCALES)
     python benchmarks/bench_active_learning.py --report results.json          # the doc again from a JSON
 """
 from __future__ import annotations
@@ -72,10 +72,10 @@ SCORED = {"uncertainty": "uncertainty", "uncertainty_diverse": "uncertainty"}  #
 # The shipped model trained on imlab id002 (imlab id001 is its validation scan): its test pool holds id001.
 SCALES = {
     "tiny": {"pool": 8, "test": 6, "shape": "16,64,64", "real_max_slices": 48,
-             "pool_real": al_pools.POOL_REAL, "test_real": al_pools.TEST_REAL, "name": "active_learning"},
+             "pool_real": al_pools.POOL_REAL, "test_real": al_pools.TEST_REAL, "name": "active_learning_tiny"},
     "shipped": {"pool": 4, "test": 2, "shape": "48,256,256", "real_max_slices": 0,
                 "pool_real": ("nsclc_lung1_001", "imlab_id002"), "test_real": ("imlab_id001",),
-                "name": "active_learning_shipped"},
+                "name": "active_learning"},
 }
 
 
@@ -372,12 +372,12 @@ def parse_args(argv=None):
                     "<package checkpoint>.replay.npz where it exists, as scripts/serve.sh builds it)")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds to wait for one retrain / scoring")
     ap.add_argument("--workdir", default=None, help="kept: a rerun reuses its finished runs and test scores")
-    ap.add_argument("--json", default=None, help="default docs/<name>.json (name: active_learning, or "
-                                                 "active_learning_shipped with --initial shipped)")
+    ap.add_argument("--json", default=None, help="default docs/<name>.json (name: active_learning with --initial "
+                                                 "shipped, the product's campaign; active_learning_tiny)")
     ap.add_argument("--doc", default=None, help="default docs/<name>.md")
     ap.add_argument("--png", default=None, help="default docs/img/<name>.png")
     ap.add_argument("--notes", default=None, help="analysis included verbatim at the end of the doc (default: "
-                                                  "benchmarks/al_notes.md, al_notes_shipped.md with --initial shipped)")
+                                                  "benchmarks/al_notes.md with --initial shipped, al_notes_tiny.md)")
     ap.add_argument("--report", default=None, help="only rewrite the doc and plot from this JSON")
     ap.add_argument("--merge", default=None, help="add this run's strategies to an earlier JSON of the same settings")
     args = ap.parse_args(argv)
@@ -390,8 +390,8 @@ def parse_args(argv=None):
     args.json = args.json or str(REPO / "docs" / f"{name}.json")
     args.doc = str(REPO / "docs" / f"{name}.md") if args.doc is None else args.doc
     args.png = args.png or str(REPO / "docs" / "img" / f"{name}.png")
-    args.notes = args.notes or str(REPO / "benchmarks" / ("al_notes.md" if args.initial == "tiny" else
-                                                          f"al_notes_{args.initial}.md"))
+    args.notes = args.notes or str(REPO / "benchmarks" / ("al_notes_tiny.md" if args.initial == "tiny" else
+                                                          "al_notes.md"))
     return args
 
 

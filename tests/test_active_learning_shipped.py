@@ -1,6 +1,6 @@
 """``bench_active_learning.py --initial shipped`` wired without the long campaign (which needs ~10 min a round on
 2 cores): the scale it picks, the checkpoint and conf the server would start with, a finished run reused from the
---workdir, and the doc written for it (docs/active_learning_shipped.md's writer)."""
+--workdir, and the doc written for it (docs/active_learning.md's writer)."""
 from __future__ import annotations
 
 import json
@@ -19,11 +19,11 @@ import bench_active_learning as bench  # noqa: E402
 def test_tiny_default_unchanged_and_shipped_scale():
     tiny = bench.parse_args([])
     assert (tiny.initial, tiny.pool, tiny.test, tiny.shape, tiny.real_max_slices) == ("tiny", 8, 6, "16,64,64", 48)
-    assert tiny.json.endswith("docs/active_learning.json") and tiny.doc.endswith("docs/active_learning.md")
-    assert tiny.notes.endswith("benchmarks/al_notes.md")
+    assert tiny.json.endswith("docs/active_learning_tiny.json") and tiny.doc.endswith("docs/active_learning_tiny.md")
+    assert tiny.notes.endswith("benchmarks/al_notes_tiny.md")
     shipped = bench.parse_args(["--initial", "shipped"])
     assert (shipped.pool, shipped.test, shipped.shape, shipped.real_max_slices) == (4, 2, "48,256,256", 0)
-    assert shipped.doc.endswith("docs/active_learning_shipped.md")
+    assert shipped.doc.endswith("docs/active_learning.md") and shipped.notes.endswith("benchmarks/al_notes.md")
     assert bench.parse_args(["--initial", "shipped", "--pool", "1", "--doc", ""]).pool == 1  # explicit wins
     # the shipped model trained on imlab id002: its test pool must hold id001 (its validation scan), not id002
     assert bench.SCALES["shipped"]["test_real"] == ("imlab_id001",)
