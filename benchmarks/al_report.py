@@ -111,6 +111,16 @@ def _pending_rule(out: dict) -> bool:
                for run in out["runs"] for r in run["rounds"])
 
 
+TRAIN_KEYS = ("max_epochs", "learning_rate", "max_minutes", "from_shipped", "replay_slices", "new_share",
+              "gate_replay_share", "val_split", "promote_metrics", "promote_tolerance")
+
+
+def _train_defaults(out: dict) -> str:
+    """The retrain defaults the campaign's servers reported (``train_config``, recorded since 2026-12-07 22:00)."""
+    cfg = next((r["train_config"] for r in out["runs"] if r.get("train_config")), None)
+    return ", ".join(f"`{k}` {cfg[k]}" for k in TRAIN_KEYS if k in cfg) if cfg else ""
+
+
 def gate_rows(out: dict) -> list:
     """One row per gate decision: a retrain judged on held-out slices when it ended, or a retrain published
     ``pending`` and judged at the start of the next round on that round's correction (``judged``; its test Dice
@@ -286,9 +296,12 @@ def write(out: dict, doc: str, png: str, notes=None) -> None:
              f"OMP_NUM_THREADS={m.get('omp_threads')}; load average (1, 5, 15 min) at start "
              f"{', '.join(f'{v:.1f}' for v in m.get('load_avg_at_start') or [])}"
              + (f", at the end {', '.join(f'{v:.1f}' for v in m['load_avg_at_end'])}" if m.get("load_avg_at_end") else "")
-             + ", other engineers' jobs: the machine was shared, so times are upper bounds). Retrain params of the "
+             + "; the campaign itself loads about 2: more means other jobs shared the machine, and its times are upper "
+             "bounds). Retrain params of the "
              "server's auto-retrain: "
-             f"`{st['auto_train_params']}` plus the seed (`{{}}`: the app's defaults; those of "
+             f"`{st['auto_train_params']}` plus the seed (`{{}}`: the app's defaults"
+             + (f", as the server's `/info` gave them: {_train_defaults(out)}). " if _train_defaults(out) else
+                "; those of "
              f"{'2026-12-07 18:00' if _pending_rule(out) else '2026-12-07 13:00'}: 10 epochs "
              f"at lr 1e-3, 5 min bound, {replay_txt}, the corrected "
              "slices weighed to half of the training sample (`new_share` 0.5), the epoch picked on the training "
@@ -296,7 +309,7 @@ def write(out: dict, doc: str, png: str, notes=None) -> None:
                 "images or, with none, pending until the next correction; `gate_replay_share` 0)."
                 if _pending_rule(out) else
                 "slices, the gate on the held-out corrected images or, with none, the training slices; "
-                "`gate_replay_share` 0 is that default, named)."),
+                "`gate_replay_share` 0 is that default, named).")),
              "", "## How it works", "",
              "Each (strategy, seed) starts a fresh server exactly as the README does (`monailabel start_server --app "
              "apps/hybrid_ct`, via `tests/server_fixture.py`, 127.0.0.1, its own temp studies and model folders). "

@@ -254,6 +254,9 @@ def run_one(strategy: str, seed: int, pools: dict, args, workdir: Path, initial:
     run = {"strategy": strategy, "seed": seed, "rounds": rounds, "complete": False}
     try:
         run["startup_s"] = round(time.time() - t0, 1)
+        # the retrain defaults this server really had (lr, budget, replay, gate): the report quotes them
+        info = s.get(f"{live.url}/info/", timeout=60).json()
+        run["train_config"] = ((info.get("trainers") or {}).get("hybrid_ct") or {}).get("config")
         version, path = _served(live)
         rounds.append({"round": 0, "corrections": 0, "version": version, "test": args.scorer(path),
                        "test_s": args.scorer.last_s})
