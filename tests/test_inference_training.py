@@ -239,12 +239,14 @@ def test_the_app_builds_its_train_config_with_the_same_defaults_and_loss_weights
     if app_dir not in sys.path:
         sys.path.insert(0, app_dir)
     from lib.store import ModelStore
-    from lib.trainers.hybrid_ct import HybridCTTrain
+    from lib.trainers.hybrid_ct import FINE_TUNE_LR, HybridCTTrain
     from lib.trainers.params import train_config
     from lib.validation import BadRequest
 
     req = HybridCTTrain(ModelStore(tmp_path)).config()
-    assert train_config(req, "cpu") == replace(TrainConfig(), val_batch_size=8)  # what /info shows
+    # what /info shows: TrainConfig's defaults, but a retrain fine-tunes at a tenth of the training rate
+    assert FINE_TUNE_LR == TrainConfig().lr / 10
+    assert train_config(req, "cpu") == replace(TrainConfig(), val_batch_size=8, lr=FINE_TUNE_LR)
     assert train_config({}, "cpu") == TrainConfig()
     cfg = train_config(dict(req, lambda_infection="3", max_iters_per_epoch=0), "cpu")
     assert cfg.lambdas == {"cls": 1.0, "lung": 1.0, "infection": 3.0} and cfg.max_iters_per_epoch is None
