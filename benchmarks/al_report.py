@@ -285,6 +285,7 @@ def write(out: dict, doc: str, png: str, notes=None) -> None:
                   "reuses the finished runs and goes on with these; until then every mean and spread here is over "
                   "the seeds that ran.", ""]
     js = f"docs/{Path(doc).with_suffix('.json').name}"
+    defaults = _train_defaults(out)
     replay_txt = ("no replay (the package ships none beside the checkpoint, so the lab's server has none: a retrain "
                   "trains on the corrected scans alone)" if shipped and not _initial(out).get("replay") else
                   "replay up to 256 slices of the initial model's training data")
@@ -300,7 +301,7 @@ def write(out: dict, doc: str, png: str, notes=None) -> None:
              "bounds). Retrain params of the "
              "server's auto-retrain: "
              f"`{st['auto_train_params']}` plus the seed (`{{}}`: the app's defaults"
-             + (f", as the server's `/info` gave them: {_train_defaults(out)}). " if _train_defaults(out) else
+             + (f", as the server's `/info` gave them: {defaults}). " if defaults else
                 "; those of "
              f"{'2026-12-07 18:00' if _pending_rule(out) else '2026-12-07 13:00'}: 10 epochs "
              f"at lr 1e-3, 5 min bound, {replay_txt}, the corrected "
