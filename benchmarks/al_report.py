@@ -58,6 +58,25 @@ def saving(out: dict, strategy: str, baseline: str = "random", metric: str = "di
     return {"target": round(target, 4), "corrections": None, "baseline_corrections": bx[-1], "share": None}
 
 
+def paired(out: dict, strategy: str, baseline: str = "random", metric: str = "dice"):
+    """Seed by seed (the same pools and initial model), ``strategy`` minus ``baseline`` at each number of
+    corrections: -> (corrections [n], differences [seeds both ran, n]) or None. A difference of means hides
+    how much of it is the draw; paired differences show it."""
+    by = {}
+    for run in out["runs"]:
+        by.setdefault((run["strategy"], run["seed"]), [(r["corrections"], r["test"].get(metric))
+                                                        for r in run["rounds"]])
+    seeds = sorted(s for (st, s) in by if st == strategy and (baseline, s) in by)
+    if not seeds:
+        return None
+    n = min(min(len(by[(strategy, s)]), len(by[(baseline, s)])) for s in seeds)
+    xs = [c for c, _ in by[(strategy, seeds[0])][:n]]
+    diff = np.array([[(by[(strategy, s)][i][1] if by[(strategy, s)][i][1] is not None else np.nan)
+                      - (by[(baseline, s)][i][1] if by[(baseline, s)][i][1] is not None else np.nan)
+                      for i in range(n)] for s in seeds], dtype=float)
+    return xs, diff
+
+
 def plot(out: dict, png: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -256,6 +275,29 @@ def _time_summary(rows: list, pending: bool = False) -> list:
     return out
 
 
+def _paired_lines(out: dict, strategies: list) -> list:
+    """The target "at least as good as random at every round", seed by seed: test Dice minus random's."""
+    rows = {st: paired(out, st) for st in strategies if st != "random"}
+    rows = {st: v for st, v in rows.items() if v is not None and v[1].shape[1] > 1}
+    if not rows:
+        return []
+    xs = next(iter(rows.values()))[0]
+    lines = ["", "Against random, seed by seed (same pools and initial model): served test Dice minus random's, mean "
+             "[min–max] over the seeds both ran.", "", "| strategy | seeds | " + " | ".join(
+                 f"{c} corr." for c in xs[1:]) + " |", "|---|---|" + "---|" * (len(xs) - 1)]
+    verdict = []
+    for st, (sx, d) in rows.items():
+        lines.append(f"| {st} | {d.shape[0]} | " + " | ".join(
+            (f"{np.nanmean(d[:, i]):+.3f} [{np.nanmin(d[:, i]):+.3f}–{np.nanmax(d[:, i]):+.3f}]"
+             if d.shape[0] > 1 else f"{d[0, i]:+.3f}") for i in range(1, d.shape[1])) + " |")
+        below = [sx[i] for i in range(1, d.shape[1]) if np.nanmean(d[:, i]) < -1e-9]
+        worse = int(np.sum(d[:, 1:] < -1e-9))
+        verdict.append(f"- `{st}` at least as good as random at every round (mean over seeds): "
+                       + ("yes" if not below else f"no, below after {', '.join(map(str, below))} correction(s)")
+                       + f"; below random in {worse} of {d[:, 1:].size} (seed, round) pairs.")
+    return lines + [""] + verdict
+
+
 def write(out: dict, doc: str, png: str, notes=None) -> None:
     plot(out, png)
     st, m = out["settings"], out["machine"]
@@ -378,6 +420,7 @@ def write(out: dict, doc: str, png: str, notes=None) -> None:
         else:
             lines.append(f"- `{strat}` reached random's final mean test Dice {sv['target']} after {sv['corrections']} "
                          f"of random's {sv['baseline_corrections']} corrections: {100 * sv['share']:.0f} %.")
+    lines += _paired_lines(out, strategies)
     rows = gate_rows(out)
     lines += ["", "## The promotion gate and time per round", ""]
     for strat in strategies:

@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -88,3 +89,25 @@ def test_a_finished_run_is_reused_and_the_shipped_doc_written(tmp_path):
     assert "the shipped network" in text and "One seed: this is not a strategy comparison" in text
     assert "where a round's time went" in text and "225 s training" in text and "40.0 -> 30.0" in text
     assert "290.0 (5 + 225 + 60)" in text and "median 290 s, max 290 s" in text
+
+
+def test_strategies_are_compared_with_random_seed_by_seed():
+    import al_report
+
+    def run(strategy, seed, dices):
+        return {"strategy": strategy, "seed": seed, "rounds": [
+            {"round": i, "corrections": i, "test": {"dice": d}} for i, d in enumerate(dices)]}
+
+    out = {"runs": [run("uncertainty", 0, [0.6, 0.7, 0.5]), run("random", 0, [0.6, 0.6, 0.6]),
+                    run("uncertainty", 1, [0.5, 0.55, 0.6]), run("random", 1, [0.5, 0.5, 0.4]),
+                    run("uncertainty", 2, [0.4, 0.4, 0.4])]}  # seed 2 has no random run: left out
+    xs, diff = al_report.paired(out, "uncertainty")
+    assert xs == [0, 1, 2] and diff.shape == (2, 3)
+    assert np.allclose(diff, [[0.0, 0.1, -0.1], [0.0, 0.05, 0.2]])
+    text = "\n".join(al_report._paired_lines(out, ["uncertainty", "random"]))
+    assert "+0.075 [+0.050–+0.100]" in text and "+0.050 [-0.100–+0.200]" in text
+    assert "at every round (mean over seeds): yes; below random in 1 of 4 (seed, round) pairs" in text
+    out["runs"][2]["rounds"][2]["test"]["dice"] = 0.45  # seed 1 leads by less: the mean falls below
+    text = "\n".join(al_report._paired_lines(out, ["uncertainty", "random"]))
+    assert "no, below after 2 correction(s); below random in 1 of 4" in text
+    assert al_report.paired(out, "first") is None
