@@ -71,10 +71,10 @@ def paired(out: dict, strategy: str, baseline: str = "random", metric: str = "di
         return None
     n = min(min(len(by[(strategy, s)]), len(by[(baseline, s)])) for s in seeds)
     xs = [c for c, _ in by[(strategy, seeds[0])][:n]]
-    diff = np.array([[(by[(strategy, s)][i][1] if by[(strategy, s)][i][1] is not None else np.nan)
-                      - (by[(baseline, s)][i][1] if by[(baseline, s)][i][1] is not None else np.nan)
-                      for i in range(n)] for s in seeds], dtype=float)
-    return xs, diff
+    def values(strat):  # None (a metric not measured) becomes nan
+        return np.array([[v for _, v in by[(strat, s)][:n]] for s in seeds], dtype=float)
+
+    return xs, values(strategy) - values(baseline)
 
 
 def plot(out: dict, png: str) -> None:

@@ -47,11 +47,12 @@ def main(argv=None) -> int:
     by_name = {(c.info.get("source_id") or c.id): c for c in pools["pool"] + pools["test"]}
     cases = [by_name[n] for n in args.scans.split(",")]
     tmp = Path(tempfile.mkdtemp(prefix="gate_vs_test_"))
+    files = {case.id: al_pools.write_case(case, tmp) for case in cases}  # once, whatever the number of models
     rows = []
     for model_path in args.models:
         model, _ = load_checkpoint(model_path, "cpu")
         for case in cases:
-            ip, lp = al_pools.write_case(case, tmp)
+            ip, lp = files[case.id]
             data, _, _ = slices_of([{"id": case.id, "image": str(ip), "label": str(lp),
                                      "label_info": {"label_info": LABEL_INFO}}], model.cfg.in_size,
                                    model.cfg.input_spec())
